@@ -1,0 +1,40 @@
+#include "engine/arena.h"
+
+#include <algorithm>
+#include <numeric>
+
+namespace resunet {
+
+ArenaPlan plan_arena(const std::vector<ArenaRequest>& requests, size_t alignment) {
+    auto align_up = [alignment](size_t x) { return (x + alignment - 1) / alignment * alignment; };
+    ArenaPlan plan;
+    plan.offsets.assign(requests.size(), 0);
+    std::vector<size_t> order(requests.size());
+    std::iota(order.begin(), order.end(), size_t{0});
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return requests[a].bytes > requests[b].bytes; });
+    std::vector<size_t> placed;
+    for (size_t index : order) {
+        const ArenaRequest& r = requests[index];
+        plan.naive_bytes += align_up(r.bytes);
+        // Intervals [offset, offset + bytes) of placed buffers whose lifetime overlaps this one.
+        std::vector<std::pair<size_t, size_t>> busy;
+        for (size_t other : placed) {
+            const ArenaRequest& o = requests[other];
+            if (o.last_step < r.first_step || r.last_step < o.first_step) continue;
+            busy.emplace_back(plan.offsets[other], plan.offsets[other] + align_up(o.bytes));
+        }
+        std::sort(busy.begin(), busy.end());
+        size_t offset = 0;
+        for (const auto& [begin, end] : busy) {
+            if (offset + align_up(r.bytes) <= begin) break;
+            offset = std::max(offset, end);
+        }
+        plan.offsets[index] = offset;
+        plan.total_bytes = std::max(plan.total_bytes, offset + align_up(r.bytes));
+        placed.push_back(index);
+    }
+    return plan;
+}
+
+}  // namespace resunet

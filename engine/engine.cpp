@@ -1,0 +1,683 @@
+#include "engine/engine.h"
+
+#include <fmt/format.h>
+#include <omp.h>
+
+#include <chrono>
+#include <climits>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <oneapi/dnnl/dnnl.hpp>
+#include <unordered_map>
+
+#include "engine/arena.h"
+#include "engine/onednn_util.h"
+#include "graph/fusion.h"
+#include "graph/safetensors.h"
+
+namespace resunet {
+
+using namespace dnnl;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Step {
+    primitive prim;
+    std::unordered_map<int, memory> args;
+    std::string name;
+    std::string op;
+    std::string kernel;
+    double macs = 0;  // per micro-batch
+};
+
+// A buffer in the arena, or a channel slice of another (concat in place).
+struct Storage {
+    int parent = -1;             // storage this one lives inside, or -1 for an arena root
+    int64_t channel_offset = 0;  // first channel inside the parent
+    memory::desc desc;           // layout of the whole buffer
+    int first_step = INT_MAX;
+    int last_step = -1;
+    size_t arena_offset = 0;
+};
+
+}  // namespace
+
+struct Engine::Impl {
+    dnnl::engine eng{dnnl::engine::kind::cpu, 0};
+    stream strm{eng};
+    EngineOptions options;
+    Graph graph;  // with the micro-batch as N
+    std::vector<FusedOp> ops;
+    tag act_tag = tag::nchw;
+    int64_t block = 1;  // channel block of the activation layout
+
+    std::vector<int> value_storage;            // storage of each value
+    std::vector<memory::desc> value_desc;      // layout of each materialised value
+    std::vector<Storage> storages;
+    std::vector<bool> concat_in_place;         // per op index: concat written in place
+    std::vector<int> copy_residual;            // per op index: residual must be copied first
+    std::vector<int> shuffle_temp;             // per op index: storage of a 1x1-conv output to pixel-shuffle, or -1
+    bool input_desc_chosen = false;
+
+    std::unique_ptr<char, decltype(&std::free)> arena{nullptr, &std::free};
+    size_t arena_bytes = 0;
+    size_t arena_naive_bytes = 0;
+    memory scratchpad;
+    size_t scratchpad_bytes = 0;
+    size_t weights_bytes = 0;
+    std::vector<memory> weight_memories;  // kept alive for the steps' argument maps
+
+    std::vector<Step> steps;
+    memory user_src;
+    memory user_dst;
+    Dims input_dims;
+    Dims output_dims;
+    double compile_ms = 0;
+    int concat_copies = 0;
+
+    memory::desc act_desc(const Dims& dims) const { return memory::desc(to_dnnl_dims(dims), dt::f32, act_tag); }
+
+    int root_of(int storage, int64_t* channel_offset) const {
+        int64_t offset = 0;
+        while (storages[static_cast<size_t>(storage)].parent >= 0) {
+            offset += storages[static_cast<size_t>(storage)].channel_offset;
+            storage = storages[static_cast<size_t>(storage)].parent;
+        }
+        if (channel_offset) *channel_offset = offset;
+        return storage;
+    }
+
+    void choose_layout();
+    bool shuffle_eligible(const FusedOp& op) const {
+        const Node& node = graph.node(op.node);
+        const int64_t channels = graph.value(op.dst).dims[1];
+        return options.deconv_as_conv && node.kernel == 2 && node.stride == 2 && op.activation == Activation::none &&
+               (act_tag == tag::nChw8c || act_tag == tag::nChw16c || act_tag == tag::nchw) && channels % block == 0;
+    }
+    void plan_storage();
+    void allocate_arena();
+    memory value_memory(int value);
+    primitive_attr make_attr(const FusedOp& op) const;
+    void add_step(primitive prim, std::unordered_map<int, memory> args, const std::string& name,
+                  const std::string& op_label, const std::string& kernel, double macs, size_t scratch);
+    void lower(const TensorMap& weights);
+    void lower_conv(const FusedOp& op, const TensorMap& weights);
+    void lower_conv_transpose(const FusedOp& op, const TensorMap& weights);
+    void run_chunk(const float* src, float* dst, std::vector<double>* step_ms);
+};
+
+namespace {
+
+std::string activation_label(const FusedOp& op) {
+    std::string label = op.kind == OpKind::conv ? "conv" : "deconv";
+    if (op.batch_norm >= 0) label += "+bn";
+    if (op.residual >= 0) label += "+add";
+    if (op.activation == Activation::relu) label += "+relu";
+    if (op.activation == Activation::sigmoid) label += "+sigmoid";
+    return label;
+}
+
+const HostTensor& weight(const TensorMap& weights, const std::string& name) {
+    auto it = weights.find(name);
+    if (it == weights.end()) throw Error(fmt::format("weights: tensor '{}' is missing", name));
+    return it->second;
+}
+
+}  // namespace
+
+// The layout oneDNN's convolution prefers for activations on this CPU: asked once with format_tag::any
+// on a representative convolution, then used for every activation so that concat slices and residual
+// accumulation share buffers without reorders.
+void Engine::Impl::choose_layout() {
+    const memory::dim channels = 64;
+    memory::desc any({1, channels, 16, 16}, dt::f32, tag::any);
+    memory::desc weights_any({channels, channels, 3, 3}, dt::f32, tag::any);
+    convolution_forward::primitive_desc pd(
+        convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, any, weights_any, any,
+                                  {1, 1}, {1, 1}, {1, 1}),
+        eng);
+    act_tag = tag::nchw;
+    block = 1;
+    for (auto [candidate, candidate_block] : {std::pair{tag::nChw16c, 16}, std::pair{tag::nChw8c, 8},
+                                              std::pair{tag::nhwc, 0}, std::pair{tag::nchw, 1}}) {
+        if (pd.dst_desc() == memory::desc({1, channels, 16, 16}, dt::f32, candidate)) {
+            act_tag = candidate;
+            block = candidate_block;
+            break;
+        }
+    }
+}
+
+// Decides which values share a buffer: a fused residual add accumulates into its operand's buffer, and
+// a concat's inputs are written straight into their slices of the concat buffer.
+void Engine::Impl::plan_storage() {
+    const size_t num_values = graph.values().size();
+    value_storage.assign(num_values, -1);
+    value_desc.assign(num_values, memory::desc());
+    concat_in_place.assign(ops.size(), false);
+    copy_residual.assign(ops.size(), 0);
+    shuffle_temp.assign(ops.size(), -1);
+    std::vector<int> last_use(num_values, -1);
+    for (size_t k = 0; k < ops.size(); ++k) {
+        for (int src : ops[k].srcs) last_use[static_cast<size_t>(src)] = static_cast<int>(k);
+        if (ops[k].residual >= 0) last_use[static_cast<size_t>(ops[k].residual)] = static_cast<int>(k);
+    }
+    auto new_storage = [&](int value, const memory::desc& desc) {
+        storages.push_back(Storage{-1, 0, desc, INT_MAX, -1, 0});
+        value_storage[static_cast<size_t>(value)] = static_cast<int>(storages.size()) - 1;
+        value_desc[static_cast<size_t>(value)] = desc;
+    };
+    std::vector<bool> in_concat(storages.size(), false);
+    const int input = graph.input_value();
+    new_storage(input, act_desc(graph.value(input).dims));  // replaced by the first conv's choice in lower()
+    for (size_t k = 0; k < ops.size(); ++k) {
+        const FusedOp& op = ops[k];
+        const Dims& dims = graph.value(op.dst).dims;
+        if (op.residual >= 0) {
+            const int r = op.residual;
+            int64_t offset = 0;
+            const int root = root_of(value_storage[static_cast<size_t>(r)], &offset);
+            // In place only if nobody reads the operand later and its buffer is nobody else's.
+            const bool reusable = r != input && r != graph.output_value() && last_use[static_cast<size_t>(r)] == static_cast<int>(k) &&
+                                  storages[static_cast<size_t>(root)].parent < 0 && root == value_storage[static_cast<size_t>(r)];
+            if (reusable) {
+                value_storage[static_cast<size_t>(op.dst)] = value_storage[static_cast<size_t>(r)];
+                value_desc[static_cast<size_t>(op.dst)] = act_desc(dims);
+                continue;
+            }
+            copy_residual[k] = 1;
+        }
+        new_storage(op.dst, act_desc(dims));
+        if (op.kind == OpKind::conv_transpose && shuffle_eligible(op)) {
+            const Dims& in = graph.value(op.srcs[0]).dims;
+            storages.push_back(Storage{-1, 0, act_desc({in[0], 4 * dims[1], in[2], in[3]}), INT_MAX, -1, 0});
+            shuffle_temp[k] = static_cast<int>(storages.size()) - 1;
+        }
+        if (op.kind != OpKind::concat) continue;
+        // Slices are dense sub-tensors only when the channel blocks are outermost within an image.
+        bool in_place = options.concat_in_place && graph.value(op.dst).dims[0] == 1 &&
+                        (act_tag == tag::nChw8c || act_tag == tag::nChw16c || act_tag == tag::nchw);
+        int64_t channel = 0;
+        std::vector<int> seen;
+        for (int src : op.srcs) {
+            const int storage = value_storage[static_cast<size_t>(src)];
+            const bool whole = storages[static_cast<size_t>(storage)].parent < 0 && src != input &&
+                               std::find(seen.begin(), seen.end(), storage) == seen.end();
+            in_place = in_place && whole && channel % block == 0;
+            // Every value sharing this storage must be the full buffer (residual chains are).
+            seen.push_back(storage);
+            channel += graph.value(src).dims[1];
+        }
+        if (!in_place) continue;
+        concat_in_place[k] = true;
+        channel = 0;
+        const int concat_storage = value_storage[static_cast<size_t>(op.dst)];
+        for (int src : op.srcs) {
+            Storage& s = storages[static_cast<size_t>(value_storage[static_cast<size_t>(src)])];
+            s.parent = concat_storage;
+            s.channel_offset = channel;
+            channel += graph.value(src).dims[1];
+        }
+    }
+}
+
+void Engine::Impl::allocate_arena() {
+    // Lifetimes in op steps: the input is written at step -1 (input reorder), the output read at the end.
+    auto touch = [&](int value, int step) {
+        if (value < 0 || value_storage[static_cast<size_t>(value)] < 0) return;
+        Storage& root = storages[static_cast<size_t>(root_of(value_storage[static_cast<size_t>(value)], nullptr))];
+        root.first_step = std::min(root.first_step, step);
+        root.last_step = std::max(root.last_step, step);
+    };
+    touch(graph.input_value(), -1);
+    for (size_t k = 0; k < ops.size(); ++k) {
+        for (int src : ops[k].srcs) touch(src, static_cast<int>(k));
+        touch(ops[k].residual, static_cast<int>(k));
+        touch(ops[k].dst, static_cast<int>(k));
+    }
+    touch(graph.output_value(), static_cast<int>(ops.size()));
+    for (size_t k = 0; k < ops.size(); ++k)
+        if (shuffle_temp[k] >= 0) {
+            storages[static_cast<size_t>(shuffle_temp[k])].first_step = static_cast<int>(k);
+            storages[static_cast<size_t>(shuffle_temp[k])].last_step = static_cast<int>(k);
+        }
+    std::vector<ArenaRequest> requests;
+    std::vector<int> request_storage;
+    for (size_t i = 0; i < storages.size(); ++i) {
+        const Storage& s = storages[i];
+        if (s.parent >= 0 || s.last_step < 0) continue;
+        requests.push_back({s.desc.get_size(), s.first_step + 1, s.last_step + 1});
+        request_storage.push_back(static_cast<int>(i));
+    }
+    ArenaPlan plan = plan_arena(requests, 64);
+    for (size_t i = 0; i < requests.size(); ++i)
+        storages[static_cast<size_t>(request_storage[i])].arena_offset = plan.offsets[i];
+    arena_bytes = plan.total_bytes;
+    arena_naive_bytes = plan.naive_bytes;
+    arena.reset(static_cast<char*>(std::aligned_alloc(64, std::max<size_t>(64, (arena_bytes + 63) / 64 * 64))));
+    if (!arena) throw Error(fmt::format("engine: cannot allocate an activation arena of {} bytes", arena_bytes));
+}
+
+memory Engine::Impl::value_memory(int value) {
+    int64_t channel_offset = 0;
+    const int root = root_of(value_storage[static_cast<size_t>(value)], &channel_offset);
+    const memory::desc& desc = value_desc[static_cast<size_t>(value)];
+    const Dims& dims = graph.value(value).dims;
+    // N is 1 whenever channel_offset is non-zero, so a channel slice starts at offset * H * W elements.
+    const size_t byte_offset = static_cast<size_t>(channel_offset * dims[2] * dims[3]) * sizeof(float);
+    return memory(desc, eng, arena.get() + storages[static_cast<size_t>(root)].arena_offset + byte_offset);
+}
+
+primitive_attr Engine::Impl::make_attr(const FusedOp& op) const {
+    primitive_attr attr;
+    attr.set_scratchpad_mode(scratchpad_mode::user);
+    post_ops post;
+    if (op.residual >= 0) post.append_sum(1.0f);
+    if (op.activation == Activation::relu) post.append_eltwise(1.0f, algorithm::eltwise_relu, 0.0f, 0.0f);
+    if (op.activation == Activation::sigmoid) post.append_eltwise(1.0f, algorithm::eltwise_logistic, 0.0f, 0.0f);
+    attr.set_post_ops(post);
+    return attr;
+}
+
+void Engine::Impl::add_step(primitive prim, std::unordered_map<int, memory> args, const std::string& name,
+                            const std::string& op_label, const std::string& kernel, double macs, size_t scratch) {
+    scratchpad_bytes = std::max(scratchpad_bytes, scratch);
+    steps.push_back(Step{std::move(prim), std::move(args), name, op_label, kernel, macs});
+}
+
+void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
+    const Node& node = graph.node(op.node);
+    const int src = op.srcs[0];
+    const Dims& in = graph.value(src).dims;
+    const int64_t out_channels = node.out_channels;
+    const int64_t in_channels = in[1];
+    const int64_t k = node.kernel;
+
+    // Fold batch norm: w' = w * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta.
+    const HostTensor& w = weight(weights, node.name + ".weight");
+    std::vector<float> folded_w(w.f32(), w.f32() + w.num_elements());
+    std::vector<float> folded_b(static_cast<size_t>(out_channels), 0.0f);
+    if (node.bias) {
+        const HostTensor& b = weight(weights, node.name + ".bias");
+        std::copy(b.f32(), b.f32() + out_channels, folded_b.begin());
+    }
+    if (op.batch_norm >= 0) {
+        const Node& bn = graph.node(op.batch_norm);
+        const float* gamma = weight(weights, bn.name + ".weight").f32();
+        const float* beta = weight(weights, bn.name + ".bias").f32();
+        const float* mean = weight(weights, bn.name + ".running_mean").f32();
+        const float* var = weight(weights, bn.name + ".running_var").f32();
+        const int64_t per_oc = in_channels * k * k;
+        for (int64_t oc = 0; oc < out_channels; ++oc) {
+            const double inv = static_cast<double>(gamma[oc]) / std::sqrt(static_cast<double>(var[oc]) + bn.epsilon);
+            for (int64_t i = 0; i < per_oc; ++i)
+                folded_w[static_cast<size_t>(oc * per_oc + i)] =
+                    static_cast<float>(folded_w[static_cast<size_t>(oc * per_oc + i)] * inv);
+            folded_b[static_cast<size_t>(oc)] =
+                static_cast<float>((folded_b[static_cast<size_t>(oc)] - mean[oc]) * inv + beta[oc]);
+        }
+    }
+
+    const bool from_input = src == graph.input_value();
+    memory::desc src_desc = from_input && value_storage[static_cast<size_t>(src)] >= 0 && input_desc_chosen
+                                ? value_desc[static_cast<size_t>(src)]
+                                : (from_input ? memory::desc(to_dnnl_dims(in), dt::f32, tag::any)
+                                              : value_desc[static_cast<size_t>(src)]);
+    memory::desc weights_any({out_channels, in_channels, k, k}, dt::f32, tag::any);
+    memory::desc bias_desc({out_channels}, dt::f32, tag::x);
+    memory::desc dst_desc = value_desc[static_cast<size_t>(op.dst)];
+    const memory::dims strides = {node.stride, node.stride};
+    const memory::dims padding = {node.padding, node.padding};
+    convolution_forward::primitive_desc pd(
+        convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, src_desc, weights_any,
+                                  bias_desc, dst_desc, strides, padding, padding),
+        make_attr(op), eng);
+    if (from_input && !input_desc_chosen) {
+        // The input buffer takes the layout the first convolution asked for (plain NCHW for 3 channels).
+        value_desc[static_cast<size_t>(src)] = pd.src_desc();
+        storages[static_cast<size_t>(value_storage[static_cast<size_t>(src)])].desc = pd.src_desc();
+        input_desc_chosen = true;
+    }
+
+    memory user_weights({{out_channels, in_channels, k, k}, dt::f32, tag::oihw}, eng, folded_w.data());
+    memory conv_weights(pd.weights_desc(), eng);
+    reorder(user_weights, conv_weights).execute(strm, user_weights, conv_weights);
+    memory conv_bias(bias_desc, eng);
+    std::memcpy(conv_bias.get_data_handle(), folded_b.data(), folded_b.size() * sizeof(float));
+    strm.wait();
+    weights_bytes += pd.weights_desc().get_size() + bias_desc.get_size();
+    weight_memories.push_back(conv_weights);
+    weight_memories.push_back(conv_bias);
+
+    std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, value_memory(src)},
+                                            {DNNL_ARG_WEIGHTS, conv_weights},
+                                            {DNNL_ARG_BIAS, conv_bias},
+                                            {DNNL_ARG_DST, value_memory(op.dst)}};
+    add_step(convolution_forward(pd), std::move(args), node.name, activation_label(op), pd.impl_info_str(),
+             static_cast<double>(graph.node_macs(op.node)), pd.scratchpad_desc().get_size());
+}
+
+void Engine::Impl::lower_conv_transpose(const FusedOp& op, const TensorMap& weights) {
+    const Node& node = graph.node(op.node);
+    const int src = op.srcs[0];
+    const Dims& in = graph.value(src).dims;
+    const Dims& out = graph.value(op.dst).dims;
+    const int64_t in_channels = in[1];
+    const int64_t out_channels = node.out_channels;
+    const int64_t k = node.kernel;
+    const HostTensor& w = weight(weights, node.name + ".weight");  // PyTorch [I, O, k, k]
+    std::vector<float> bias(static_cast<size_t>(out_channels), 0.0f);
+    if (node.bias) std::copy_n(weight(weights, node.name + ".bias").f32(), out_channels, bias.begin());
+    const float* pw = w.f32();
+    const double macs = static_cast<double>(graph.node_macs(op.node));
+
+    if (shuffle_temp[static_cast<size_t>(&op - ops.data())] >= 0) {
+        // ConvTranspose(k=2, s=2) == conv1x1 to 4*O channels (channel (ky*2+kx)*O + o) + pixel shuffle.
+        const int64_t packed = 4 * out_channels;
+        std::vector<float> w1(static_cast<size_t>(packed * in_channels));
+        std::vector<float> b1(static_cast<size_t>(packed));
+        for (int64_t kk = 0; kk < 4; ++kk)
+            for (int64_t o = 0; o < out_channels; ++o) {
+                b1[static_cast<size_t>(kk * out_channels + o)] = bias[static_cast<size_t>(o)];
+                for (int64_t i = 0; i < in_channels; ++i)
+                    w1[static_cast<size_t>((kk * out_channels + o) * in_channels + i)] =
+                        pw[((i * out_channels + o) * 2 + kk / 2) * 2 + kk % 2];
+            }
+        const Storage& temp = storages[static_cast<size_t>(shuffle_temp[static_cast<size_t>(&op - ops.data())])];
+        memory temp_memory(temp.desc, eng, arena.get() + temp.arena_offset);
+        memory::desc weights_any({packed, in_channels, 1, 1}, dt::f32, tag::any);
+        memory::desc bias_desc({packed}, dt::f32, tag::x);
+        primitive_attr attr;
+        attr.set_scratchpad_mode(scratchpad_mode::user);
+        convolution_forward::primitive_desc pd(
+            convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct,
+                                      value_desc[static_cast<size_t>(src)], weights_any, bias_desc, temp.desc, {1, 1},
+                                      {0, 0}, {0, 0}),
+            attr, eng);
+        memory user_weights({{packed, in_channels, 1, 1}, dt::f32, tag::oihw}, eng, w1.data());
+        memory conv_weights(pd.weights_desc(), eng);
+        reorder(user_weights, conv_weights).execute(strm, user_weights, conv_weights);
+        memory conv_bias(bias_desc, eng);
+        std::memcpy(conv_bias.get_data_handle(), b1.data(), b1.size() * sizeof(float));
+        strm.wait();
+        weights_bytes += pd.weights_desc().get_size() + bias_desc.get_size();
+        weight_memories.push_back(conv_weights);
+        weight_memories.push_back(conv_bias);
+        add_step(convolution_forward(pd),
+                 {{DNNL_ARG_SRC, value_memory(src)}, {DNNL_ARG_WEIGHTS, conv_weights}, {DNNL_ARG_BIAS, conv_bias},
+                  {DNNL_ARG_DST, temp_memory}},
+                 node.name, "deconv:conv1x1", pd.impl_info_str(), macs, pd.scratchpad_desc().get_size());
+        memory dst = value_memory(op.dst);
+        memory::desc from = pixel_shuffle_view(in[0], out_channels, in[2], in[3], block, true);
+        memory::desc to = pixel_shuffle_view(in[0], out_channels, in[2], in[3], block, false);
+        memory from_memory(from, eng, temp_memory.get_data_handle());
+        memory to_memory(to, eng, dst.get_data_handle());
+        reorder::primitive_desc shuffle(eng, from, eng, to, attr);
+        add_step(reorder(shuffle), {{DNNL_ARG_FROM, from_memory}, {DNNL_ARG_TO, to_memory}}, node.name + ".shuffle",
+                 "deconv:pixel-shuffle", shuffle.impl_info_str(), 0, shuffle.scratchpad_desc().get_size());
+        return;
+    }
+
+    // oneDNN's deconvolution weights are {O, I, k, k}: PyTorch's with the first two axes swapped.
+    std::vector<float> w_oihw(static_cast<size_t>(w.num_elements()));
+    for (int64_t i = 0; i < in_channels; ++i)
+        for (int64_t o = 0; o < out_channels; ++o)
+            for (int64_t s = 0; s < k * k; ++s)
+                w_oihw[static_cast<size_t>((o * in_channels + i) * k * k + s)] = pw[(i * out_channels + o) * k * k + s];
+    memory::desc weights_any({out_channels, in_channels, k, k}, dt::f32, tag::any);
+    memory::desc bias_desc({out_channels}, dt::f32, tag::x);
+    deconvolution_forward::primitive_desc pd(
+        deconvolution_forward::desc(prop_kind::forward_inference, algorithm::deconvolution_direct,
+                                    value_desc[static_cast<size_t>(src)], weights_any, bias_desc,
+                                    value_desc[static_cast<size_t>(op.dst)], {node.stride, node.stride}, {0, 0},
+                                    {out[2] - ((in[2] - 1) * node.stride + k), out[3] - ((in[3] - 1) * node.stride + k)}),
+        make_attr(op), eng);
+    memory user_weights({{out_channels, in_channels, k, k}, dt::f32, tag::oihw}, eng, w_oihw.data());
+    memory deconv_weights(pd.weights_desc(), eng);
+    reorder(user_weights, deconv_weights).execute(strm, user_weights, deconv_weights);
+    memory deconv_bias(bias_desc, eng);
+    std::memcpy(deconv_bias.get_data_handle(), bias.data(), bias.size() * sizeof(float));
+    strm.wait();
+    weights_bytes += pd.weights_desc().get_size() + bias_desc.get_size();
+    weight_memories.push_back(deconv_weights);
+    weight_memories.push_back(deconv_bias);
+    add_step(deconvolution_forward(pd),
+             {{DNNL_ARG_SRC, value_memory(src)}, {DNNL_ARG_WEIGHTS, deconv_weights}, {DNNL_ARG_BIAS, deconv_bias},
+              {DNNL_ARG_DST, value_memory(op.dst)}},
+             node.name, activation_label(op), pd.impl_info_str(), macs, pd.scratchpad_desc().get_size());
+}
+
+void Engine::Impl::lower(const TensorMap& weights) {
+    primitive_attr attr;
+    attr.set_scratchpad_mode(scratchpad_mode::user);
+    const int input = graph.input_value();
+    // The input keeps the activation layout unless a convolution reads it first and picks its own.
+    bool first_reader_is_conv = false;
+    for (const FusedOp& op : ops)
+        if (std::find(op.srcs.begin(), op.srcs.end(), input) != op.srcs.end() || op.residual == input) {
+            first_reader_is_conv = op.kind == OpKind::conv && op.srcs[0] == input;
+            break;
+        }
+    input_desc_chosen = !first_reader_is_conv;
+    const size_t input_capacity = storages[static_cast<size_t>(value_storage[static_cast<size_t>(input)])].desc.get_size();
+
+    for (size_t k = 0; k < ops.size(); ++k) {
+        const FusedOp& op = ops[k];
+        const Node& node = graph.node(op.node);
+        const memory::desc& dst_desc = value_desc[static_cast<size_t>(op.dst)];
+        if (copy_residual[k]) {
+            memory from = value_memory(op.residual);
+            memory to = value_memory(op.dst);
+            reorder::primitive_desc pd(from, to, attr);
+            add_step(reorder(pd), {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}}, node.name + ".residual_copy", "copy",
+                     pd.impl_info_str(), 0, pd.scratchpad_desc().get_size());
+        }
+        switch (op.kind) {
+            case OpKind::conv: lower_conv(op, weights); break;
+            case OpKind::conv_transpose: lower_conv_transpose(op, weights); break;
+            case OpKind::max_pool: {
+                const memory::dims kernel = {node.kernel, node.kernel};
+                const memory::dims strides = {node.stride, node.stride};
+                pooling_forward::primitive_desc pd(
+                    pooling_forward::desc(prop_kind::forward_inference, algorithm::pooling_max,
+                                          value_desc[static_cast<size_t>(op.srcs[0])], dst_desc, strides, kernel,
+                                          {0, 0}, {0, 0}),
+                    attr, eng);
+                add_step(pooling_forward(pd), {{DNNL_ARG_SRC, value_memory(op.srcs[0])}, {DNNL_ARG_DST, value_memory(op.dst)}},
+                         node.name, "maxpool", pd.impl_info_str(), 0, pd.scratchpad_desc().get_size());
+                break;
+            }
+            case OpKind::concat: {
+                if (concat_in_place[k]) break;
+                ++concat_copies;
+                std::vector<memory::desc> src_descs;
+                std::unordered_map<int, memory> args = {{DNNL_ARG_DST, value_memory(op.dst)}};
+                for (size_t i = 0; i < op.srcs.size(); ++i) {
+                    src_descs.push_back(value_desc[static_cast<size_t>(op.srcs[i])]);
+                    args[DNNL_ARG_MULTIPLE_SRC + static_cast<int>(i)] = value_memory(op.srcs[i]);
+                }
+                concat::primitive_desc pd(dst_desc, 1, src_descs, eng, attr);
+                add_step(concat(pd), std::move(args), node.name, "concat(copy)", pd.impl_info_str(), 0,
+                         pd.scratchpad_desc().get_size());
+                break;
+            }
+            case OpKind::batch_norm: {
+                const int64_t channels = graph.value(op.dst).dims[1];
+                const normalization_flags flags =
+                    normalization_flags::use_global_stats | normalization_flags::use_scale | normalization_flags::use_shift;
+                batch_normalization_forward::primitive_desc pd(
+                    batch_normalization_forward::desc(prop_kind::forward_inference, value_desc[static_cast<size_t>(op.srcs[0])],
+                                                      node.epsilon, flags),
+                    attr, eng);
+                std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, value_memory(op.srcs[0])}, {DNNL_ARG_DST, value_memory(op.dst)}};
+                const std::pair<int, const char*> params[] = {{DNNL_ARG_SCALE, ".weight"}, {DNNL_ARG_SHIFT, ".bias"},
+                                                             {DNNL_ARG_MEAN, ".running_mean"}, {DNNL_ARG_VARIANCE, ".running_var"}};
+                for (auto [arg, suffix] : params) {
+                    memory m({{channels}, dt::f32, tag::x}, eng);
+                    std::memcpy(m.get_data_handle(), weight(weights, node.name + suffix).f32(), static_cast<size_t>(channels) * sizeof(float));
+                    weights_bytes += static_cast<size_t>(channels) * sizeof(float);
+                    weight_memories.push_back(m);
+                    args[arg] = m;
+                }
+                add_step(batch_normalization_forward(pd), std::move(args), node.name, "batchnorm", pd.impl_info_str(), 0,
+                         pd.scratchpad_desc().get_size());
+                break;
+            }
+            case OpKind::relu:
+            case OpKind::sigmoid: {
+                const algorithm alg = op.kind == OpKind::relu ? algorithm::eltwise_relu : algorithm::eltwise_logistic;
+                eltwise_forward::primitive_desc pd(
+                    eltwise_forward::desc(prop_kind::forward_inference, alg, value_desc[static_cast<size_t>(op.srcs[0])], 0.0f, 0.0f),
+                    attr, eng);
+                add_step(eltwise_forward(pd), {{DNNL_ARG_SRC, value_memory(op.srcs[0])}, {DNNL_ARG_DST, value_memory(op.dst)}},
+                         node.name, op_name(op.kind), pd.impl_info_str(), 0, pd.scratchpad_desc().get_size());
+                break;
+            }
+            case OpKind::add: {
+                binary::primitive_desc pd(binary::desc(algorithm::binary_add, value_desc[static_cast<size_t>(op.srcs[0])],
+                                                       value_desc[static_cast<size_t>(op.srcs[1])], dst_desc),
+                                          attr, eng);
+                add_step(binary(pd),
+                         {{DNNL_ARG_SRC_0, value_memory(op.srcs[0])}, {DNNL_ARG_SRC_1, value_memory(op.srcs[1])},
+                          {DNNL_ARG_DST, value_memory(op.dst)}},
+                         node.name, "add", pd.impl_info_str(), 0, pd.scratchpad_desc().get_size());
+                break;
+            }
+            case OpKind::input: break;
+        }
+    }
+    const size_t input_bytes = value_desc[static_cast<size_t>(input)].get_size();
+    if (input_bytes > input_capacity)
+        throw Error(fmt::format("engine: input layout needs {} bytes, planned {}", input_bytes, input_capacity));
+
+    // Input and output reorders between the caller's NCHW and the internal layouts, around the steps.
+    const Dims& in_dims = graph.value(input).dims;
+    const Dims& out_dims = graph.value(graph.output_value()).dims;
+    static float placeholder = 0.0f;
+    user_src = memory({to_dnnl_dims(in_dims), dt::f32, tag::nchw}, eng, &placeholder);
+    user_dst = memory({to_dnnl_dims(out_dims), dt::f32, tag::nchw}, eng, &placeholder);
+    memory internal_src = value_memory(input);
+    memory internal_dst = value_memory(graph.output_value());
+    reorder::primitive_desc in_pd(user_src, internal_src, attr);
+    reorder::primitive_desc out_pd(internal_dst, user_dst, attr);
+    steps.insert(steps.begin(), Step{reorder(in_pd), {{DNNL_ARG_FROM, user_src}, {DNNL_ARG_TO, internal_src}}, "input",
+                                     "reorder", in_pd.impl_info_str(), 0});
+    add_step(reorder(out_pd), {{DNNL_ARG_FROM, internal_dst}, {DNNL_ARG_TO, user_dst}}, "output", "reorder",
+             out_pd.impl_info_str(), 0, out_pd.scratchpad_desc().get_size());
+    scratchpad_bytes = std::max(scratchpad_bytes, in_pd.scratchpad_desc().get_size());
+
+    scratchpad = memory({{static_cast<memory::dim>(std::max<size_t>(scratchpad_bytes, 1))}, dt::u8, tag::x}, eng);
+    for (Step& step : steps) step.args[DNNL_ARG_SCRATCHPAD] = scratchpad;
+    input_dims = in_dims;
+    input_dims[0] = 1;
+    output_dims = out_dims;
+    output_dims[0] = 1;
+}
+
+void Engine::Impl::run_chunk(const float* src, float* dst, std::vector<double>* step_ms) {
+    user_src.set_data_handle(const_cast<float*>(src));
+    user_dst.set_data_handle(dst);
+    for (size_t i = 0; i < steps.size(); ++i) {
+        if (!step_ms) {
+            steps[i].prim.execute(strm, steps[i].args);
+            continue;
+        }
+        const auto start = Clock::now();
+        steps[i].prim.execute(strm, steps[i].args);
+        strm.wait();
+        (*step_ms)[i] += std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    }
+    strm.wait();
+}
+
+Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions& options)
+    : impl_(std::make_unique<Impl>()) {
+    const auto start = Clock::now();
+    if (options.micro_batch <= 0) throw Error(fmt::format("engine: micro_batch must be positive, got {}", options.micro_batch));
+    if (options.threads < 0) throw Error(fmt::format("engine: threads must be >= 0, got {}", options.threads));
+    if (graph.input_value() < 0 || graph.output_value() < 0) throw Error("engine: graph has no input or no output");
+    std::vector<std::pair<std::string, Dims>> expected;
+    for (const ParamInfo& p : graph.parameters()) expected.emplace_back(p.name, p.dims);
+    check_tensors(weights, expected, "weights");
+    if (options.threads > 0) omp_set_num_threads(options.threads);
+    Impl& m = *impl_;
+    m.options = options;
+    m.graph = graph.with_batch(options.micro_batch);
+    m.ops = fuse(m.graph);
+    try {
+        m.choose_layout();
+        m.plan_storage();
+        m.allocate_arena();
+        m.lower(weights);
+    } catch (const dnnl::error& e) {
+        throw Error(fmt::format("engine: oneDNN could not compile the graph: {} (status {})", e.what(), static_cast<int>(e.status)));
+    }
+    m.compile_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+}
+
+Engine::~Engine() = default;
+
+static void check_run_arguments(const float* src, int batch, const float* dst, int micro_batch) {
+    if (!src || !dst) throw Error("engine: run() needs non-null input and output buffers");
+    if (batch <= 0 || batch % micro_batch != 0)
+        throw Error(fmt::format("engine: batch {} is not a positive multiple of the micro-batch {}", batch, micro_batch));
+}
+
+void Engine::run(const float* src, int batch, float* dst) {
+    Impl& m = *impl_;
+    check_run_arguments(src, batch, dst, m.options.micro_batch);
+    if (m.options.threads > 0) omp_set_num_threads(m.options.threads);
+    const int64_t in_per_image = num_elements(m.input_dims);
+    const int64_t out_per_image = num_elements(m.output_dims);
+    for (int b = 0; b < batch; b += m.options.micro_batch)
+        m.run_chunk(src + b * in_per_image, dst + b * out_per_image, nullptr);
+}
+
+std::vector<LayerProfile> Engine::profile(const float* src, int batch, float* dst) {
+    Impl& m = *impl_;
+    check_run_arguments(src, batch, dst, m.options.micro_batch);
+    if (m.options.threads > 0) omp_set_num_threads(m.options.threads);
+    std::vector<double> step_ms(m.steps.size(), 0.0);
+    const int64_t in_per_image = num_elements(m.input_dims);
+    const int64_t out_per_image = num_elements(m.output_dims);
+    for (int b = 0; b < batch; b += m.options.micro_batch)
+        m.run_chunk(src + b * in_per_image, dst + b * out_per_image, &step_ms);
+    std::vector<LayerProfile> layers;
+    const double chunks = static_cast<double>(batch / m.options.micro_batch);
+    for (size_t i = 0; i < m.steps.size(); ++i) {
+        const Step& s = m.steps[i];
+        layers.push_back({s.name, s.op, s.kernel, "f32", step_ms[i], 2.0 * s.macs * chunks / 1e9});
+    }
+    return layers;
+}
+
+EngineMemory Engine::memory_usage() const {
+    return {impl_->weights_bytes, impl_->arena_bytes, impl_->arena_naive_bytes, impl_->scratchpad_bytes};
+}
+double Engine::compile_ms() const { return impl_->compile_ms; }
+const Dims& Engine::input_dims() const { return impl_->input_dims; }
+const Dims& Engine::output_dims() const { return impl_->output_dims; }
+int Engine::num_primitives() const { return static_cast<int>(impl_->steps.size()); }
+int Engine::num_concat_copies() const { return impl_->concat_copies; }
+std::string Engine::isa() const { return effective_isa_name(); }
+
+std::string Engine::activation_layout() const {
+    switch (impl_->act_tag) {
+        case tag::nChw16c: return "nChw16c";
+        case tag::nChw8c: return "nChw8c";
+        case tag::nhwc: return "nhwc";
+        default: return "nchw";
+    }
+}
+
+std::string onednn_version() {
+    const dnnl_version_t* v = dnnl_version();
+    return fmt::format("oneDNN {}.{}.{} ({})", v->major, v->minor, v->patch, effective_isa_name());
+}
+
+}  // namespace resunet

@@ -1,0 +1,85 @@
+// The fp32 inference engine: compiles a Graph once into oneDNN primitives and argument lists, then
+// runs them as often as asked. No oneDNN type appears in this header.
+//
+// Intended usage:
+//   resunet::Graph graph = resunet::build_resunet({.width = 64});
+//   resunet::TensorMap weights = resunet::load_safetensors("model.safetensors").tensors;
+//   resunet::EngineOptions options;
+//   options.micro_batch = 1;                               // batch 16 runs as 16 passes of 1
+//   resunet::Engine engine(graph, weights, options);      // primitives, reorders, arena: once
+//   std::vector<float> logits(16 * 224 * 224);
+//   engine.run(images.data(), /*batch=*/16, logits.data());   // NCHW in, NCHW out
+//   for (const resunet::LayerProfile& l : engine.profile(images.data(), 16)) ...  // per layer
+//   resunet::EngineMemory m = engine.memory_usage();            // weights, arena, scratchpad bytes
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "graph/graph.h"
+
+namespace resunet {
+
+struct EngineOptions {
+    int micro_batch = 1;  // images per pass through the compiled plan; the run batch must be a multiple
+    int threads = 0;      // OpenMP threads for oneDNN; 0 keeps the runtime's default
+    // Concat inputs are written in place into their slice of the concat buffer when the layout allows
+    // (micro_batch 1, channel offsets on the layout's block); false forces oneDNN's concat (a copy).
+    bool concat_in_place = true;
+    // ConvTranspose 2x2 stride 2 runs as a 1x1 convolution to 4x the channels plus a pixel-shuffle
+    // reorder (faster than oneDNN 2.6's deconvolution on AVX2); false uses the deconvolution primitive.
+    bool deconv_as_conv = true;
+};
+
+// Bytes the engine holds, by purpose (resident set of the process is measured separately).
+struct EngineMemory {
+    size_t weights_bytes = 0;     // reordered, BN-folded weights and biases
+    size_t arena_bytes = 0;       // planned activation arena (one micro-batch)
+    size_t arena_naive_bytes = 0; // what one buffer per tensor would have taken
+    size_t scratchpad_bytes = 0;  // the one user scratchpad shared by all primitives
+    size_t total() const { return weights_bytes + arena_bytes + scratchpad_bytes; }
+};
+
+// One executed primitive of a profiled run.
+struct LayerProfile {
+    std::string name;       // fused-op name: the head node's name, e.g. "e1.conv_a"
+    std::string op;         // "conv+bn+relu", "deconv", "maxpool", "reorder", ...
+    std::string kernel;     // oneDNN implementation, e.g. "jit:avx2" (ONEDNN_VERBOSE's name)
+    std::string precision;  // "f32", "s8", ...
+    double time_ms = 0;     // summed over the micro-batches of the run
+    double gflop = 0;       // 2 * MACs over the whole run batch
+    double gflops() const { return time_ms > 0 ? gflop / (time_ms * 1e-3) : 0; }
+};
+
+class Engine {
+  public:
+    Engine(const Graph& graph, const TensorMap& weights, const EngineOptions& options = {});
+    ~Engine();
+    Engine(const Engine&) = delete;
+    Engine& operator=(const Engine&) = delete;
+
+    // src: batch x C x H x W floats (NCHW); dst: batch x outC x H x W floats. batch % micro_batch == 0.
+    void run(const float* src, int batch, float* dst);
+    // Runs once, timing each primitive (waits after each, so a little slower than run()).
+    std::vector<LayerProfile> profile(const float* src, int batch, float* dst);
+
+    EngineMemory memory_usage() const;
+    double compile_ms() const;            // primitive creation, weight reorders, planning
+    const Dims& input_dims() const;       // per image: {1, C, H, W}
+    const Dims& output_dims() const;      // per image: {1, outC, H, W}
+    std::string activation_layout() const;  // the blocked layout oneDNN chose, e.g. "nChw8c"
+    int num_primitives() const;
+    int num_concat_copies() const;        // concats that could not be done in place
+    std::string isa() const;              // ISA oneDNN dispatches to, e.g. "avx2"
+
+    struct Impl;
+
+  private:
+    std::unique_ptr<Impl> impl_;
+};
+
+// oneDNN's version and CPU ISA as a string, for reports.
+std::string onednn_version();
+
+}  // namespace resunet

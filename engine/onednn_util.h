@@ -1,0 +1,22 @@
+// Small conversions between our types and oneDNN's, shared by engine/ and quant/ (never by others).
+#pragma once
+
+#include <oneapi/dnnl/dnnl.hpp>
+#include <string>
+
+#include "graph/tensor.h"
+
+namespace resunet {
+
+inline dnnl::memory::dims to_dnnl_dims(const Dims& dims) { return dnnl::memory::dims(dims.begin(), dims.end()); }
+
+// The ISA oneDNN dispatches to on this CPU, as ONEDNN_VERBOSE prints it.
+std::string effective_isa_name();
+
+// A 6-D view {N, 2 (ky), 2 (kx), C, H, W} of a 2x2 pixel shuffle, in the channel-blocked layout with
+// `block` channels per block (1 = plain NCHW). `packed` describes the 1x1-convolution output
+// {N, 4C, H, W} whose channel is (ky * 2 + kx) * C + c; otherwise the {N, C, 2H, 2W} image.
+dnnl::memory::desc pixel_shuffle_view(int64_t n, int64_t channels, int64_t height, int64_t width, int64_t block,
+                                      bool packed);
+
+}  // namespace resunet
