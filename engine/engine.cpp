@@ -106,6 +106,20 @@ struct Engine::Impl {
     void add_step(primitive prim, std::unordered_map<int, memory> args, const std::string& name,
                   const std::string& op_label, const std::string& kernel, double macs, size_t scratch);
     void lower(const TensorMap& weights);
+    // Reorders OIHW weights once into the layout the primitive asked for; the bias goes as is.
+    std::pair<memory, memory> upload_weights(const FoldedConv& folded, const memory::desc& weights_desc) {
+        memory user_weights({to_dnnl_dims(folded.weight_dims), dt::f32, tag::oihw}, eng,
+                            const_cast<float*>(folded.weights.data()));
+        memory prepared(weights_desc, eng);
+        reorder(user_weights, prepared).execute(strm, user_weights, prepared);
+        memory bias({{static_cast<memory::dim>(folded.bias.size())}, dt::f32, tag::x}, eng);
+        std::memcpy(bias.get_data_handle(), folded.bias.data(), folded.bias.size() * sizeof(float));
+        strm.wait();
+        weights_bytes += weights_desc.get_size() + bias.get_desc().get_size();
+        weight_memories.push_back(prepared);
+        weight_memories.push_back(bias);
+        return {prepared, bias};
+    }
     void lower_conv(const FusedOp& op, const TensorMap& weights);
     void lower_conv_transpose(const FusedOp& op, const TensorMap& weights);
     void run_chunk(const float* src, float* dst, std::vector<double>* step_ms);
@@ -120,12 +134,6 @@ std::string activation_label(const FusedOp& op) {
     if (op.activation == Activation::relu) label += "+relu";
     if (op.activation == Activation::sigmoid) label += "+sigmoid";
     return label;
-}
-
-const HostTensor& weight(const TensorMap& weights, const std::string& name) {
-    auto it = weights.find(name);
-    if (it == weights.end()) throw Error(fmt::format("weights: tensor '{}' is missing", name));
-    return it->second;
 }
 
 }  // namespace
@@ -241,6 +249,8 @@ void Engine::Impl::allocate_arena() {
         touch(ops[k].dst, static_cast<int>(k));
     }
     touch(graph.output_value(), static_cast<int>(ops.size()));
+    if (options.keep_values)
+        for (size_t k = 0; k < ops.size(); ++k) touch(ops[k].dst, static_cast<int>(ops.size()));
     for (size_t k = 0; k < ops.size(); ++k)
         if (shuffle_temp[k] >= 0) {
             storages[static_cast<size_t>(shuffle_temp[k])].first_step = static_cast<int>(k);
@@ -298,31 +308,7 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
     const int64_t in_channels = in[1];
     const int64_t k = node.kernel;
 
-    // Fold batch norm: w' = w * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta.
-    const HostTensor& w = weight(weights, node.name + ".weight");
-    std::vector<float> folded_w(w.f32(), w.f32() + w.num_elements());
-    std::vector<float> folded_b(static_cast<size_t>(out_channels), 0.0f);
-    if (node.bias) {
-        const HostTensor& b = weight(weights, node.name + ".bias");
-        std::copy(b.f32(), b.f32() + out_channels, folded_b.begin());
-    }
-    if (op.batch_norm >= 0) {
-        const Node& bn = graph.node(op.batch_norm);
-        const float* gamma = weight(weights, bn.name + ".weight").f32();
-        const float* beta = weight(weights, bn.name + ".bias").f32();
-        const float* mean = weight(weights, bn.name + ".running_mean").f32();
-        const float* var = weight(weights, bn.name + ".running_var").f32();
-        const int64_t per_oc = in_channels * k * k;
-        for (int64_t oc = 0; oc < out_channels; ++oc) {
-            const double inv = static_cast<double>(gamma[oc]) / std::sqrt(static_cast<double>(var[oc]) + bn.epsilon);
-            for (int64_t i = 0; i < per_oc; ++i)
-                folded_w[static_cast<size_t>(oc * per_oc + i)] =
-                    static_cast<float>(folded_w[static_cast<size_t>(oc * per_oc + i)] * inv);
-            folded_b[static_cast<size_t>(oc)] =
-                static_cast<float>((folded_b[static_cast<size_t>(oc)] - mean[oc]) * inv + beta[oc]);
-        }
-    }
-
+    const FoldedConv folded = fold_conv(graph, op, weights);
     const bool from_input = src == graph.input_value();
     memory::desc src_desc = from_input && value_storage[static_cast<size_t>(src)] >= 0 && input_desc_chosen
                                 ? value_desc[static_cast<size_t>(src)]
@@ -344,15 +330,7 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
         input_desc_chosen = true;
     }
 
-    memory user_weights({{out_channels, in_channels, k, k}, dt::f32, tag::oihw}, eng, folded_w.data());
-    memory conv_weights(pd.weights_desc(), eng);
-    reorder(user_weights, conv_weights).execute(strm, user_weights, conv_weights);
-    memory conv_bias(bias_desc, eng);
-    std::memcpy(conv_bias.get_data_handle(), folded_b.data(), folded_b.size() * sizeof(float));
-    strm.wait();
-    weights_bytes += pd.weights_desc().get_size() + bias_desc.get_size();
-    weight_memories.push_back(conv_weights);
-    weight_memories.push_back(conv_bias);
+    auto [conv_weights, conv_bias] = upload_weights(folded, pd.weights_desc());
 
     std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, value_memory(src)},
                                             {DNNL_ARG_WEIGHTS, conv_weights},
@@ -370,24 +348,11 @@ void Engine::Impl::lower_conv_transpose(const FusedOp& op, const TensorMap& weig
     const int64_t in_channels = in[1];
     const int64_t out_channels = node.out_channels;
     const int64_t k = node.kernel;
-    const HostTensor& w = weight(weights, node.name + ".weight");  // PyTorch [I, O, k, k]
-    std::vector<float> bias(static_cast<size_t>(out_channels), 0.0f);
-    if (node.bias) std::copy_n(weight(weights, node.name + ".bias").f32(), out_channels, bias.begin());
-    const float* pw = w.f32();
     const double macs = static_cast<double>(graph.node_macs(op.node));
 
     if (shuffle_temp[static_cast<size_t>(&op - ops.data())] >= 0) {
-        // ConvTranspose(k=2, s=2) == conv1x1 to 4*O channels (channel (ky*2+kx)*O + o) + pixel shuffle.
+        const FoldedConv folded = conv_transpose_as_conv1x1(graph, op, weights);
         const int64_t packed = 4 * out_channels;
-        std::vector<float> w1(static_cast<size_t>(packed * in_channels));
-        std::vector<float> b1(static_cast<size_t>(packed));
-        for (int64_t kk = 0; kk < 4; ++kk)
-            for (int64_t o = 0; o < out_channels; ++o) {
-                b1[static_cast<size_t>(kk * out_channels + o)] = bias[static_cast<size_t>(o)];
-                for (int64_t i = 0; i < in_channels; ++i)
-                    w1[static_cast<size_t>((kk * out_channels + o) * in_channels + i)] =
-                        pw[((i * out_channels + o) * 2 + kk / 2) * 2 + kk % 2];
-            }
         const Storage& temp = storages[static_cast<size_t>(shuffle_temp[static_cast<size_t>(&op - ops.data())])];
         memory temp_memory(temp.desc, eng, arena.get() + temp.arena_offset);
         memory::desc weights_any({packed, in_channels, 1, 1}, dt::f32, tag::any);
@@ -399,15 +364,7 @@ void Engine::Impl::lower_conv_transpose(const FusedOp& op, const TensorMap& weig
                                       value_desc[static_cast<size_t>(src)], weights_any, bias_desc, temp.desc, {1, 1},
                                       {0, 0}, {0, 0}),
             attr, eng);
-        memory user_weights({{packed, in_channels, 1, 1}, dt::f32, tag::oihw}, eng, w1.data());
-        memory conv_weights(pd.weights_desc(), eng);
-        reorder(user_weights, conv_weights).execute(strm, user_weights, conv_weights);
-        memory conv_bias(bias_desc, eng);
-        std::memcpy(conv_bias.get_data_handle(), b1.data(), b1.size() * sizeof(float));
-        strm.wait();
-        weights_bytes += pd.weights_desc().get_size() + bias_desc.get_size();
-        weight_memories.push_back(conv_weights);
-        weight_memories.push_back(conv_bias);
+        auto [conv_weights, conv_bias] = upload_weights(folded, pd.weights_desc());
         add_step(convolution_forward(pd),
                  {{DNNL_ARG_SRC, value_memory(src)}, {DNNL_ARG_WEIGHTS, conv_weights}, {DNNL_ARG_BIAS, conv_bias},
                   {DNNL_ARG_DST, temp_memory}},
@@ -424,7 +381,13 @@ void Engine::Impl::lower_conv_transpose(const FusedOp& op, const TensorMap& weig
     }
 
     // oneDNN's deconvolution weights are {O, I, k, k}: PyTorch's with the first two axes swapped.
-    std::vector<float> w_oihw(static_cast<size_t>(w.num_elements()));
+    const float* pw = find_weight(weights, node.name + ".weight").f32();  // PyTorch [I, O, k, k]
+    FoldedConv folded;
+    folded.weight_dims = {out_channels, in_channels, k, k};
+    folded.bias.assign(static_cast<size_t>(out_channels), 0.0f);
+    if (node.bias) std::copy_n(find_weight(weights, node.name + ".bias").f32(), out_channels, folded.bias.begin());
+    std::vector<float>& w_oihw = folded.weights;
+    w_oihw.resize(static_cast<size_t>(in_channels * out_channels * k * k));
     for (int64_t i = 0; i < in_channels; ++i)
         for (int64_t o = 0; o < out_channels; ++o)
             for (int64_t s = 0; s < k * k; ++s)
@@ -437,15 +400,7 @@ void Engine::Impl::lower_conv_transpose(const FusedOp& op, const TensorMap& weig
                                     value_desc[static_cast<size_t>(op.dst)], {node.stride, node.stride}, {0, 0},
                                     {out[2] - ((in[2] - 1) * node.stride + k), out[3] - ((in[3] - 1) * node.stride + k)}),
         make_attr(op), eng);
-    memory user_weights({{out_channels, in_channels, k, k}, dt::f32, tag::oihw}, eng, w_oihw.data());
-    memory deconv_weights(pd.weights_desc(), eng);
-    reorder(user_weights, deconv_weights).execute(strm, user_weights, deconv_weights);
-    memory deconv_bias(bias_desc, eng);
-    std::memcpy(deconv_bias.get_data_handle(), bias.data(), bias.size() * sizeof(float));
-    strm.wait();
-    weights_bytes += pd.weights_desc().get_size() + bias_desc.get_size();
-    weight_memories.push_back(deconv_weights);
-    weight_memories.push_back(deconv_bias);
+    auto [deconv_weights, deconv_bias] = upload_weights(folded, pd.weights_desc());
     add_step(deconvolution_forward(pd),
              {{DNNL_ARG_SRC, value_memory(src)}, {DNNL_ARG_WEIGHTS, deconv_weights}, {DNNL_ARG_BIAS, deconv_bias},
               {DNNL_ARG_DST, value_memory(op.dst)}},
@@ -519,7 +474,7 @@ void Engine::Impl::lower(const TensorMap& weights) {
                                                              {DNNL_ARG_MEAN, ".running_mean"}, {DNNL_ARG_VARIANCE, ".running_var"}};
                 for (auto [arg, suffix] : params) {
                     memory m({{channels}, dt::f32, tag::x}, eng);
-                    std::memcpy(m.get_data_handle(), weight(weights, node.name + suffix).f32(), static_cast<size_t>(channels) * sizeof(float));
+                    std::memcpy(m.get_data_handle(), find_weight(weights, node.name + suffix).f32(), static_cast<size_t>(channels) * sizeof(float));
                     weights_bytes += static_cast<size_t>(channels) * sizeof(float);
                     weight_memories.push_back(m);
                     args[arg] = m;
@@ -665,6 +620,31 @@ const Dims& Engine::output_dims() const { return impl_->output_dims; }
 int Engine::num_primitives() const { return static_cast<int>(impl_->steps.size()); }
 int Engine::num_concat_copies() const { return impl_->concat_copies; }
 std::string Engine::isa() const { return effective_isa_name(); }
+
+std::vector<std::string> Engine::materialized_values() const {
+    std::vector<std::string> names;
+    for (const FusedOp& op : impl_->ops)
+        if (impl_->value_storage[static_cast<size_t>(op.dst)] >= 0) names.push_back(impl_->graph.value(op.dst).name);
+    return names;
+}
+
+std::vector<float> Engine::read_value(const std::string& name) {
+    Impl& m = *impl_;
+    if (!m.options.keep_values) throw Error("engine: read_value() needs EngineOptions::keep_values");
+    for (size_t v = 0; v < m.graph.values().size(); ++v) {
+        if (m.graph.value(static_cast<int>(v)).name != name) continue;
+        if (m.value_storage[v] < 0 || m.value_desc[v].is_zero())
+            throw Error(fmt::format("engine: value '{}' is fused inside an op and never stored", name));
+        const Dims& dims = m.graph.value(static_cast<int>(v)).dims;
+        std::vector<float> out(static_cast<size_t>(num_elements(dims)));
+        memory from = m.value_memory(static_cast<int>(v));
+        memory to({to_dnnl_dims(dims), dt::f32, tag::nchw}, m.eng, out.data());
+        reorder(from, to).execute(m.strm, from, to);
+        m.strm.wait();
+        return out;
+    }
+    throw Error(fmt::format("engine: no value named '{}'", name));
+}
 
 std::string Engine::activation_layout() const {
     switch (impl_->act_tag) {

@@ -30,6 +30,9 @@ struct EngineOptions {
     // ConvTranspose 2x2 stride 2 runs as a 1x1 convolution to 4x the channels plus a pixel-shuffle
     // reorder (faster than oneDNN 2.6's deconvolution on AVX2); false uses the deconvolution primitive.
     bool deconv_as_conv = true;
+    // Keep every materialised activation until the end of a pass (no arena reuse), so read_value() can
+    // return it afterwards. For per-layer comparisons; costs memory.
+    bool keep_values = false;
 };
 
 // Bytes the engine holds, by purpose (resident set of the process is measured separately).
@@ -65,6 +68,11 @@ class Engine {
     std::vector<LayerProfile> profile(const float* src, int batch, float* dst);
 
     EngineMemory memory_usage() const;
+    // A fused op's output from the last micro-batch run, as NCHW floats (needs keep_values). The name is
+    // the graph value's, e.g. "e1.relu"; values fused away inside an op (e.g. "e1.bn_a") are refused.
+    std::vector<float> read_value(const std::string& name);
+    // Names of the values read_value() can return, in execution order.
+    std::vector<std::string> materialized_values() const;
     double compile_ms() const;            // primitive creation, weight reorders, planning
     const Dims& input_dims() const;       // per image: {1, C, H, W}
     const Dims& output_dims() const;      // per image: {1, outC, H, W}

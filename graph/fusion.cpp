@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
+
 namespace resunet {
 
 namespace {
@@ -73,6 +75,74 @@ std::vector<FusedOp> fuse(const Graph& graph) {
         emit(std::move(op));
     }
     return ops;
+}
+
+}  // namespace resunet
+
+namespace resunet {
+
+const HostTensor& find_weight(const TensorMap& weights, const std::string& name) {
+    auto it = weights.find(name);
+    if (it == weights.end()) throw Error(fmt::format("weights: tensor '{}' is missing", name));
+    if (it->second.dtype != DType::f32)
+        throw Error(fmt::format("weights: tensor '{}' is {}, expected F32", name, dtype_name(it->second.dtype)));
+    return it->second;
+}
+
+FoldedConv fold_conv(const Graph& graph, const FusedOp& op, const TensorMap& weights) {
+    const Node& node = graph.node(op.node);
+    if (node.kind != OpKind::conv) throw Error(fmt::format("fold_conv: '{}' is not a convolution", node.name));
+    const int64_t out_channels = node.out_channels;
+    const int64_t in_channels = graph.value(node.inputs[0]).dims[1];
+    const int64_t k = node.kernel;
+    FoldedConv folded;
+    folded.weight_dims = {out_channels, in_channels, k, k};
+    const HostTensor& w = find_weight(weights, node.name + ".weight");
+    folded.weights.assign(w.f32(), w.f32() + w.num_elements());
+    folded.bias.assign(static_cast<size_t>(out_channels), 0.0f);
+    if (node.bias) {
+        const float* b = find_weight(weights, node.name + ".bias").f32();
+        std::copy(b, b + out_channels, folded.bias.begin());
+    }
+    if (op.batch_norm < 0) return folded;
+    const Node& bn = graph.node(op.batch_norm);
+    const float* gamma = find_weight(weights, bn.name + ".weight").f32();
+    const float* beta = find_weight(weights, bn.name + ".bias").f32();
+    const float* mean = find_weight(weights, bn.name + ".running_mean").f32();
+    const float* var = find_weight(weights, bn.name + ".running_var").f32();
+    const int64_t per_oc = in_channels * k * k;
+    for (int64_t oc = 0; oc < out_channels; ++oc) {
+        if (!(var[oc] >= 0.0f))
+            throw Error(fmt::format("weights: '{}.running_var'[{}] = {} is negative or NaN", bn.name, oc, var[oc]));
+        const double inv = static_cast<double>(gamma[oc]) / std::sqrt(static_cast<double>(var[oc]) + bn.epsilon);
+        float* row = folded.weights.data() + oc * per_oc;
+        for (int64_t i = 0; i < per_oc; ++i) row[i] = static_cast<float>(row[i] * inv);
+        folded.bias[static_cast<size_t>(oc)] =
+            static_cast<float>((folded.bias[static_cast<size_t>(oc)] - mean[oc]) * inv + beta[oc]);
+    }
+    return folded;
+}
+
+FoldedConv conv_transpose_as_conv1x1(const Graph& graph, const FusedOp& op, const TensorMap& weights) {
+    const Node& node = graph.node(op.node);
+    if (node.kind != OpKind::conv_transpose || node.kernel != 2 || node.stride != 2)
+        throw Error(fmt::format("'{}' is not a 2x2 stride-2 transposed convolution", node.name));
+    const int64_t in_channels = graph.value(node.inputs[0]).dims[1];
+    const int64_t out_channels = node.out_channels;
+    const float* w = find_weight(weights, node.name + ".weight").f32();  // PyTorch [I, O, 2, 2]
+    FoldedConv folded;
+    folded.weight_dims = {4 * out_channels, in_channels, 1, 1};
+    folded.weights.resize(static_cast<size_t>(4 * out_channels * in_channels));
+    folded.bias.assign(static_cast<size_t>(4 * out_channels), 0.0f);
+    const float* b = node.bias ? find_weight(weights, node.name + ".bias").f32() : nullptr;
+    for (int64_t kk = 0; kk < 4; ++kk)
+        for (int64_t o = 0; o < out_channels; ++o) {
+            if (b) folded.bias[static_cast<size_t>(kk * out_channels + o)] = b[o];
+            for (int64_t i = 0; i < in_channels; ++i)
+                folded.weights[static_cast<size_t>((kk * out_channels + o) * in_channels + i)] =
+                    w[((i * out_channels + o) * 2 + kk / 2) * 2 + kk % 2];
+        }
+    return folded;
 }
 
 }  // namespace resunet

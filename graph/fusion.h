@@ -8,6 +8,7 @@
 //       if (op.kind == resunet::OpKind::conv && op.batch_norm >= 0) fold(...);
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "graph/graph.h"
@@ -29,5 +30,26 @@ struct FusedOp {
 
 // Fused ops in execution order. Every node except the input is covered exactly once.
 std::vector<FusedOp> fuse(const Graph& graph);
+
+}  // namespace resunet
+
+namespace resunet {
+
+// A convolution's weights and bias ready for an engine: OIHW, batch norm folded in.
+struct FoldedConv {
+    Dims weight_dims;            // {O, I, kh, kw}
+    std::vector<float> weights;  // OIHW
+    std::vector<float> bias;     // O (zeros when the conv has none)
+};
+
+// conv (+ folded BN): w' = w * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta.
+FoldedConv fold_conv(const Graph& graph, const FusedOp& op, const TensorMap& weights);
+
+// ConvTranspose k=2, s=2 as the equivalent 1x1 convolution to 4*O channels, output channel
+// (ky * 2 + kx) * O + o; a pixel shuffle of its output gives the transposed convolution's output.
+FoldedConv conv_transpose_as_conv1x1(const Graph& graph, const FusedOp& op, const TensorMap& weights);
+
+// A named tensor of `weights`, or a resunet::Error naming it.
+const HostTensor& find_weight(const TensorMap& weights, const std::string& name);
 
 }  // namespace resunet

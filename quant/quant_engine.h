@@ -1,0 +1,89 @@
+// The int8 inference engine (DQ-ResUNet): s8 per-channel weights, u8 activations whose scale and zero
+// point are computed at run time from the values themselves (dynamic) or fixed by calibration (static).
+// Lowers the same fused graph as the fp32 engine onto oneDNN's u8 x s8 convolutions.
+//
+// Intended usage:
+//   resunet::QuantOptions options;                           // dynamic, micro-batch 1
+//   resunet::QuantEngine engine(graph, fp32_weights, options);
+//   engine.run(images, 16, logits);                          // NCHW fp32 in and out
+//   engine.calibrate(calibration_images, 32);                // optional: switch to static scales
+//   resunet::save_safetensors("model.int8.safetensors", resunet::quantize_model_weights(graph, fp32_weights));
+//   resunet::QuantEngine again(graph, resunet::load_safetensors(path).tensors, options);  // int8 file
+#pragma once
+
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "engine/engine.h"
+#include "graph/graph.h"
+#include "quant/quantize.h"
+
+namespace resunet {
+
+enum class ScaleMode { dynamic, static_calibrated };
+
+struct QuantOptions {
+    int micro_batch = 1;  // images per pass; dynamic scales are computed per pass (1 = per image)
+    int threads = 0;      // OpenMP threads for oneDNN and the quantize passes; 0 = runtime default
+    ScaleMode mode = ScaleMode::dynamic;
+    // Layers (head node names, e.g. "e1.conv_a") kept in fp32. Convolutions with fewer than 8 input or
+    // output channels (the RGB stem, the 1-channel head) stay fp32 regardless: they are memory-bound.
+    std::set<std::string> keep_fp32;
+    bool keep_values = false;    // keep every activation for read_value() (per-layer reports)
+    bool count_saturation = false;  // count clipped values in each quantize pass (report mode; slower)
+};
+
+// One int8 layer's input quantization as last used.
+struct LayerQuantInfo {
+    std::string name;        // head node of the fused op, e.g. "e2.conv_a"
+    std::string precision;   // "u8s8" or "f32"
+    float input_scale = 0;   // activation scale s (0 for fp32 layers)
+    int32_t input_zero_point = 0;
+    double saturated_share = 0;  // share of input values clipped at 0 or 255 (needs count_saturation)
+};
+
+class QuantEngine {
+  public:
+    // `weights`: fp32 PyTorch-style weights (quantized here), or an int8 file made by int8_weights().
+    QuantEngine(const Graph& graph, const TensorMap& weights, const QuantOptions& options = {});
+    ~QuantEngine();
+    QuantEngine(const QuantEngine&) = delete;
+    QuantEngine& operator=(const QuantEngine&) = delete;
+
+    void run(const float* src, int batch, float* dst);
+    std::vector<LayerProfile> profile(const float* src, int batch, float* dst);
+    // Runs `batch` images in dynamic mode, records each quantized input's min and max over all of
+    // them, and fixes those scales (static mode) from then on.
+    void calibrate(const float* src, int batch);
+    ScaleMode mode() const;
+
+    // Per fused op: precision, activation scale and zero point of the last pass, saturation share.
+    std::vector<LayerQuantInfo> layer_info() const;
+    std::vector<float> read_value(const std::string& name);  // needs keep_values; NCHW
+    std::vector<std::string> materialized_values() const;
+
+    // Static input scales after calibrate(): "<name>.input_scale" (F32 [1]) and
+    // "<name>.input_zero_point" (I32 [1]) per int8 layer; merge into an int8 file to keep them.
+    TensorMap static_scales() const;
+
+    EngineMemory memory_usage() const;
+    double compile_ms() const;
+    int num_primitives() const;
+    int weight_levels() const;  // |q| bound used for weights on this CPU
+
+    struct Impl;
+
+  private:
+    std::unique_ptr<Impl> impl_;
+};
+
+// The int8 model as tensors, per fused op (named by its head node): "<name>.weight_q" (I8, OIHW, BN
+// folded), "<name>.weight_scale" (F32 [O]) and "<name>.bias" (F32 [O], folded) for int8 layers;
+// "<name>.weight" and "<name>.bias" (F32, folded) for fp32 ones. About a quarter of the fp32 file.
+TensorMap quantize_model_weights(const Graph& graph, const TensorMap& fp32_weights, const QuantOptions& options = {});
+// True if `tensors` is such an int8 model (has "*.weight_q" tensors).
+bool is_int8_weights(const TensorMap& tensors);
+
+}  // namespace resunet

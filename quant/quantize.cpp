@@ -1,0 +1,55 @@
+#include "quant/quantize.h"
+
+#include <algorithm>
+#include <cmath>
+#include <oneapi/dnnl/dnnl.hpp>
+
+namespace resunet {
+
+int weight_levels() {
+    using isa = dnnl::cpu_isa;
+    switch (dnnl::get_effective_cpu_isa()) {
+        case isa::avx512_core_vnni:
+        case isa::avx512_core_bf16:
+        case isa::avx512_core_amx:
+        case isa::avx2_vnni: return 127;
+        default: return 63;
+    }
+}
+
+WeightQuant quantize_weights(const std::vector<float>& weights, int64_t out_channels, int levels) {
+    WeightQuant wq;
+    const int64_t per_oc = static_cast<int64_t>(weights.size()) / out_channels;
+    wq.q.resize(weights.size());
+    wq.scales.resize(static_cast<size_t>(out_channels));
+    wq.sums.resize(static_cast<size_t>(out_channels));
+    for (int64_t oc = 0; oc < out_channels; ++oc) {
+        const float* w = weights.data() + oc * per_oc;
+        float max_abs = 0.0f;
+        for (int64_t i = 0; i < per_oc; ++i) max_abs = std::max(max_abs, std::fabs(w[i]));
+        // An all-zero channel keeps scale 1 so that dequantization never divides by zero.
+        const float scale = max_abs > 0.0f ? max_abs / static_cast<float>(levels) : 1.0f;
+        wq.scales[static_cast<size_t>(oc)] = scale;
+        int32_t sum = 0;
+        for (int64_t i = 0; i < per_oc; ++i) {
+            const float v = std::clamp(std::nearbyint(w[i] / scale), -static_cast<float>(levels), static_cast<float>(levels));
+            wq.q[static_cast<size_t>(oc * per_oc + i)] = static_cast<int8_t>(v);
+            sum += static_cast<int32_t>(v);
+        }
+        wq.sums[static_cast<size_t>(oc)] = sum;
+    }
+    return wq;
+}
+
+ActivationQuant choose_activation_quant(float min_value, float max_value) {
+    const float lo = std::min(min_value, 0.0f);
+    const float hi = std::max(max_value, 0.0f);
+    ActivationQuant q;
+    if (!(hi > lo)) return q;  // all zero: scale 1, zero point 0
+    q.scale = (hi - lo) / 255.0f;
+    if (!(q.scale > 0.0f) || !std::isfinite(q.scale)) q.scale = std::max(std::fabs(lo), std::fabs(hi));
+    q.zero_point = std::clamp(static_cast<int32_t>(std::nearbyint(-lo / q.scale)), 0, 255);
+    return q;
+}
+
+}  // namespace resunet
