@@ -1,5 +1,7 @@
 #include "graph/safetensors.h"
 
+#include "graph/atomic_file.h"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -254,43 +256,6 @@ uint32_t load_u32_le(const uint8_t* p) {
 
 std::string errno_text(int error) { return std::strerror(error); }
 
-struct FileDescriptor {
-    int fd = -1;
-    explicit FileDescriptor(int value) : fd(value) {}
-    FileDescriptor(const FileDescriptor&) = delete;
-    FileDescriptor& operator=(const FileDescriptor&) = delete;
-    ~FileDescriptor() {
-        if (fd >= 0) ::close(fd);
-    }
-    // Closes now so that a failing close (lost delayed write) can be reported.
-    int close_now() {
-        int rc = ::close(fd);
-        fd = -1;
-        return rc;
-    }
-};
-
-void write_all(int fd, const uint8_t* data, size_t size, const std::string& temp_path) {
-    while (size > 0) {
-        ssize_t written = ::write(fd, data, std::min<size_t>(size, size_t{1} << 30));
-        if (written < 0) {
-            if (errno == EINTR) continue;
-            throw Error(fmt::format("{}: write failed: {}", temp_path, errno_text(errno)));
-        }
-        data += written;
-        size -= static_cast<size_t>(written);
-    }
-}
-
-// Removes the temp file unless the rename over the destination happened.
-struct TempFileGuard {
-    std::string path;
-    bool committed = false;
-    ~TempFileGuard() {
-        if (!committed && !path.empty()) ::unlink(path.c_str());
-    }
-};
-
 }  // namespace
 
 uint32_t crc32(const uint8_t* data, size_t size, uint32_t crc) {
@@ -445,41 +410,11 @@ void save_safetensors(const std::string& path, const TensorMap& tensors,
     std::array<uint8_t, 8> prefix{};
     for (size_t i = 0; i < 8; ++i) prefix[i] = static_cast<uint8_t>(uint64_t{header_text.size()} >> (8 * i));
 
-    const std::filesystem::path target(path);
-    const std::string base = target.filename().string();
-    if (base.empty() || base == "." || base == "..") throw Error(fmt::format("{}: not a file path", path));
-    const std::filesystem::path folder = target.has_parent_path() ? target.parent_path() : std::filesystem::path(".");
-
-    static std::atomic<uint64_t> counter{0};
-    TempFileGuard temp;
-    int fd = -1;
-    for (int attempt = 0; fd < 0; ++attempt) {
-        const auto ticks = static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
-        temp.path = (folder / fmt::format(".{}.tmp.{}.{}.{:x}", base, ::getpid(), counter++, ticks & 0xffffff)).string();
-        fd = ::open(temp.path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-        if (fd < 0) {
-            const int error = errno;
-            temp.path.clear();
-            if (error != EEXIST || attempt >= 100)
-                throw Error(fmt::format("{}: cannot create temp file in {}: {}", path, folder.string(),
-                                        errno_text(error)));
-        }
-    }
-    FileDescriptor out(fd);
-    write_all(out.fd, prefix.data(), prefix.size(), temp.path);
-    write_all(out.fd, reinterpret_cast<const uint8_t*>(header_text.data()), header_text.size(), temp.path);
-    for (const auto& [name, tensor] : order) write_all(out.fd, tensor->bytes.data(), tensor->bytes.size(), temp.path);
-    if (::fsync(out.fd) != 0) throw Error(fmt::format("{}: fsync failed: {}", temp.path, errno_text(errno)));
-    if (out.close_now() != 0) throw Error(fmt::format("{}: close failed: {}", temp.path, errno_text(errno)));
-    if (::rename(temp.path.c_str(), path.c_str()) != 0)
-        throw Error(fmt::format("{}: cannot rename {} over it: {}", path, temp.path, errno_text(errno)));
-    temp.committed = true;
-
-    // Makes the rename itself durable; some filesystems cannot fsync a folder, which is not an error.
-    FileDescriptor dir(::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    if (dir.fd < 0) throw Error(fmt::format("{}: cannot open folder {} to fsync: {}", path, folder.string(), errno_text(errno)));
-    if (::fsync(dir.fd) != 0 && errno != EINVAL && errno != ENOTSUP)
-        throw Error(fmt::format("{}: fsync of folder {} failed: {}", path, folder.string(), errno_text(errno)));
+    std::vector<std::span<const uint8_t>> parts = {
+        {prefix.data(), prefix.size()},
+        {reinterpret_cast<const uint8_t*>(header_text.data()), header_text.size()}};
+    for (const auto& [name, tensor] : order) parts.emplace_back(tensor->bytes.data(), tensor->bytes.size());
+    write_file_atomic(path, parts);
 }
 
 void check_tensors(const TensorMap& tensors, const std::vector<std::pair<std::string, Dims>>& expected,
