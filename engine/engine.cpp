@@ -190,9 +190,15 @@ void Engine::Impl::plan_storage() {
             const int r = op.residual;
             int64_t offset = 0;
             const int root = root_of(value_storage[static_cast<size_t>(r)], &offset);
-            // In place only if nobody reads the operand later and its buffer is nobody else's.
-            const bool reusable = r != input && r != graph.output_value() && last_use[static_cast<size_t>(r)] == static_cast<int>(k) &&
-                                  storages[static_cast<size_t>(root)].parent < 0 && root == value_storage[static_cast<size_t>(r)];
+            // In place only if the conv does not read the operand, nobody reads it later, and no other
+            // value sharing its buffer (a concat slice, an earlier residual) is read from here on.
+            bool reusable = r != input && r != graph.output_value() && last_use[static_cast<size_t>(r)] == static_cast<int>(k) &&
+                            storages[static_cast<size_t>(root)].parent < 0 && root == value_storage[static_cast<size_t>(r)] &&
+                            std::find(op.srcs.begin(), op.srcs.end(), r) == op.srcs.end();
+            for (size_t v = 0; v < num_values && reusable; ++v) {
+                if (static_cast<int>(v) == r || value_storage[v] < 0 || root_of(value_storage[v], nullptr) != root) continue;
+                if (last_use[v] >= static_cast<int>(k) || static_cast<int>(v) == graph.output_value()) reusable = false;
+            }
             if (reusable) {
                 value_storage[static_cast<size_t>(op.dst)] = value_storage[static_cast<size_t>(r)];
                 value_desc[static_cast<size_t>(op.dst)] = act_desc(dims);
@@ -411,14 +417,16 @@ void Engine::Impl::lower(const TensorMap& weights) {
     primitive_attr attr;
     attr.set_scratchpad_mode(scratchpad_mode::user);
     const int input = graph.input_value();
-    // The input keeps the activation layout unless a convolution reads it first and picks its own.
+    // The input keeps the activation layout unless a convolution reads it first and picks its own
+    // (and no residual copy reads it, which would be lowered before that choice).
     bool first_reader_is_conv = false;
     for (const FusedOp& op : ops)
         if (std::find(op.srcs.begin(), op.srcs.end(), input) != op.srcs.end() || op.residual == input) {
             first_reader_is_conv = op.kind == OpKind::conv && op.srcs[0] == input;
             break;
         }
-    input_desc_chosen = !first_reader_is_conv;
+    const bool input_is_residual = std::any_of(ops.begin(), ops.end(), [&](const FusedOp& op) { return op.residual == input; });
+    input_desc_chosen = !first_reader_is_conv || input_is_residual;
     const size_t input_capacity = storages[static_cast<size_t>(value_storage[static_cast<size_t>(input)])].desc.get_size();
 
     for (size_t k = 0; k < ops.size(); ++k) {

@@ -23,7 +23,8 @@ namespace resunet {
 
 struct EngineOptions {
     int micro_batch = 1;  // images per pass through the compiled plan; the run batch must be a multiple
-    int threads = 0;      // OpenMP threads for oneDNN; 0 keeps the runtime's default
+    int threads = 0;      // OpenMP threads for oneDNN (omp_set_num_threads in the calling thread, before primitives
+                          // are created and at each run); 0 leaves the current setting alone
     // Concat inputs are written in place into their slice of the concat buffer when the layout allows
     // (micro_batch 1, channel offsets on the layout's block); false forces oneDNN's concat (a copy).
     bool concat_in_place = true;
