@@ -21,7 +21,17 @@
 #include <numeric>
 #include <thread>
 
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+
+#include "apps/lib/evaluate.h"
+#include "data/dataset.h"
+#include "data/postprocess.h"
+#include "data/split.h"
 #include "engine/engine.h"
+#include "graph/atomic_file.h"
+#include "graph/model_config.h"
+#include "quant/quant_engine.h"
 #include "graph/init.h"
 #include "graph/safetensors.h"
 
@@ -38,14 +48,106 @@ struct Options {
     int threads = 0;
     int runs = 10;
     int warmup = 1;
-    std::string precision = "fp32";
+    std::string precision = "all";
     std::string model;
     bool layers = false;
     std::string json_path;
     std::string csv_path;
-    std::string row;       // internal: measure one row and write JSON to row_out
+    std::string data;         // Kvasir-SEG style folder: Dice/IoU on its test split
+    std::string split;        // split JSON (made with seed 42 and saved here if absent)
+    int eval_limit = 0;       // score only the first N test images (0 = all)
+    std::string chart;        // PNG: latency, memory and Dice per row
+    std::string examples;     // PNG: example predictions (image, truth, fp32, int8)
+    std::string row;          // internal: measure one row and write JSON to row_out
     std::string row_out;
+    bool eval_row = false;    // internal: score instead of timing
 };
+
+// Builds the engine a row names and hands it to `use` as a LogitsRunner.
+template <typename Use>
+auto with_engine(const Options& o, const resunet::Graph& graph, const resunet::TensorMap& weights, const std::string& row,
+                 const float* calibration, int calibration_count, Use&& use) {
+    if (row == "fp32") {
+        resunet::EngineOptions options;
+        options.micro_batch = o.micro_batch;
+        options.threads = o.threads;
+        resunet::Engine engine(graph, weights, options);
+        return use(engine);
+    }
+    resunet::QuantOptions options;
+    options.micro_batch = o.micro_batch;
+    options.threads = o.threads;
+    resunet::QuantEngine engine(graph, weights, options);
+    if (row == "int8-static") engine.calibrate(calibration, calibration_count);
+    return use(engine);
+}
+
+resunet::Graph graph_for(const Options& o) {
+    resunet::ResUNetConfig config;
+    config.width = o.width;
+    config.height = config.width_px = o.size;
+    return resunet::build_resunet(config);
+}
+
+// The test split's dataset indices: from --split, or made with seed 42 and written there.
+std::vector<size_t> test_indices(const Options& o, const resunet::Dataset& dataset) {
+    resunet::Split split;
+    if (!o.split.empty() && std::filesystem::exists(o.split)) {
+        split = resunet::load_split(o.split, dataset);
+    } else {
+        split = resunet::make_split(dataset, 42, 0.2);
+        if (!o.split.empty()) resunet::save_split(split, o.split);
+    }
+    std::vector<size_t> indices = resunet::indices_of(dataset, split.test_ids);
+    if (o.eval_limit > 0 && indices.size() > static_cast<size_t>(o.eval_limit)) indices.resize(static_cast<size_t>(o.eval_limit));
+    return indices;
+}
+
+// Calibration images for int8-static: the first training images when --data is given, else random.
+std::vector<float> calibration_images(const Options& o, int count) {
+    std::vector<float> images(static_cast<size_t>(3LL * o.size * o.size * count));
+    if (o.data.empty()) {
+        resunet::fill_uniform(images.data(), static_cast<int64_t>(images.size()), 11, -2.0f, 2.0f);
+        return images;
+    }
+    resunet::Dataset dataset = resunet::scan_dataset(o.data);
+    resunet::Split split = resunet::make_split(dataset, 42, 0.2);
+    if (!o.split.empty() && std::filesystem::exists(o.split)) split = resunet::load_split(o.split, dataset);
+    resunet::PreprocessOptions prep;
+    prep.width = prep.height = o.size;
+    prep.keep_original_mask = false;
+    const std::vector<size_t> train = resunet::indices_of(dataset, split.train_ids);
+    for (int i = 0; i < count; ++i) {
+        resunet::Sample s = resunet::load_sample(dataset, train[static_cast<size_t>(i) % train.size()], prep);
+        std::copy(s.image.f32(), s.image.f32() + s.image.num_elements(), images.begin() + static_cast<long>(i) * s.image.num_elements());
+    }
+    return images;
+}
+
+json scores_json(const resunet::ScoreSet& s) {
+    return {{"dice_mean", s.dice.mean}, {"dice_std", s.dice.std}, {"iou_mean", s.iou.mean}, {"iou_std", s.iou.std},
+            {"miou_mean", s.mean_iou.mean}, {"miou_std", s.mean_iou.std}, {"pooled_dice", s.pooled_dice}, {"pooled_iou", s.pooled_iou}};
+}
+
+// Scores one row on the test split (a separate process from the timed one, so loading data does not
+// count in that row's memory).
+json evaluate_row(const Options& o) {
+    resunet::Graph graph = graph_for(o);
+    resunet::TensorMap weights = resunet::load_safetensors(o.model).tensors;
+    resunet::Dataset dataset = resunet::scan_dataset(o.data);
+    const std::vector<size_t> indices = test_indices(o, dataset);
+    resunet::PreprocessOptions prep;
+    prep.width = prep.height = o.size;
+    const int calibration_count = 4 * o.micro_batch;
+    std::vector<float> calibration = calibration_images(o, calibration_count);
+    return with_engine(o, graph, weights, o.row, calibration.data(), calibration_count, [&](auto& engine) {
+        resunet::EvalResult r = resunet::evaluate_split(
+            dataset, indices, prep, [&](const float* x, int n, float* y) { engine.run(x, n, y); }, o.batch, 1);
+        fmt::print(stderr, "  {} scored {} test images in {:.0f} s\n", o.row, r.images, r.seconds);
+        return json{{"precision", o.row}, {"images", r.images}, {"model_size", scores_json(r.model_size)},
+                    {"original_size", scores_json(r.original)}};
+    });
+}
 
 double peak_rss_bytes() {
     std::ifstream status("/proc/self/status");
@@ -72,25 +174,40 @@ double percentile(std::vector<double> v, double p) {
 }
 
 // Measures one precision row in this process and returns it as JSON.
+template <typename AnyEngine>
+json measure_engine(const Options& o, const resunet::Graph& graph, AnyEngine& engine, const std::string& precision);
+
 json measure_row(const Options& o) {
-    using Clock = std::chrono::steady_clock;
-    resunet::ResUNetConfig config;
-    config.width = o.width;
-    config.height = config.width_px = o.size;
-    resunet::Graph graph = resunet::build_resunet(config);
+    resunet::Graph graph = graph_for(o);
     resunet::TensorMap weights;
     if (o.model.empty()) {
         weights = resunet::init_weights(graph, 1);
     } else {
         weights = resunet::load_safetensors(o.model).tensors;
     }
-    resunet::EngineOptions engine_options;
-    engine_options.micro_batch = o.micro_batch;
-    engine_options.threads = o.threads;
-    resunet::Engine engine(graph, weights, engine_options);
-    weights.clear();  // the engine holds its own reordered copy
+    if (o.row == "fp32") {
+        resunet::EngineOptions engine_options;
+        engine_options.micro_batch = o.micro_batch;
+        engine_options.threads = o.threads;
+        resunet::Engine engine(graph, weights, engine_options);
+        weights = resunet::TensorMap();  // the engine holds its own reordered copy
+        return measure_engine(o, graph, engine, "f32");
+    }
+    resunet::QuantOptions quant_options;
+    quant_options.micro_batch = o.micro_batch;
+    quant_options.threads = o.threads;
+    resunet::QuantEngine engine(graph, weights, quant_options);
     weights = resunet::TensorMap();
+    if (o.row == "int8-static") {
+        std::vector<float> calibration = calibration_images(o, 4 * o.micro_batch);
+        engine.calibrate(calibration.data(), 4 * o.micro_batch);
+    }
+    return measure_engine(o, graph, engine, "u8s8");
+}
 
+template <typename AnyEngine>
+json measure_engine(const Options& o, const resunet::Graph& graph, AnyEngine& engine, const std::string& precision) {
+    using Clock = std::chrono::steady_clock;
     const int64_t image = 3LL * o.size * o.size;
     std::vector<float> src(static_cast<size_t>(image * o.batch));
     std::vector<float> dst(static_cast<size_t>(o.batch) * static_cast<size_t>(o.size * o.size));
@@ -136,9 +253,8 @@ json measure_row(const Options& o) {
         {"engine_arena_naive_bytes", mem.arena_naive_bytes},
         {"engine_scratchpad_bytes", mem.scratchpad_bytes},
         {"engine_total_bytes", mem.total()},
-        {"activation_layout", engine.activation_layout()},
         {"primitives", engine.num_primitives()},
-        {"concat_copies", engine.num_concat_copies()},
+        {"compute_precision", precision},
     };
     if (o.layers) {
         json layers = json::array();
@@ -151,15 +267,19 @@ json measure_row(const Options& o) {
 }
 
 // Runs one row in a child process so that its peak RSS is its own.
-json run_row_in_child(const Options& o, const std::string& precision, const fs::path& tmp) {
-    const fs::path out = tmp / fmt::format("row_{}.json", precision);
+json run_row_in_child(const Options& o, const std::string& precision, const fs::path& tmp, bool eval) {
+    const fs::path out = tmp / fmt::format("{}_{}.json", eval ? "eval" : "row", precision);
     std::vector<std::string> args = {"/proc/self/exe", "--row", precision, "--row-out", out.string(),
                                      "--width", std::to_string(o.width), "--size", std::to_string(o.size),
                                      "--batch", std::to_string(o.batch), "--micro-batch", std::to_string(o.micro_batch),
                                      "--threads", std::to_string(o.threads), "--runs", std::to_string(o.runs),
                                      "--warmup", std::to_string(o.warmup)};
     if (!o.model.empty()) args.insert(args.end(), {"--model", o.model});
-    if (o.layers) args.push_back("--layers");
+    if (!o.data.empty()) args.insert(args.end(), {"--data", o.data});
+    if (!o.split.empty()) args.insert(args.end(), {"--split", o.split});
+    if (o.eval_limit > 0) args.insert(args.end(), {"--eval-limit", std::to_string(o.eval_limit)});
+    if (o.layers && !eval) args.push_back("--layers");
+    if (eval) args.push_back("--eval-row");
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -177,28 +297,47 @@ json run_row_in_child(const Options& o, const std::string& precision, const fs::
     return json::parse(in);
 }
 
+// "0.8162 ± 0.0058" from an evaluated row (per-image mean ± std at the original resolution), else n/a.
+std::string score(const json& row, const std::string& key) {
+    if (!row.contains("eval")) return "n/a";
+    const json& s = row["eval"]["original_size"];
+    return fmt::format("{:.4f} ± {:.4f}", s[key + "_mean"].get<double>(), s[key + "_std"].get<double>());
+}
+
 std::string markdown(const json& report) {
     std::string md;
     const json& p = report["provenance"];
     md += fmt::format("## ResUNet on {} — batch {}, {}x{}, width {}\n\n", p["cpu"].get<std::string>(),
                       report["batch"].get<int>(), report["size"].get<int>(), report["size"].get<int>(),
                       report["width"].get<int>());
-    md += "| precision | Dice | IoU (fg) | mIoU (2-class) | latency median (ms) | P90 | P99 | min | max | std | first run (ms) | images/s | GFLOP/s | parameters | peak RSS (MB) | engine bytes (MB) | model file (MB) |\n";
-    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    md += "| precision | Dice | IoU (fg) | mIoU (2-class) | latency median (ms) | P90 | P99 | min | max | std | first run (ms) | images/s | GFLOP/s | speed-up vs fp32 | latency reduction | parameters | peak RSS (MB) | memory improvement rate | engine bytes (MB) | model file (MB) |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for (const json& r : report["rows"]) {
-        md += fmt::format("| {} | {} | {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.2f} | {:.1f} | {} | {:.1f} | {:.1f} | {} |\n",
-                          r["precision"].get<std::string>(), "n/a", "n/a", "n/a", r["latency_median_ms"].get<double>(),
+        auto pct = [&](const char* key) { return r.contains(key) ? fmt::format("{:+.1f}%", r[key].get<double>()) : std::string("n/a"); };
+        md += fmt::format("| {} | {} | {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.2f} | {:.1f} | {} | {} | {} | {:.1f} | {} | {:.1f} | {} |\n",
+                          r["precision"].get<std::string>(), score(r, "dice"), score(r, "iou"), score(r, "miou"),
+                          r["latency_median_ms"].get<double>(),
                           r["latency_p90_ms"].get<double>(), r["latency_p99_ms"].get<double>(),
                           r["latency_min_ms"].get<double>(), r["latency_max_ms"].get<double>(),
                           r["latency_std_ms"].get<double>(), r["first_run_ms"].get<double>(),
                           r["images_per_s"].get<double>(), r["gflops"].get<double>(),
-                          r["parameters"].get<int64_t>(), r["peak_rss_bytes"].get<double>() / 1e6,
+                          r.contains("speedup_vs_fp32") ? fmt::format("{:.2f}x", r["speedup_vs_fp32"].get<double>()) : "n/a",
+                          pct("latency_reduction_vs_fp32_pct"),
+                          r["parameters"].get<int64_t>(), r["peak_rss_bytes"].get<double>() / 1e6, pct("memory_improvement_rate_pct"),
                           r["engine_total_bytes"].get<double>() / 1e6,
                           report.contains("model_file_bytes") ? fmt::format("{:.1f}", report["model_file_bytes"].get<double>() / 1e6) : "n/a");
     }
     md += "\nHow each figure was measured:\n";
-    md += fmt::format("- Weights: {}. Dice/IoU need --model and --data (n/a otherwise).\n",
-                      report["model"].get<std::string>().empty() ? "random (Kaiming, seed 1) — speed and memory only" : report["model"].get<std::string>());
+    md += fmt::format("- Weights: {}.\n",
+                      report["model"].get<std::string>().empty() ? "RANDOM (Kaiming, seed 1): speed and memory only, no accuracy" : report["model"].get<std::string>());
+    if (report.contains("eval_images"))
+        md += fmt::format("- Dice, IoU (fg), mIoU (2-class): per-image mean ± sample std over {} test-split images of {}, at each "
+                          "image's original resolution (logits resized bilinearly, threshold 0.5); IoU (fg) is the polyp class's, "
+                          "mIoU the mean of background and polyp IoU (most likely the paper's \"IoU\"). Scored in a separate "
+                          "process from the timed one. Pooled and model-size scores are in the JSON.\n",
+                          report["eval_images"].get<int>(), report["data"].get<std::string>());
+    else
+        md += "- Dice/IoU: n/a — they need --model and --data.\n";
     md += fmt::format("- Latency: wall time of one engine.run() on a batch of {} images (input NCHW fp32 in memory, logits out), "
                       "{} timed runs after {} warm-up run(s); the first run (cold caches, first touch) is reported separately. "
                       "Micro-batch {} (the batch runs as {} passes of the same compiled plan).\n",
@@ -208,7 +347,12 @@ std::string markdown(const json& report) {
           "engine, input and output buffers, code and libraries.\n";
     md += "- Engine bytes: what the engine holds: reordered BN-folded weights + the planned activation arena + "
           "oneDNN's shared user scratchpad.\n";
-    md += "- GFLOP/s: 2 x MACs of the graph x batch / median latency.\n";
+    md += "- GFLOP/s: 2 x MACs of the graph x batch / median latency (int8 rows: the same MAC count).\n";
+    md += "- Latency reduction: (fp32 - row) / fp32 median latency. Memory improvement rate: the paper's definition, "
+          "(fp32 - row) / row peak RSS (so 208% means fp32 needs 3.08x the memory).\n";
+    md += "- int8: u8 activations x s8 per-output-channel weights through oneDNN; dynamic rows compute each int8 layer's "
+          "input scale and zero point from that pass's values (per image at micro-batch 1); int8-static uses scales "
+          "calibrated once (on the benchmark's input distribution without --data). The RGB stem and the 1-channel head stay fp32.\n";
     md += fmt::format("\nProvenance: {} | ISA {} | threads {} | {} | git {} | {}\n", p["cpu"].get<std::string>(),
                       p["isa"].get<std::string>(), p["threads"].get<std::string>(), p["onednn"].get<std::string>(),
                       p["git_commit"].get<std::string>(), p["date"].get<std::string>());
@@ -224,18 +368,101 @@ std::string markdown(const json& report) {
     return md;
 }
 
-void write_atomically(const fs::path& path, const std::string& text) {
-    const fs::path tmp = path.string() + ".tmp";
-    {
-        std::ofstream out(tmp, std::ios::binary);
-        if (!out) throw resunet::Error(fmt::format("cannot write '{}'", tmp.string()));
-        out << text;
-        out.flush();
-        if (!out) throw resunet::Error(fmt::format("writing '{}' failed (disk full?)", tmp.string()));
+// A bar panel per figure (latency, peak RSS, Dice), one bar per row, in the spirit of the paper's figure 3.
+void write_chart(const json& report, const std::string& path) {
+    struct Panel {
+        std::string title, key, unit;
+        double scale;
+    };
+    std::vector<Panel> panels = {{"latency, batch " + std::to_string(report["batch"].get<int>()), "latency_median_ms", "ms", 1.0},
+                                 {"peak RSS", "peak_rss_bytes", "MB", 1e-6}};
+    const bool has_dice = !report["rows"].empty() && report["rows"][0].contains("eval");
+    if (has_dice) panels.push_back({"Dice (test split)", "dice", "", 1.0});
+    const int panel_w = 360, h = 420, margin = 40;
+    cv::Mat canvas(h, panel_w * static_cast<int>(panels.size()), CV_8UC3, cv::Scalar(255, 255, 255));
+    const cv::Scalar colors[] = {{180, 119, 31}, {14, 127, 255}, {44, 160, 44}, {40, 39, 214}};
+    for (size_t p = 0; p < panels.size(); ++p) {
+        const int x0 = static_cast<int>(p) * panel_w;
+        std::vector<double> values;
+        for (const json& r : report["rows"])
+            values.push_back(panels[p].key == "dice" ? r["eval"]["original_size"]["dice_mean"].get<double>()
+                                                     : r[panels[p].key].get<double>() * panels[p].scale);
+        const double top = std::max(1e-9, *std::max_element(values.begin(), values.end())) * 1.15;
+        cv::putText(canvas, panels[p].title, {x0 + margin, 28}, cv::FONT_HERSHEY_SIMPLEX, 0.6, {0, 0, 0}, 1, cv::LINE_AA);
+        const int bar_w = (panel_w - 2 * margin) / static_cast<int>(std::max<size_t>(values.size(), 1));
+        const int base = h - 60;
+        cv::line(canvas, {x0 + margin, base}, {x0 + panel_w - margin, base}, {0, 0, 0});
+        for (size_t i = 0; i < values.size(); ++i) {
+            const int bh = static_cast<int>((base - 60) * values[i] / top);
+            const int bx = x0 + margin + static_cast<int>(i) * bar_w + 8;
+            cv::rectangle(canvas, {bx, base - bh}, {bx + bar_w - 16, base}, colors[i % 4], cv::FILLED);
+            const std::string label = panels[p].key == "dice" ? fmt::format("{:.4f}", values[i]) : fmt::format("{:.0f} {}", values[i], panels[p].unit);
+            cv::putText(canvas, label, {bx, base - bh - 6}, cv::FONT_HERSHEY_SIMPLEX, 0.45, {0, 0, 0}, 1, cv::LINE_AA);
+            cv::putText(canvas, report["rows"][i]["precision"].get<std::string>(), {bx, base + 20}, cv::FONT_HERSHEY_SIMPLEX, 0.45,
+                        {0, 0, 0}, 1, cv::LINE_AA);
+        }
     }
-    fs::rename(tmp, path);
+    std::vector<uint8_t> png;
+    cv::imencode(".png", canvas, png);
+    resunet::write_file_atomic(path, std::string_view(reinterpret_cast<const char*>(png.data()), png.size()));
 }
 
+// Overlays a {0, 1} mask on an image: tinted area and a contour.
+cv::Mat overlay(const cv::Mat& bgr, const cv::Mat& mask, const cv::Scalar& color) {
+    cv::Mat out = bgr.clone(), tint(bgr.size(), bgr.type(), color), blended;
+    cv::addWeighted(bgr, 0.6, tint, 0.4, 0, blended);
+    blended.copyTo(out, mask);
+    std::vector<std::vector<cv::Point>> contours;
+    cv::findContours(mask.clone(), contours, cv::RETR_EXTERNAL, cv::CHAIN_APPROX_SIMPLE);
+    cv::drawContours(out, contours, -1, color, 2, cv::LINE_AA);
+    return out;
+}
+
+// Rows of (image, ground truth, fp32 mask, int8 mask) for the first test images, as the paper's figure 2.
+void write_examples(const Options& o, const std::string& path) {
+    const int count = 4, tile = 224;
+    resunet::Dataset dataset = resunet::scan_dataset(o.data);
+    std::vector<size_t> indices = test_indices(o, dataset);
+    indices.resize(std::min<size_t>(indices.size(), count));
+    resunet::PreprocessOptions prep;
+    prep.width = prep.height = o.size;
+    resunet::Graph graph = graph_for(o);
+    resunet::TensorMap weights = resunet::load_safetensors(o.model).tensors;
+    const int64_t pixels = static_cast<int64_t>(o.size) * o.size;
+    std::vector<float> images(static_cast<size_t>(3 * pixels) * indices.size()), fp32(static_cast<size_t>(pixels) * indices.size()),
+        int8(fp32.size());
+    std::vector<resunet::Sample> samples;
+    for (size_t i = 0; i < indices.size(); ++i) {
+        samples.push_back(resunet::load_sample(dataset, indices[i], prep));
+        std::copy(samples.back().image.f32(), samples.back().image.f32() + 3 * pixels, images.begin() + static_cast<long>(i * 3 * pixels));
+    }
+    const int n = static_cast<int>(indices.size());
+    resunet::Engine(graph, weights, {}).run(images.data(), n, fp32.data());
+    resunet::QuantEngine(graph, weights, {}).run(images.data(), n, int8.data());
+    cv::Mat grid(tile * n + 30, tile * 4, CV_8UC3, cv::Scalar(255, 255, 255));
+    const char* titles[] = {"image", "ground truth", "fp32", "int8 (dynamic)"};
+    for (int c = 0; c < 4; ++c) cv::putText(grid, titles[c], {c * tile + 8, 20}, cv::FONT_HERSHEY_SIMPLEX, 0.55, {0, 0, 0}, 1, cv::LINE_AA);
+    for (int i = 0; i < n; ++i) {
+        cv::Mat bgr;
+        cv::resize(resunet::read_image(dataset.samples[indices[static_cast<size_t>(i)]].image_path), bgr, {tile, tile}, 0, 0, cv::INTER_AREA);
+        cv::Mat truth(o.size, o.size, CV_32F, samples[static_cast<size_t>(i)].mask.f32()), truth8;
+        truth.convertTo(truth8, CV_8U);
+        const cv::Mat masks[] = {cv::Mat(), truth8, resunet::logits_to_mask(fp32.data() + i * pixels, o.size, o.size, o.size, o.size),
+                                 resunet::logits_to_mask(int8.data() + i * pixels, o.size, o.size, o.size, o.size)};
+        for (int c = 0; c < 4; ++c) {
+            cv::Mat cell = bgr;
+            if (c > 0) {
+                cv::Mat m;
+                cv::resize(masks[c], m, {tile, tile}, 0, 0, cv::INTER_NEAREST);
+                cell = overlay(bgr, m, c == 1 ? cv::Scalar(0, 255, 0) : cv::Scalar(0, 0, 255));
+            }
+            cell.copyTo(grid(cv::Rect(c * tile, 30 + i * tile, tile, tile)));
+        }
+    }
+    std::vector<uint8_t> png;
+    cv::imencode(".png", grid, png);
+    resunet::write_file_atomic(path, std::string_view(reinterpret_cast<const char*>(png.data()), png.size()));
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -248,11 +475,18 @@ int main(int argc, char** argv) {
     app.add_option("--threads", o.threads, "oneDNN (OpenMP) threads; 0 = all cores")->check(CLI::NonNegativeNumber);
     app.add_option("--runs", o.runs, "timed runs per row (after warm-up)")->check(CLI::PositiveNumber);
     app.add_option("--warmup", o.warmup, "warm-up runs (the first is reported separately)")->check(CLI::PositiveNumber);
-    app.add_option("--precision", o.precision, "rows to run: fp32 (more come with quant/)")->check(CLI::IsMember({"fp32", "all"}));
+    app.add_option("--precision", o.precision, "rows to run: fp32, int8 (dynamic scales), int8-static (calibrated), all")
+        ->check(CLI::IsMember({"fp32", "int8", "int8-static", "all"}));
     app.add_option("--model", o.model, "weights (.safetensors); random weights when absent")->check(CLI::ExistingFile);
     app.add_flag("--layers", o.layers, "add the per-layer table: time, GFLOP/s, oneDNN kernel");
     app.add_option("--json", o.json_path, "also write the report as JSON here");
     app.add_option("--csv", o.csv_path, "also write the table as CSV here");
+    app.add_option("--data", o.data, "Kvasir-SEG style folder (images/, masks/): adds Dice/IoU on its test split (needs --model)");
+    app.add_option("--split", o.split, "split JSON to use; made with seed 42 and written here if it does not exist");
+    app.add_option("--eval-limit", o.eval_limit, "score only the first N test images (0 = all)")->check(CLI::NonNegativeNumber);
+    app.add_option("--chart", o.chart, "write a PNG chart of latency, memory and Dice per row");
+    app.add_option("--examples", o.examples, "write a PNG grid of example predictions (needs --model and --data)");
+    app.add_flag("--eval-row", o.eval_row, "internal: score instead of timing")->group("");
     app.add_option("--row", o.row, "internal: measure one row in this process")->group("");
     app.add_option("--row-out", o.row_out, "internal: where --row writes its JSON")->group("");
     CLI11_PARSE(app, argc, argv);
@@ -260,22 +494,28 @@ int main(int argc, char** argv) {
         if (o.batch % o.micro_batch != 0)
             throw resunet::Error(fmt::format("--batch {} must be a multiple of --micro-batch {}", o.batch, o.micro_batch));
         if (!o.row.empty()) {
-            json row = measure_row(o);
+            json row = o.eval_row ? evaluate_row(o) : measure_row(o);
             std::ofstream(o.row_out) << row.dump();
             return 0;
         }
         // Check everything that can fail before the long work starts.
-        resunet::ResUNetConfig config;
-        config.width = o.width;
-        config.height = config.width_px = o.size;
-        resunet::Graph graph = resunet::build_resunet(config);
+        if (!o.data.empty() && o.model.empty()) throw resunet::Error("--data needs --model: accuracy of random weights means nothing");
+        if (!o.examples.empty() && (o.data.empty() || o.model.empty())) throw resunet::Error("--examples needs --model and --data");
+        resunet::Graph graph = graph_for(o);
+        if (!o.data.empty()) {
+            resunet::Dataset dataset = resunet::scan_dataset(o.data);  // fails now on a missing or broken folder
+            test_indices(o, dataset);
+        }
         if (!o.model.empty()) {
             resunet::SafetensorsFile file = resunet::load_safetensors(o.model);
+            const resunet::ResUNetConfig found = resunet::infer_resunet_config(file.tensors, file.metadata, o.size);
+            if (found.width != o.width)
+                throw resunet::Error(fmt::format("{} is a width-{} model but --width is {}", o.model, found.width, o.width));
             std::vector<std::pair<std::string, resunet::Dims>> expected;
             for (const resunet::ParamInfo& p : graph.parameters()) expected.emplace_back(p.name, p.dims);
             resunet::check_tensors(file.tensors, expected, o.model);
         }
-        for (const std::string& path : {o.json_path, o.csv_path}) {
+        for (const std::string& path : {o.json_path, o.csv_path, o.chart, o.examples}) {
             if (path.empty()) continue;
             const fs::path dir = fs::absolute(path).parent_path();
             if (!fs::is_directory(dir)) throw resunet::Error(fmt::format("output folder '{}' does not exist", dir.string()));
@@ -294,11 +534,34 @@ int main(int argc, char** argv) {
                                 {"onednn", resunet::onednn_version()}, {"git_commit", RESUNET_GIT_COMMIT}, {"date", date}};
         fmt::print(stderr, "bench_resunet: width {}, {}x{}, batch {}, {} runs per row\n", o.width, o.size, o.size, o.batch, o.runs);
         report["rows"] = json::array();
-        for (const std::string precision : {"fp32"}) report["rows"].push_back(run_row_in_child(o, precision, tmp));
+        std::vector<std::string> rows = {"fp32", "int8", "int8-static"};
+        if (o.precision != "all") rows = {o.precision};
+        for (const std::string& precision : rows) {
+            json row = run_row_in_child(o, precision, tmp, false);
+            if (!o.data.empty()) {
+                row["eval"] = run_row_in_child(o, precision, tmp, true);
+                report["eval_images"] = row["eval"]["images"];
+                report["data"] = o.data;
+            }
+            report["rows"].push_back(row);
+        }
+        // The paper's "improvement rate": (fp32 - int8) / int8 for memory, (fp32 - int8) / fp32 for latency.
+        const json* fp32_row = nullptr;
+        for (const json& r : report["rows"])
+            if (r["precision"] == "fp32") fp32_row = &r;
+        if (fp32_row)
+            for (json& r : report["rows"]) {
+                const double lat = (*fp32_row)["latency_median_ms"].get<double>(), rss = (*fp32_row)["peak_rss_bytes"].get<double>();
+                r["latency_reduction_vs_fp32_pct"] = 100.0 * (lat - r["latency_median_ms"].get<double>()) / lat;
+                r["speedup_vs_fp32"] = lat / r["latency_median_ms"].get<double>();
+                r["memory_improvement_rate_pct"] = 100.0 * (rss - r["peak_rss_bytes"].get<double>()) / r["peak_rss_bytes"].get<double>();
+            }
         fs::remove_all(tmp);
+        if (!o.chart.empty()) write_chart(report, o.chart);
+        if (!o.examples.empty()) write_examples(o, o.examples);
         const std::string md = markdown(report);
         fmt::print("{}", md);
-        if (!o.json_path.empty()) write_atomically(o.json_path, report.dump(2));
+        if (!o.json_path.empty()) resunet::write_file_atomic(o.json_path, report.dump(2));
         if (!o.csv_path.empty()) {
             std::string csv = "precision,latency_median_ms,latency_p90_ms,latency_p99_ms,latency_min_ms,latency_max_ms,latency_std_ms,first_run_ms,images_per_s,gflops,parameters,peak_rss_bytes,engine_total_bytes\n";
             for (const json& r : report["rows"])
@@ -309,7 +572,7 @@ int main(int argc, char** argv) {
                                    r["first_run_ms"].get<double>(), r["images_per_s"].get<double>(),
                                    r["gflops"].get<double>(), r["parameters"].get<int64_t>(),
                                    r["peak_rss_bytes"].get<double>(), r["engine_total_bytes"].get<double>());
-            write_atomically(o.csv_path, csv);
+            resunet::write_file_atomic(o.csv_path, csv);
         }
     } catch (const std::exception& e) {
         fmt::print(stderr, "bench_resunet: error: {}\n", e.what());

@@ -553,7 +553,7 @@ void QuantEngine::Impl::lower(const TensorMap& weights, bool from_int8_file) {
                 Step step;
                 step.custom = [this, group, sources, targets, shape, name, threads] {
                     if (threads > 0) omp_set_num_threads(threads);
-                    if (!group->have_static || calibrating) {
+                    if (options.mode != ScaleMode::static_calibrated || !group->have_static || calibrating) {
                         const Range r = tensor_range(sources, shape);
                         if (!r.finite)
                             throw Error(fmt::format("int8 engine: NaN or Inf in '{}' (the input of an int8 layer)", name));
@@ -712,9 +712,11 @@ QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const Qua
             g.have_static = true;
         }
     }
-    if (options.mode == ScaleMode::static_calibrated &&
-        !std::all_of(m.groups.begin(), m.groups.end(), [](const QuantGroup& g) { return g.have_static; }))
-        m.options.mode = ScaleMode::dynamic;  // until calibrate() runs
+    // Static scales need one per quantized input: from the file (which then implies static mode), or
+    // from calibrate() later; until then the engine runs dynamic.
+    const bool all_static = !m.groups.empty() &&
+                            std::all_of(m.groups.begin(), m.groups.end(), [](const QuantGroup& g) { return g.have_static; });
+    m.options.mode = all_static ? ScaleMode::static_calibrated : ScaleMode::dynamic;
     m.compile_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
 }
 
@@ -728,9 +730,18 @@ void check_batch(const float* src, int batch, const float* dst, int micro_batch)
 }
 }  // namespace
 
+// The first layers run in fp32 and ReLU turns NaN into 0, so bad input is caught here, before it can
+// turn silently into a plausible mask.
+static void check_finite_input(const float* src, int batch, const Dims& image_dims) {
+    const KernelSource source{src, image_dims[1] * image_dims[2] * image_dims[3], 0, false};
+    const Range r = tensor_range({source}, {batch, 1, 1, 1});
+    if (!r.finite) throw Error("int8 engine: the input images contain NaN or Inf");
+}
+
 void QuantEngine::run(const float* src, int batch, float* dst) {
     Impl& m = *impl_;
     check_batch(src, batch, dst, m.options.micro_batch);
+    check_finite_input(src, batch, m.input_dims);
     if (m.options.threads > 0) omp_set_num_threads(m.options.threads);
     const int64_t in = num_elements(m.input_dims), out = num_elements(m.output_dims);
     for (int b = 0; b < batch; b += m.options.micro_batch) m.run_pass(src + b * in, dst + b * out, nullptr);
@@ -739,6 +750,7 @@ void QuantEngine::run(const float* src, int batch, float* dst) {
 std::vector<LayerProfile> QuantEngine::profile(const float* src, int batch, float* dst) {
     Impl& m = *impl_;
     check_batch(src, batch, dst, m.options.micro_batch);
+    check_finite_input(src, batch, m.input_dims);
     if (m.options.threads > 0) omp_set_num_threads(m.options.threads);
     std::vector<double> ms(m.steps.size(), 0.0);
     const int64_t in = num_elements(m.input_dims), out = num_elements(m.output_dims);
@@ -754,6 +766,7 @@ std::vector<LayerProfile> QuantEngine::profile(const float* src, int batch, floa
 void QuantEngine::calibrate(const float* src, int batch) {
     Impl& m = *impl_;
     check_batch(src, batch, src, m.options.micro_batch);
+    check_finite_input(src, batch, m.input_dims);
     std::vector<float> scratch(static_cast<size_t>(num_elements(m.output_dims) * m.options.micro_batch));
     for (QuantGroup& g : m.groups) {
         g.calibrated_min = INFINITY;

@@ -27,6 +27,9 @@ enum class ScaleMode { dynamic, static_calibrated };
 struct QuantOptions {
     int micro_batch = 1;  // images per pass; dynamic scales are computed per pass (1 = per image)
     int threads = 0;      // OpenMP threads for oneDNN and the quantize passes; 0 = runtime default
+    // Informational: an engine starts static when its int8 weights file carries a calibrated scale for
+    // every quantized input (quantize_model_weights + static_scales()), otherwise dynamic; calibrate()
+    // switches it to static. mode() says which is in effect.
     ScaleMode mode = ScaleMode::dynamic;
     // Layers (head node names, e.g. "e1.conv_a") kept in fp32. Convolutions with fewer than 8 input or
     // output channels (the RGB stem, the 1-channel head) stay fp32 regardless: they are memory-bound.
