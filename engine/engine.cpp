@@ -194,7 +194,7 @@ void Engine::Impl::plan_storage() {
             // value sharing its buffer (a concat slice, an earlier residual) is read from here on.
             bool reusable = r != input && r != graph.output_value() && last_use[static_cast<size_t>(r)] == static_cast<int>(k) &&
                             storages[static_cast<size_t>(root)].parent < 0 && root == value_storage[static_cast<size_t>(r)] &&
-                            std::find(op.srcs.begin(), op.srcs.end(), r) == op.srcs.end();
+                            std::find(op.srcs.begin(), op.srcs.end(), r) == op.srcs.end() && !options.keep_values;
             for (size_t v = 0; v < num_values && reusable; ++v) {
                 if (static_cast<int>(v) == r || value_storage[v] < 0 || root_of(value_storage[v], nullptr) != root) continue;
                 if (last_use[v] >= static_cast<int>(k) || static_cast<int>(v) == graph.output_value()) reusable = false;

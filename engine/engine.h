@@ -31,8 +31,8 @@ struct EngineOptions {
     // ConvTranspose 2x2 stride 2 runs as a 1x1 convolution to 4x the channels plus a pixel-shuffle
     // reorder (faster than oneDNN 2.6's deconvolution on AVX2); false uses the deconvolution primitive.
     bool deconv_as_conv = true;
-    // Keep every materialised activation until the end of a pass (no arena reuse), so read_value() can
-    // return it afterwards. For per-layer comparisons; costs memory.
+    // Keep every materialised activation until the end of a pass (no arena reuse, no in-place residual
+    // accumulation), so read_value() can return it afterwards. For per-layer comparisons; costs memory.
     bool keep_values = false;
 };
 

@@ -275,7 +275,8 @@ void QuantEngine::Impl::plan_values(const TensorMap&) {
                 } else if (op.residual >= 0) {
                     const int r = op.residual;
                     const bool in_place = r != input && r != graph.output_value() && !packed[static_cast<size_t>(r)] &&
-                                          !virtual_concat[static_cast<size_t>(r)] && graph.value(r).consumers.size() == 1;
+                                          !virtual_concat[static_cast<size_t>(r)] && graph.value(r).consumers.size() == 1 &&
+                                          !options.keep_values;  // keep_values must keep the operand readable
                     if (in_place) {
                         raw_buffer[static_cast<size_t>(op.dst)] = raw_buffer[static_cast<size_t>(r)];
                         step.reads.push_back(raw_buffer[static_cast<size_t>(r)]);
@@ -509,32 +510,21 @@ void QuantEngine::Impl::lower(const TensorMap& weights, bool from_int8_file) {
     const int threads = options.threads;
     for (const PlannedStep& planned : plan) {
         switch (planned.kind) {
-            case StepKind::input_reorder: {
-                const Dims& d = dims(planned.value);
-                static float placeholder = 0.0f;
-                user_src = memory({to_dnnl_dims(d), dt::f32, tag::nchw}, eng, &placeholder);
-                memory internal = f32_memory(planned.writes[0], d, tag::nhwc);
-                reorder::primitive_desc pd(user_src, internal, attr);
-                Step step;
-                step.prim = reorder(pd);
-                step.args = {{DNNL_ARG_FROM, user_src}, {DNNL_ARG_TO, internal}};
-                step.name = "input";
-                step.op = "reorder";
-                step.kernel = pd.impl_info_str();
-                step.precision = "f32";
-                steps.push_back(std::move(step));
-                break;
-            }
+            case StepKind::input_reorder:
             case StepKind::output_reorder: {
+                // Between the caller's NCHW buffers (handles set per pass) and the internal NHWC ones.
+                const bool input = planned.kind == StepKind::input_reorder;
                 const Dims& d = dims(planned.value);
                 static float placeholder = 0.0f;
-                user_dst = memory({to_dnnl_dims(d), dt::f32, tag::nchw}, eng, &placeholder);
-                memory internal = f32_memory(planned.reads[0], d, tag::nhwc);
-                reorder::primitive_desc pd(internal, user_dst, attr);
+                memory user({to_dnnl_dims(d), dt::f32, tag::nchw}, eng, &placeholder);
+                memory internal = f32_memory(input ? planned.writes[0] : planned.reads[0], d, tag::nhwc);
+                (input ? user_src : user_dst) = user;
+                memory from = input ? user : internal, to = input ? internal : user;
+                reorder::primitive_desc pd(from, to, attr);
                 Step step;
                 step.prim = reorder(pd);
-                step.args = {{DNNL_ARG_FROM, internal}, {DNNL_ARG_TO, user_dst}};
-                step.name = "output";
+                step.args = {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}};
+                step.name = input ? "input" : "output";
                 step.op = "reorder";
                 step.kernel = pd.impl_info_str();
                 step.precision = "f32";
@@ -701,11 +691,14 @@ QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const Qua
     if (from_int8_file) {  // static scales stored with the model switch the engine to static mode
         for (QuantGroup& g : m.groups) {
             const std::string base = m.graph.value(g.value).name;
-            auto s = weights.find(base + ".input_scale");
-            auto z = weights.find(base + ".input_zero_point");
-            if (s == weights.end() || z == weights.end()) continue;
-            const float scale = s->second.f32()[0];
-            const int32_t zero = reinterpret_cast<const int32_t*>(z->second.bytes.data())[0];
+            const bool has_scale = weights.count(base + ".input_scale") > 0;
+            const bool has_zero = weights.count(base + ".input_zero_point") > 0;
+            if (has_scale != has_zero)
+                throw Error(fmt::format("int8 weights: '{}.input_scale' and '{}.input_zero_point' must come together", base, base));
+            if (!has_scale) continue;
+            const float scale = int8_tensor(weights, base + ".input_scale", DType::f32, {1}).f32()[0];
+            int32_t zero = 0;
+            std::memcpy(&zero, int8_tensor(weights, base + ".input_zero_point", DType::s32, {1}).bytes.data(), sizeof(zero));
             if (!(scale > 0.0f) || !std::isfinite(scale) || zero < 0 || zero > 255)
                 throw Error(fmt::format("int8 weights: '{}.input_scale' = {} / zero point {} is invalid", base, scale, zero));
             g.static_quant = {scale, zero};
