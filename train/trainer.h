@@ -1,0 +1,113 @@
+// Training on oneDNN: compiles a Graph (with its batch N) once into forward-training and backward
+// primitives, then runs forward, loss, backward and an Adam update per step. No oneDNN type appears here.
+//
+// Intended usage:
+//   resunet::Graph graph = resunet::build_resunet({.width = 16, .height = 224, .width_px = 224, .batch = 4});
+//   resunet::TrainOptions options;                       // Dice + BCE, Adam lr 1e-4, StepLR 30 / 0.1
+//   resunet::Trainer trainer(graph, resunet::init_weights(graph, 42), options);  // primitives: once
+//   for (int epoch = 0; epoch < epochs; ++epoch) {
+//       for (auto& [images, masks] : batches)            // N x 3 x H x W and N x 1 x H x W floats, NCHW
+//           float loss = trainer.step(images, masks);    // throws resunet::Error on NaN/Inf, weights kept
+//       trainer.end_epoch();                             // StepLR
+//   }
+//   trainer.forward(images, logits, /*training=*/false); // running statistics, as model.eval()
+//   resunet::save_safetensors("model.safetensors", trainer.weights());  // PyTorch state_dict names
+//
+// Semantics follow PyTorch: BatchNorm in training mode normalises with the batch statistics (biased
+// variance) and updates running_mean / running_var with momentum 0.1 and the unbiased variance.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "graph/graph.h"
+#include "train/loss.h"
+#include "train/optimizer.h"
+
+namespace resunet {
+
+// Memory layout of activations and their gradients inside the trainer. Both are plain (no channel
+// blocking), so concat slices are strided views of one buffer. nhwc lets oneDNN 2.6 pick its jit:avx2
+// convolution kernels for forward and backward; nchw falls back to gemm-based kernels (slower).
+enum class ActivationLayout { nchw, nhwc };
+
+struct TrainOptions {
+    double learning_rate = 1e-4;     // lr of epoch 0
+    int lr_step_size = 30;           // StepLR: epochs between decays (see end_epoch())
+    double lr_gamma = 0.1;           // StepLR: factor per decay
+    AdamOptions adam;                // betas, eps, weight decay (L2 or decoupled)
+    LossKind loss = LossKind::dice_bce;
+    double dice_smooth = kDiceSmooth;  // Dice smoothing constant s
+    LossFunction custom_loss;        // when set, replaces `loss`
+    double bn_momentum = 0.1;        // running = (1 - m) running + m batch (unbiased variance)
+    ActivationLayout layout = ActivationLayout::nhwc;
+    int threads = 0;                 // OpenMP threads for oneDNN and the host loops; 0 keeps the default
+    bool input_gradient = false;     // also compute d loss / d images (tests, saliency); costs one more conv bwd
+    bool check_finite = true;        // step(): throw on a NaN/Inf loss or gradient before touching the weights
+};
+
+// Everything a checkpoint needs to continue a run bit-for-bit.
+struct TrainerState {
+    TensorMap weights;             // every parameter and running statistic, PyTorch names
+    TensorMap adam_first_moment;   // learnable parameters only, same names and shapes
+    TensorMap adam_second_moment;  // learnable parameters only
+    int64_t step = 0;              // Adam updates done
+    int64_t epoch = 0;             // end_epoch() calls done
+    double learning_rate = 1e-4;   // lr the next step uses
+};
+
+class Trainer {
+  public:
+    // `weights` must hold exactly the graph's parameters (names and shapes); throws resunet::Error otherwise.
+    Trainer(const Graph& graph, TensorMap weights, const TrainOptions& options = {});
+    ~Trainer();
+    Trainer(const Trainer&) = delete;
+    Trainer& operator=(const Trainer&) = delete;
+
+    // One training step on a batch of the graph's N: forward (batch statistics), loss, backward, Adam.
+    // images: N x C x H x W, masks: N x outC x H x W, both NCHW floats. Returns the loss. With
+    // check_finite, a non-finite loss or gradient throws resunet::Error naming the step and the layer,
+    // and leaves weights, running statistics, moments and the step count as they were.
+    float step(const float* images, const float* masks);
+    // Forward, loss and backward without any update (weights and running statistics untouched);
+    // gradients() and input_gradient() hold the result. Returns the loss in double.
+    LossValue compute_gradients(const float* images, const float* masks);
+    // Forward only. training: batch statistics, and running statistics are updated as in PyTorch's
+    // train() mode; otherwise running statistics (eval()). logits: N x outC x H x W.
+    void forward(const float* images, float* logits, bool training);
+    // StepLR: counts an epoch and sets the learning rate to lr * gamma ^ floor(epoch / step_size).
+    void end_epoch();
+
+    TensorMap weights() const;               // copy; parameters and running statistics
+    void set_weights(const TensorMap& weights);  // same names and shapes as the graph's
+    const TensorMap& gradients() const;      // learnable parameters, from the last backward
+    const std::vector<float>& input_gradient() const;  // NCHW d loss / d images (needs input_gradient)
+    // NCHW copy of a node's output from the last forward (debugging, tests); throws on an unknown name.
+    std::vector<float> activation(const std::string& node_name) const;
+    LossValue last_loss() const;             // of the last step or compute_gradients
+    TrainerState state() const;
+    void restore(const TrainerState& state);  // checks names and shapes; throws resunet::Error
+
+    int64_t step_count() const;       // Adam updates done
+    int64_t epoch() const;            // end_epoch() calls done
+    double learning_rate() const;     // lr of the next step
+    void set_learning_rate(double learning_rate);  // until the next end_epoch()
+    const Graph& graph() const;
+    const TrainOptions& options() const;
+    int batch() const;                // N of the compiled graph
+    const Dims& input_dims() const;   // N x C x H x W
+    const Dims& output_dims() const;  // N x outC x H x W
+    int num_primitives() const;       // forward-training + backward + weight reorders
+    double compile_ms() const;        // primitive creation and buffer allocation
+    size_t activation_bytes() const;  // activations, their gradients and per-op buffers (workspaces, statistics)
+    std::string activation_layout() const;  // "nchw" or "nhwc"
+
+    struct Impl;
+
+  private:
+    std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace resunet
