@@ -46,9 +46,9 @@ EvalResult evaluate_split(const Dataset& dataset, const std::vector<size_t>& ind
         for (int i = 0; i < n; ++i) {
             const float* map = logits.data() + static_cast<size_t>(i) * static_cast<size_t>(h * w);
             const cv::Mat truth_small(h, w, CV_32F, b.masks.f32() + static_cast<size_t>(i) * static_cast<size_t>(h * w));
-            at_model.add(compute_mask_metrics(logits_to_mask(map, h, w, w, h), truth_small));
+            at_model.add(compute_mask_metrics(logits_to_mask(map, w, h, w, h), truth_small));
             const cv::Mat& truth = b.original_masks[static_cast<size_t>(i)];
-            const MaskMetrics m = compute_mask_metrics(logits_to_mask(map, h, w, truth.cols, truth.rows), truth);
+            const MaskMetrics m = compute_mask_metrics(logits_to_mask(map, w, h, truth.cols, truth.rows), truth);
             at_original.add(m);
             result.ids.push_back(b.ids[static_cast<size_t>(i)]);
             result.per_image.push_back(m);
