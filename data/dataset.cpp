@@ -70,7 +70,7 @@ bool jpeg_size(std::istream& in, cv::Size& size) {
         if (is_frame) {
             int height = 0, width = 0;
             if (read_u8(in) < 0 || !read_be16(in, height) || !read_be16(in, width)) return false;
-            if (width <= 0 || height <= 0) return false;  // height 0 means a DNL segment: let the decoder decide
+            if (width <= 0 || height <= 0) return false;  // height 0 needs a DNL segment, which the decoder refuses
             size = cv::Size(width, height);
             return true;
         }
@@ -85,47 +85,202 @@ uint32_t load_be32(const unsigned char* p) {
 uint32_t load_le32(const unsigned char* p) {
     return (uint32_t(p[3]) << 24) | (uint32_t(p[2]) << 16) | (uint32_t(p[1]) << 8) | uint32_t(p[0]);
 }
+uint32_t load_le16(const unsigned char* p) { return (uint32_t(p[1]) << 8) | uint32_t(p[0]); }
 
-// Size from the file header for JPEG, PNG and BMP; nullopt when the header is unknown or odd.
-std::optional<cv::Size> header_size(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) return std::nullopt;
+// A classic TIFF's 16- and 32-bit fields in the file's byte order.
+uint32_t tiff_u32(const unsigned char* p, bool big_endian) { return big_endian ? load_be32(p) : load_le32(p); }
+uint32_t tiff_u16(const unsigned char* p, bool big_endian) {
+    return big_endian ? (uint32_t(p[0]) << 8) | uint32_t(p[1]) : load_le16(p);
+}
+
+// ImageWidth (tag 256) and ImageLength (257) of a classic TIFF's first IFD; false if either is missing.
+bool tiff_size(std::istream& in, bool big_endian, uint64_t& width, uint64_t& height) {
+    unsigned char head[8];
+    in.clear();
+    in.seekg(0);
+    if (!in.read(reinterpret_cast<char*>(head), sizeof(head))) return false;
+    in.seekg(tiff_u32(head + 4, big_endian));
+    unsigned char count_bytes[2];
+    if (!in.read(reinterpret_cast<char*>(count_bytes), sizeof(count_bytes))) return false;
+    const uint32_t count = tiff_u16(count_bytes, big_endian);
+    std::optional<uint64_t> found_width, found_height;
+    for (uint32_t i = 0; i < count && !(found_width && found_height); ++i) {
+        unsigned char entry[12];
+        if (!in.read(reinterpret_cast<char*>(entry), sizeof(entry))) return false;
+        const uint32_t tag = tiff_u16(entry, big_endian), type = tiff_u16(entry + 2, big_endian);
+        if (tag != 256 && tag != 257) continue;
+        if (tiff_u32(entry + 4, big_endian) != 1) return false;  // one value per dimension
+        uint64_t value = 0;
+        if (type == 3)
+            value = tiff_u16(entry + 8, big_endian);  // SHORT, left-justified in the value field
+        else if (type == 4)
+            value = tiff_u32(entry + 8, big_endian);  // LONG
+        else
+            return false;
+        (tag == 256 ? found_width : found_height) = value;
+    }
+    if (!found_width || !found_height) return false;
+    width = *found_width;
+    height = *found_height;
+    return true;
+}
+
+enum class ImageFormat { unknown, jpeg, png, tiff, bmp };
+
+const char* format_name(ImageFormat format) {
+    switch (format) {
+        case ImageFormat::jpeg: return "JPEG";
+        case ImageFormat::png: return "PNG";
+        case ImageFormat::tiff: return "TIFF";
+        case ImageFormat::bmp: return "BMP";
+        case ImageFormat::unknown: break;
+    }
+    return "unknown";
+}
+
+// What a file's first bytes declare, read without decoding any pixel.
+struct ImageHeader {
+    bool regular = false;                       // false: missing, or a folder, pipe or device
+    bool opened = false;                        // false: the file cannot be opened
+    uint64_t file_bytes = 0;                    // size of the file
+    ImageFormat format = ImageFormat::unknown;  // from the signature, whatever the extension says
+    std::string first_bytes;                    // hex of up to 8 leading bytes, for errors
+    bool has_size = false;                      // width and height were found in the header
+    uint64_t width = 0, height = 0;             // declared size in pixels
+};
+
+ImageHeader read_header(const std::string& path) {
+    ImageHeader header;
+    std::error_code ec;
+    header.regular = fs::is_regular_file(path, ec);  // a FIFO would block the decoder forever
+    if (!header.regular) return header;
+    std::ifstream in(path, std::ios::binary | std::ios::ate);
+    if (!in) return header;
+    const std::streamoff end = in.tellg();
+    if (end < 0) return header;
+    header.opened = true;
+    header.file_bytes = static_cast<uint64_t>(end);
+    in.seekg(0);
     unsigned char head[26] = {};
     in.read(reinterpret_cast<char*>(head), sizeof(head));
     const std::streamsize got = in.gcount();
+    for (std::streamsize i = 0; i < std::min<std::streamsize>(got, 8); ++i)
+        header.first_bytes += fmt::format("{}{:02x}", i ? " " : "", head[i]);
+
+    static const unsigned char kPngSignature[8] = {0x89, 'P', 'N', 'G', 0x0D, 0x0A, 0x1A, 0x0A};
     if (got >= 2 && head[0] == 0xFF && head[1] == 0xD8) {
+        header.format = ImageFormat::jpeg;
         in.clear();
         in.seekg(0);
         cv::Size size;
-        if (jpeg_size(in, size)) return size;
-        return std::nullopt;
+        if (jpeg_size(in, size)) {
+            header.has_size = true;
+            header.width = static_cast<uint64_t>(size.width);
+            header.height = static_cast<uint64_t>(size.height);
+        }
+    } else if (got >= 8 && std::equal(kPngSignature, kPngSignature + 8, head)) {
+        header.format = ImageFormat::png;
+        if (got >= 24 && std::equal(head + 12, head + 16, "IHDR")) {
+            header.has_size = true;
+            header.width = load_be32(head + 16);
+            header.height = load_be32(head + 20);
+        }
+    } else if (got >= 2 && head[0] == 'B' && head[1] == 'M') {
+        header.format = ImageFormat::bmp;
+        const uint32_t info_bytes = got >= 18 ? load_le32(head + 14) : 0;
+        if (got >= 26 && info_bytes >= 40) {  // BITMAPINFOHEADER and later: signed 32-bit sizes
+            const int32_t width = static_cast<int32_t>(load_le32(head + 18));
+            const int32_t height = static_cast<int32_t>(load_le32(head + 22));  // negative: top-down rows
+            if (width >= 0 && height != INT32_MIN) {
+                header.has_size = true;
+                header.width = static_cast<uint64_t>(width);
+                header.height = static_cast<uint64_t>(height < 0 ? -height : height);
+            }
+        } else if (got >= 22 && info_bytes == 12) {  // OS/2 BITMAPCOREHEADER: unsigned 16-bit sizes
+            header.has_size = true;
+            header.width = load_le16(head + 18);
+            header.height = load_le16(head + 20);
+        }
+    } else if (got >= 8 && ((head[0] == 'I' && head[1] == 'I' && head[2] == 42 && head[3] == 0) ||
+                            (head[0] == 'M' && head[1] == 'M' && head[2] == 0 && head[3] == 42))) {
+        header.format = ImageFormat::tiff;
+        header.has_size = tiff_size(in, head[0] == 'M', header.width, header.height);
     }
-    static const unsigned char kPngSignature[8] = {0x89, 'P', 'N', 'G', 0x0D, 0x0A, 0x1A, 0x0A};
-    if (got >= 24 && std::equal(kPngSignature, kPngSignature + 8, head) && std::equal(head + 12, head + 16, "IHDR")) {
-        const uint32_t width = load_be32(head + 16), height = load_be32(head + 20);
-        if (width == 0 || height == 0 || width > (1u << 30) || height > (1u << 30)) return std::nullopt;
-        return cv::Size(static_cast<int>(width), static_cast<int>(height));
-    }
-    if (got >= 26 && head[0] == 'B' && head[1] == 'M' && load_le32(head + 14) >= 40) {
-        const int32_t width = static_cast<int32_t>(load_le32(head + 18));
-        int32_t height = static_cast<int32_t>(load_le32(head + 22));
-        if (height < 0 && height != INT32_MIN) height = -height;  // top-down bitmap
-        if (width <= 0 || height <= 0) return std::nullopt;
-        return cv::Size(width, height);
-    }
+    return header;
+}
+
+// Why a file must not be decoded (unreadable, not one of the accepted formats, no size, too large).
+std::optional<std::string> header_problem(const ImageHeader& header, int64_t max_pixels) {
+    if (!header.regular) return "cannot open it as a regular file (missing, a folder, a pipe or a device)";
+    if (!header.opened) return "cannot open the file";
+    if (header.file_bytes == 0) return "the file is empty (0 bytes)";
+    if (header.format == ImageFormat::unknown)
+        return fmt::format("not a JPEG, PNG, TIFF or BMP file (it starts with {})", header.first_bytes);
+    if (!header.has_size) return fmt::format("no image size in its {} header", format_name(header.format));
+    if (header.width == 0 || header.height == 0)
+        return fmt::format("its {} header declares an empty {}x{} image", format_name(header.format), header.width,
+                           header.height);
+    if (header.width > static_cast<uint64_t>(max_pixels) / header.height || header.width > INT32_MAX ||
+        header.height > INT32_MAX)
+        return fmt::format("its {} header declares {}x{} pixels (WxH), more than the limit of {}",
+                           format_name(header.format), header.width, header.height, max_pixels);
     return std::nullopt;
 }
 
-// Size of one file, or an empty size when it cannot be read.
-cv::Size probe_size(const std::string& path, bool is_mask, bool full_decode) {
-    if (!full_decode) {
-        if (auto size = header_size(path)) return *size;
+// libjpeg fills a truncated JPEG's missing rows with grey and only warns, so a JPEG is refused unless it
+// ends with the end-of-image marker FF D9 (trailing zero padding allowed).
+bool jpeg_has_end_marker(const std::string& path) {
+    std::ifstream in(path, std::ios::binary | std::ios::ate);
+    const std::streamoff size = in ? static_cast<std::streamoff>(in.tellg()) : -1;
+    if (size < 4) return false;
+    const std::streamoff tail_bytes = std::min<std::streamoff>(size, 4096);
+    std::string tail(static_cast<size_t>(tail_bytes), '\0');
+    in.seekg(size - tail_bytes);
+    if (!in.read(tail.data(), tail_bytes)) return false;
+    size_t last = tail.find_last_not_of('\0');
+    return last != std::string::npos && last >= 1 && static_cast<unsigned char>(tail[last]) == 0xD9 &&
+           static_cast<unsigned char>(tail[last - 1]) == 0xFF;
+}
+
+// Decodes after the header checks; throws resunet::Error naming the file and what is wrong with it.
+cv::Mat decode_checked(const std::string& path, int flags, const char* kind, int64_t max_pixels) {
+    const ImageHeader header = read_header(path);
+    if (auto problem = header_problem(header, max_pixels))
+        throw Error(fmt::format("{}: cannot read or decode {}: {}", path, kind, *problem));
+    if (header.format == ImageFormat::jpeg && !jpeg_has_end_marker(path))
+        throw Error(fmt::format("{}: cannot read or decode {}: truncated JPEG (no end-of-image marker FF D9)", path, kind));
+    cv::Mat decoded;
+    try {
+        decoded = cv::imread(path, flags);
+    } catch (const cv::Exception& e) {
+        throw Error(fmt::format("{}: cannot decode {}: {}", path, kind, e.what()));
+    }
+    if (decoded.empty()) throw Error(fmt::format("{}: cannot read or decode {}", path, kind));
+    return decoded;
+}
+
+// Size of one file, or the reason it cannot be used.
+struct Probe {
+    cv::Size size;       // empty on failure
+    std::string reason;  // why, when size is empty
+};
+
+Probe probe_size(const std::string& path, bool is_mask, const ScanOptions& options) {
+    const char* kind = is_mask ? "mask" : "image";
+    if (!options.full_decode) {
+        const ImageHeader header = read_header(path);
+        if (auto problem = header_problem(header, options.max_pixels))
+            return {cv::Size(), fmt::format("cannot read or decode {}: {}", kind, *problem)};
+        return {cv::Size(static_cast<int>(header.width), static_cast<int>(header.height)), {}};
     }
     try {
-        cv::Mat decoded = cv::imread(path, is_mask ? cv::IMREAD_GRAYSCALE : cv::IMREAD_COLOR);
-        return decoded.empty() ? cv::Size() : decoded.size();
-    } catch (const cv::Exception&) {
-        return cv::Size();
+        return {decode_checked(path, is_mask ? cv::IMREAD_GRAYSCALE : cv::IMREAD_COLOR, kind, options.max_pixels).size(),
+                {}};
+    } catch (const Error& e) {
+        // The message starts with the path, which the problem list names separately.
+        std::string reason = e.what();
+        if (reason.rfind(path + ": ", 0) == 0) reason.erase(0, path.size() + 2);
+        return {cv::Size(), reason};
     }
 }
 
@@ -167,7 +322,7 @@ struct Problem {
 struct StemCheck {
     std::string id;
     std::vector<std::string> image_names, mask_names;
-    cv::Size image_size, mask_size;
+    Probe image, mask;
     std::string image_digest, mask_digest;
 };
 
@@ -228,8 +383,8 @@ Dataset scan_dataset(const std::string& root, const ScanOptions& options) {
         if (check.image_names.size() != 1 || check.mask_names.size() != 1) return;
         const std::string image_file = image_path(check.image_names[0]);
         const std::string mask_file = mask_path(check.mask_names[0]);
-        check.image_size = probe_size(image_file, false, options.full_decode);
-        check.mask_size = probe_size(mask_file, true, options.full_decode);
+        check.image = probe_size(image_file, false, options);
+        check.mask = probe_size(mask_file, true, options);
         if (options.verify_manifest) {
             try {
                 check.image_digest = sha256_file_hex(image_file);
@@ -266,12 +421,12 @@ Dataset scan_dataset(const std::string& root, const ScanOptions& options) {
         info.id = check.id;
         info.image_path = image_path(check.image_names[0]);
         info.mask_path = mask_path(check.mask_names[0]);
-        if (check.image_size.empty()) report(info.image_path, "cannot read or decode image");
-        if (check.mask_size.empty()) report(info.mask_path, "cannot read or decode mask");
-        if (problems.size() == problems_before && check.image_size != check.mask_size)
-            report(info.mask_path, fmt::format("mask is {}x{} but image {} is {}x{} (WxH)", check.mask_size.width,
-                                               check.mask_size.height, info.image_path, check.image_size.width,
-                                               check.image_size.height));
+        if (check.image.size.empty()) report(info.image_path, check.image.reason);
+        if (check.mask.size.empty()) report(info.mask_path, check.mask.reason);
+        if (problems.size() == problems_before && check.image.size != check.mask.size)
+            report(info.mask_path, fmt::format("mask is {}x{} but image {} is {}x{} (WxH)", check.mask.size.width,
+                                               check.mask.size.height, info.image_path, check.image.size.width,
+                                               check.image.size.height));
         if (options.verify_manifest && problems.size() == problems_before) {
             const std::pair<std::string, const std::string*> files[2] = {
                 {"images/" + check.image_names[0], &check.image_digest},
@@ -287,8 +442,8 @@ Dataset scan_dataset(const std::string& root, const ScanOptions& options) {
             }
         }
         if (problems.size() != problems_before) continue;
-        info.width = check.image_size.width;
-        info.height = check.image_size.height;
+        info.width = check.image.size.width;
+        info.height = check.image.size.height;
         dataset.samples.push_back(std::move(info));
     }
 
@@ -342,25 +497,12 @@ Dataset scan_dataset(const std::string& root, const ScanOptions& options) {
     return dataset;
 }
 
-cv::Mat read_image(const std::string& path) {
-    cv::Mat image;
-    try {
-        image = cv::imread(path, cv::IMREAD_COLOR);
-    } catch (const cv::Exception& e) {
-        throw Error(fmt::format("{}: cannot decode image: {}", path, e.what()));
-    }
-    if (image.empty()) throw Error(fmt::format("{}: cannot read or decode image", path));
-    return image;
+cv::Mat read_image(const std::string& path, int64_t max_pixels) {
+    return decode_checked(path, cv::IMREAD_COLOR, "image", max_pixels);
 }
 
-cv::Mat read_mask(const std::string& path) {
-    cv::Mat grey;
-    try {
-        grey = cv::imread(path, cv::IMREAD_GRAYSCALE);
-    } catch (const cv::Exception& e) {
-        throw Error(fmt::format("{}: cannot decode mask: {}", path, e.what()));
-    }
-    if (grey.empty()) throw Error(fmt::format("{}: cannot read or decode mask", path));
+cv::Mat read_mask(const std::string& path, int64_t max_pixels) {
+    const cv::Mat grey = decode_checked(path, cv::IMREAD_GRAYSCALE, "mask", max_pixels);
     cv::Mat binary;
     cv::threshold(grey, binary, 127, 1, cv::THRESH_BINARY);  // value >= 128 -> 1
     return binary;

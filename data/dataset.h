@@ -14,10 +14,16 @@
 // Format notes: JPEG, PNG, TIFF and BMP are accepted (extension match, case-insensitive); other
 // files and hidden files in images/ and masks/ are ignored. A mask pixel is foreground when its
 // grey value is >= 128 (Kvasir masks are JPEGs, binary up to compression noise).
+//
+// Untrusted files: before any pixel is decoded, the header must show one of the four formats (by its
+// signature, whatever the extension) and declare a non-empty size of at most kMaxImagePixels; a JPEG
+// must end with its end-of-image marker (libjpeg would silently fill a truncated file with grey). An
+// empty, unknown, oversized or truncated file is a resunet::Error naming the file, never a decode.
 #pragma once
 
 #include <array>
 #include <cstddef>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -35,6 +41,11 @@ inline constexpr std::array<float, 3> kImageNetStd = {0.229f, 0.224f, 0.225f};
 
 // Model input size used unless a PreprocessOptions says otherwise.
 inline constexpr int kDefaultModelSize = 224;
+
+// Largest image, in pixels (width x height), read by default: 10000 x 10000, 48 times a Kvasir-SEG
+// frame (1.2 GB as floats at full size). A 600-byte JPEG may declare 65500 x 65500 pixels and libjpeg
+// would allocate and fill all of them, so declared sizes are checked against this before decoding.
+inline constexpr int64_t kMaxImagePixels = 100'000'000;
 
 // One image/mask pair found by scan_dataset.
 struct SampleInfo {
@@ -68,10 +79,11 @@ struct Dataset {
 // How scan_dataset checks the files.
 struct ScanOptions {
     bool skip_bad = false;         // false: first problem throws resunet::Error; true: skip and list it
-    bool full_decode = false;      // false: sizes from the JPEG/PNG/BMP header (fast; other formats are
-                                   // decoded); true: decode every image and mask (catches truncated data)
+    bool full_decode = false;      // false: sizes from the headers (fast); true: decode every image and
+                                   // mask as load_sample will (catches truncated data)
     bool verify_manifest = false;  // check each file's SHA-256 against a sha256sum-format manifest
     std::string manifest_path;     // default: <root>/manifest.sha256
+    int64_t max_pixels = kMaxImagePixels;  // larger declared sizes are a problem of that pair
 };
 
 // Scans root/images and root/masks, pairs files by stem and checks them. Orphans, unreadable files,
@@ -101,10 +113,12 @@ struct Sample {
     cv::Mat original_mask;     // CV_8UC1 {0, 1} at original size, not augmented; empty if not kept
 };
 
-// Decodes an image with cv::IMREAD_COLOR (BGR); throws resunet::Error naming the file if it fails.
-cv::Mat read_image(const std::string& path);
-// Decodes a mask with cv::IMREAD_GRAYSCALE and thresholds it at 128 to CV_8U {0, 1}; throws on failure.
-cv::Mat read_mask(const std::string& path);
+// Decodes an image with cv::IMREAD_COLOR (BGR) after the header checks of the format notes; throws
+// resunet::Error naming the file and the reason if it fails.
+cv::Mat read_image(const std::string& path, int64_t max_pixels = kMaxImagePixels);
+// Decodes a mask with cv::IMREAD_GRAYSCALE (same checks) and thresholds it at 128 to CV_8U {0, 1}:
+// grey values 128..255 are 1, whatever else the mask holds; throws on failure.
+cv::Mat read_mask(const std::string& path, int64_t max_pixels = kMaxImagePixels);
 
 // Reads sample `index`, resizes (INTER_AREA for the image, INTER_NEAREST for the mask), converts
 // BGR to RGB and normalises. Throws resunet::Error naming the file on decode or size problems.

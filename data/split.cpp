@@ -132,9 +132,11 @@ Split load_split(const std::string& path, const Dataset& dataset, const IdGroups
         throw Error(fmt::format("{}: not valid JSON: {}", path, e.what()));
     }
     if (!json.is_object()) throw Error(fmt::format("{}: split file must hold a JSON object", path));
-    if (json.value("format", std::string()) != kSplitFormat)
+    // Compared as JSON values: get<>() would throw nlohmann's type_error for a non-string "format" and
+    // narrow a "version" of 4294967297 to 1.
+    if (!json.contains("format") || json["format"] != kSplitFormat)
         throw Error(fmt::format("{}: \"format\" must be \"{}\"", path, kSplitFormat));
-    if (!json.contains("version") || !json["version"].is_number_integer() || json["version"].get<int>() != kSplitVersion)
+    if (!json.contains("version") || !json["version"].is_number_integer() || json["version"] != kSplitVersion)
         throw Error(fmt::format("{}: unsupported \"version\" (expected {})", path, kSplitVersion));
 
     Split split;
