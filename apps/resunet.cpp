@@ -6,6 +6,7 @@
 //   resunet predict images/ --model m.safetensors --out pred/ [--masks masks/]
 //
 // Exit status: 0 success, 1 some work failed (e.g. an image), 2 usage error (bad flags, missing files).
+#include <csignal>
 #include <cstdio>
 #include <exception>
 #include <memory>
@@ -59,6 +60,9 @@ void add_summary_command(CLI::App& app) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    // Under a file-size limit (ulimit -f) a write past it fails with EFBIG, reported like a full disk, instead
+    // of SIGXFSZ killing the program mid-run.
+    std::signal(SIGXFSZ, SIG_IGN);
     CLI::App app{"resunet: residual U-Net polyp segmentation on oneDNN (fp32 and int8)"};
     app.require_subcommand(1);
     app.failure_message([](const CLI::App*, const CLI::Error& e) {

@@ -38,4 +38,9 @@ struct FileDescriptor {
 void write_file_atomic(const std::string& path, const std::vector<std::span<const uint8_t>>& parts);
 void write_file_atomic(const std::string& path, std::string_view text);
 
+// Removes the temp files (".<name>.tmp.<pid>.*") that write_file_atomic left in `folder` when its process was
+// killed mid-write (kill -9, power loss); files of processes still alive are kept. Returns how many it removed.
+// A missing or unreadable folder removes nothing.
+int remove_stale_temp_files(const std::string& folder);
+
 }  // namespace resunet

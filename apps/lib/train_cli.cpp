@@ -548,6 +548,10 @@ TrainReport run_job(TrainJob& job) {
         if (job.console) job.console->line(job.label + text);
     };
 
+    // A run killed mid-write (kill -9) leaves a temp file beside the checkpoint it was replacing.
+    if (const int stale = remove_stale_temp_files(job.run_dir.string()); stale > 0)
+        note(fmt::format("removed {} temp file{} of an interrupted write", stale, stale == 1 ? "" : "s"));
+
     ResUNetConfig config;
     config.width = o.width;
     config.depth = o.depth;
