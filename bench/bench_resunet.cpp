@@ -34,6 +34,7 @@
 #include "quant/quant_engine.h"
 #include "graph/init.h"
 #include "graph/safetensors.h"
+#include "git_commit.h"  // RESUNET_GIT_COMMIT, written at build time
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -56,6 +57,8 @@ struct Options {
     std::string data;         // Kvasir-SEG style folder: Dice/IoU on its test split
     std::string split;        // split JSON (made with seed 42 and saved here if absent)
     int eval_limit = 0;       // score only the first N test images (0 = all)
+    int eval_size = 0;        // input size of the scoring run: 0 = the model file's resunet.size, else --size
+    int also_width = 0;       // also time the rows at this width with random weights (0 = no)
     std::string chart;        // PNG: latency, memory and Dice per row
     std::string examples;     // PNG: example predictions (image, truth, fp32, int8)
     std::string row;          // internal: measure one row and write JSON to row_out
@@ -131,7 +134,9 @@ json scores_json(const resunet::ScoreSet& s) {
 
 // Scores one row on the test split (a separate process from the timed one, so loading data does not
 // count in that row's memory).
-json evaluate_row(const Options& o) {
+json evaluate_row(const Options& timed) {
+    Options o = timed;  // scored at the model's own input size
+    o.size = timed.eval_size > 0 ? timed.eval_size : timed.size;
     resunet::Graph graph = graph_for(o);
     resunet::TensorMap weights = resunet::load_safetensors(o.model).tensors;
     resunet::Dataset dataset = resunet::scan_dataset(o.data);
@@ -144,7 +149,7 @@ json evaluate_row(const Options& o) {
         resunet::EvalResult r = resunet::evaluate_split(
             dataset, indices, prep, [&](const float* x, int n, float* y) { engine.run(x, n, y); }, o.batch, 1);
         fmt::print(stderr, "  {} scored {} test images in {:.0f} s\n", o.row, r.images, r.seconds);
-        return json{{"precision", o.row}, {"images", r.images}, {"model_size", scores_json(r.model_size)},
+        return json{{"precision", o.row}, {"images", r.images}, {"size", o.size}, {"model_size", scores_json(r.model_size)},
                     {"original_size", scores_json(r.original)}};
     });
 }
@@ -234,6 +239,8 @@ json measure_engine(const Options& o, const resunet::Graph& graph, AnyEngine& en
     const resunet::EngineMemory mem = engine.memory_usage();
     json row = {
         {"precision", o.row},
+        {"width", o.width},
+        {"weights", o.model.empty() ? "random" : "model"},
         {"first_run_ms", first_ms},
         {"latency_median_ms", median},
         {"latency_mean_ms", mean},
@@ -278,6 +285,7 @@ json run_row_in_child(const Options& o, const std::string& precision, const fs::
     if (!o.data.empty()) args.insert(args.end(), {"--data", o.data});
     if (!o.split.empty()) args.insert(args.end(), {"--split", o.split});
     if (o.eval_limit > 0) args.insert(args.end(), {"--eval-limit", std::to_string(o.eval_limit)});
+    if (o.eval_size > 0) args.insert(args.end(), {"--eval-size", std::to_string(o.eval_size)});
     if (o.layers && !eval) args.push_back("--layers");
     if (eval) args.push_back("--eval-row");
     std::vector<char*> argv;
@@ -307,15 +315,17 @@ std::string score(const json& row, const std::string& key) {
 std::string markdown(const json& report) {
     std::string md;
     const json& p = report["provenance"];
-    md += fmt::format("## ResUNet on {} — batch {}, {}x{}, width {}\n\n", p["cpu"].get<std::string>(),
+    md += fmt::format("## ResUNet on {} — batch {}, {}x{}, width {}{}\n\n", p["cpu"].get<std::string>(),
                       report["batch"].get<int>(), report["size"].get<int>(), report["size"].get<int>(),
-                      report["width"].get<int>());
-    md += "| precision | Dice | IoU (fg) | mIoU (2-class) | latency median (ms) | P90 | P99 | min | max | std | first run (ms) | images/s | GFLOP/s | speed-up vs fp32 | latency reduction | parameters | peak RSS (MB) | memory improvement rate | engine bytes (MB) | model file (MB) |\n";
-    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+                      report["width"].get<int>(),
+                      report.contains("also_width") ? fmt::format(" and {} (random weights)", report["also_width"].get<int>()) : "");
+    md += "| precision | width | Dice | IoU (fg) | mIoU (2-class) | latency median (ms) | P90 | P99 | min | max | std | first run (ms) | images/s | GFLOP/s | speed-up vs fp32 | latency reduction | parameters | peak RSS (MB) | memory improvement rate | engine bytes (MB) | model file (MB) |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for (const json& r : report["rows"]) {
         auto pct = [&](const char* key) { return r.contains(key) ? fmt::format("{:+.1f}%", r[key].get<double>()) : std::string("n/a"); };
-        md += fmt::format("| {} | {} | {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.2f} | {:.1f} | {} | {} | {} | {:.1f} | {} | {:.1f} | {} |\n",
-                          r["precision"].get<std::string>(), score(r, "dice"), score(r, "iou"), score(r, "miou"),
+        md += fmt::format("| {} | {} | {} | {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.2f} | {:.1f} | {} | {} | {} | {:.1f} | {} | {:.1f} | {} |\n",
+                          r["precision"].get<std::string>(),
+                          fmt::format("{}{}", r["width"].get<int>(), r["weights"] == "random" ? " (random)" : ""), score(r, "dice"), score(r, "iou"), score(r, "miou"),
                           r["latency_median_ms"].get<double>(),
                           r["latency_p90_ms"].get<double>(), r["latency_p99_ms"].get<double>(),
                           r["latency_min_ms"].get<double>(), r["latency_max_ms"].get<double>(),
@@ -325,7 +335,7 @@ std::string markdown(const json& report) {
                           pct("latency_reduction_vs_fp32_pct"),
                           r["parameters"].get<int64_t>(), r["peak_rss_bytes"].get<double>() / 1e6, pct("memory_improvement_rate_pct"),
                           r["engine_total_bytes"].get<double>() / 1e6,
-                          report.contains("model_file_bytes") ? fmt::format("{:.1f}", report["model_file_bytes"].get<double>() / 1e6) : "n/a");
+                          report.contains("model_file_bytes") && r["weights"] == "model" ? fmt::format("{:.1f}", report["model_file_bytes"].get<double>() / 1e6) : "n/a");
     }
     md += "\nHow each figure was measured:\n";
     md += fmt::format("- Weights: {}.\n",
@@ -336,6 +346,10 @@ std::string markdown(const json& report) {
                           "mIoU the mean of background and polyp IoU (most likely the paper's \"IoU\"). Scored in a separate "
                           "process from the timed one. Pooled and model-size scores are in the JSON.\n",
                           report["eval_images"].get<int>(), report["data"].get<std::string>());
+    if (report.contains("eval_size"))
+        md += fmt::format("- Scores use the model's own input size, {0}x{0} (images resized with INTER_AREA); latency and memory "
+                          "use {1}x{1}.\n",
+                          report["eval_size"].get<int>(), report["size"].get<int>());
     else
         md += "- Dice/IoU: n/a — they need --model and --data.\n";
     md += fmt::format("- Latency: wall time of one engine.run() on a batch of {} images (input NCHW fp32 in memory, logits out), "
@@ -378,15 +392,17 @@ void write_chart(const json& report, const std::string& path) {
                                  {"peak RSS", "peak_rss_bytes", "MB", 1e-6}};
     const bool has_dice = !report["rows"].empty() && report["rows"][0].contains("eval");
     if (has_dice) panels.push_back({"Dice (test split)", "dice", "", 1.0});
-    const int panel_w = 360, h = 420, margin = 40;
+    const int rows = static_cast<int>(report["rows"].size());
+    const int panel_w = std::max(360, 80 + 100 * rows), h = 420, margin = 40;
     cv::Mat canvas(h, panel_w * static_cast<int>(panels.size()), CV_8UC3, cv::Scalar(255, 255, 255));
     const cv::Scalar colors[] = {{180, 119, 31}, {14, 127, 255}, {44, 160, 44}, {40, 39, 214}};
     for (size_t p = 0; p < panels.size(); ++p) {
         const int x0 = static_cast<int>(p) * panel_w;
         std::vector<double> values;
         for (const json& r : report["rows"])
-            values.push_back(panels[p].key == "dice" ? r["eval"]["original_size"]["dice_mean"].get<double>()
-                                                     : r[panels[p].key].get<double>() * panels[p].scale);
+            values.push_back(panels[p].key != "dice" ? r[panels[p].key].get<double>() * panels[p].scale
+                             : r.contains("eval")   ? r["eval"]["original_size"]["dice_mean"].get<double>()
+                                                    : 0.0);
         const double top = std::max(1e-9, *std::max_element(values.begin(), values.end())) * 1.15;
         cv::putText(canvas, panels[p].title, {x0 + margin, 28}, cv::FONT_HERSHEY_SIMPLEX, 0.6, {0, 0, 0}, 1, cv::LINE_AA);
         const int bar_w = (panel_w - 2 * margin) / static_cast<int>(std::max<size_t>(values.size(), 1));
@@ -395,11 +411,19 @@ void write_chart(const json& report, const std::string& path) {
         for (size_t i = 0; i < values.size(); ++i) {
             const int bh = static_cast<int>((base - 60) * values[i] / top);
             const int bx = x0 + margin + static_cast<int>(i) * bar_w + 8;
-            cv::rectangle(canvas, {bx, base - bh}, {bx + bar_w - 16, base}, colors[i % 4], cv::FILLED);
-            const std::string label = panels[p].key == "dice" ? fmt::format("{:.4f}", values[i]) : fmt::format("{:.0f} {}", values[i], panels[p].unit);
+            const std::string precision = report["rows"][i]["precision"].get<std::string>();
+            const cv::Scalar color = colors[precision == "fp32" ? 0 : precision == "int8" ? 1 : precision == "int8-static" ? 2 : 3];
+            cv::rectangle(canvas, {bx, base - bh}, {bx + bar_w - 16, base}, color, cv::FILLED);
+            const bool scored = panels[p].key != "dice" || report["rows"][i].contains("eval");
+            const std::string label = !scored ? std::string("n/a")
+                                      : panels[p].key == "dice" ? fmt::format("{:.4f}", values[i])
+                                                                : fmt::format("{:.0f} {}", values[i], panels[p].unit);
             cv::putText(canvas, label, {bx, base - bh - 6}, cv::FONT_HERSHEY_SIMPLEX, 0.45, {0, 0, 0}, 1, cv::LINE_AA);
-            cv::putText(canvas, report["rows"][i]["precision"].get<std::string>(), {bx, base + 20}, cv::FONT_HERSHEY_SIMPLEX, 0.45,
-                        {0, 0, 0}, 1, cv::LINE_AA);
+            const json& row = report["rows"][i];
+            cv::putText(canvas, row["precision"].get<std::string>(), {bx, base + 20}, cv::FONT_HERSHEY_SIMPLEX, 0.45, {0, 0, 0}, 1,
+                        cv::LINE_AA);
+            cv::putText(canvas, fmt::format("w{}{}", row["width"].get<int>(), row["weights"] == "random" ? " rnd" : ""),
+                        {bx, base + 38}, cv::FONT_HERSHEY_SIMPLEX, 0.4, {80, 80, 80}, 1, cv::LINE_AA);
         }
     }
     std::vector<uint8_t> png;
@@ -419,7 +443,9 @@ cv::Mat overlay(const cv::Mat& bgr, const cv::Mat& mask, const cv::Scalar& color
 }
 
 // Rows of (image, ground truth, fp32 mask, int8 mask) for the first test images, as the paper's figure 2.
-void write_examples(const Options& o, const std::string& path) {
+void write_examples(const Options& timed, const std::string& path) {
+    Options o = timed;  // predicted at the model's own input size
+    o.size = timed.eval_size > 0 ? timed.eval_size : timed.size;
     const int count = 4, tile = 224;
     resunet::Dataset dataset = resunet::scan_dataset(o.data);
     std::vector<size_t> indices = test_indices(o, dataset);
@@ -484,11 +510,19 @@ int main(int argc, char** argv) {
     app.add_option("--data", o.data, "Kvasir-SEG style folder (images/, masks/): adds Dice/IoU on its test split (needs --model)");
     app.add_option("--split", o.split, "split JSON to use; made with seed 42 and written here if it does not exist");
     app.add_option("--eval-limit", o.eval_limit, "score only the first N test images (0 = all)")->check(CLI::NonNegativeNumber);
+    app.add_option("--eval-size", o.eval_size, "input size for Dice/IoU and --examples (0 = the model file's resunet.size, else --size)")
+        ->check(CLI::NonNegativeNumber);
+    app.add_option("--also-width", o.also_width,
+                   "also time every row at this width with random weights, e.g. 64 (the paper's 32.5 M network); 0 = no")
+        ->check(CLI::NonNegativeNumber);
     app.add_option("--chart", o.chart, "write a PNG chart of latency, memory and Dice per row");
     app.add_option("--examples", o.examples, "write a PNG grid of example predictions (needs --model and --data)");
     app.add_flag("--eval-row", o.eval_row, "internal: score instead of timing")->group("");
     app.add_option("--row", o.row, "internal: measure one row in this process")->group("");
     app.add_option("--row-out", o.row_out, "internal: where --row writes its JSON")->group("");
+    app.failure_message([](const CLI::App*, const CLI::Error& e) {
+        return fmt::format("bench_resunet: error: {} (see --help)\n", e.what());
+    });
     CLI11_PARSE(app, argc, argv);
     try {
         if (o.batch % o.micro_batch != 0)
@@ -511,6 +545,7 @@ int main(int argc, char** argv) {
             const resunet::ResUNetConfig found = resunet::infer_resunet_config(file.tensors, file.metadata, o.size);
             if (found.width != o.width)
                 throw resunet::Error(fmt::format("{} is a width-{} model but --width is {}", o.model, found.width, o.width));
+            if (o.eval_size == 0) o.eval_size = found.height;
             std::vector<std::pair<std::string, resunet::Dims>> expected;
             for (const resunet::ParamInfo& p : graph.parameters()) expected.emplace_back(p.name, p.dims);
             resunet::check_tensors(file.tensors, expected, o.model);
@@ -541,21 +576,32 @@ int main(int argc, char** argv) {
             if (!o.data.empty()) {
                 row["eval"] = run_row_in_child(o, precision, tmp, true);
                 report["eval_images"] = row["eval"]["images"];
+                report["eval_size"] = row["eval"]["size"];
                 report["data"] = o.data;
             }
             report["rows"].push_back(row);
         }
-        // The paper's "improvement rate": (fp32 - int8) / int8 for memory, (fp32 - int8) / fp32 for latency.
-        const json* fp32_row = nullptr;
-        for (const json& r : report["rows"])
-            if (r["precision"] == "fp32") fp32_row = &r;
-        if (fp32_row)
-            for (json& r : report["rows"]) {
+        if (o.also_width > 0 && o.also_width != o.width) {  // the same rows at another width, random weights
+            Options wide = o;
+            wide.width = o.also_width;
+            wide.model.clear();
+            wide.data.clear();
+            report["also_width"] = o.also_width;
+            for (const std::string& precision : rows) report["rows"].push_back(run_row_in_child(wide, precision, tmp, false));
+        }
+        // The paper's "improvement rate": (fp32 - int8) / int8 for memory, (fp32 - int8) / fp32 for latency;
+        // each row against the fp32 row of its own width.
+        for (json& r : report["rows"]) {
+            const json* fp32_row = nullptr;
+            for (const json& f : report["rows"])
+                if (f["precision"] == "fp32" && f["width"] == r["width"]) fp32_row = &f;
+            if (fp32_row) {
                 const double lat = (*fp32_row)["latency_median_ms"].get<double>(), rss = (*fp32_row)["peak_rss_bytes"].get<double>();
                 r["latency_reduction_vs_fp32_pct"] = 100.0 * (lat - r["latency_median_ms"].get<double>()) / lat;
                 r["speedup_vs_fp32"] = lat / r["latency_median_ms"].get<double>();
                 r["memory_improvement_rate_pct"] = 100.0 * (rss - r["peak_rss_bytes"].get<double>()) / r["peak_rss_bytes"].get<double>();
             }
+        }
         fs::remove_all(tmp);
         if (!o.chart.empty()) write_chart(report, o.chart);
         if (!o.examples.empty()) write_examples(o, o.examples);
@@ -563,9 +609,10 @@ int main(int argc, char** argv) {
         fmt::print("{}", md);
         if (!o.json_path.empty()) resunet::write_file_atomic(o.json_path, report.dump(2));
         if (!o.csv_path.empty()) {
-            std::string csv = "precision,latency_median_ms,latency_p90_ms,latency_p99_ms,latency_min_ms,latency_max_ms,latency_std_ms,first_run_ms,images_per_s,gflops,parameters,peak_rss_bytes,engine_total_bytes\n";
+            std::string csv = "precision,width,weights,latency_median_ms,latency_p90_ms,latency_p99_ms,latency_min_ms,latency_max_ms,latency_std_ms,first_run_ms,images_per_s,gflops,parameters,peak_rss_bytes,engine_total_bytes\n";
             for (const json& r : report["rows"])
-                csv += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{}\n", r["precision"].get<std::string>(),
+                csv += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", r["precision"].get<std::string>(),
+                                   r["width"].get<int>(), r["weights"].get<std::string>(),
                                    r["latency_median_ms"].get<double>(), r["latency_p90_ms"].get<double>(),
                                    r["latency_p99_ms"].get<double>(), r["latency_min_ms"].get<double>(),
                                    r["latency_max_ms"].get<double>(), r["latency_std_ms"].get<double>(),

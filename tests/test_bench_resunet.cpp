@@ -1,0 +1,173 @@
+// Tests for bench/bench_resunet (the Table 1 report), run as a program on a tiny network: the JSON, CSV, chart and
+// Markdown it writes (every row, ordered percentiles, parameters, provenance, the paper's improvement rate), the
+// scores on Kvasir-SEG at the model's own size, and the one-line errors for bad input before any long work.
+#include <gtest/gtest.h>
+
+#include <sys/wait.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <opencv2/imgcodecs.hpp>
+
+#include "graph/graph.h"
+#include "graph/init.h"
+#include "graph/model_config.h"
+#include "graph/safetensors.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using namespace resunet;
+
+namespace {
+
+const std::string kKvasirRoot = std::string(RESUNET_SHARED_DIR) + "/data/kvasir-seg";
+
+std::string read_text(const fs::path& path) {
+    std::ifstream in(path);
+    std::stringstream text;
+    text << in.rdbuf();
+    return text.str();
+}
+
+struct TempDir {
+    fs::path path;
+    TempDir() {
+        char pattern[] = "/tmp/resunet-bench-XXXXXX";
+        if (::mkdtemp(pattern) == nullptr) throw std::runtime_error("mkdtemp failed");
+        path = pattern;
+    }
+    ~TempDir() {
+        std::error_code ec;
+        fs::remove_all(path, ec);
+    }
+    std::string operator/(const std::string& name) const { return (path / name).string(); }
+};
+
+struct Result {
+    int code = -1;
+    std::string out, err;
+};
+
+Result bench(const TempDir& dir, const std::string& arguments) {
+    const fs::path binary = fs::canonical("/proc/self/exe").parent_path().parent_path() / "bench" / "bench_resunet";
+    const std::string command = binary.string() + " " + arguments + " >" + (dir / "stdout") + " 2>" + (dir / "stderr");
+    const int status = std::system(command.c_str());
+    Result r;
+    r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    r.out = read_text(dir / "stdout");
+    r.err = read_text(dir / "stderr");
+    return r;
+}
+
+// A width-4 depth-4 model file with size 32 in its metadata (random weights).
+std::string tiny_model(const TempDir& dir, int width) {
+    ResUNetConfig config;
+    config.width = width;
+    config.depth = 4;
+    config.height = config.width_px = 32;
+    const std::string path = dir / fmt::format("w{}.safetensors", width);
+    save_safetensors(path, init_weights(build_resunet(config), 1), resunet_metadata(config));
+    return path;
+}
+
+TEST(BenchResunet, RandomWeightsReportEveryRowWithOrderedStatistics) {
+    TempDir dir;
+    const Result r = bench(dir, "--width 4 --size 32 --batch 2 --runs 5 --threads 1 --also-width 8 --json " + (dir / "t.json") +
+                                    " --csv " + (dir / "t.csv") + " --chart " + (dir / "c.png"));
+    ASSERT_EQ(r.code, 0) << r.err;
+    const json report = json::parse(read_text(dir / "t.json"));
+    ASSERT_EQ(report["rows"].size(), 6u);  // fp32, int8, int8-static at widths 4 and 8
+    ResUNetConfig config;
+    config.width = 4;
+    config.height = config.width_px = 32;
+    const Graph graph = build_resunet(config);
+    for (const json& row : report["rows"]) {
+        SCOPED_TRACE(row.dump().substr(0, 200));
+        const double min = row["latency_min_ms"], median = row["latency_median_ms"], p90 = row["latency_p90_ms"],
+                     p99 = row["latency_p99_ms"], max = row["latency_max_ms"];
+        EXPECT_GT(min, 0);
+        EXPECT_LE(min, median);
+        EXPECT_LE(median, p90);
+        EXPECT_LE(p90, p99);
+        EXPECT_LE(p99, max);
+        EXPECT_NEAR(row["images_per_s"].get<double>(), 1000.0 * 2 / median, 1e-6 * row["images_per_s"].get<double>());
+        EXPECT_EQ(row["runs"], 5);
+        EXPECT_EQ(row["weights"], "random");
+        EXPECT_GT(row["peak_rss_bytes"].get<double>(), row["engine_total_bytes"].get<double>());
+        if (row["width"] == 4) {
+            EXPECT_EQ(row["parameters"].get<int64_t>(), graph.num_parameters());
+        }
+        // The paper's improvement rate against the fp32 row of the same width.
+        double fp32_rss = 0;
+        for (const json& other : report["rows"])
+            if (other["precision"] == "fp32" && other["width"] == row["width"]) fp32_rss = other["peak_rss_bytes"];
+        EXPECT_NEAR(row["memory_improvement_rate_pct"].get<double>(),
+                    100.0 * (fp32_rss - row["peak_rss_bytes"].get<double>()) / row["peak_rss_bytes"].get<double>(), 1e-9);
+        EXPECT_FALSE(row.contains("eval"));
+    }
+    EXPECT_FALSE(report["provenance"]["git_commit"].get<std::string>().empty());
+    EXPECT_NE(r.out.find("RANDOM"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("| int8-static | 8 (random) |"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("Provenance:"), std::string::npos) << r.out;
+    std::stringstream csv(read_text(dir / "t.csv"));
+    std::string line;
+    int lines = 0;
+    while (std::getline(csv, line)) ++lines;
+    EXPECT_EQ(lines, 7);
+    EXPECT_FALSE(cv::imread(dir / "c.png").empty());
+}
+
+TEST(BenchResunet, ScoresAModelOnKvasirAtItsOwnSize) {
+    TempDir dir;
+    const std::string model = tiny_model(dir, 4);
+    const Result r = bench(dir, "--model " + model + " --width 4 --size 64 --batch 2 --runs 2 --threads 1 --precision int8 --data " +
+                                    kKvasirRoot + " --split " + (dir / "split.json") + " --eval-limit 3 --json " + (dir / "t.json") +
+                                    " --examples " + (dir / "e.png"));
+    ASSERT_EQ(r.code, 0) << r.err;
+    const json report = json::parse(read_text(dir / "t.json"));
+    ASSERT_EQ(report["rows"].size(), 1u);
+    const json& row = report["rows"][0];
+    EXPECT_EQ(row["weights"], "model");
+    EXPECT_EQ(row["eval"]["images"], 3);
+    EXPECT_EQ(row["eval"]["size"], 32);  // the model file's resunet.size, not --size
+    EXPECT_EQ(report["size"], 64);
+    const double dice = row["eval"]["original_size"]["dice_mean"];
+    EXPECT_GE(dice, 0.0);
+    EXPECT_LE(dice, 1.0);
+    EXPECT_TRUE(fs::exists(dir / "split.json"));
+    EXPECT_FALSE(cv::imread(dir / "e.png").empty());
+    EXPECT_NE(r.out.find("Scores use the model's own input size, 32x32"), std::string::npos) << r.out;
+}
+
+TEST(BenchResunet, BadInputIsOneLineErrorBeforeAnyWork) {
+    TempDir dir;
+    const std::string model = tiny_model(dir, 4);
+    auto expect_error = [&](const std::string& arguments, const std::string& needle) {
+        SCOPED_TRACE(arguments);
+        const Result r = bench(dir, arguments);
+        EXPECT_NE(r.code, 0);
+        EXPECT_NE(r.err.find(needle), std::string::npos) << r.err;
+        EXPECT_EQ(r.err.find(" run "), std::string::npos) << "timed runs started: " << r.err;
+        EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    };
+    expect_error("--model " + (dir / "missing.safetensors"), "missing.safetensors");
+    expect_error("--model " + model + " --width 8 --size 32", "is a width-4 model but --width is 8");
+    expect_error("--width 4 --size 32 --json " + (dir / "no/such/folder/t.json"), "does not exist");
+    expect_error("--width 4 --size 32 --data " + kKvasirRoot, "--data needs --model");
+    expect_error("--model " + model + " --width 4 --size 32 --data " + (dir / "no-data"), "no-data");
+    expect_error("--width 4 --size 32 --batch 3 --micro-batch 2", "multiple of --micro-batch");
+    // A truncated model file.
+    const std::string bytes = read_text(model);
+    std::ofstream(dir / "cut.safetensors", std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size() / 2));
+    expect_error("--model " + (dir / "cut.safetensors") + " --width 4 --size 32", "cut.safetensors");
+}
+
+}  // namespace
