@@ -501,6 +501,23 @@ cv::Mat read_image(const std::string& path, int64_t max_pixels) {
     return decode_checked(path, cv::IMREAD_COLOR, "image", max_pixels);
 }
 
+cv::Mat read_image_reduced(const std::string& path, int min_side, cv::Size& original, int64_t max_pixels) {
+    const ImageHeader header = read_header(path);
+    if (auto problem = header_problem(header, max_pixels))
+        throw Error(fmt::format("{}: cannot read or decode image: {}", path, *problem));
+    original = cv::Size(static_cast<int>(header.width), static_cast<int>(header.height));
+    int flags = cv::IMREAD_COLOR;
+    if (header.format == ImageFormat::jpeg && min_side > 0) {
+        const int64_t smaller = std::min<int64_t>(header.width, header.height);
+        if (smaller / 8 >= min_side) flags = cv::IMREAD_REDUCED_COLOR_8;
+        else if (smaller / 4 >= min_side) flags = cv::IMREAD_REDUCED_COLOR_4;
+        else if (smaller / 2 >= min_side) flags = cv::IMREAD_REDUCED_COLOR_2;
+    }
+    cv::Mat decoded = decode_checked(path, flags, "image", max_pixels);
+    if (flags == cv::IMREAD_COLOR) original = decoded.size();  // the decoder's word over the header's
+    return decoded;
+}
+
 cv::Mat read_mask(const std::string& path, int64_t max_pixels) {
     const cv::Mat grey = decode_checked(path, cv::IMREAD_GRAYSCALE, "mask", max_pixels);
     cv::Mat binary;

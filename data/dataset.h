@@ -116,6 +116,10 @@ struct Sample {
 // Decodes an image with cv::IMREAD_COLOR (BGR) after the header checks of the format notes; throws
 // resunet::Error naming the file and the reason if it fails.
 cv::Mat read_image(const std::string& path, int64_t max_pixels = kMaxImagePixels);
+// read_image at 1/2, 1/4 or 1/8 scale when the file is a JPEG whose smaller side, so divided, stays at least
+// `min_side` (libjpeg's DCT-domain scaling: several times faster than a full decode followed by a resize);
+// otherwise a full decode. `original` receives the file's full size. Same checks and errors as read_image.
+cv::Mat read_image_reduced(const std::string& path, int min_side, cv::Size& original, int64_t max_pixels = kMaxImagePixels);
 // Decodes a mask with cv::IMREAD_GRAYSCALE (same checks) and thresholds it at 128 to CV_8U {0, 1}:
 // grey values 128..255 are 1, whatever else the mask holds; throws on failure.
 cv::Mat read_mask(const std::string& path, int64_t max_pixels = kMaxImagePixels);

@@ -67,6 +67,8 @@ struct PredictOptions {
     bool overlay = false;         // also write <stem>_overlay.png (contour + translucent tint)
     std::string masks_dir;        // ground truth by stem; empty = no metrics
     bool overwrite = false;       // replace existing outputs instead of refusing to start
+    bool fast_decode = false;     // JPEGs decode at 1/2, 1/4 or 1/8 scale while still at least twice the model size
+                                  // (read_image_reduced); ignored with overlay, which needs the full image
     int size = 0;                 // model input size when the file has no "resunet.size"; 0 = 224
     int calibration_images = 16;  // static-int8 without stored scales: calibrate on this many inputs
     int batches_in_flight = 3;    // live tokens of the pipeline: bounds decoded images held in memory
