@@ -589,7 +589,7 @@ TrainReport run_job(TrainJob& job) {
         } catch (const Error& e) {
             note(fmt::format("warning: {}; earlier epochs are left out of metrics.csv", one_line(e.what())));
         }
-        note(fmt::format("resumed from {} at the end of epoch {} (step {}, next lr {})", kLastName, trainer.epoch(),
+        note(fmt::format("resumed from {} at the end of epoch {} (step {}, next lr {:.4g})", kLastName, trainer.epoch(),
                          trainer.step_count(), trainer.learning_rate()));
     }
     if (report.best_epoch > 0) report.best_val_dice = best;
@@ -706,7 +706,7 @@ TrainReport run_job(TrainJob& job) {
             extras.metadata["best_val_dice"] = fmt::format("{}", best);
             extras.metadata["best_epoch"] = std::to_string(report.best_epoch);
             save_checkpoint((job.run_dir / kLastName).string(), trainer, extras);
-            note(fmt::format("epoch {}/{}: lr {}, train loss {:.4f}, val Dice {:.4f}, IoU {:.4f}, mIoU {:.4f}{}, {:.1f} s, loader wait "
+            note(fmt::format("epoch {}/{}: lr {:.4g}, train loss {:.4f}, val Dice {:.4f}, IoU {:.4f}, mIoU {:.4f}{}, {:.1f} s, loader wait "
                              "{:.2f} s ({:.1f}%)",
                              row.epoch, o.epochs, row.learning_rate, row.train_loss, row.val_dice, row.val_iou, row.val_miou,
                              improved ? " (best so far)" : "", row.epoch_seconds, row.loader_wait_seconds,
