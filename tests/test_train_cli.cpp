@@ -26,6 +26,7 @@
 #include "data/split.h"
 #include "engine/engine.h"
 #include "graph/graph.h"
+#include "graph/init.h"
 #include "graph/model_config.h"
 #include "graph/safetensors.h"
 #include "train/checkpoint.h"
@@ -260,6 +261,57 @@ TEST_F(TrainCliTest, RefusesBadInputBeforeAnyWork) {
     o = small(root_ / "nothing-here");
     o.resume = true;
     EXPECT_THROW(run_train(o), UsageError);
+}
+
+// --init: a run starts from another run's model file, here at another input size (fine-tuning 32 -> 64); with a
+// vanishing learning rate its learnable weights after one epoch are still the file's. A model of another width, a
+// missing file, and an int8 file are refused before any work.
+TEST_F(TrainCliTest, InitStartsFromAModelFileAtAnotherSize) {
+    const fs::path model = root_ / "full" / "best.safetensors";
+    TrainCommandOptions o = small(root_ / "init");
+    o.init_path = model.string();
+    o.size = 64;
+    o.epochs = 1;
+    o.learning_rate = 1e-12;
+    o.seed = 99;  // its own initial weights would differ from the file's
+    run_train(o);
+    const TensorMap source = load_safetensors(model.string()).tensors;
+    const Checkpoint after = load_checkpoint((root_ / "init" / "last.safetensors").string());
+    EXPECT_EQ(after.input_shape, (Dims{3, 64, 64}));
+    double worst = 0, moved_from_seed = 0;
+    const ResUNetConfig config = infer_resunet_config(source, {}, 64);
+    const TensorMap seeded = init_weights(build_resunet(config), o.seed);
+    size_t compared = 0;
+    for (const auto& [name, tensor] : after.state.weights) {
+        if (name.find("running_") != std::string::npos) continue;  // BN statistics move with the data, not the lr
+        const auto& expected = source.at(name);
+        ASSERT_EQ(expected.shape, tensor.shape) << name;
+        for (int64_t i = 0; i < tensor.num_elements(); ++i) {
+            worst = std::max(worst, static_cast<double>(std::fabs(tensor.f32()[i] - expected.f32()[i])));
+            moved_from_seed = std::max(moved_from_seed, static_cast<double>(std::fabs(tensor.f32()[i] - seeded.at(name).f32()[i])));
+        }
+        ++compared;
+    }
+    EXPECT_GT(compared, 10u);
+    EXPECT_LE(worst, 1e-6);
+    EXPECT_GT(moved_from_seed, 1e-3);  // not the seeded initial weights
+    EXPECT_NE(read_text(root_ / "init" / "train.log").find("initial weights from"), std::string::npos);
+
+    o = small(root_ / "init-wide");
+    o.init_path = model.string();
+    o.width = 8;
+    try {
+        run_train(o);
+        ADD_FAILURE() << "expected a UsageError";
+    } catch (const UsageError& e) {
+        EXPECT_NE(std::string(e.what()).find("--init"), std::string::npos) << e.what();
+        EXPECT_NE(std::string(e.what()).find("--width 8"), std::string::npos) << e.what();
+    }
+    EXPECT_FALSE(fs::exists(root_ / "init-wide" / "config.toml"));
+    o.width = 4;
+    o.init_path = (root_ / "missing.safetensors").string();
+    EXPECT_THROW(run_train(o), UsageError);
+    EXPECT_EQ(train_command(o), 2);
 }
 
 TEST_F(TrainCliTest, NonFiniteLossStopsWithExitOneAndKeepsTheLastCheckpoint) {

@@ -173,6 +173,9 @@ void register_train_flags(CLI::App& app, TrainCommandOptions& o, bool actions) {
     bind_option(app, "--split", o.split_path, "Train/test split file (default: RUN/split.json, made with --seed if missing)");
     bind_option(app, "--limit", o.limit, "Use only the first N image/mask pairs (sorted by id); 0 = all")->check(CLI::Range(0, 100000000));
     bind_flag(app, "--skip-bad", o.skip_bad, "Skip unreadable image/mask pairs instead of refusing the dataset");
+    bind_option(app, "--init", o.init_path,
+                "Start from the weights of this fp32 model file (same width and depth, any input size; fine-tuning); "
+                "Adam starts fresh; ignored once the run has a checkpoint");
     if (actions) {
         bind_flag(app, "--resume", o.resume, "Continue RUN from its last.safetensors (same configuration)");
     }
@@ -384,6 +387,36 @@ Checkpoint check_checkpoint(const fs::path& path, const TrainCommandOptions& o) 
     return checkpoint;
 }
 
+// The weights of --init, checked against the graph the flags describe (names, shapes, fp32); empty without --init.
+TensorMap load_init_weights(const TrainCommandOptions& o) {
+    if (o.init_path.empty()) return {};
+    SafetensorsFile file;
+    try {
+        file = load_safetensors(o.init_path);
+    } catch (const Error& e) {
+        throw UsageError(fmt::format("--init: {}", one_line(e.what())));
+    }
+    ResUNetConfig config;
+    config.width = o.width;
+    config.depth = o.depth;
+    config.height = config.width_px = o.size;
+    std::vector<std::pair<std::string, Dims>> expected;
+    TensorMap weights;
+    for (const ParamInfo& p : build_resunet(config).parameters()) {
+        expected.emplace_back(p.name, p.dims);
+        auto it = file.tensors.find(p.name);
+        if (it != file.tensors.end() && it->second.dtype != DType::f32)
+            throw UsageError(fmt::format("--init {}: tensor {} is not fp32 (an int8 file cannot seed training)", o.init_path, p.name));
+        if (it != file.tensors.end()) weights.emplace(p.name, it->second);
+    }
+    try {
+        check_tensors(weights, expected, o.init_path);
+    } catch (const Error& e) {
+        throw UsageError(fmt::format("--init: {} (--width {} --depth {})", one_line(e.what()), o.width, o.depth));
+    }
+    return weights;
+}
+
 void check_train_values(const TrainCommandOptions& o) {
     if (o.width < 1 || o.depth < 1 || o.size < 1 || o.batch < 1 || o.epochs < 1 || o.lr_step < 1)
         throw UsageError("--width, --depth, --size, --batch, --epochs and --lr-step must be positive");
@@ -526,6 +559,7 @@ struct TrainJob {
     std::string label;                    // prefix of console lines ("fold 2: "), empty for `train`
     Console* console = nullptr;
     std::optional<Checkpoint> checkpoint;  // resume from it (already checked against the flags)
+    const TensorMap* init = nullptr;       // else start from these weights (--init), when not empty
     std::map<std::string, std::string> checkpoint_metadata;  // stored with every last.safetensors
 };
 
@@ -591,6 +625,9 @@ TrainReport run_job(TrainJob& job) {
         }
         note(fmt::format("resumed from {} at the end of epoch {} (step {}, next lr {:.4g})", kLastName, trainer.epoch(),
                          trainer.step_count(), trainer.learning_rate()));
+    } else if (job.init && !job.init->empty()) {
+        trainer.set_weights(*job.init);
+        note(fmt::format("initial weights from {} (--init)", o.init_path));
     }
     if (report.best_epoch > 0) report.best_val_dice = best;
     const int start_epoch = static_cast<int>(trainer.epoch());
@@ -823,6 +860,7 @@ TrainReport run_train(const TrainCommandOptions& options) {
         throw UsageError(fmt::format("--resume: '{}' holds no run (no {} and no {})", options.out_dir, kConfigName, kLastName));
     std::optional<Checkpoint> checkpoint;
     if (options.resume && have_checkpoint) checkpoint = check_checkpoint(last, options);
+    const TensorMap init = checkpoint ? TensorMap{} : load_init_weights(options);
     bool save_split_file = false;
     const Split split = resolve_split(dataset, options.split_path, options.seed, run_dir, save_split_file);
     TrainJob job;
@@ -848,6 +886,7 @@ TrainReport run_train(const TrainCommandOptions& options) {
                                       split.seed, split.train_ids.size(), split.test_ids.size());
     job.console = &console;
     job.checkpoint = std::move(checkpoint);
+    job.init = &init;
     job.checkpoint_metadata = config_metadata(options);
     append_log(run_dir / kLogName, fmt::format("resunet train {} ({} pairs in {}{})", options.resume ? "--resume" : "start",
                                                dataset.size(), options.data_dir,
@@ -909,6 +948,7 @@ CvReport run_cv(const CvCommandOptions& options) {
     const int threads = options.threads_per_fold > 0 ? options.threads_per_fold : std::max(1, budget / parallel);
     const int loader_threads = train.loader_threads > 0 ? train.loader_threads : auto_loader_threads(threads);
 
+    const TensorMap init = load_init_weights(train);  // folds that resume ignore it
     std::vector<TrainJob> jobs(folds.size());
     for (size_t k = 0; k < folds.size(); ++k) {
         TrainJob& job = jobs[k];
@@ -927,6 +967,7 @@ CvReport run_cv(const CvCommandOptions& options) {
                                              last.string()));
             job.checkpoint = check_checkpoint(last, train);
         }
+        job.init = &init;
         job.seed = train.seed + k;
         job.threads = threads;
         job.loader_threads = loader_threads;

@@ -70,6 +70,8 @@ struct TrainCommandOptions {
     int limit = 0;                    // keep the first N pairs of the dataset (by id); 0 = all
     bool skip_bad = false;            // skip unreadable pairs instead of refusing the dataset
     bool resume = false;              // continue RUN from its last.safetensors
+    std::string init_path;            // start from this model file's weights (fine-tuning; same width and depth, any
+                                      // size); Adam starts fresh; a resumed run continues its checkpoint instead
     bool progress = false;            // progress bar on `log` (the CLI turns it on when stderr is a terminal)
     std::FILE* log = stderr;          // setup lines, one line per epoch, progress; nullptr = silent
     std::FILE* out = stdout;          // the final summary; nullptr = silent
