@@ -257,6 +257,21 @@ TEST_F(TrainCliTest, RefusesBadInputBeforeAnyWork) {
         EXPECT_NE(std::string(e.what()).find("width-4"), std::string::npos) << e.what();
     }
     EXPECT_FALSE(fs::exists(copy / "config.toml"));
+    // A value config.toml cannot hold unchanged (found by fuzz_config): refused, not written half-right.
+    o = small(root_ / "[[\"\"/x\"# y");
+    try {
+        run_train(o);
+        ADD_FAILURE() << "expected a UsageError";
+    } catch (const UsageError& e) {
+        EXPECT_NE(std::string(e.what()).find("cannot be written to config.toml"), std::string::npos) << e.what();
+    }
+    EXPECT_FALSE(fs::exists(root_ / "[[\"\"/x\"# y" / "config.toml"));
+    o = small(root_ / "run #2");
+    EXPECT_THROW(run_train(o), UsageError);
+    // Double quotes, ';' and brackets are fine.
+    o = small(root_ / "run \"2\" [a;b]");
+    o.epochs = 1;
+    EXPECT_NO_THROW(run_train(o));
     // --resume with nothing to resume.
     o = small(root_ / "nothing-here");
     o.resume = true;

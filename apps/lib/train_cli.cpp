@@ -282,10 +282,26 @@ void check_same_config(const fs::path& run_dir, const std::string& config_text, 
                                         : "choose another --out, or pass the same flags and --resume"));
 }
 
+// The flags' current values as a CLI11 TOML file. A value that does not read back unchanged is refused with a
+// UsageError, since the run folder's config.toml must reproduce the run: found by fuzz_config, CLI11 2.3's reader
+// takes '#' for a comment even inside quotes, so a path holding '#' cannot be stored.
 std::string render_config(const std::function<void(CLI::App&)>& add_flags, const std::string& description) {
     CLI::App app{description};
     add_flags(app);
-    return app.config_to_str(/*default_also=*/true, /*write_description=*/true);
+    const std::string text = app.config_to_str(/*default_also=*/true, /*write_description=*/true);
+    std::istringstream in(text);
+    for (const CLI::ConfigItem& item : app.get_config_formatter()->from_config(in)) {
+        const CLI::Option* option = app.get_option_no_throw("--" + item.name);
+        if (option == nullptr) continue;
+        const std::string value = option->get_default_str();
+        if (item.inputs.size() != 1 || item.inputs.front() != value)
+            throw UsageError(fmt::format("--{} '{}' cannot be written to config.toml and read back unchanged{}; choose "
+                                         "another value",
+                                         item.name, one_line(value),
+                                         value.find('#') != std::string::npos ? " (CLI11 reads '#' as a comment, even in quotes)"
+                                                                              : ""));
+    }
+    return text;
 }
 
 // ---- run folders ----
