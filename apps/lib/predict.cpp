@@ -355,7 +355,6 @@ void load_input(const Run& run, Item& item, float* dst, bool keep_original) {
     if (run.options.fast_decode && !keep_original) {
         cv::Size original;
         bgr = read_image_reduced(path, 2 * run.size, original);  // INTER_AREA still averages >= 2x2 pixels
-        refuse_if_large(original);
         item.width = original.width;
         item.height = original.height;
     } else {
@@ -1015,16 +1014,20 @@ PredictReport run_predict(const PredictOptions& options) {
     return report;
 }
 
-int predict_command(const PredictOptions& options) {
+int run_command(const char* name, const std::function<int()>& body) {
     try {
-        return run_predict(options).exit_code();
+        return body();
     } catch (const UsageError& e) {
-        fmt::print(stderr, "resunet predict: error: {}\n", one_line(e.what()));
+        fmt::print(stderr, "resunet {}: error: {}\n", name, one_line(e.what()));
         return 2;
     } catch (const std::exception& e) {
-        fmt::print(stderr, "resunet predict: error: {}\n", one_line(e.what()));
+        fmt::print(stderr, "resunet {}: error: {}\n", name, one_line(e.what()));
         return 1;
     }
+}
+
+int predict_command(const PredictOptions& options) {
+    return run_command("predict", [&] { return run_predict(options).exit_code(); });
 }
 
 void add_predict_command(CLI::App& app) {

@@ -28,6 +28,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -48,6 +49,10 @@ namespace resunet {
 struct UsageError : Error {
     using Error::Error;
 };
+
+// Runs a subcommand's body and turns what it throws into "resunet <name>: error: <one line>" on stderr and an
+// exit status: 2 for a UsageError, 1 for anything else; otherwise the body's own status.
+int run_command(const char* name, const std::function<int()>& body);
 
 // How the model runs.
 enum class Precision {

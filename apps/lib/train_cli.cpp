@@ -922,16 +922,10 @@ TrainReport run_train(const TrainCommandOptions& options) {
 }
 
 int train_command(const TrainCommandOptions& options) {
-    try {
+    return run_command("train", [&] {
         run_train(options);
         return 0;
-    } catch (const UsageError& e) {
-        fmt::print(stderr, "resunet train: error: {}\n", one_line(e.what()));
-        return 2;
-    } catch (const std::exception& e) {
-        fmt::print(stderr, "resunet train: error: {}\n", one_line(e.what()));
-        return 1;
-    }
+    });
 }
 
 // ---- cv ----
@@ -1128,16 +1122,7 @@ std::string format_cv_markdown(const CvReport& report) {
 }
 
 int cv_command(const CvCommandOptions& options) {
-    try {
-        const CvReport report = run_cv(options);
-        return report.exit_code();
-    } catch (const UsageError& e) {
-        fmt::print(stderr, "resunet cv: error: {}\n", one_line(e.what()));
-        return 2;
-    } catch (const std::exception& e) {
-        fmt::print(stderr, "resunet cv: error: {}\n", one_line(e.what()));
-        return 1;
-    }
+    return run_command("cv", [&] { return run_cv(options).exit_code(); });
 }
 
 // ---- eval ----
@@ -1323,16 +1308,10 @@ std::string format_eval_markdown(const EvalReport& report) {
 }
 
 int eval_command(const EvalCommandOptions& options) {
-    try {
+    return run_command("eval", [&] {
         run_eval(options);
         return 0;
-    } catch (const UsageError& e) {
-        fmt::print(stderr, "resunet eval: error: {}\n", one_line(e.what()));
-        return 2;
-    } catch (const std::exception& e) {
-        fmt::print(stderr, "resunet eval: error: {}\n", one_line(e.what()));
-        return 1;
-    }
+    });
 }
 
 // ---- registration ----
