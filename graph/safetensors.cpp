@@ -10,6 +10,7 @@
 #include <array>
 #include <atomic>
 #include <cerrno>
+#include <cmath>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -21,6 +22,7 @@
 #include <string_view>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 namespace resunet {
@@ -256,6 +258,36 @@ uint32_t load_u32_le(const uint8_t* p) {
 
 std::string errno_text(int error) { return std::strerror(error); }
 
+// The first NaN or Inf of an F32 tensor's little-endian bytes, as a flat index, or nullopt.
+std::optional<uint64_t> first_non_finite_f32(const uint8_t* bytes, uint64_t count) {
+    for (uint64_t i = 0; i < count; ++i) {
+        const uint32_t bits = load_u32_le(bytes + 4 * i);
+        if ((bits & 0x7f800000u) == 0x7f800000u) return i;  // exponent all ones: Inf or NaN
+    }
+    return std::nullopt;
+}
+
+// Weights must be numbers. A NaN or Inf that was there before the checksum was taken passes it, and
+// ReLU would turn a NaN channel into zeros: a silently different result. Names the tensor, the first bad
+// element (flat and per dimension) and what it holds.
+void check_finite(const std::string& context, const Dims& shape, DType dtype, const uint8_t* bytes) {
+    if (dtype != DType::f32) return;
+    uint64_t count = 1;
+    for (int64_t d : shape) count *= static_cast<uint64_t>(d);
+    const std::optional<uint64_t> bad = first_non_finite_f32(bytes, count);
+    if (!bad) return;
+    std::vector<int64_t> index(shape.size(), 0);
+    uint64_t rest = *bad;
+    for (size_t k = shape.size(); k-- > 0;) {
+        index[k] = static_cast<int64_t>(rest % static_cast<uint64_t>(shape[k]));
+        rest /= static_cast<uint64_t>(shape[k]);
+    }
+    float value;
+    std::memcpy(&value, bytes + 4 * *bad, sizeof(value));
+    throw Error(fmt::format("{}: element {} (index [{}]) is {}; weights must be finite numbers", context, *bad,
+                            fmt::join(index, ", "), std::isnan(value) ? "NaN" : (value > 0 ? "+Inf" : "-Inf")));
+}
+
 }  // namespace
 
 uint32_t crc32(const uint8_t* data, size_t size, uint32_t crc) {
@@ -315,6 +347,9 @@ SafetensorsFile parse_safetensors(const uint8_t* data, size_t size, const std::s
                                     what, *expected, data_size, actual));
     }
 
+    for (const Entry& entry : entries)
+        check_finite(tensor_context(what, entry.name), entry.shape, entry.dtype, data_section + entry.begin);
+
     for (Entry& entry : entries) {
         HostTensor tensor;
         tensor.shape = std::move(entry.shape);
@@ -373,6 +408,7 @@ void save_safetensors(const std::string& path, const TensorMap& tensors,
             throw Error(fmt::format("{}: holds {} bytes but shape {} of {} needs {}", tensor_context(path, name),
                                     tensor.bytes.size(), dims_to_string(tensor.shape), dtype_name(tensor.dtype),
                                     needed));
+        check_finite(tensor_context(path, name), tensor.shape, tensor.dtype, tensor.bytes.data());
         order.emplace_back(&name, &tensor);
     }
     // Widest dtype first keeps every tensor aligned to its element size without padding between tensors

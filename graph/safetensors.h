@@ -17,6 +17,11 @@
 // Checksum: save_safetensors adds metadata "resunet.checksum" = CRC-32 (IEEE 802.3 / zlib polynomial,
 // as Python's zlib.crc32) of the whole data section, as 8 lowercase hex digits. load_safetensors
 // verifies it when present; files without it (written by PyTorch or Python safetensors) load unchecked.
+//
+// Finite values: every F32 tensor must hold finite numbers. Loading and saving refuse a NaN or Inf with a
+// one-line error naming the tensor and its first bad element (a checksum taken after the damage, or a
+// file written by another tool, would otherwise let it through; saving refuses so that a previous good
+// file is never replaced by one that cannot be loaded).
 #pragma once
 
 #include <cstddef>

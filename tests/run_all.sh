@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Every check CI runs (the README's test command, after third_party/install-deps.sh):
-#   1. the Release build in build/ and its ctest suite;
+#   0. the machine: CPU model, oneDNN version and the ISA oneDNN dispatches (tests/cpu_isa.cpp);
+#   1. the Release build in build/ and its ctest suite; then the same suite again under each
+#      ONEDNN_MAX_CPU_ISA cap of RESUNET_ISA_CAPS (default "AVX2 AVX512_CORE AVX512_CORE_BF16") that
+#      changes what oneDNN dispatches here: an AVX-512 machine also checks the AVX2 and the
+#      AVX-512-without-VNNI kernels (with the int8 weights of +-63 they need), an AMX one also the
+#      AVX-512 bf16/VNNI kernels of machines without AMX;
 #   2. the AddressSanitizer + UndefinedBehaviorSanitizer build in build-asan/ (libraries and tests,
 #      no bench/) and its ctest suite, with the sanitizer options below;
 #   3. the libFuzzer targets, built with clang in build-fuzz/, each run for RESUNET_FUZZ_SECONDS
@@ -9,7 +14,8 @@
 # the ctest tests of both suites plus the fuzz targets (a stage that does not build counts as one
 # failure); the exit status is non-zero when M > 0.
 #
-# Environment: JOBS (default 2), RESUNET_FUZZ_SECONDS (default 20), RESUNET_SKIP_STAGES (e.g. "asan fuzz").
+# Environment: JOBS (default 2), RESUNET_FUZZ_SECONDS (default 20), RESUNET_SKIP_STAGES (e.g. "asan fuzz"),
+# RESUNET_ISA_CAPS (default "AVX2 AVX512_CORE AVX512_CORE_BF16"; empty: no capped runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -23,6 +29,20 @@ mkdir -p "$logs"
 passed=0
 failed=0
 summary=()
+isa_caps="${RESUNET_ISA_CAPS-AVX2 AVX512_CORE AVX512_CORE_BF16}"
+
+# ---------------------------------------------------------------------------------------------- machine
+echo "==== run_all: machine"
+isa_tool="$logs/cpu_isa"
+native_isa=""
+if g++ -O1 tests/cpu_isa.cpp -ldnnl -o "$isa_tool" > "$logs/cpu_isa.log" 2>&1; then
+  "$isa_tool" | sed 's/^/  /'
+  native_isa=$("$isa_tool" | awk -F': ' '/^isa:/ {print $2}')
+else
+  echo "  cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+  echo "  isa: unknown (tests/cpu_isa.cpp did not build; see build-logs/cpu_isa.log)"
+fi
+echo "  cores: $(nproc)"
 
 stage_start=0
 begin_stage() {
@@ -72,6 +92,20 @@ if [[ " $skip " != *" release "* ]]; then
     ctest --test-dir build --output-on-failure -j"$jobs" 2>&1 | tee "$logs/release-ctest.log"
     count_ctest "$logs/release-ctest.log"
     end_stage "release" "$result"
+    # The same suite with oneDNN capped to a lower ISA, where that changes what it dispatches here.
+    for cap in $isa_caps; do
+      capped_isa=""
+      [ -n "$native_isa" ] && capped_isa=$(ONEDNN_MAX_CPU_ISA="$cap" "$isa_tool" | awk -F': ' '/^isa:/ {print $2}')
+      if [ -z "$capped_isa" ] || [ "$capped_isa" = "$native_isa" ]; then
+        echo "==== run_all: release with ONEDNN_MAX_CPU_ISA=$cap: skipped (oneDNN dispatches ${native_isa:-an unknown ISA} here, the cap changes nothing)"
+        continue
+      fi
+      begin_stage "Release tests with ONEDNN_MAX_CPU_ISA=$cap (oneDNN dispatches $capped_isa instead of $native_isa)"
+      ONEDNN_MAX_CPU_ISA="$cap" ctest --test-dir build --output-on-failure -j"$jobs" 2>&1 |
+        tee "$logs/release-$cap-ctest.log"
+      count_ctest "$logs/release-$cap-ctest.log"
+      end_stage "release, ISA capped at $cap ($capped_isa)" "$result"
+    done
   else
     failed=$((failed + 1))
     end_stage "release" "build FAILED: 1 failed (logs in build-logs/)"

@@ -5,26 +5,36 @@
 // or another exception type (the sanitizer build of tests/run_all.sh runs this file too).
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iostream>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
 #include "data/dataset.h"
 #include "data/split.h"
+#include "graph/graph.h"
+#include "graph/init.h"
+#include "graph/model_config.h"
 #include "graph/safetensors.h"
+#include "quant/quant_engine.h"
 
 namespace fs = std::filesystem;
 using namespace resunet;
@@ -515,6 +525,117 @@ TEST(HostileWeights, EmptyTruncatedLyingAndHugeFiles) {
     }
     EXPECT_ERROR_MENTIONS(load_safetensors(dir.str()), dir.str());  // a folder
     EXPECT_ERROR_MENTIONS(load_safetensors(path + ".missing"), ".missing");
+}
+
+// A copy of the safetensors file at `from` in which element `index` of tensor `name` (F32) is `value`, with
+// the checksum recomputed over the changed data: a file that another tool wrote, or one damaged before its
+// checksum was taken. Byte surgery, since save_safetensors refuses non-finite values.
+void write_poisoned(const fs::path& from, const fs::path& to, const std::string& name, size_t index, float value) {
+    std::ifstream in(from, std::ios::binary);
+    Bytes bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    ASSERT_GE(bytes.size(), 8u);
+    uint64_t header_length = 0;
+    for (int i = 7; i >= 0; --i) header_length = (header_length << 8) | bytes[static_cast<size_t>(i)];
+    const std::string header_text(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(header_length));
+    const nlohmann::json header = nlohmann::json::parse(header_text);
+    ASSERT_TRUE(header.contains(name)) << name;
+    ASSERT_EQ(header[name]["dtype"], "F32");
+    const size_t data_start = 8 + header_length;
+    const size_t at = data_start + header[name]["data_offsets"][0].get<size_t>() + 4 * index;
+    ASSERT_LT(at + 4, bytes.size() + 1);
+    std::memcpy(bytes.data() + at, &value, sizeof(value));
+    const std::string old_sum = header["__metadata__"][kSafetensorsChecksumKey].get<std::string>();
+    const std::string new_sum = fmt::format("{:08x}", crc32(bytes.data() + data_start, bytes.size() - data_start));
+    const size_t where = header_text.find("\"" + old_sum + "\"");
+    ASSERT_NE(where, std::string::npos);
+    std::memcpy(bytes.data() + 8 + where + 1, new_sum.data(), 8);  // same length: the header keeps its size
+    write_bytes(to, bytes);
+}
+
+// Every loader refuses a model whose checksum is valid but which holds a NaN or an Inf: `predict` with an
+// fp32 and with an int8 file, `train --init`, `train --resume`. Each is a one-line error naming the tensor
+// and the first bad element, exit status 2 (bad input found before any work), nothing written, and the
+// poisoned checkpoint is left as it was.
+TEST(HostileWeights, NonFiniteValuesAreRefusedByEveryLoader) {
+    const fs::path binary = fs::canonical("/proc/self/exe").parent_path().parent_path() / "apps" / "resunet";
+    if (!fs::exists(binary)) GTEST_SKIP() << binary << " is not built";
+    TempDir dir;
+    auto run = [&](const std::string& arguments, std::string* err) {
+        const std::string command = binary.string() + " " + arguments + " >" + (dir.path / "stdout").string() + " 2>" +
+                                    (dir.path / "stderr").string();
+        const int status = std::system(command.c_str());
+        std::ifstream in(dir.path / "stderr");
+        *err = std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    };
+    ResUNetConfig config;
+    config.width = 4;
+    config.depth = 2;
+    config.height = config.width_px = 32;
+    const Graph graph = build_resunet(config);
+    const TensorMap weights = init_weights(graph, 7);
+    const fs::path good = dir.path / "good.safetensors";
+    save_safetensors(good.string(), weights, resunet_metadata(config));
+    const fs::path good_int8 = dir.path / "good.int8.safetensors";
+    const TensorMap int8 = quantize_model_weights(graph, weights);
+    save_safetensors(good_int8.string(), int8, resunet_metadata(config));
+    const std::string image = (dir.path / "images" / "a.png").string();
+    cv::imwrite(image, noise(40, 30, CV_8UC3, 1));
+    std::string err;
+    ASSERT_EQ(run("predict " + image + " --model " + good.string() + " --out " + (dir.path / "ok").string(), &err), 0)
+        << err;
+
+    auto expect_refused = [&](const std::string& arguments, const std::string& tensor, const std::string& what,
+                              const fs::path& not_created) {
+        SCOPED_TRACE(arguments);
+        EXPECT_EQ(run(arguments, &err), 2) << err;
+        EXPECT_NE(err.find("tensor '" + tensor + "'"), std::string::npos) << err;
+        EXPECT_NE(err.find(what), std::string::npos) << err;
+        EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+        if (!not_created.empty()) {
+            EXPECT_FALSE(fs::exists(not_created)) << not_created;
+        }
+        std::cout << "  refused: " << err;
+    };
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const float inf = std::numeric_limits<float>::infinity();
+
+    // predict, fp32 file: one NaN in d2.conv_a.weight (element 13 of [4, 8, 3, 3] is [0, 1, 1, 1]).
+    const fs::path bad = dir.path / "nan.safetensors";
+    write_poisoned(good, bad, "d2.conv_a.weight", 13, nan);
+    expect_refused("predict " + image + " --model " + bad.string() + " --out " + (dir.path / "pred").string(),
+                   "d2.conv_a.weight", "element 13 (index [0, 1, 1, 1]) is NaN", dir.path / "pred");
+
+    // predict, int8 file: an Inf in the first F32 tensor that is not a weight (a scale or a bias).
+    std::string float_tensor;
+    for (const auto& [name, tensor] : int8)
+        if (tensor.dtype == DType::f32 && float_tensor.empty()) float_tensor = name;
+    ASSERT_FALSE(float_tensor.empty());
+    const fs::path bad_int8 = dir.path / "inf.int8.safetensors";
+    write_poisoned(good_int8, bad_int8, float_tensor, 0, inf);
+    expect_refused("predict " + image + " --model " + bad_int8.string() + " --out " + (dir.path / "pred8").string(),
+                   float_tensor, "element 0 (index [0", dir.path / "pred8");
+
+    // train --init with the NaN file: refused before the run starts.
+    const std::string data = std::string(RESUNET_SHARED_DIR) + "/data/kvasir-seg";
+    const std::string train = "train --data " + data + " --width 4 --depth 2 --size 32 --batch 4 --limit 8 --threads 1 "
+                              "--loader-threads 1 --epochs ";
+    expect_refused(train + "1 --out " + (dir.path / "init").string() + " --init " + bad.string(), "d2.conv_a.weight",
+                   "is NaN", {});
+    EXPECT_FALSE(fs::exists(dir.path / "init" / "last.safetensors"));
+
+    // train --resume from a checkpoint with -Inf in an Adam moment: refused, the checkpoint kept as it was.
+    const fs::path run_dir = dir.path / "run";
+    ASSERT_EQ(run(train + "1 --out " + run_dir.string(), &err), 0) << err;
+    const fs::path last = run_dir / "last.safetensors";
+    write_poisoned(last, dir.path / "poisoned", "adam.exp_avg_sq.e1.conv_a.weight", 5, -inf);
+    fs::rename(dir.path / "poisoned", last);
+    std::ifstream before_in(last, std::ios::binary);
+    const Bytes before((std::istreambuf_iterator<char>(before_in)), std::istreambuf_iterator<char>());
+    expect_refused(train + "2 --resume --out " + run_dir.string(), "adam.exp_avg_sq.e1.conv_a.weight",
+                   "element 5 (index [0, 0, 1, 2]) is -Inf", {});
+    std::ifstream after_in(last, std::ios::binary);
+    EXPECT_EQ(Bytes((std::istreambuf_iterator<char>(after_in)), std::istreambuf_iterator<char>()), before);
 }
 
 // ---------------------------------------------------------------------------------------------- splits

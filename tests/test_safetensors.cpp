@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -77,9 +78,14 @@ std::string one_tensor(const std::string& dtype, const std::string& shape, const
     return fmt::format(R"({{"{}":{{"dtype":{},"shape":{},"data_offsets":{}}}}})", name, dtype, shape, offsets);
 }
 
+// Random bytes; for F32, any NaN or Inf bit pattern (exponent all ones) is made finite by clearing the
+// exponent's top bit, since weight files must hold finite numbers.
 HostTensor random_tensor(const resunet::Dims& shape, DType dtype, std::mt19937& rng) {
     HostTensor tensor = HostTensor::zeros(shape, dtype);
     for (uint8_t& byte : tensor.bytes) byte = static_cast<uint8_t>(rng());
+    if (dtype == DType::f32)
+        for (size_t i = 0; i + 3 < tensor.bytes.size(); i += 4)
+            if ((tensor.bytes[i + 3] & 0x7f) == 0x7f && (tensor.bytes[i + 2] & 0x80)) tensor.bytes[i + 3] &= 0xbf;
     return tensor;
 }
 
@@ -403,6 +409,59 @@ TEST_F(SafetensorsTest, DetectsCorruptionAndTruncation) {
     const std::string header = one_tensor(R"("F32")", "[4]", "[0,16]");
     const Bytes no_checksum = make_file(header, Bytes(15));
     expect_parse_error(no_checksum, "data_offsets [0, 16] exceed data section of 15 bytes");
+}
+
+// A file whose checksum is valid but which holds a NaN or an Inf (written by another tool, or damaged
+// before the checksum was taken) is refused at load, naming the tensor and the first bad element; saving
+// such tensors is refused too, and the previous file stays.
+TEST_F(SafetensorsTest, RefusesNonFiniteWeightsWithAValidChecksum) {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const float inf = std::numeric_limits<float>::infinity();
+    struct Case {
+        float value;
+        size_t index;
+        const char* label;
+        const char* where;
+    };
+    for (const Case& c : {Case{nan, 40, "NaN", "element 40 (index [1, 1, 1, 1])"},
+                          Case{inf, 0, "+Inf", "element 0 (index [0, 0, 0, 0])"},
+                          Case{-inf, 53, "-Inf", "element 53 (index [1, 2, 2, 2])"}}) {
+        SCOPED_TRACE(c.label);
+        std::vector<float> values(2 * 3 * 3 * 3);
+        for (size_t i = 0; i < values.size(); ++i) values[i] = 0.01f * static_cast<float>(i) - 0.2f;
+        values[c.index] = c.value;
+        // Written as another tool would: a plain header, then the checksum of the data as it is.
+        Bytes data(values.size() * sizeof(float) + 8);
+        std::memcpy(data.data(), values.data(), values.size() * sizeof(float));
+        const float bias[2] = {0.5f, -0.5f};
+        std::memcpy(data.data() + values.size() * sizeof(float), bias, sizeof(bias));
+        const std::string header = fmt::format(
+            R"({{"__metadata__":{{"{}":"{:08x}"}},"d2.conv_a.weight":{{"dtype":"F32","shape":[2,3,3,3],"data_offsets":[0,216]}},)"
+            R"("d2.conv_a.bias":{{"dtype":"F32","shape":[2],"data_offsets":[216,224]}}}})",
+            resunet::kSafetensorsChecksumKey, resunet::crc32(data.data(), data.size()));
+        const fs::path path = dir_ / "nan.safetensors";
+        write_bytes(path, make_file(header, data));
+        expect_error([&] { resunet::load_safetensors(path.string()); },
+                     fmt::format("tensor 'd2.conv_a.weight': {} is {}; weights must be finite", c.where, c.label));
+        // The same values through save_safetensors: refused, and a previous file at that path is kept.
+        const fs::path kept = dir_ / "kept.safetensors";
+        TensorMap good;
+        good["w"] = HostTensor::zeros({3});
+        resunet::save_safetensors(kept.string(), good);
+        const Bytes before = read_bytes(kept);
+        TensorMap bad;
+        bad["d2.conv_a.weight"] = HostTensor::zeros({2, 3, 3, 3});
+        std::memcpy(bad["d2.conv_a.weight"].bytes.data(), values.data(), values.size() * sizeof(float));
+        expect_error([&] { resunet::save_safetensors(kept.string(), bad); }, c.where);
+        EXPECT_EQ(read_bytes(kept), before);
+    }
+    // Integer tensors have no NaN: every bit pattern loads.
+    TensorMap ints;
+    ints["q"] = HostTensor::zeros({4}, DType::s32);
+    std::memset(ints["q"].bytes.data(), 0xff, ints["q"].bytes.size());
+    const fs::path path = dir_ / "ints.safetensors";
+    resunet::save_safetensors(path.string(), ints);
+    EXPECT_EQ(resunet::load_safetensors(path.string()).tensors.at("q").bytes, ints["q"].bytes);
 }
 
 TEST_F(SafetensorsTest, RandomMutationsOnlyEverThrowError) {
