@@ -36,7 +36,9 @@ void add_summary_command(CLI::App& app) {
     CLI::Option* width = command->add_option("--width", options->width, "Channels of the first stage")
                              ->check(CLI::Range(1, 4096))
                              ->default_val(64);
-    CLI::Option* depth = command->add_option("--depth", options->depth, "Number of poolings")->check(CLI::Range(1, 12))->default_val(4);
+    CLI::Option* depth = command->add_option("--depth", options->depth, "Number of poolings")
+                             ->check(CLI::Range(1, resunet::kMaxResUNetDepth))
+                             ->default_val(4);
     command->add_option("--size", options->size, "Input size in pixels (a model file's 'resunet.size' wins)")
         ->check(CLI::Range(1, 65536))
         ->default_val(224);

@@ -1,6 +1,6 @@
 // bench_resunet: the paper's Table 1 on this machine, with how every figure was measured.
 //
-//   bench_resunet                         # width 64, 224x224, batch 16, fp32, random weights
+//   bench_resunet                         # width 64, 224x224, batch 16, fp32/int8/int8-static, random weights
 //   bench_resunet --runs 20 --layers      # plus the per-layer table (time, GFLOP/s, oneDNN kernel)
 //   bench_resunet --json out/table.json --csv out/table.csv
 //
@@ -29,6 +29,7 @@
 #include "data/postprocess.h"
 #include "data/split.h"
 #include "engine/engine.h"
+#include "engine/plan_cache.h"
 #include "graph/atomic_file.h"
 #include "graph/model_config.h"
 #include "quant/quant_engine.h"
@@ -64,7 +65,17 @@ struct Options {
     std::string row;          // internal: measure one row and write JSON to row_out
     std::string row_out;
     bool eval_row = false;    // internal: score instead of timing
+    std::string tune = "fast";  // fp32 engine: off | fast | full (EngineOptions::tune)
+    std::string plan_cache = resunet::default_plan_cache();  // "" or "none": measure every time
 };
+
+std::string plan_cache_of(const Options& o) { return o.plan_cache == "none" ? std::string() : o.plan_cache; }
+
+resunet::Tuning tuning_of(const std::string& name) {
+    if (name == "off") return resunet::Tuning::off;
+    if (name == "full") return resunet::Tuning::full;
+    return resunet::Tuning::fast;
+}
 
 // Builds the engine a row names and hands it to `use` as a LogitsRunner.
 template <typename Use>
@@ -74,6 +85,8 @@ auto with_engine(const Options& o, const resunet::Graph& graph, const resunet::T
         resunet::EngineOptions options;
         options.micro_batch = o.micro_batch;
         options.threads = o.threads;
+        options.tune = tuning_of(o.tune);
+        options.plan_cache = plan_cache_of(o);
         resunet::Engine engine(graph, weights, options);
         return use(engine);
     }
@@ -194,9 +207,15 @@ json measure_row(const Options& o) {
         resunet::EngineOptions engine_options;
         engine_options.micro_batch = o.micro_batch;
         engine_options.threads = o.threads;
+        engine_options.tune = tuning_of(o.tune);
+        engine_options.plan_cache = plan_cache_of(o);
         resunet::Engine engine(graph, weights, engine_options);
         weights = resunet::TensorMap();  // the engine holds its own reordered copy
-        return measure_engine(o, graph, engine, "f32");
+        json row = measure_engine(o, graph, engine, "f32");
+        row["tune"] = o.tune;
+        row["plan"] = engine.tuning_summary();
+        row["activation_layout"] = engine.activation_layout();
+        return row;
     }
     resunet::QuantOptions quant_options;
     quant_options.micro_batch = o.micro_batch;
@@ -267,7 +286,8 @@ json measure_engine(const Options& o, const resunet::Graph& graph, AnyEngine& en
         json layers = json::array();
         for (const resunet::LayerProfile& l : engine.profile(src.data(), o.batch, dst.data()))
             layers.push_back({{"name", l.name}, {"op", l.op}, {"kernel", l.kernel}, {"precision", l.precision},
-                              {"time_ms", l.time_ms}, {"gflop", l.gflop}, {"gflops", l.gflops()}});
+                              {"time_ms", l.time_ms}, {"gflop", l.gflop}, {"gflops", l.gflops()},
+                              {"algorithm", l.algorithm}, {"candidates", l.candidates}});
         row["layers"] = layers;
     }
     return row;
@@ -280,7 +300,8 @@ json run_row_in_child(const Options& o, const std::string& precision, const fs::
                                      "--width", std::to_string(o.width), "--size", std::to_string(o.size),
                                      "--batch", std::to_string(o.batch), "--micro-batch", std::to_string(o.micro_batch),
                                      "--threads", std::to_string(o.threads), "--runs", std::to_string(o.runs),
-                                     "--warmup", std::to_string(o.warmup)};
+                                     "--warmup", std::to_string(o.warmup), "--tune", o.tune,
+                                     "--plan-cache", o.plan_cache.empty() ? std::string("none") : o.plan_cache};
     if (!o.model.empty()) args.insert(args.end(), {"--model", o.model});
     if (!o.data.empty()) args.insert(args.end(), {"--data", o.data});
     if (!o.split.empty()) args.insert(args.end(), {"--split", o.split});
@@ -373,11 +394,15 @@ std::string markdown(const json& report) {
     for (const json& r : report["rows"]) {
         if (!r.contains("layers")) continue;
         md += fmt::format("\n### Per-layer profile, {} (one profiled run; waits after each primitive)\n\n", r["precision"].get<std::string>());
-        md += "| layer | op | kernel | precision | time (ms) | GFLOP/s |\n|---|---|---|---|---|---|\n";
+        if (r.contains("plan"))
+            md += fmt::format("Plan (--tune {}): {}\n\n", r["tune"].get<std::string>(), r["plan"].get<std::string>());
+        md += "| layer | op | kernel | precision | time (ms) | GFLOP/s | candidates tried at compile time (* chosen) |\n"
+              "|---|---|---|---|---|---|---|\n";
         for (const json& l : r["layers"])
-            md += fmt::format("| {} | {} | {} | {} | {:.2f} | {:.1f} |\n", l["name"].get<std::string>(),
+            md += fmt::format("| {} | {} | {} | {} | {:.2f} | {:.1f} | {} |\n", l["name"].get<std::string>(),
                               l["op"].get<std::string>(), l["kernel"].get<std::string>(),
-                              l["precision"].get<std::string>(), l["time_ms"].get<double>(), l["gflops"].get<double>());
+                              l["precision"].get<std::string>(), l["time_ms"].get<double>(), l["gflops"].get<double>(),
+                              l.value("candidates", std::string()));
     }
     return md;
 }
@@ -501,10 +526,20 @@ int main(int argc, char** argv) {
     app.add_option("--threads", o.threads, "oneDNN (OpenMP) threads; 0 = all cores")->check(CLI::NonNegativeNumber);
     app.add_option("--runs", o.runs, "timed runs per row (after warm-up)")->check(CLI::PositiveNumber);
     app.add_option("--warmup", o.warmup, "warm-up runs (the first is reported separately)")->check(CLI::PositiveNumber);
-    app.add_option("--precision", o.precision, "rows to run: fp32, int8 (dynamic scales), int8-static (calibrated), all")
+    app.add_option("--precision", o.precision,
+                   "rows to run: all (default: the Table 1 comparison), or one of fp32, int8 (dynamic scales, the "
+                   "default precision of `resunet predict` and `resunet eval`), int8-static (calibrated)")
         ->check(CLI::IsMember({"fp32", "int8", "int8-static", "all"}));
     app.add_option("--model", o.model, "weights (.safetensors); random weights when absent")->check(CLI::ExistingFile);
-    app.add_flag("--layers", o.layers, "add the per-layer table: time, GFLOP/s, oneDNN kernel");
+    app.add_flag("--layers", o.layers, "add the per-layer table: time, GFLOP/s, oneDNN kernel, algorithm candidates tried");
+    app.add_option("--tune", o.tune,
+                   "fp32 plan: off (direct convolutions, oneDNN's layout), fast (each 3x3 convolution's algorithms and the "
+                   "layout measured on this machine at compile time), full (the same, more runs)")
+        ->check(CLI::IsMember({"off", "fast", "full"}));
+    app.add_option("--plan-cache", o.plan_cache,
+                   "folder of tuned plans reused across runs (keyed by CPU, oneDNN, graph, threads); 'none' to measure "
+                   "every time")
+        ->capture_default_str();
     app.add_option("--json", o.json_path, "also write the report as JSON here");
     app.add_option("--csv", o.csv_path, "also write the table as CSV here");
     app.add_option("--data", o.data, "Kvasir-SEG style folder (images/, masks/): adds Dice/IoU on its test split (needs --model)");

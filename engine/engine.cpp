@@ -9,10 +9,15 @@
 #include <cstdlib>
 #include <cstring>
 #include <oneapi/dnnl/dnnl.hpp>
+#include <map>
+#include <optional>
 #include <unordered_map>
 
 #include "engine/arena.h"
+#include "engine/conv_tuning.h"
+#include "engine/plan_cache.h"
 #include "engine/onednn_util.h"
+#include "engine/run_guards.h"
 #include "graph/fusion.h"
 #include "graph/safetensors.h"
 
@@ -33,6 +38,8 @@ struct Step {
     std::string op;
     std::string kernel;
     double macs = 0;  // per micro-batch
+    std::string algorithm;   // convolutions: "direct" or "winograd"
+    std::string candidates;  // what tuning tried (ConvTrial::summary)
 };
 
 // A buffer in the arena, or a channel slice of another (concat in place).
@@ -78,7 +85,12 @@ struct Engine::Impl {
     Dims input_dims;
     Dims output_dims;
     double compile_ms = 0;
+    std::atomic<bool> running{false};  // a run()/profile() is in progress (checked without NDEBUG)
     int concat_copies = 0;
+    std::string tuning_summary;
+    // A plan from the cache: the layout and each convolution's algorithm, applied without measuring.
+    tag forced_tag = tag::undef;
+    const std::map<std::string, std::string>* forced_algorithms = nullptr;
 
     memory::desc act_desc(const Dims& dims) const { return memory::desc(to_dnnl_dims(dims), dt::f32, act_tag); }
 
@@ -123,6 +135,8 @@ struct Engine::Impl {
     void lower_conv(const FusedOp& op, const TensorMap& weights);
     void lower_conv_transpose(const FusedOp& op, const TensorMap& weights);
     void run_chunk(const float* src, float* dst, std::vector<double>* step_ms);
+    void compile(const Graph& full_graph, const TensorMap& weights, const EngineOptions& engine_options);
+    double time_pass(int reps);  // best time of `reps` passes of one micro-batch of synthetic input, ms
 };
 
 namespace {
@@ -138,22 +152,65 @@ std::string activation_label(const FusedOp& op) {
 
 }  // namespace
 
-// The layout oneDNN's convolution prefers for activations on this CPU: asked once with format_tag::any
-// on a representative convolution, then used for every activation so that concat slices and residual
-// accumulation share buffers without reorders.
-void Engine::Impl::choose_layout() {
-    const memory::dim channels = 64;
-    memory::desc any({1, channels, 16, 16}, dt::f32, tag::any);
+namespace {
+
+// The kernel oneDNN picks for a 3x3 convolution, `channels` to `channels`, on a 16x16 image whose
+// activations are in layout `t` (tag::any: oneDNN's own choice, returned in `chosen`).
+std::string probe_conv(const dnnl::engine& eng, memory::dim channels, tag t, memory::desc* chosen = nullptr) {
+    memory::desc act({1, channels, 16, 16}, dt::f32, t);
     memory::desc weights_any({channels, channels, 3, 3}, dt::f32, tag::any);
     convolution_forward::primitive_desc pd(
-        convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, any, weights_any, any,
+        convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, act, weights_any, act,
                                   {1, 1}, {1, 1}, {1, 1}),
         eng);
+    if (chosen) *chosen = pd.dst_desc();
+    return pd.impl_info_str();
+}
+
+}  // namespace
+
+// The activation layout, used for every activation so that concat slices and residual accumulation share
+// buffers without reorders. `automatic` asks oneDNN's convolution once with format_tag::any on a
+// representative convolution (64 channels). `blocked` takes the widest channel block whose convolutions
+// run on a non-reference kernel, checked at 64 channels and at the graph's narrowest convolution (oneDNN
+// 2.6 runs nChw16c at 8 channels on its reference kernel).
+void Engine::Impl::choose_layout() {
     act_tag = tag::nchw;
     block = 1;
+    if (forced_tag != tag::undef) {
+        act_tag = forced_tag;
+        block = forced_tag == tag::nChw16c ? 16 : forced_tag == tag::nChw8c ? 8 : forced_tag == tag::nhwc ? 0 : 1;
+        return;
+    }
+    switch (options.layout) {
+        case EngineLayout::nchw: return;
+        case EngineLayout::nhwc:
+            act_tag = tag::nhwc;
+            block = 0;
+            return;
+        case EngineLayout::blocked: {
+            memory::dim narrowest = 64;
+            for (const FusedOp& op : ops)
+                if (op.kind == OpKind::conv && op.srcs[0] != graph.input_value())
+                    narrowest = std::min<memory::dim>(narrowest, graph.value(op.srcs[0]).dims[1]);
+            for (auto [candidate, candidate_block] : {std::pair{tag::nChw16c, 16}, std::pair{tag::nChw8c, 8}}) {
+                const bool fast = !probe_conv(eng, 64, candidate).starts_with("ref") &&
+                                  !probe_conv(eng, narrowest, candidate).starts_with("ref");
+                if (!fast) continue;
+                act_tag = candidate;
+                block = candidate_block;
+                return;
+            }
+            throw Error("engine: no channel-blocked layout runs without oneDNN's reference convolution on this CPU");
+        }
+        case EngineLayout::automatic: break;
+    }
+    const memory::dim channels = 64;
+    memory::desc chosen;
+    probe_conv(eng, channels, tag::any, &chosen);
     for (auto [candidate, candidate_block] : {std::pair{tag::nChw16c, 16}, std::pair{tag::nChw8c, 8},
                                               std::pair{tag::nhwc, 0}, std::pair{tag::nchw, 1}}) {
-        if (pd.dst_desc() == memory::desc({1, channels, 16, 16}, dt::f32, candidate)) {
+        if (chosen == memory::desc({1, channels, 16, 16}, dt::f32, candidate)) {
             act_tag = candidate;
             block = candidate_block;
             break;
@@ -213,7 +270,11 @@ void Engine::Impl::plan_storage() {
             shuffle_temp[k] = static_cast<int>(storages.size()) - 1;
         }
         if (op.kind != OpKind::concat) continue;
-        // Slices are dense sub-tensors only when the channel blocks are outermost within an image.
+        // Slices are dense sub-tensors only when the channel blocks are outermost within an image. In
+        // nhwc a slice is a strided sub-tensor, which oneDNN 2.6 accepts only on its reference kernels
+        // (measured: a 64->64 3x3 conv at 56x56 writing a slice of a 128-channel nhwc buffer ran
+        // `ref:any` in 713 ms against `brgconv:avx512_core` in 4 ms dense; pooling likewise), so there the
+        // concat is a copy (`concat(copy)` steps, counted by num_concat_copies()).
         bool in_place = options.concat_in_place && graph.value(op.dst).dims[0] == 1 &&
                         (act_tag == tag::nChw8c || act_tag == tag::nChw16c || act_tag == tag::nchw);
         int64_t channel = 0;
@@ -303,7 +364,7 @@ primitive_attr Engine::Impl::make_attr(const FusedOp& op) const {
 void Engine::Impl::add_step(primitive prim, std::unordered_map<int, memory> args, const std::string& name,
                             const std::string& op_label, const std::string& kernel, double macs, size_t scratch) {
     scratchpad_bytes = std::max(scratchpad_bytes, scratch);
-    steps.push_back(Step{std::move(prim), std::move(args), name, op_label, kernel, macs});
+    steps.push_back(Step{std::move(prim), std::move(args), name, op_label, kernel, macs, {}, {}});
 }
 
 void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
@@ -325,10 +386,51 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
     memory::desc dst_desc = value_desc[static_cast<size_t>(op.dst)];
     const memory::dims strides = {node.stride, node.stride};
     const memory::dims padding = {node.padding, node.padding};
-    convolution_forward::primitive_desc pd(
-        convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, src_desc, weights_any,
-                                  bias_desc, dst_desc, strides, padding, padding),
-        make_attr(op), eng);
+    auto make_pd = [&](algorithm alg) {
+        return convolution_forward::primitive_desc(
+            convolution_forward::desc(prop_kind::forward_inference, alg, src_desc, weights_any, bias_desc, dst_desc,
+                                      strides, padding, padding),
+            make_attr(op), eng);
+    };
+    convolution_forward::primitive_desc pd = make_pd(algorithm::convolution_direct);
+    std::string chosen_algorithm = "direct";
+    std::string candidates;
+    // Winograd candidates: 3x3 stride 1, not the graph input (whose layout the first conv chooses).
+    const bool wants_winograd = options.conv_algorithm == ConvAlgorithm::winograd ||
+                                (options.conv_algorithm == ConvAlgorithm::tuned && options.tune != Tuning::off);
+    if (forced_algorithms) {
+        auto it = forced_algorithms->find(node.name);
+        if (it != forced_algorithms->end() && it->second == "winograd") {
+            try {
+                pd = make_pd(algorithm::convolution_winograd);
+                chosen_algorithm = "winograd";
+            } catch (const dnnl::error&) {
+                // the key matched, so this does not happen; direct stays correct if it does
+            }
+        }
+        candidates = chosen_algorithm + " (from the plan cache)";
+    } else if (wants_winograd && k == 3 && node.stride == 1 && !from_input) {
+        std::optional<convolution_forward::primitive_desc> winograd;
+        try {
+            winograd = make_pd(algorithm::convolution_winograd);
+        } catch (const dnnl::error&) {
+            // oneDNN has no Winograd kernel for this shape, layout or CPU (none at all on AVX2 in 2.6).
+        }
+        if (winograd && options.conv_algorithm == ConvAlgorithm::winograd) {
+            pd = *winograd;
+            chosen_algorithm = "winograd";
+        } else if (winograd) {
+            std::vector<ConvCandidate> trial = {{"direct", pd}, {"winograd", *winograd, kWinogradRelativeBound}};
+            memory user_weights({to_dnnl_dims(folded.weight_dims), dt::f32, tag::oihw}, eng,
+                                const_cast<float*>(folded.weights.data()));
+            memory bias({{out_channels}, dt::f32, tag::x}, eng);
+            std::memcpy(bias.get_data_handle(), folded.bias.data(), folded.bias.size() * sizeof(float));
+            const ConvTrial result = measure_conv(eng, strm, trial, user_weights, bias, options.tune == Tuning::full ? 7 : 3);
+            pd = trial[result.chosen].pd;
+            chosen_algorithm = result.chosen == 0 ? "direct" : "winograd";
+            candidates = result.summary(trial);
+        }
+    }
     if (from_input && !input_desc_chosen) {
         // The input buffer takes the layout the first convolution asked for (plain NCHW for 3 channels).
         value_desc[static_cast<size_t>(src)] = pd.src_desc();
@@ -344,6 +446,8 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
                                             {DNNL_ARG_DST, value_memory(op.dst)}};
     add_step(convolution_forward(pd), std::move(args), node.name, activation_label(op), pd.impl_info_str(),
              static_cast<double>(graph.node_macs(op.node)), pd.scratchpad_desc().get_size());
+    steps.back().algorithm = chosen_algorithm;
+    steps.back().candidates = std::move(candidates);
 }
 
 void Engine::Impl::lower_conv_transpose(const FusedOp& op, const TensorMap& weights) {
@@ -375,6 +479,7 @@ void Engine::Impl::lower_conv_transpose(const FusedOp& op, const TensorMap& weig
                  {{DNNL_ARG_SRC, value_memory(src)}, {DNNL_ARG_WEIGHTS, conv_weights}, {DNNL_ARG_BIAS, conv_bias},
                   {DNNL_ARG_DST, temp_memory}},
                  node.name, "deconv:conv1x1", pd.impl_info_str(), macs, pd.scratchpad_desc().get_size());
+        steps.back().algorithm = "direct";
         memory dst = value_memory(op.dst);
         memory::desc from = pixel_shuffle_view(in[0], out_channels, in[2], in[3], block, true);
         memory::desc to = pixel_shuffle_view(in[0], out_channels, in[2], in[3], block, false);
@@ -529,7 +634,7 @@ void Engine::Impl::lower(const TensorMap& weights) {
     reorder::primitive_desc in_pd(user_src, internal_src, attr);
     reorder::primitive_desc out_pd(internal_dst, user_dst, attr);
     steps.insert(steps.begin(), Step{reorder(in_pd), {{DNNL_ARG_FROM, user_src}, {DNNL_ARG_TO, internal_src}}, "input",
-                                     "reorder", in_pd.impl_info_str(), 0});
+                                     "reorder", in_pd.impl_info_str(), 0, {}, {}});
     add_step(reorder(out_pd), {{DNNL_ARG_FROM, internal_dst}, {DNNL_ARG_TO, user_dst}}, "output", "reorder",
              out_pd.impl_info_str(), 0, out_pd.scratchpad_desc().get_size());
     scratchpad_bytes = std::max(scratchpad_bytes, in_pd.scratchpad_desc().get_size());
@@ -558,6 +663,51 @@ void Engine::Impl::run_chunk(const float* src, float* dst, std::vector<double>* 
     strm.wait();
 }
 
+void Engine::Impl::compile(const Graph& full_graph, const TensorMap& weights, const EngineOptions& engine_options) {
+    options = engine_options;
+    graph = full_graph.with_batch(options.micro_batch);
+    ops = fuse(graph);
+    try {
+        choose_layout();
+        plan_storage();
+        allocate_arena();
+        lower(weights);
+    } catch (const dnnl::error& e) {
+        throw Error(fmt::format("engine: oneDNN could not compile the graph: {} (status {})", e.what(), static_cast<int>(e.status)));
+    }
+}
+
+double Engine::Impl::time_pass(int reps) {
+    std::vector<float> src(static_cast<size_t>(num_elements(input_dims) * options.micro_batch));
+    std::vector<float> dst(static_cast<size_t>(num_elements(output_dims) * options.micro_batch));
+    uint32_t x = 12345;
+    for (float& v : src) {
+        x = x * 1664525u + 1013904223u;
+        v = static_cast<float>(x >> 8) * (2.0f / 16777216.0f) - 1.0f;
+    }
+    run_chunk(src.data(), dst.data(), nullptr);  // warm-up: first touch of the arena, kernel caches
+    double best = INFINITY;
+    for (int r = 0; r < reps; ++r) {
+        const auto start = Clock::now();
+        run_chunk(src.data(), dst.data(), nullptr);
+        best = std::min(best, std::chrono::duration<double, std::milli>(Clock::now() - start).count());
+    }
+    return best;
+}
+
+namespace {
+
+std::string layout_name(dnnl::memory::format_tag t) {
+    switch (t) {
+        case tag::nChw16c: return "nChw16c";
+        case tag::nChw8c: return "nChw8c";
+        case tag::nhwc: return "nhwc";
+        default: return "nchw";
+    }
+}
+
+}  // namespace
+
 Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions& options)
     : impl_(std::make_unique<Impl>()) {
     const auto start = Clock::now();
@@ -567,20 +717,85 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
     std::vector<std::pair<std::string, Dims>> expected;
     for (const ParamInfo& p : graph.parameters()) expected.emplace_back(p.name, p.dims);
     check_tensors(weights, expected, "weights");
-    if (options.threads > 0) omp_set_num_threads(options.threads);
-    Impl& m = *impl_;
-    m.options = options;
-    m.graph = graph.with_batch(options.micro_batch);
-    m.ops = fuse(m.graph);
-    try {
-        m.choose_layout();
-        m.plan_storage();
-        m.allocate_arena();
-        m.lower(weights);
-    } catch (const dnnl::error& e) {
-        throw Error(fmt::format("engine: oneDNN could not compile the graph: {} (status {})", e.what(), static_cast<int>(e.status)));
+    const ThreadSetting thread_setting(options.threads);
+    const bool tuning = options.tune != Tuning::off && options.conv_algorithm == ConvAlgorithm::tuned;
+    const bool cached = tuning && !options.plan_cache.empty() && options.layout == EngineLayout::automatic;
+    PlanKey key;
+    std::string cache_note;
+    if (cached) {
+        key = plan_key(graph.with_batch(options.micro_batch), "f32", omp_get_max_threads(), options.micro_batch,
+                       options.tune == Tuning::full ? "full" : "fast");
+        if (std::optional<CachedPlan> plan = load_plan(options.plan_cache, key, &cache_note)) {
+            const std::map<std::string, tag> tags = {
+                {"nChw16c", tag::nChw16c}, {"nChw8c", tag::nChw8c}, {"nhwc", tag::nhwc}, {"nchw", tag::nchw}};
+            impl_->forced_tag = tags.at(plan->layout);
+            impl_->forced_algorithms = &plan->algorithms;
+            impl_->compile(graph, weights, options);
+            impl_->forced_algorithms = nullptr;
+            impl_->tuning_summary = fmt::format("from the plan cache ({}): {}", key.filename, plan->summary);
+            impl_->compile_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+            return;
+        }
     }
-    m.compile_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    impl_->compile(graph, weights, options);
+    std::string layouts;
+    if (tuning && options.layout == EngineLayout::automatic) {
+        // oneDNN's own layout against the blocked one (in-place concats, pixel-shuffle deconvolutions, and
+        // Winograd, which oneDNN 2.6 has for blocked layouts only): a timed pass of the whole network each.
+        // One plan is alive at a time, so the peak memory of compiling is that of the larger plan.
+        EngineOptions blocked_options = options;
+        blocked_options.layout = EngineLayout::blocked;
+        Impl probe;
+        probe.options = blocked_options;
+        probe.graph = graph.with_batch(options.micro_batch);
+        probe.ops = fuse(probe.graph);
+        bool blocked_exists = true;
+        try {
+            probe.choose_layout();
+        } catch (const Error&) {
+            blocked_exists = false;  // no blocked layout without reference kernels at these widths (5, 6 channels)
+        }
+        if (blocked_exists && probe.act_tag != impl_->act_tag) {
+            const int reps = options.tune == Tuning::full ? 3 : 1;
+            const tag automatic_tag = impl_->act_tag;
+            const double automatic_ms = impl_->time_pass(reps);
+            impl_ = std::make_unique<Impl>();
+            impl_->compile(graph, weights, blocked_options);
+            const double blocked_ms = impl_->time_pass(reps);
+            const bool take_blocked = blocked_ms < automatic_ms;
+            layouts = fmt::format("layout {} {:.3g} ms{} vs {} {:.3g} ms{}; ", layout_name(automatic_tag), automatic_ms,
+                                  take_blocked ? "" : " *", layout_name(impl_->act_tag), blocked_ms,
+                                  take_blocked ? " *" : "");
+            if (!take_blocked) {
+                impl_ = std::make_unique<Impl>();
+                impl_->compile(graph, weights, options);
+            }
+        }
+    }
+    if (layouts.empty()) layouts = fmt::format("layout {}; ", layout_name(impl_->act_tag));
+    int winograd = 0, direct = 0;
+    for (const Step& step : impl_->steps) {
+        if (!step.op.starts_with("conv")) continue;
+        if (step.algorithm == "winograd")
+            ++winograd;
+        else
+            ++direct;
+    }
+    impl_->tuning_summary = fmt::format("{}convolutions: {} winograd, {} direct", layouts, winograd, direct);
+    if (cached) {
+        CachedPlan plan;
+        plan.layout = layout_name(impl_->act_tag);
+        plan.summary = impl_->tuning_summary;
+        for (const Step& step : impl_->steps)
+            if (step.op.starts_with("conv") && !step.algorithm.empty()) plan.algorithms[step.name] = step.algorithm;
+        try {
+            save_plan(options.plan_cache, key, plan);
+            impl_->tuning_summary += fmt::format(" (measured: {}; saved as {})", cache_note, key.filename);
+        } catch (const Error& e) {
+            impl_->tuning_summary += fmt::format(" (measured: {}; not saved: {})", cache_note, e.what());
+        }
+    }
+    impl_->compile_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
 }
 
 Engine::~Engine() = default;
@@ -593,28 +808,32 @@ static void check_run_arguments(const float* src, int batch, const float* dst, i
 
 void Engine::run(const float* src, int batch, float* dst) {
     Impl& m = *impl_;
+    const ConcurrentRunCheck busy(m.running, "engine");
+    const ThreadSetting thread_setting(m.options.threads);
     check_run_arguments(src, batch, dst, m.options.micro_batch);
-    if (m.options.threads > 0) omp_set_num_threads(m.options.threads);
     const int64_t in_per_image = num_elements(m.input_dims);
     const int64_t out_per_image = num_elements(m.output_dims);
+    check_finite_input(src, batch * in_per_image, "engine");
     for (int b = 0; b < batch; b += m.options.micro_batch)
         m.run_chunk(src + b * in_per_image, dst + b * out_per_image, nullptr);
 }
 
 std::vector<LayerProfile> Engine::profile(const float* src, int batch, float* dst) {
     Impl& m = *impl_;
+    const ConcurrentRunCheck busy(m.running, "engine");
+    const ThreadSetting thread_setting(m.options.threads);
     check_run_arguments(src, batch, dst, m.options.micro_batch);
-    if (m.options.threads > 0) omp_set_num_threads(m.options.threads);
     std::vector<double> step_ms(m.steps.size(), 0.0);
     const int64_t in_per_image = num_elements(m.input_dims);
     const int64_t out_per_image = num_elements(m.output_dims);
+    check_finite_input(src, batch * in_per_image, "engine");
     for (int b = 0; b < batch; b += m.options.micro_batch)
         m.run_chunk(src + b * in_per_image, dst + b * out_per_image, &step_ms);
     std::vector<LayerProfile> layers;
     const double chunks = static_cast<double>(batch / m.options.micro_batch);
     for (size_t i = 0; i < m.steps.size(); ++i) {
         const Step& s = m.steps[i];
-        layers.push_back({s.name, s.op, s.kernel, "f32", step_ms[i], 2.0 * s.macs * chunks / 1e9});
+        layers.push_back({s.name, s.op, s.kernel, "f32", step_ms[i], 2.0 * s.macs * chunks / 1e9, s.algorithm, s.candidates});
     }
     return layers;
 }
@@ -653,6 +872,8 @@ std::vector<float> Engine::read_value(const std::string& name) {
     }
     throw Error(fmt::format("engine: no value named '{}'", name));
 }
+
+std::string Engine::tuning_summary() const { return impl_->tuning_summary; }
 
 std::string Engine::activation_layout() const {
     switch (impl_->act_tag) {

@@ -21,6 +21,29 @@
 
 namespace resunet {
 
+// Activation layout used through the whole fp32 network.
+enum class EngineLayout {
+    automatic,  // the one oneDNN's convolution asks for with format_tag::any on this CPU (nChw8c with AVX2,
+                // nhwc for brgconv with AVX-512)
+    blocked,    // the widest channel-blocked layout (nChw16c, else nChw8c) that the graph's convolutions run
+                // on without a reference kernel; concat slices are then dense sub-tensors
+    nhwc,       // channels last; a concat slice would be strided, so concats are copied (see plan_storage)
+    nchw,       // plain
+};
+
+// How the engine chooses each convolution's algorithm and the activation layout.
+enum class Tuning {
+    off,   // oneDNN's direct algorithm everywhere, in the layout `layout` names (the engine before tuning)
+    fast,  // measured at compile time on this machine: each 3x3 stride-1 convolution's candidates (direct;
+           // Winograd where oneDNN has it for the layout), 3 timed runs each on the layer's real shape and
+           // weights, each checked against direct first (engine/conv_tuning.h); with layout `automatic`,
+           // oneDNN's layout against the blocked one by a timed pass of the whole network
+    full,  // the same with 7 runs per candidate and 3 timed passes per layout
+};
+
+// One algorithm for every 3x3 stride-1 convolution, for tests and comparisons; `tuned` measures.
+enum class ConvAlgorithm { tuned, direct, winograd };
+
 struct EngineOptions {
     int micro_batch = 1;  // images per pass through the compiled plan; the run batch must be a multiple
     int threads = 0;      // OpenMP threads for oneDNN (omp_set_num_threads in the calling thread, before primitives
@@ -28,6 +51,14 @@ struct EngineOptions {
     // Concat inputs are written in place into their slice of the concat buffer when the layout allows
     // (micro_batch 1, channel offsets on the layout's block); false forces oneDNN's concat (a copy).
     bool concat_in_place = true;
+    EngineLayout layout = EngineLayout::automatic;
+    Tuning tune = Tuning::fast;
+    // winograd: wherever oneDNN has it for the layer and layout (direct elsewhere), without measuring.
+    ConvAlgorithm conv_algorithm = ConvAlgorithm::tuned;
+    // Folder of saved tuned plans (engine/plan_cache.h): with tuning on, a plan measured before for this
+    // CPU, oneDNN, graph, threads and micro-batch is reused without measuring; a damaged or stale one is
+    // measured again and replaced. Empty: always measure. The programs pass default_plan_cache().
+    std::string plan_cache;
     // ConvTranspose 2x2 stride 2 runs as a 1x1 convolution to 4x the channels plus a pixel-shuffle
     // reorder (faster than oneDNN 2.6's deconvolution on AVX2); false uses the deconvolution primitive.
     bool deconv_as_conv = true;
@@ -53,9 +84,19 @@ struct LayerProfile {
     std::string precision;  // "f32", "s8", ...
     double time_ms = 0;     // summed over the micro-batches of the run
     double gflop = 0;       // 2 * MACs over the whole run batch
+    std::string algorithm;  // "direct", "winograd" for convolutions; empty otherwise
+    std::string candidates; // what tuning tried: "direct 12.9 ms, winograd 8.5 ms (err 3.1e-07) *"
     double gflops() const { return time_ms > 0 ? gflop / (time_ms * 1e-3) : 0; }
 };
 
+// Threading contract. Several engines may run at the same time, one per thread (each owns its arena,
+// scratchpad and stream; the Graph and weights passed in are only read while constructing). One engine
+// must not be used from two threads at once: run() and profile() write its arena and scratchpad, so
+// concurrent calls would corrupt each other's output silently; in builds without NDEBUG a second
+// concurrent run()/profile() throws resunet::Error instead. With EngineOptions::threads > 0 the
+// constructor, run() and profile() set omp_set_num_threads(threads) for their own duration and restore
+// the caller's omp_get_max_threads() on return, also when they throw. run() refuses NaN/Inf input
+// (resunet::Error), as the int8 engine does.
 class Engine {
   public:
     Engine(const Graph& graph, const TensorMap& weights, const EngineOptions& options = {});
@@ -77,7 +118,10 @@ class Engine {
     double compile_ms() const;            // primitive creation, weight reorders, planning
     const Dims& input_dims() const;       // per image: {1, C, H, W}
     const Dims& output_dims() const;      // per image: {1, outC, H, W}
-    std::string activation_layout() const;  // the blocked layout oneDNN chose, e.g. "nChw8c"
+    // How the plan was chosen: the layouts timed (whole-network pass each) and how many convolutions took
+    // each algorithm, e.g. "layout nChw16c 512 ms * vs nhwc 640 ms; conv3x3: 14 winograd, 6 direct".
+    std::string tuning_summary() const;
+    std::string activation_layout() const;  // the layout in use: "nChw16c", "nChw8c", "nhwc" or "nchw"
     int num_primitives() const;
     int num_concat_copies() const;        // concats that could not be done in place
     std::string isa() const;              // ISA oneDNN dispatches to, e.g. "avx2"

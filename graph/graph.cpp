@@ -264,12 +264,13 @@ int residual_block(Graph& g, const std::string& stage, int x, int out_channels) 
 }  // namespace
 
 Graph build_resunet(const ResUNetConfig& config) {
-    if (config.width <= 0) throw Error(fmt::format("resunet: width must be positive, got {}", config.width));
-    if (config.depth < 1 || config.depth > 8) throw Error(fmt::format("resunet: depth must be 1..8, got {}", config.depth));
-    if (config.batch <= 0) throw Error(fmt::format("resunet: batch must be positive, got {}", config.batch));
+    if (config.width <= 0) throw Error(fmt::format("model: width must be positive, got {}", config.width));
+    if (config.depth < 1 || config.depth > kMaxResUNetDepth)
+        throw Error(fmt::format("model: depth must be 1..{}, got {}", kMaxResUNetDepth, config.depth));
+    if (config.batch <= 0) throw Error(fmt::format("model: batch must be positive, got {}", config.batch));
     const int multiple = 1 << config.depth;
     if (config.height <= 0 || config.width_px <= 0 || config.height % multiple != 0 || config.width_px % multiple != 0)
-        throw Error(fmt::format("resunet: input size {}x{} must be positive and divisible by {} (2^depth, depth {})",
+        throw Error(fmt::format("model: input size {}x{} must be positive and divisible by {} (2^depth, depth {})",
                                 config.height, config.width_px, multiple, config.depth));
     Graph g;
     int x = g.input("input", {config.batch, config.in_channels, config.height, config.width_px});

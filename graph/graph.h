@@ -103,6 +103,8 @@ struct ResUNetConfig {
     int out_channels = 1;     // one logit map
     bool sigmoid = false;     // append a sigmoid so the output is a probability
 };
+// Deepest ResUNet build_resunet() builds (and the CLI's --depth accepts): 1..kMaxResUNetDepth poolings.
+inline constexpr int kMaxResUNetDepth = 8;
 Graph build_resunet(const ResUNetConfig& config);
 
 }  // namespace resunet

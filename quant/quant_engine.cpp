@@ -15,6 +15,7 @@
 
 #include "engine/arena.h"
 #include "engine/onednn_util.h"
+#include "engine/run_guards.h"
 #include "graph/fusion.h"
 #include "graph/safetensors.h"
 #include "quant/quantize_kernels.h"
@@ -205,6 +206,7 @@ struct QuantEngine::Impl {
     Dims output_dims;
     double compile_ms = 0;
     bool calibrating = false;
+    std::atomic<bool> running{false};  // a run()/profile()/calibrate() is in progress (checked without NDEBUG)
 
     const Dims& dims(int value) const { return graph.value(value).dims; }
     char* ptr(int buffer) const { return arena.get() + buffers[static_cast<size_t>(buffer)].offset; }
@@ -555,7 +557,11 @@ void QuantEngine::Impl::lower(const TensorMap& weights, bool from_int8_file) {
                     } else {
                         group->current = group->static_quant;
                     }
-                    const int64_t clipped = quantize_u8(sources, shape, group->current, targets, options.count_saturation);
+                    bool finite = true;
+                    const int64_t clipped =
+                        quantize_u8(sources, shape, group->current, targets, options.count_saturation, &finite);
+                    if (!finite)  // static scales: no range pass before, so the quantize pass checks
+                        throw Error(fmt::format("int8 engine: NaN or Inf in '{}' (the input of an int8 layer)", name));
                     if (options.count_saturation) {
                         group->saturated += clipped;
                         group->counted += num_elements({shape.n, shape.c, shape.h, shape.w});
@@ -680,7 +686,7 @@ QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const Qua
         if (from_int8_file && is_weighted(op)) int8 = weights.count(m.graph.node(op.node).name + ".weight_q") > 0;
         m.int8_op.push_back(int8);
     }
-    if (options.threads > 0) omp_set_num_threads(options.threads);
+    const ThreadSetting thread_setting(options.threads);
     try {
         m.plan_values(weights);
         m.allocate();
@@ -699,8 +705,10 @@ QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const Qua
             const float scale = int8_tensor(weights, base + ".input_scale", DType::f32, {1}).f32()[0];
             int32_t zero = 0;
             std::memcpy(&zero, int8_tensor(weights, base + ".input_zero_point", DType::s32, {1}).bytes.data(), sizeof(zero));
-            if (!(scale > 0.0f) || !std::isfinite(scale) || zero < 0 || zero > 255)
-                throw Error(fmt::format("int8 weights: '{}.input_scale' = {} / zero point {} is invalid", base, scale, zero));
+            if (!(scale >= kMinActivationScale) || !std::isfinite(scale) || zero < 0 || zero > 255)
+                throw Error(fmt::format("int8 weights: '{}.input_scale' = {} / zero point {} is invalid (the scale must "
+                                        "be finite and at least {:g})",
+                                        base, scale, zero, kMinActivationScale));
             g.static_quant = {scale, zero};
             g.have_static = true;
         }
@@ -723,28 +731,24 @@ void check_batch(const float* src, int batch, const float* dst, int micro_batch)
 }
 }  // namespace
 
-// The first layers run in fp32 and ReLU turns NaN into 0, so bad input is caught here, before it can
-// turn silently into a plausible mask.
-static void check_finite_input(const float* src, int batch, const Dims& image_dims) {
-    const KernelSource source{src, image_dims[1] * image_dims[2] * image_dims[3], 0, false};
-    const Range r = tensor_range({source}, {batch, 1, 1, 1});
-    if (!r.finite) throw Error("int8 engine: the input images contain NaN or Inf");
-}
-
 void QuantEngine::run(const float* src, int batch, float* dst) {
     Impl& m = *impl_;
+    const ConcurrentRunCheck busy(m.running, "int8 engine");
+    const ThreadSetting thread_setting(m.options.threads);
     check_batch(src, batch, dst, m.options.micro_batch);
-    check_finite_input(src, batch, m.input_dims);
-    if (m.options.threads > 0) omp_set_num_threads(m.options.threads);
+    // The first layers run in fp32 and ReLU turns NaN into 0, so bad input is caught here, before it
+    // can turn silently into a plausible mask.
+    check_finite_input(src, batch * num_elements(m.input_dims), "int8 engine");
     const int64_t in = num_elements(m.input_dims), out = num_elements(m.output_dims);
     for (int b = 0; b < batch; b += m.options.micro_batch) m.run_pass(src + b * in, dst + b * out, nullptr);
 }
 
 std::vector<LayerProfile> QuantEngine::profile(const float* src, int batch, float* dst) {
     Impl& m = *impl_;
+    const ConcurrentRunCheck busy(m.running, "int8 engine");
+    const ThreadSetting thread_setting(m.options.threads);
     check_batch(src, batch, dst, m.options.micro_batch);
-    check_finite_input(src, batch, m.input_dims);
-    if (m.options.threads > 0) omp_set_num_threads(m.options.threads);
+    check_finite_input(src, batch * num_elements(m.input_dims), "int8 engine");
     std::vector<double> ms(m.steps.size(), 0.0);
     const int64_t in = num_elements(m.input_dims), out = num_elements(m.output_dims);
     for (int b = 0; b < batch; b += m.options.micro_batch) m.run_pass(src + b * in, dst + b * out, &ms);
@@ -752,14 +756,16 @@ std::vector<LayerProfile> QuantEngine::profile(const float* src, int batch, floa
     const double passes = static_cast<double>(batch / m.options.micro_batch);
     for (size_t i = 0; i < m.steps.size(); ++i)
         rows.push_back({m.steps[i].name, m.steps[i].op, m.steps[i].kernel, m.steps[i].precision, ms[i],
-                        2.0 * m.steps[i].macs * passes / 1e9});
+                        2.0 * m.steps[i].macs * passes / 1e9, {}, {}});
     return rows;
 }
 
 void QuantEngine::calibrate(const float* src, int batch) {
     Impl& m = *impl_;
+    const ConcurrentRunCheck busy(m.running, "int8 engine");
+    const ThreadSetting thread_setting(m.options.threads);
     check_batch(src, batch, src, m.options.micro_batch);
-    check_finite_input(src, batch, m.input_dims);
+    check_finite_input(src, batch * num_elements(m.input_dims), "int8 engine");
     std::vector<float> scratch(static_cast<size_t>(num_elements(m.output_dims) * m.options.micro_batch));
     for (QuantGroup& g : m.groups) {
         g.calibrated_min = INFINITY;

@@ -26,7 +26,8 @@ enum class ScaleMode { dynamic, static_calibrated };
 
 struct QuantOptions {
     int micro_batch = 1;  // images per pass; dynamic scales are computed per pass (1 = per image)
-    int threads = 0;      // OpenMP threads for oneDNN and the quantize passes; 0 = runtime default
+    int threads = 0;      // OpenMP threads for oneDNN and the quantize passes (the caller's setting is
+                          // restored after each call); 0 = runtime default
     // Informational: an engine starts static when its int8 weights file carries a calibrated scale for
     // every quantized input (quantize_model_weights + static_scales()), otherwise dynamic; calibrate()
     // switches it to static. mode() says which is in effect.
@@ -47,6 +48,12 @@ struct LayerQuantInfo {
     double saturated_share = 0;  // share of input values clipped at 0 or 255 (needs count_saturation)
 };
 
+// Threading contract, as for Engine (engine/engine.h): several engines, one per thread, may run at the
+// same time; one engine must not be used from two threads at once, because run(), profile() and
+// calibrate() write its arena, scratchpad and per-pass scale, multiplier and bias buffers. In builds
+// without NDEBUG a second concurrent call throws resunet::Error. With QuantOptions::threads > 0 the
+// constructor, run(), profile() and calibrate() set omp_set_num_threads(threads) for their own duration
+// and restore the caller's omp_get_max_threads() on return, also when they throw.
 class QuantEngine {
   public:
     // `weights`: fp32 PyTorch-style weights (quantized here), or an int8 file made by int8_weights().

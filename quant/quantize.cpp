@@ -47,7 +47,8 @@ ActivationQuant choose_activation_quant(float min_value, float max_value) {
     ActivationQuant q;
     if (!(hi > lo)) return q;  // all zero: scale 1, zero point 0
     q.scale = (hi - lo) / 255.0f;
-    if (!(q.scale > 0.0f) || !std::isfinite(q.scale)) q.scale = std::max(std::fabs(lo), std::fabs(hi));
+    if (!std::isfinite(q.scale)) q.scale = std::max(std::fabs(lo), std::fabs(hi));  // hi - lo > FLT_MAX
+    q.scale = std::max(q.scale, kMinActivationScale);                              // see kMinActivationScale
     q.zero_point = std::clamp(static_cast<int32_t>(std::nearbyint(-lo / q.scale)), 0, 255);
     return q;
 }

@@ -31,14 +31,28 @@ struct ActivationQuant {
     int32_t zero_point = 0;  // 0..255; 0 for non-negative tensors
 };
 
-// From a tensor's range: the range is widened to include 0 (so 0 is exact: zero padding, ReLU).
-// A constant or all-zero tensor (max == min) gets scale 1, which quantizes it exactly or to its
-// nearest integer; NaN or infinite bounds are refused by the caller before this is reached.
+// Smallest activation scale, 2^-80 (about 8.3e-25). The int8 engine dequantizes with
+// mul = scale * weight_scale[oc] and feeds the bias as bias / mul. With scale >= 2^-80, mul is a
+// normal float for every weight scale >= 2^-46 (a channel whose largest |w| is above ~1e-12) and
+// bias / mul is finite for |bias| < 2^48 * weight_scale; trained weights sit far inside both bounds.
+// Without a floor, an input of max ~1e-36 gives a subnormal scale, mul underflows and the bias becomes
+// Inf. Only tensors whose whole range is below 255 * 2^-80 (~2e-22) are quantized more coarsely than
+// their range allows (absolute error still at most 2^-81 per value).
+inline constexpr float kMinActivationScale = 0x1p-80f;
+
+// From a tensor's range: the range is widened to include 0 (so 0 is exact: zero padding, ReLU), and
+// scale = max((max - min) / 255, kMinActivationScale). Only an all-zero tensor (both bounds 0) gets
+// scale 1 and zero point 0; a constant c != 0 gets the range [min(c, 0), max(c, 0)], so c maps to 255
+// (c > 0) or 0 (c < 0) and back to c up to float rounding (for |c| >= 255 * kMinActivationScale). A
+// range wider than FLT_MAX gets scale max(|min|, |max|). NaN or infinite bounds are refused by the
+// caller before this is reached.
 ActivationQuant choose_activation_quant(float min_value, float max_value);
 
+// NaN quantizes to 0 (comparisons with NaN are false) and +-Inf to 255 / 0, so the cast is always
+// defined; the engine reports non-finite inputs itself.
 inline uint8_t quantize_value(float x, const ActivationQuant& q) {
     float v = __builtin_nearbyintf(x / q.scale) + static_cast<float>(q.zero_point);
-    v = v < 0.0f ? 0.0f : (v > 255.0f ? 255.0f : v);
+    v = v > 0.0f ? (v < 255.0f ? v : 255.0f) : 0.0f;
     return static_cast<uint8_t>(v);
 }
 

@@ -6,7 +6,7 @@ namespace resunet {
     namespace ns {                                                                                                   \
     Range tensor_range(const std::vector<KernelSource>&, const KernelShape&);                                        \
     int64_t quantize_u8(const std::vector<KernelSource>&, const KernelShape&, const ActivationQuant&,                \
-                        const std::vector<KernelTarget>&, bool);                                                     \
+                        const std::vector<KernelTarget>&, bool, bool*);                                              \
     void gather_f32(const std::vector<KernelSource>&, const KernelShape&, float*);                                   \
     }
 RESUNET_DECLARE_KERNELS(avx2)
@@ -22,9 +22,9 @@ Range tensor_range(const std::vector<KernelSource>& sources, const KernelShape& 
 }
 
 int64_t quantize_u8(const std::vector<KernelSource>& sources, const KernelShape& shape, const ActivationQuant& quant,
-                    const std::vector<KernelTarget>& targets, bool count_clipped) {
-    return has_avx2 ? avx2::quantize_u8(sources, shape, quant, targets, count_clipped)
-                    : generic::quantize_u8(sources, shape, quant, targets, count_clipped);
+                    const std::vector<KernelTarget>& targets, bool count_clipped, bool* finite) {
+    return has_avx2 ? avx2::quantize_u8(sources, shape, quant, targets, count_clipped, finite)
+                    : generic::quantize_u8(sources, shape, quant, targets, count_clipped, finite);
 }
 
 void gather_f32(const std::vector<KernelSource>& sources, const KernelShape& shape, float* dst) {

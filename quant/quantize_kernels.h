@@ -37,9 +37,11 @@ struct Range {
 };
 
 Range tensor_range(const std::vector<KernelSource>& sources, const KernelShape& shape);
-// Returns the number of values clipped to 0 or 255 when count_clipped is set (else 0).
+// Returns the number of values clipped to 0 or 255 when count_clipped is set (else 0). NaN quantizes
+// to 0 and +-Inf to 255 / 0 (never an undefined float-to-integer cast); `finite`, when given, is set
+// to whether every source value was finite (static scales skip tensor_range, so this is their check).
 int64_t quantize_u8(const std::vector<KernelSource>& sources, const KernelShape& shape, const ActivationQuant& quant,
-                    const std::vector<KernelTarget>& targets, bool count_clipped);
+                    const std::vector<KernelTarget>& targets, bool count_clipped, bool* finite = nullptr);
 void gather_f32(const std::vector<KernelSource>& sources, const KernelShape& shape, float* dst);
 
 }  // namespace resunet

@@ -5,12 +5,15 @@
 
 #include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <functional>
 #include <iostream>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -723,26 +726,91 @@ TEST(EngineProperties, ArenaReusesMemory) {
     }
 }
 
-TEST(EngineProperties, ConcatInPlace) {
-    const NetworkCase c{8, 3, 32, false};
-    const Graph g = small_resunet(c);
-    const TensorMap weights = network_weights(g, 3);
-    {
-        Engine engine(g, weights, {});
-        EXPECT_EQ(engine.num_concat_copies(), 0) << "layout " << engine.activation_layout();
+// Concats the engine must copy for `layout` (as activation_layout() names it): a concat is written in
+// place only where each input's channel slice of the concat buffer is a dense sub-tensor: micro-batch 1,
+// a layout whose channel blocks are outermost within an image (nchw, nChw8c, nChw16c), and every slice
+// starting on the layout's channel block. In nhwc a slice is strided, and oneDNN 2.6 runs convolutions
+// into strided slices on its reference kernel only, so nhwc concats are copies.
+int expected_concat_copies(const Graph& g, const std::string& layout, int micro_batch) {
+    const int64_t block = layout == "nChw16c" ? 16 : layout == "nChw8c" ? 8 : layout == "nchw" ? 1 : 0;
+    int copies = 0;
+    for (const resunet::Node& node : g.nodes()) {
+        if (node.kind != resunet::OpKind::concat) continue;
+        bool in_place = block > 0 && micro_batch == 1;
+        int64_t channel = 0;
+        for (int src : node.inputs) {
+            in_place = in_place && channel % block == 0;
+            channel += g.value(src).dims[1];
+        }
+        copies += in_place ? 0 : 1;
     }
-    {
+    return copies;
+}
+
+// Holds on every CPU class: for the layout oneDNN picks here (automatic) and for each forced layout, the
+// number of copied concats is what that layout allows, each copy is a named `concat(copy)` step, and the
+// network matches the reference; in the layouts the engine picks itself, no convolution falls back to a
+// reference kernel (which an in-place nhwc slice would cause).
+TEST(EngineProperties, ConcatInPlaceWhereTheLayoutAllows) {
+    using resunet::EngineLayout;
+    for (const NetworkCase& c : {NetworkCase{16, 3, 32, false}, NetworkCase{8, 3, 32, false}}) {
+        const Graph g = small_resunet(c);
+        const TensorMap weights = network_weights(g, 3);
+        const Tensor4 input = random_input(g, 2, 4);
+        const Tensor4 expected = resunet::reference::run_graph(g, weights, input);
+        for (EngineLayout layout :
+             {EngineLayout::automatic, EngineLayout::blocked, EngineLayout::nhwc, EngineLayout::nchw})
+            for (int micro_batch : {1, 2}) {
+                if (micro_batch == 2 && (layout == EngineLayout::nhwc || layout == EngineLayout::nchw)) continue;
+                EngineOptions options;
+                options.layout = layout;
+                options.micro_batch = micro_batch;
+                Engine engine(g, weights, options);
+                const std::string chosen = engine.activation_layout();
+                const std::string label = fmt::format("{} layout option {} ({}), micro_batch {}", network_label(c),
+                                                      static_cast<int>(layout), chosen, micro_batch);
+                if (layout == EngineLayout::nhwc) {
+                    EXPECT_EQ(chosen, "nhwc");
+                } else if (layout == EngineLayout::nchw) {
+                    EXPECT_EQ(chosen, "nchw");
+                } else if (layout == EngineLayout::blocked) {
+                    EXPECT_TRUE(chosen == "nChw16c" || chosen == "nChw8c") << chosen;
+                }
+                const int copies = expected_concat_copies(g, chosen, micro_batch);
+                EXPECT_EQ(engine.num_concat_copies(), copies) << label;
+                std::vector<float> out(expected.data.size());
+                const std::vector<resunet::LayerProfile> rows = engine.profile(input.data.data(), 2, out.data());
+                const ErrorStats e = resunet::reference::compare(out.data(), expected);
+                EXPECT_LE(e.relative(), kTolerance) << label << ": " << e.to_string();
+                int copy_steps = 0;
+                for (const resunet::LayerProfile& row : rows) {
+                    if (row.op == "concat(copy)") {
+                        ++copy_steps;
+                        EXPECT_EQ(row.name.substr(0, 1), "d") << "a concat step named after its decoder stage: " << row.name;
+                    }
+                    // Forced layouts are test knobs and may hit reference kernels (nhwc with AVX2 runs the
+                    // 3-channel e1.conv_a on ref:any); the layouts the engine picks itself must not.
+                    const bool picked = layout == EngineLayout::automatic || layout == EngineLayout::blocked;
+                    if (row.op.starts_with("conv") && picked) {
+                        EXPECT_FALSE(row.kernel.starts_with("ref")) << label << ": " << row.name << " runs " << row.kernel;
+                    }
+                }
+                EXPECT_EQ(copy_steps, copies) << label;
+                std::cout << fmt::format("  {:<64} concat copies {} (expected {}), {}\n", label,
+                                         engine.num_concat_copies(), copies, e.to_string());
+            }
+        // Forced off: every concat is a copy, whatever the layout.
         EngineOptions options;
         options.concat_in_place = false;
         Engine engine(g, weights, options);
         EXPECT_EQ(engine.num_concat_copies(), c.depth);
     }
-    {
-        EngineOptions options;
-        options.micro_batch = 2;
-        Engine engine(g, weights, options);
-        EXPECT_GT(engine.num_concat_copies(), 0);
-    }
+    // The narrowest network the blocked layout must still serve without reference kernels: 8 channels,
+    // where oneDNN 2.6 runs nChw16c on its reference kernel, so `blocked` takes nChw8c there.
+    EngineOptions options;
+    options.layout = EngineLayout::blocked;
+    Engine narrow(small_resunet({8, 2, 32, false}), network_weights(small_resunet({8, 2, 32, false}), 5), options);
+    std::cout << "  blocked layout at width 8: " << narrow.activation_layout() << "\n";
 }
 
 TEST(EngineProperties, ProfileHasOneRowPerPrimitive) {
@@ -966,6 +1034,109 @@ TEST(Reference, RunGraphRejectsBadWeights) {
     expect_error_naming([&] { resunet::reference::run_graph(g, w, input); }, "conv.bias");
     w.erase("conv.bias");
     expect_error_naming([&] { resunet::reference::run_graph(g, w, input); }, "conv.bias");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// e) Input checks and the threading contract of engine.h.
+
+std::vector<float> engine_output(Engine& engine, const Graph& g, const std::vector<float>& input, int batch) {
+    Dims d = g.value(g.output_value()).dims;
+    d[0] = batch;
+    std::vector<float> out(static_cast<size_t>(resunet::num_elements(d)), std::numeric_limits<float>::quiet_NaN());
+    engine.run(input.data(), batch, out.data());
+    return out;
+}
+
+// As the int8 engine: NaN/Inf input is refused (the first ReLU would turn a NaN into a plausible 0).
+TEST(EngineContract, NonFiniteInputIsRefused) {
+    const Graph g = small_resunet({8, 2, 32, false});
+    const TensorMap w = network_weights(g, 12);
+    EngineOptions options;
+    options.threads = 1;
+    Engine engine(g, w, options);
+    const Tensor4 good = random_input(g, 2, 13);
+    const std::vector<float> expected = engine_output(engine, g, good.data, 2);
+    std::vector<float> out(expected.size());
+    for (float bad : {std::numeric_limits<float>::quiet_NaN(), INFINITY, -INFINITY})
+        for (size_t where : {size_t{0}, good.data.size() - 1}) {
+            std::vector<float> input = good.data;
+            input[where] = bad;
+            expect_error_naming([&] { engine.run(input.data(), 2, out.data()); }, "NaN or Inf");
+            expect_error_naming([&] { engine.profile(input.data(), 2, out.data()); }, "NaN or Inf");
+        }
+    EXPECT_EQ(engine_output(engine, g, good.data, 2), expected) << "usable after refusing a batch";
+}
+
+TEST(EngineContract, CallersThreadSettingIsRestored) {
+    const Graph g = small_resunet({8, 2, 32, false});
+    const TensorMap w = network_weights(g, 14);
+    const Tensor4 input = random_input(g, 2, 15);
+    const int original = omp_get_max_threads();
+    const int caller = 5;
+    omp_set_num_threads(caller);
+    {
+        EngineOptions options;
+        options.threads = 1;
+        Engine engine(g, w, options);
+        EXPECT_EQ(omp_get_max_threads(), caller) << "after construction";
+        std::vector<float> out = engine_output(engine, g, input.data, 2);
+        EXPECT_EQ(omp_get_max_threads(), caller) << "after run()";
+        engine.profile(input.data.data(), 2, out.data());
+        EXPECT_EQ(omp_get_max_threads(), caller) << "after profile()";
+        std::vector<float> bad = input.data;
+        bad[7] = std::numeric_limits<float>::quiet_NaN();
+        EXPECT_THROW(engine.run(bad.data(), 2, out.data()), Error);
+        EXPECT_EQ(omp_get_max_threads(), caller) << "after a run() that threw";
+        options.threads = 0;  // leaves the setting alone
+        Engine untouched(g, w, options);
+        engine_output(untouched, g, input.data, 2);
+        EXPECT_EQ(omp_get_max_threads(), caller) << "threads 0";
+    }
+    omp_set_num_threads(original);
+}
+
+// One engine from two threads: in builds without NDEBUG the second concurrent run() is refused, and every
+// run that went through gives the single-threaded output.
+TEST(EngineContract, ConcurrentRunOnOneEngineIsRefused) {
+#ifdef NDEBUG
+    GTEST_SKIP() << "checked only in builds without NDEBUG (the sanitizer build of tests/run_all.sh)";
+#else
+    const Graph g = small_resunet({8, 2, 32, false});
+    const TensorMap w = network_weights(g, 16);
+    const Tensor4 input = random_input(g, 2, 17);
+    EngineOptions options;
+    options.threads = 1;
+    Engine engine(g, w, options);
+    const std::vector<float> expected = engine_output(engine, g, input.data, 2);
+    std::atomic<int> refused{0}, wrong{0}, other_errors{0};
+    std::atomic<bool> stop{false};
+    std::string message;
+    std::mutex message_mutex;
+    auto worker = [&] {
+        for (int i = 0; i < 1000 && !stop.load(); ++i) {
+            try {
+                if (engine_output(engine, g, input.data, 2) != expected) ++wrong;
+            } catch (const Error& e) {
+                const std::string text = e.what();
+                if (text.find("another run()") == std::string::npos) {
+                    ++other_errors;
+                } else if (++refused >= 3) {
+                    stop = true;
+                }
+                const std::lock_guard<std::mutex> lock(message_mutex);
+                message = text;
+            }
+        }
+    };
+    std::thread a(worker), b(worker);
+    a.join();
+    b.join();
+    EXPECT_GT(refused.load(), 0) << "no concurrent run was caught";
+    EXPECT_EQ(wrong.load(), 0);
+    EXPECT_EQ(other_errors.load(), 0) << message;
+    std::cout << "  concurrent run refused " << refused.load() << " times: " << message << "\n";
+    EXPECT_EQ(engine_output(engine, g, input.data, 2), expected) << "usable afterwards";
+#endif
 }
 
 }  // namespace

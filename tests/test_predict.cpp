@@ -777,3 +777,49 @@ TEST(PredictBinary, HelpUsageErrorsAndExitCodes) {
     EXPECT_NE(out.find("[1, 8, 64, 64]"), std::string::npos) << out;
     EXPECT_EQ(run("summary --model " + (dir / "missing.safetensors"), &out, &err), 2);
 }
+
+// CLI nits: --depth within what the graph builds, errors with one "resunet" prefix, eval --size 0 refused
+// (one line, exit 2), and --help saying what --batch and the default precision really are.
+TEST(PredictBinary, FlagRangesOnePrefixAndTruthfulHelp) {
+    const fs::path binary = fs::canonical("/proc/self/exe").parent_path().parent_path() / "apps" / "resunet";
+    if (!fs::exists(binary)) GTEST_SKIP() << binary << " is not built (cmake --build ... --target resunet)";
+    TempDir dir;
+    auto run = [&](const std::string& arguments, std::string* out, std::string* err) {
+        const std::string command = binary.string() + " " + arguments + " >" + (dir / "stdout") + " 2>" + (dir / "stderr");
+        const int status = std::system(command.c_str());
+        *out = read_text(dir / "stdout");
+        *err = read_text(dir / "stderr");
+        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    };
+    auto one_prefix = [](const std::string& err) {  // "resunet: error: ..." or "resunet eval: error: ...", once
+        return err.rfind("resunet", 0) == 0 && err.find("error: resunet") == std::string::npos &&
+               err.find("resunet:", 1) == std::string::npos;
+    };
+    std::string out, err;
+    for (const std::string& arguments : {std::string("summary --depth 9"), std::string("summary --depth 12"),
+                                         "train --data d --out " + (dir / "run") + " --depth 9"}) {
+        EXPECT_EQ(run(arguments, &out, &err), 2) << arguments;
+        EXPECT_NE(err.find("--depth"), std::string::npos) << arguments << ": " << err;
+        EXPECT_TRUE(one_prefix(err)) << arguments << ": " << err;
+        EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << arguments << ": " << err;
+    }
+    EXPECT_EQ(run("summary --width 8 --depth 8 --size 256", &out, &err), 0) << err;
+
+    // An error from the graph builder, through main and through a subcommand's run_command.
+    EXPECT_EQ(run("summary --width 8 --size 100", &out, &err), 2);
+    EXPECT_TRUE(one_prefix(err)) << err;
+    EXPECT_NE(err.find("divisible by 16"), std::string::npos) << err;
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+
+    EXPECT_EQ(run("eval --model " + (dir / "missing.safetensors") + " --data " + kKvasirRoot + " --size 0", &out, &err), 2);
+    EXPECT_NE(err.find("--size"), std::string::npos) << err;
+    EXPECT_TRUE(one_prefix(err)) << err;
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+
+    EXPECT_EQ(run("predict --help", &out, &err), 0);
+    EXPECT_NE(out.find("one image per pass"), std::string::npos) << out;
+    EXPECT_EQ(out.find("Images per engine call"), std::string::npos) << out;
+    EXPECT_NE(out.find("int8 (dynamic scales, the default of predict and eval"), std::string::npos) << out;
+    EXPECT_EQ(run("eval --help", &out, &err), 0);
+    EXPECT_NE(out.find("int8 (dynamic scales, the default of eval and predict"), std::string::npos) << out;
+}

@@ -515,4 +515,50 @@ TEST(TrainCliConfig, FlagsComeFromTheConfigFileAndTheCommandLineWins) {
     fs::remove_all(dir);
 }
 
+// --depth takes what build_resunet builds (1..8), eval refuses --size 0, and eval's default precision is
+// predict's (int8, dynamic scales), stated in --help.
+TEST(TrainCliConfig, DepthAndSizeRangesAndTheDefaultPrecision) {
+    auto parse_train = [](const std::string& flags, TrainCommandOptions& o) {
+        CLI::App app;
+        add_train_flags(*app.add_subcommand("train"), o);
+        app.parse("train " + flags, false);
+    };
+    for (const char* depth : {"0", "9", "12"}) {
+        TrainCommandOptions o;
+        EXPECT_THROW(parse_train(std::string("--depth ") + depth, o), CLI::ValidationError) << depth;
+        CvCommandOptions cv;
+        CLI::App app;
+        add_cv_flags(*app.add_subcommand("cv"), cv);
+        EXPECT_THROW(app.parse(std::string("cv --depth ") + depth, false), CLI::ValidationError) << depth;
+    }
+    for (int depth : {1, kMaxResUNetDepth}) {
+        TrainCommandOptions o;
+        EXPECT_NO_THROW(parse_train(fmt::format("--depth {}", depth), o)) << depth;
+        EXPECT_EQ(o.depth, depth);
+        // Every accepted depth builds (at the smallest size it allows).
+        EXPECT_NO_THROW(build_resunet({.width = 1, .depth = depth, .height = 1 << depth, .width_px = 1 << depth})) << depth;
+    }
+
+    auto eval_app = [](CLI::App& app, EvalCommandOptions& o) { add_eval_flags(*app.add_subcommand("eval"), o); };
+    {
+        CLI::App app;
+        EvalCommandOptions o;
+        eval_app(app, o);
+        EXPECT_THROW(app.parse("eval --model m --data d --size 0", false), CLI::ValidationError);
+    }
+    {
+        CLI::App app;
+        EvalCommandOptions o;
+        eval_app(app, o);
+        app.parse("eval --model m --data d --size 32", false);
+        EXPECT_EQ(o.size, 32);
+        EXPECT_EQ(o.precision, Precision::int8) << "eval's default precision is predict's";
+        const std::string help = app.get_subcommand("eval")->help();
+        EXPECT_NE(help.find("int8 (dynamic scales, the default of eval and predict"), std::string::npos) << help;
+        EXPECT_NE(help.find("one image per pass"), std::string::npos) << help;
+    }
+    EXPECT_EQ(EvalCommandOptions{}.precision, PredictOptions{}.precision);
+    EXPECT_EQ(PredictOptions{}.precision, Precision::int8);
+}
+
 }  // namespace

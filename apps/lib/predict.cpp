@@ -1040,10 +1040,14 @@ void add_predict_command(CLI::App& app) {
     command->add_option("--model", options->model_path, "Model .safetensors (fp32, or int8 from quantize_model_weights)")
         ->required();
     auto precision = std::make_shared<std::string>("int8");
-    command->add_option("--precision", *precision, "int8 (dynamic scales), fp32, or static-int8 (calibrated scales)")
+    command->add_option("--precision", *precision,
+                        "int8 (dynamic scales, the default of predict and eval: the paper's deployed path), fp32, or "
+                        "static-int8 (calibrated scales)")
         ->check(CLI::IsMember({"int8", "fp32", "static-int8"}))
         ->capture_default_str();
-    command->add_option("--batch", options->batch, "Images per engine call (3 batches are in flight at a time)")
+    command->add_option("--batch", options->batch,
+                        "Images decoded together and passed to one engine call, which runs them one image per pass "
+                        "(micro-batch 1), so masks do not depend on it; 3 batches are in flight at a time")
         ->check(CLI::Range(1, 1024))->default_val(16);
     command->add_option("--threads", options->threads, "Worker threads for decoding and oneDNN; 0 = all cores")
         ->check(CLI::Range(0, 4096))

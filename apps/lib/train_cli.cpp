@@ -155,7 +155,7 @@ void register_train_flags(CLI::App& app, TrainCommandOptions& o, bool actions) {
     bind_option(app, "--data", o.data_dir, "Dataset folder with images/ and masks/ (Kvasir-SEG layout) (required)");
     bind_option(app, "--out", o.out_dir, "Run folder: config, split, metrics, checkpoints, log, curves (required)");
     bind_option(app, "--width", o.width, "Channels of the first stage")->check(CLI::Range(1, 4096));
-    bind_option(app, "--depth", o.depth, "Number of poolings")->check(CLI::Range(1, 12));
+    bind_option(app, "--depth", o.depth, "Number of poolings")->check(CLI::Range(1, kMaxResUNetDepth));
     bind_option(app, "--size", o.size, "Model input size in pixels (square), divisible by 2^depth")->check(CLI::Range(1, 65536));
     bind_option(app, "--batch", o.batch, "Images per training step")->check(CLI::Range(1, 4096));
     bind_option(app, "--epochs", o.epochs, "Epochs of the whole run")->check(CLI::Range(1, 1000000));
@@ -198,14 +198,18 @@ void register_eval_flags(CLI::App& app, EvalCommandOptions& o) {
     bind_option(app, "--seed", o.seed, "Seed of the default split");
     app.add_option_function<std::string>(
            "--precision", [&o](const std::string& text) { o.precision = parse_precision(text); },
-           "fp32, int8 (dynamic scales) or static-int8 (calibrated scales)")
+           "int8 (dynamic scales, the default of eval and predict: the paper's deployed path), fp32, or static-int8 "
+           "(calibrated scales)")
         ->check(CLI::IsMember({"fp32", "int8", "static-int8"}))
         ->default_str(precision_name(o.precision));
-    bind_option(app, "--batch", o.batch, "Images per engine call")->check(CLI::Range(1, 4096));
+    bind_option(app, "--batch", o.batch,
+                "Images loaded together and passed to one engine call, which runs them one image per pass "
+                "(micro-batch 1): scores do not depend on it")
+        ->check(CLI::Range(1, 4096));
     bind_option(app, "--threads", o.threads, "Engine and loader threads; 0 = all cores")->check(CLI::Range(0, 4096));
     bind_option(app, "--limit", o.limit, "Score only the first N test images; 0 = all")->check(CLI::Range(0, 100000000));
-    bind_option(app, "--size", o.size, "Model input size for files without 'resunet.size' metadata (default 224)")
-        ->check(CLI::Range(0, 65536));
+    app.add_option("--size", o.size, "Model input size for files without 'resunet.size' metadata (default 224)")
+        ->check(CLI::Range(1, 65536));
     bind_option(app, "--calibration-images", o.calibration_images,
          "static-int8 without stored scales: calibrate on the first N images of the split's train side")
         ->check(CLI::Range(1, 4096));

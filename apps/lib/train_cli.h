@@ -143,8 +143,8 @@ struct EvalCommandOptions {
     std::string data_dir;
     std::string split_path;           // default: make_split(dataset, seed) as `train` makes it
     uint64_t seed = 42;               // split seed when no --split is given
-    Precision precision = Precision::fp32;
-    int batch = 16;                   // images per engine call
+    Precision precision = Precision::int8;  // the same default as predict and bench_resunet's int8 row
+    int batch = 16;                   // images per engine call (run one image per pass, micro-batch 1)
     int threads = 0;                  // engine and loader threads; 0 = all cores
     int limit = 0;                    // score only the first N test images; 0 = all
     int size = 0;                     // model size for files without "resunet.size"; 0 = 224

@@ -1,0 +1,126 @@
+#include "engine/plan_cache.h"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <omp.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "engine/engine.h"
+#include "engine/onednn_util.h"
+#include "graph/atomic_file.h"
+#include "graph/safetensors.h"
+
+namespace resunet {
+
+namespace {
+
+using json = nlohmann::json;
+constexpr const char* kFormat = "resunet-plan-1";
+
+std::string cpu_model() {
+    std::ifstream info("/proc/cpuinfo");
+    for (std::string line; std::getline(info, line);)
+        if (line.rfind("model name", 0) == 0) {
+            const size_t colon = line.find(':');
+            return colon == std::string::npos ? line : line.substr(colon + 2);
+        }
+    return "unknown";
+}
+
+uint32_t crc_of(const std::string& text) { return crc32(reinterpret_cast<const uint8_t*>(text.data()), text.size()); }
+
+// Every node's kind, name, hyper-parameters and output shape: two graphs with the same text compile alike.
+std::string graph_signature(const Graph& graph) {
+    std::string text;
+    for (const Node& node : graph.nodes())
+        text += fmt::format("{}:{}:{}:{}:{}:{}:{};", static_cast<int>(node.kind), node.name, node.out_channels,
+                            node.kernel, node.stride, node.padding, dims_to_string(graph.value(node.output).dims));
+    return fmt::format("{} nodes, crc32 {:08x}", graph.nodes().size(), crc_of(text));
+}
+
+}  // namespace
+
+PlanKey plan_key(const Graph& graph, const std::string& precision, int threads, int micro_batch,
+                 const std::string& tune) {
+    const dnnl_version_t* v = dnnl_version();
+    const json key = {{"format", kFormat},
+                      {"cpu", cpu_model()},
+                      {"isa", effective_isa_name()},
+                      {"onednn", fmt::format("{}.{}.{}", v->major, v->minor, v->patch)},
+                      {"graph", graph_signature(graph)},
+                      {"input", dims_to_string(graph.value(graph.input_value()).dims)},
+                      {"precision", precision},
+                      {"threads", threads},
+                      {"micro_batch", micro_batch},
+                      {"tune", tune}};
+    PlanKey k;
+    k.text = key.dump();
+    k.filename = fmt::format("plan-{}-{:08x}.json", precision, crc_of(k.text));
+    return k;
+}
+
+std::optional<CachedPlan> load_plan(const std::string& folder, const PlanKey& key, std::string* why) {
+    const std::filesystem::path path = std::filesystem::path(folder) / key.filename;
+    std::ifstream in(path, std::ios::binary);
+    if (!in) {
+        *why = "no cached plan";
+        return std::nullopt;
+    }
+    std::stringstream buffer;
+    buffer << in.rdbuf();
+    json file;
+    try {
+        file = json::parse(buffer.str());
+        const std::string body = file.at("key").dump() + file.at("plan").dump();
+        if (file.at("checksum").get<std::string>() != fmt::format("{:08x}", crc_of(body))) {
+            *why = "damaged: checksum mismatch";
+            return std::nullopt;
+        }
+        if (file.at("key").dump() != key.text) {
+            *why = "stale: written for another machine, library, graph or setting";
+            return std::nullopt;
+        }
+        CachedPlan plan;
+        const json& p = file.at("plan");
+        plan.layout = p.at("layout").get<std::string>();
+        plan.summary = p.at("summary").get<std::string>();
+        for (const auto& [name, algorithm] : p.at("algorithms").items()) {
+            const std::string a = algorithm.get<std::string>();
+            if (a != "direct" && a != "winograd") {
+                *why = fmt::format("damaged: unknown algorithm '{}'", a);
+                return std::nullopt;
+            }
+            plan.algorithms[name] = a;
+        }
+        if (plan.layout != "nChw16c" && plan.layout != "nChw8c" && plan.layout != "nhwc" && plan.layout != "nchw") {
+            *why = fmt::format("damaged: unknown layout '{}'", plan.layout);
+            return std::nullopt;
+        }
+        return plan;
+    } catch (const json::exception& e) {
+        *why = fmt::format("damaged: {}", e.what());
+        return std::nullopt;
+    }
+}
+
+void save_plan(const std::string& folder, const PlanKey& key, const CachedPlan& plan) {
+    std::error_code ec;
+    std::filesystem::create_directories(folder, ec);
+    if (ec) throw Error(fmt::format("plan cache '{}': cannot create the folder: {}", folder, ec.message()));
+    json p = {{"layout", plan.layout}, {"summary", plan.summary}, {"algorithms", plan.algorithms}};
+    json file = {{"key", json::parse(key.text)}, {"plan", p}};
+    file["checksum"] = fmt::format("{:08x}", crc_of(file["key"].dump() + file["plan"].dump()));
+    write_file_atomic((std::filesystem::path(folder) / key.filename).string(), file.dump(1) + "\n");
+}
+
+std::string default_plan_cache() {
+    if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg) return std::string(xdg) + "/resunet/plans";
+    if (const char* home = std::getenv("HOME"); home && *home) return std::string(home) + "/.cache/resunet/plans";
+    return "";
+}
+
+}  // namespace resunet
