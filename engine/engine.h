@@ -133,6 +133,8 @@ class Engine {
 };
 
 // oneDNN's version and CPU ISA as a string, for reports.
+// The CPU's model name from /proc/cpuinfo ("unknown" when absent), for reports and plan-cache keys.
+std::string cpu_model_name();
 std::string onednn_version();
 
 }  // namespace resunet

@@ -21,16 +21,6 @@ namespace {
 using json = nlohmann::json;
 constexpr const char* kFormat = "resunet-plan-1";
 
-std::string cpu_model() {
-    std::ifstream info("/proc/cpuinfo");
-    for (std::string line; std::getline(info, line);)
-        if (line.rfind("model name", 0) == 0) {
-            const size_t colon = line.find(':');
-            return colon == std::string::npos ? line : line.substr(colon + 2);
-        }
-    return "unknown";
-}
-
 uint32_t crc_of(const std::string& text) { return crc32(reinterpret_cast<const uint8_t*>(text.data()), text.size()); }
 
 // Every node's kind, name, hyper-parameters and output shape: two graphs with the same text compile alike.
@@ -48,7 +38,7 @@ PlanKey plan_key(const Graph& graph, const std::string& precision, int threads, 
                  const std::string& tune) {
     const dnnl_version_t* v = dnnl_version();
     const json key = {{"format", kFormat},
-                      {"cpu", cpu_model()},
+                      {"cpu", cpu_model_name()},
                       {"isa", effective_isa_name()},
                       {"onednn", fmt::format("{}.{}.{}", v->major, v->minor, v->patch)},
                       {"graph", graph_signature(graph)},

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -24,6 +25,7 @@
 #include "graph/graph.h"
 #include "engine/plan_cache.h"
 #include "graph/init.h"
+#include "graph/model_config.h"
 #include "graph/safetensors.h"
 #include "support/reference.h"
 
@@ -339,6 +341,55 @@ TEST(EnginePlanCache, ReusedDamagedTruncatedStaleAndUnwritable) {
     unwritable.plan_cache = (file / "sub").string();
     const Outcome o = run_plan(g, weights, input, unwritable);
     EXPECT_NE(o.summary.find("not saved"), std::string::npos) << o.summary;
+    fs::remove_all(dir);
+}
+
+// `resunet plan`: prints the plan and its candidates, measures once and then reads the cache, and gives
+// one-line errors for bad input.
+TEST(PlanCommand, PrintsThePlanAndUsesTheCache) {
+    namespace fs = std::filesystem;
+    const fs::path binary = fs::canonical("/proc/self/exe").parent_path().parent_path() / "apps" / "resunet";
+    if (!fs::exists(binary)) GTEST_SKIP() << binary << " is not built";
+    const fs::path dir = fs::temp_directory_path() / fmt::format("resunet_test_plan_command_{}", ::getpid());
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    auto run = [&](const std::string& arguments, std::string* out, std::string* err) {
+        const std::string command = binary.string() + " " + arguments + " >" + (dir / "stdout").string() + " 2>" +
+                                    (dir / "stderr").string();
+        const int status = std::system(command.c_str());
+        auto read = [](const fs::path& path) {
+            std::ifstream in(path);
+            return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        };
+        *out = read(dir / "stdout");
+        *err = read(dir / "stderr");
+        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    };
+    resunet::ResUNetConfig config;
+    config.width = 16;
+    config.depth = 2;
+    config.height = config.width_px = 32;
+    const Graph g = resunet::build_resunet(config);
+    const fs::path model = dir / "m.safetensors";
+    resunet::save_safetensors(model.string(), weights_for(g, 3), resunet::resunet_metadata(config));
+    const std::string cache = (dir / "plans").string();
+    std::string out, err;
+    ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --plan-cache " + cache, &out, &err), 0) << err;
+    std::cout << out;
+    EXPECT_NE(out.find("measured: no cached plan"), std::string::npos) << out;
+    EXPECT_NE(out.find("e1.conv_a"), std::string::npos) << out;
+    EXPECT_NE(out.find("candidates measured at compile time"), std::string::npos) << out;
+    ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --plan-cache " + cache, &out, &err), 0) << err;
+    EXPECT_NE(out.find("plan: from the plan cache"), std::string::npos) << out;
+    ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --retune --plan-cache " + cache, &out, &err), 0) << err;
+    EXPECT_NE(out.find("measured: no cached plan"), std::string::npos) << out;
+    ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --tune off --plan-cache none", &out, &err), 0) << err;
+    EXPECT_NE(out.find("convolutions: 0 winograd"), std::string::npos) << out;
+    for (const std::string& bad : {"plan --model " + (dir / "missing.safetensors").string(), std::string("plan"),
+                                   "plan --model " + model.string() + " --tune fastest"}) {
+        EXPECT_EQ(run(bad, &out, &err), 2) << bad;
+        EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << bad << ": " << err;
+    }
     fs::remove_all(dir);
 }
 

@@ -1,0 +1,91 @@
+#include "apps/lib/plan_cli.h"
+
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/engine.h"
+#include "engine/plan_cache.h"
+#include "graph/graph.h"
+#include "graph/model_config.h"
+#include "graph/safetensors.h"
+
+namespace resunet {
+
+namespace {
+
+struct PlanOptions {
+    std::string model;
+    int size = 0;
+    int threads = 0;
+    int micro_batch = 1;
+    std::string tune = "fast";
+    std::string plan_cache = default_plan_cache();
+    bool retune = false;
+};
+
+void print_plan(const PlanOptions& o) {
+    SafetensorsFile file = load_safetensors(o.model);
+    ResUNetConfig config = infer_resunet_config(file.tensors, file.metadata, o.size > 0 ? o.size : 224);
+    if (o.size > 0) config.height = config.width_px = o.size;
+    const Graph graph = build_resunet(config);
+    EngineOptions options;
+    options.threads = o.threads;
+    options.micro_batch = o.micro_batch;
+    options.tune = o.tune == "off" ? Tuning::off : o.tune == "full" ? Tuning::full : Tuning::fast;
+    options.plan_cache = o.plan_cache == "none" ? std::string() : o.plan_cache;
+    if (o.retune && !options.plan_cache.empty()) {
+        // Measure again: the cached fp32 plans are removed first (they are the engine's own files).
+        std::error_code ec;
+        if (std::filesystem::is_directory(options.plan_cache, ec))
+            for (const auto& entry : std::filesystem::directory_iterator(options.plan_cache, ec))
+                if (entry.path().filename().string().starts_with("plan-f32-")) std::filesystem::remove(entry.path(), ec);
+    }
+    Engine engine(graph, file.tensors, options);
+    file.tensors.clear();
+    fmt::print("model: {} (width {}, depth {}, {}x{})\n", o.model, config.width, config.depth, config.height,
+               config.width_px);
+    fmt::print("machine: {}\n", onednn_version());
+    fmt::print("plan: {}\n", engine.tuning_summary());
+    fmt::print("compile: {:.0f} ms; activation layout {}; engine bytes {:.1f} MB (weights {:.1f}, arena {:.1f}, "
+               "scratchpad {:.1f})\n\n",
+               engine.compile_ms(), engine.activation_layout(), engine.memory_usage().total() / 1e6,
+               engine.memory_usage().weights_bytes / 1e6, engine.memory_usage().arena_bytes / 1e6,
+               engine.memory_usage().scratchpad_bytes / 1e6);
+    std::vector<float> input(static_cast<size_t>(3) * config.height * config.width_px, 0.5f);
+    std::vector<float> output(static_cast<size_t>(config.out_channels) * config.height * config.width_px);
+    const std::vector<LayerProfile> rows = engine.profile(input.data(), 1, output.data());
+    fmt::print("{:<22} {:<22} {:<34} {:<9} {:>9}  {}\n", "layer", "op", "kernel", "algorithm", "ms/image",
+               "candidates measured at compile time (* chosen)");
+    for (const LayerProfile& row : rows)
+        fmt::print("{:<22} {:<22} {:<34} {:<9} {:>9.2f}  {}\n", row.name, row.op, row.kernel, row.algorithm,
+                   row.time_ms, row.candidates);
+}
+
+}  // namespace
+
+void add_plan_command(CLI::App& app) {
+    auto options = std::make_shared<PlanOptions>();
+    CLI::App* command = app.add_subcommand(
+        "plan", "Print the fp32 plan chosen for a model on this machine: layout, kernels, algorithms, candidates");
+    command->add_option("--model", options->model, "fp32 model .safetensors")->required();
+    command->add_option("--size", options->size, "Input size in pixels (default: the file's resunet.size, else 224)")
+        ->check(CLI::Range(1, 65536));
+    command->add_option("--threads", options->threads, "OpenMP threads; 0 = all cores")->check(CLI::Range(0, 4096));
+    command->add_option("--micro-batch", options->micro_batch, "Images per pass through the plan")
+        ->check(CLI::Range(1, 4096));
+    command->add_option("--tune", options->tune,
+                        "off (direct convolutions, oneDNN's layout), fast (measured on this machine; the default of "
+                        "every program), full (more runs)")
+        ->check(CLI::IsMember({"off", "fast", "full"}))
+        ->capture_default_str();
+    command->add_option("--plan-cache", options->plan_cache, "Folder of tuned plans; 'none' to measure every time")
+        ->capture_default_str();
+    command->add_flag("--retune", options->retune, "Remove the cached fp32 plans first, so the plan is measured again");
+    command->callback([options] { print_plan(*options); });
+}
+
+}  // namespace resunet

@@ -1,0 +1,235 @@
+// The fp32 engine's construction (the layout and algorithms measured, or taken from the plan cache), run,
+// profile and accessors. The lowering itself is engine/engine.cpp.
+#include "engine/engine.h"
+
+#include <fmt/format.h>
+#include <omp.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <optional>
+
+#include "engine/arena.h"
+#include "engine/conv_tuning.h"
+#include "engine/engine_impl.h"
+#include "engine/onednn_util.h"
+#include "engine/plan_cache.h"
+#include "engine/run_guards.h"
+#include "graph/safetensors.h"
+
+namespace resunet {
+
+double Engine::Impl::time_pass(int reps) {
+    std::vector<float> src(static_cast<size_t>(num_elements(input_dims) * options.micro_batch));
+    std::vector<float> dst(static_cast<size_t>(num_elements(output_dims) * options.micro_batch));
+    uint32_t x = 12345;
+    for (float& v : src) {
+        x = x * 1664525u + 1013904223u;
+        v = static_cast<float>(x >> 8) * (2.0f / 16777216.0f) - 1.0f;
+    }
+    run_chunk(src.data(), dst.data(), nullptr);  // warm-up: first touch of the arena, kernel caches
+    double best = INFINITY;
+    for (int r = 0; r < reps; ++r) {
+        const auto start = Clock::now();
+        run_chunk(src.data(), dst.data(), nullptr);
+        best = std::min(best, std::chrono::duration<double, std::milli>(Clock::now() - start).count());
+    }
+    return best;
+}
+
+std::string layout_name(memory::format_tag t) {
+    switch (t) {
+        case tag::nChw16c: return "nChw16c";
+        case tag::nChw8c: return "nChw8c";
+        case tag::nhwc: return "nhwc";
+        default: return "nchw";
+    }
+}
+
+Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions& options)
+    : impl_(std::make_unique<Impl>()) {
+    const auto start = Clock::now();
+    if (options.micro_batch <= 0) throw Error(fmt::format("engine: micro_batch must be positive, got {}", options.micro_batch));
+    if (options.threads < 0) throw Error(fmt::format("engine: threads must be >= 0, got {}", options.threads));
+    if (graph.input_value() < 0 || graph.output_value() < 0) throw Error("engine: graph has no input or no output");
+    std::vector<std::pair<std::string, Dims>> expected;
+    for (const ParamInfo& p : graph.parameters()) expected.emplace_back(p.name, p.dims);
+    check_tensors(weights, expected, "weights");
+    const ThreadSetting thread_setting(options.threads);
+    const bool tuning = options.tune != Tuning::off && options.conv_algorithm == ConvAlgorithm::tuned;
+    const bool cached = tuning && !options.plan_cache.empty() && options.layout == EngineLayout::automatic;
+    PlanKey key;
+    std::string cache_note;
+    if (cached) {
+        key = plan_key(graph.with_batch(options.micro_batch), "f32", omp_get_max_threads(), options.micro_batch,
+                       options.tune == Tuning::full ? "full" : "fast");
+        if (std::optional<CachedPlan> plan = load_plan(options.plan_cache, key, &cache_note)) {
+            const std::map<std::string, tag> tags = {
+                {"nChw16c", tag::nChw16c}, {"nChw8c", tag::nChw8c}, {"nhwc", tag::nhwc}, {"nchw", tag::nchw}};
+            impl_->forced_tag = tags.at(plan->layout);
+            impl_->forced_algorithms = &plan->algorithms;
+            impl_->compile(graph, weights, options);
+            impl_->forced_algorithms = nullptr;
+            impl_->tuning_summary = fmt::format("from the plan cache ({}): {}", key.filename, plan->summary);
+            impl_->compile_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+            return;
+        }
+    }
+    impl_->compile(graph, weights, options);
+    std::string layouts;
+    if (tuning && options.layout == EngineLayout::automatic) {
+        // oneDNN's own layout against the blocked one (in-place concats, pixel-shuffle deconvolutions, and
+        // Winograd, which oneDNN 2.6 has for blocked layouts only): a timed pass of the whole network each.
+        // One plan is alive at a time, so the peak memory of compiling is that of the larger plan.
+        EngineOptions blocked_options = options;
+        blocked_options.layout = EngineLayout::blocked;
+        Impl probe;
+        probe.options = blocked_options;
+        probe.graph = graph.with_batch(options.micro_batch);
+        probe.ops = fuse(probe.graph);
+        bool blocked_exists = true;
+        try {
+            probe.choose_layout();
+        } catch (const Error&) {
+            blocked_exists = false;  // no blocked layout without reference kernels at these widths (5, 6 channels)
+        }
+        if (blocked_exists && probe.act_tag != impl_->act_tag) {
+            const int reps = options.tune == Tuning::full ? 3 : 1;
+            const tag automatic_tag = impl_->act_tag;
+            const double automatic_ms = impl_->time_pass(reps);
+            impl_ = std::make_unique<Impl>();
+            impl_->compile(graph, weights, blocked_options);
+            const double blocked_ms = impl_->time_pass(reps);
+            const bool take_blocked = blocked_ms < automatic_ms;
+            layouts = fmt::format("layout {} {:.3g} ms{} vs {} {:.3g} ms{}; ", layout_name(automatic_tag), automatic_ms,
+                                  take_blocked ? "" : " *", layout_name(impl_->act_tag), blocked_ms,
+                                  take_blocked ? " *" : "");
+            if (!take_blocked) {
+                impl_ = std::make_unique<Impl>();
+                impl_->compile(graph, weights, options);
+            }
+        }
+    }
+    if (layouts.empty()) layouts = fmt::format("layout {}; ", layout_name(impl_->act_tag));
+    int winograd = 0, direct = 0;
+    for (const Step& step : impl_->steps) {
+        if (!step.op.starts_with("conv")) continue;
+        if (step.algorithm == "winograd")
+            ++winograd;
+        else
+            ++direct;
+    }
+    impl_->tuning_summary = fmt::format("{}convolutions: {} winograd, {} direct", layouts, winograd, direct);
+    if (cached) {
+        CachedPlan plan;
+        plan.layout = layout_name(impl_->act_tag);
+        plan.summary = impl_->tuning_summary;
+        for (const Step& step : impl_->steps)
+            if (step.op.starts_with("conv") && !step.algorithm.empty()) plan.algorithms[step.name] = step.algorithm;
+        try {
+            save_plan(options.plan_cache, key, plan);
+            impl_->tuning_summary += fmt::format(" (measured: {}; saved as {})", cache_note, key.filename);
+        } catch (const Error& e) {
+            impl_->tuning_summary += fmt::format(" (measured: {}; not saved: {})", cache_note, e.what());
+        }
+    }
+    impl_->compile_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+}
+
+Engine::~Engine() = default;
+
+static void check_run_arguments(const float* src, int batch, const float* dst, int micro_batch) {
+    if (!src || !dst) throw Error("engine: run() needs non-null input and output buffers");
+    if (batch <= 0 || batch % micro_batch != 0)
+        throw Error(fmt::format("engine: batch {} is not a positive multiple of the micro-batch {}", batch, micro_batch));
+}
+
+void Engine::run(const float* src, int batch, float* dst) {
+    Impl& m = *impl_;
+    const ConcurrentRunCheck busy(m.running, "engine");
+    const ThreadSetting thread_setting(m.options.threads);
+    check_run_arguments(src, batch, dst, m.options.micro_batch);
+    const int64_t in_per_image = num_elements(m.input_dims);
+    const int64_t out_per_image = num_elements(m.output_dims);
+    check_finite_input(src, batch * in_per_image, "engine");
+    for (int b = 0; b < batch; b += m.options.micro_batch)
+        m.run_chunk(src + b * in_per_image, dst + b * out_per_image, nullptr);
+}
+
+std::vector<LayerProfile> Engine::profile(const float* src, int batch, float* dst) {
+    Impl& m = *impl_;
+    const ConcurrentRunCheck busy(m.running, "engine");
+    const ThreadSetting thread_setting(m.options.threads);
+    check_run_arguments(src, batch, dst, m.options.micro_batch);
+    std::vector<double> step_ms(m.steps.size(), 0.0);
+    const int64_t in_per_image = num_elements(m.input_dims);
+    const int64_t out_per_image = num_elements(m.output_dims);
+    check_finite_input(src, batch * in_per_image, "engine");
+    for (int b = 0; b < batch; b += m.options.micro_batch)
+        m.run_chunk(src + b * in_per_image, dst + b * out_per_image, &step_ms);
+    std::vector<LayerProfile> layers;
+    const double chunks = static_cast<double>(batch / m.options.micro_batch);
+    for (size_t i = 0; i < m.steps.size(); ++i) {
+        const Step& s = m.steps[i];
+        layers.push_back({s.name, s.op, s.kernel, "f32", step_ms[i], 2.0 * s.macs * chunks / 1e9, s.algorithm, s.candidates});
+    }
+    return layers;
+}
+
+EngineMemory Engine::memory_usage() const {
+    return {impl_->weights_bytes, impl_->arena_bytes, impl_->arena_naive_bytes, impl_->scratchpad_bytes};
+}
+double Engine::compile_ms() const { return impl_->compile_ms; }
+const Dims& Engine::input_dims() const { return impl_->input_dims; }
+const Dims& Engine::output_dims() const { return impl_->output_dims; }
+int Engine::num_primitives() const { return static_cast<int>(impl_->steps.size()); }
+int Engine::num_concat_copies() const { return impl_->concat_copies; }
+std::string Engine::isa() const { return effective_isa_name(); }
+
+std::vector<std::string> Engine::materialized_values() const {
+    std::vector<std::string> names;
+    for (const FusedOp& op : impl_->ops)
+        if (impl_->value_storage[static_cast<size_t>(op.dst)] >= 0) names.push_back(impl_->graph.value(op.dst).name);
+    return names;
+}
+
+std::vector<float> Engine::read_value(const std::string& name) {
+    Impl& m = *impl_;
+    if (!m.options.keep_values) throw Error("engine: read_value() needs EngineOptions::keep_values");
+    for (size_t v = 0; v < m.graph.values().size(); ++v) {
+        if (m.graph.value(static_cast<int>(v)).name != name) continue;
+        if (m.value_storage[v] < 0 || m.value_desc[v].is_zero())
+            throw Error(fmt::format("engine: value '{}' is fused inside an op and never stored", name));
+        const Dims& dims = m.graph.value(static_cast<int>(v)).dims;
+        std::vector<float> out(static_cast<size_t>(num_elements(dims)));
+        memory from = m.value_memory(static_cast<int>(v));
+        memory to({to_dnnl_dims(dims), dt::f32, tag::nchw}, m.eng, out.data());
+        reorder(from, to).execute(m.strm, from, to);
+        m.strm.wait();
+        return out;
+    }
+    throw Error(fmt::format("engine: no value named '{}'", name));
+}
+
+std::string Engine::tuning_summary() const { return impl_->tuning_summary; }
+
+std::string Engine::activation_layout() const { return layout_name(impl_->act_tag); }
+
+std::string cpu_model_name() {
+    std::ifstream info("/proc/cpuinfo");
+    for (std::string line; std::getline(info, line);)
+        if (line.rfind("model name", 0) == 0) {
+            const size_t colon = line.find(':');
+            return colon == std::string::npos ? line : line.substr(colon + 2);
+        }
+    return "unknown";
+}
+
+std::string onednn_version() {
+    const dnnl_version_t* v = dnnl_version();
+    return fmt::format("oneDNN {}.{}.{} ({})", v->major, v->minor, v->patch, effective_isa_name());
+}
+
+}  // namespace resunet
