@@ -88,6 +88,7 @@ int main(int argc, char** argv) {
     std::string weights_path, input_path, reference_path, precision = "fp32", tune = "fast", json_path;
     std::string plan_cache = resunet::default_plan_cache();
     int runs = 5, batch = 16, size = 224, threads = 2;
+    double memory_budget_mb = 0;
     app.add_option("--weights", weights_path, "peers' weights in our names (export_weights.py)")->required();
     app.add_option("--input", input_path, "input.bin: batch x 3 x size x size float32")->required();
     app.add_option("--reference", reference_path, "ref_logits.bin: batch x 1 x size x size float32")->required();
@@ -95,6 +96,7 @@ int main(int argc, char** argv) {
         ->check(CLI::IsMember({"fp32", "int8", "static-int8"}));
     app.add_option("--tune", tune, "fp32 plan: off | fast | full")->check(CLI::IsMember({"off", "fast", "full"}));
     app.add_option("--plan-cache", plan_cache, "folder of tuned plans; 'none' to measure every time");
+    app.add_option("--memory-budget", memory_budget_mb, "fp32 plan: engine bytes in MB; 0 = 1.75x direct, -1 = no limit");
     app.add_option("--runs", runs, "timed runs of the whole batch")->check(CLI::PositiveNumber);
     app.add_option("--batch", batch, "images in input.bin")->check(CLI::PositiveNumber);
     app.add_option("--size", size, "image height and width")->check(CLI::PositiveNumber);
@@ -116,6 +118,7 @@ int main(int argc, char** argv) {
             options.threads = threads;
             options.tune = tune == "off" ? resunet::Tuning::off : tune == "full" ? resunet::Tuning::full : resunet::Tuning::fast;
             options.plan_cache = plan_cache == "none" ? std::string() : plan_cache;
+            options.memory_budget_mb = memory_budget_mb;
             auto engine = std::make_unique<resunet::Engine>(graph, file.tensors, options);
             file.tensors.clear();
             const double compile_ms = engine->compile_ms();

@@ -247,7 +247,15 @@ primitive_attr Engine::Impl::make_attr(const FusedOp& op) const {
 void Engine::Impl::add_step(primitive prim, std::unordered_map<int, memory> args, const std::string& name,
                             const std::string& op_label, const std::string& kernel, double macs, size_t scratch) {
     scratchpad_bytes = std::max(scratchpad_bytes, scratch);
-    steps.push_back(Step{std::move(prim), std::move(args), name, op_label, kernel, macs, {}, {}});
+    Step step;
+    step.prim = std::move(prim);
+    step.args = std::move(args);
+    step.name = name;
+    step.op = op_label;
+    step.kernel = kernel;
+    step.macs = macs;
+    steps.push_back(std::move(step));
+    steps.back().scratch_bytes = scratch;
 }
 
 void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
@@ -278,6 +286,7 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
     convolution_forward::primitive_desc pd = make_pd(algorithm::convolution_direct);
     std::string chosen_algorithm = "direct";
     std::string candidates;
+    Step measurement;  // the measured figures of both candidates, copied to the step below
     // Winograd candidates: 3x3 stride 1, not the graph input (whose layout the first conv chooses).
     const bool wants_winograd = options.conv_algorithm == ConvAlgorithm::winograd ||
                                 (options.conv_algorithm == ConvAlgorithm::tuned && options.tune != Tuning::off);
@@ -309,9 +318,20 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
             memory bias({{out_channels}, dt::f32, tag::x}, eng);
             std::memcpy(bias.get_data_handle(), folded.bias.data(), folded.bias.size() * sizeof(float));
             const ConvTrial result = measure_conv(eng, strm, trial, user_weights, bias, options.tune == Tuning::full ? 7 : 3);
-            pd = trial[result.chosen].pd;
-            chosen_algorithm = result.chosen == 0 ? "direct" : "winograd";
+            measurement.preferred = result.chosen == 0 ? "direct" : "winograd";
+            if (!measure_only) {
+                pd = trial[result.chosen].pd;
+                chosen_algorithm = measurement.preferred;
+            }
             candidates = result.summary(trial);
+            if (trial[1].passed) {
+                measurement.measured = true;
+                for (int i = 0; i < 2; ++i) {
+                    measurement.ms[i] = trial[static_cast<size_t>(i)].ms;
+                    measurement.weight_bytes[i] = trial[static_cast<size_t>(i)].pd.weights_desc().get_size();
+                    measurement.scratch[i] = trial[static_cast<size_t>(i)].pd.scratchpad_desc().get_size();
+                }
+            }
         }
     }
     if (from_input && !input_desc_chosen) {
@@ -331,6 +351,13 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
              static_cast<double>(graph.node_macs(op.node)), pd.scratchpad_desc().get_size());
     steps.back().algorithm = chosen_algorithm;
     steps.back().candidates = std::move(candidates);
+    steps.back().measured = measurement.measured;
+    steps.back().preferred = measurement.preferred;
+    for (int i = 0; i < 2; ++i) {
+        steps.back().ms[i] = measurement.ms[i];
+        steps.back().weight_bytes[i] = measurement.weight_bytes[i];
+        steps.back().scratch[i] = measurement.scratch[i];
+    }
 }
 
 void Engine::Impl::lower_conv_transpose(const FusedOp& op, const TensorMap& weights) {
@@ -516,8 +543,13 @@ void Engine::Impl::lower(const TensorMap& weights) {
     memory internal_dst = value_memory(graph.output_value());
     reorder::primitive_desc in_pd(user_src, internal_src, attr);
     reorder::primitive_desc out_pd(internal_dst, user_dst, attr);
-    steps.insert(steps.begin(), Step{reorder(in_pd), {{DNNL_ARG_FROM, user_src}, {DNNL_ARG_TO, internal_src}}, "input",
-                                     "reorder", in_pd.impl_info_str(), 0, {}, {}});
+    Step input_step;
+    input_step.prim = reorder(in_pd);
+    input_step.args = {{DNNL_ARG_FROM, user_src}, {DNNL_ARG_TO, internal_src}};
+    input_step.name = "input";
+    input_step.op = "reorder";
+    input_step.kernel = in_pd.impl_info_str();
+    steps.insert(steps.begin(), std::move(input_step));
     add_step(reorder(out_pd), {{DNNL_ARG_FROM, internal_dst}, {DNNL_ARG_TO, user_dst}}, "output", "reorder",
              out_pd.impl_info_str(), 0, out_pd.scratchpad_desc().get_size());
     scratchpad_bytes = std::max(scratchpad_bytes, in_pd.scratchpad_desc().get_size());

@@ -59,6 +59,12 @@ struct EngineOptions {
     // CPU, oneDNN, graph, threads and micro-batch is reused without measuring; a damaged or stale one is
     // measured again and replaced. Empty: always measure. The programs pass default_plan_cache().
     std::string plan_cache;
+    // Largest engine bytes (weights + arena + scratchpad) a tuned plan may take, in MB. Winograd's
+    // weights are 1.8x (F(2x2,3x3)) to 4x (F(4x4,3x3)) the direct ones and its scratchpad is larger, so
+    // when the measured plan exceeds the budget the Winograd layers that save the least time per extra
+    // byte go back to direct until it fits (never below the direct plan). 0: 1.75x the bytes of the same
+    // plan with every convolution direct (keeps a width-64, 224x224 plan near 340 MB); negative: no limit.
+    double memory_budget_mb = 0;
     // ConvTranspose 2x2 stride 2 runs as a 1x1 convolution to 4x the channels plus a pixel-shuffle
     // reorder (faster than oneDNN 2.6's deconvolution on AVX2); false uses the deconvolution primitive.
     bool deconv_as_conv = true;

@@ -39,6 +39,14 @@ struct Step {
     double macs = 0;  // per micro-batch
     std::string algorithm;   // convolutions: "direct" or "winograd"
     std::string candidates;  // what tuning tried (ConvTrial::summary)
+    size_t scratch_bytes = 0;  // this primitive's scratchpad
+    // A measured convolution: {direct, winograd} best time, reordered weight bytes and scratchpad bytes
+    // (the memory budget trades them; engine_run.cpp).
+    bool measured = false;
+    std::string preferred;  // measure_only: the faster algorithm that passed its check
+    double ms[2] = {0, 0};
+    size_t weight_bytes[2] = {0, 0};
+    size_t scratch[2] = {0, 0};
 };
 
 // A buffer in the arena, or a channel slice of another (concat in place).
@@ -94,6 +102,10 @@ struct Engine::Impl {
     // A plan from the cache: the layout and each convolution's algorithm, applied without measuring.
     tag forced_tag = tag::undef;
     const std::map<std::string, std::string>* forced_algorithms = nullptr;
+    // Measure each convolution's candidates but lower every one as direct, recording the faster one in
+    // Step::preferred: the memory budget then decides, and the plan is lowered again with the choice
+    // fixed, so the all-Winograd plan is never built (engine_run.cpp).
+    bool measure_only = false;
 
     memory::desc act_desc(const Dims& dims) const { return memory::desc(to_dnnl_dims(dims), dt::f32, act_tag); }
 

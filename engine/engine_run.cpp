@@ -64,7 +64,8 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
     std::string cache_note;
     if (cached) {
         key = plan_key(graph.with_batch(options.micro_batch), "f32", omp_get_max_threads(), options.micro_batch,
-                       options.tune == Tuning::full ? "full" : "fast");
+                       fmt::format("{}, memory budget {} MB", options.tune == Tuning::full ? "full" : "fast",
+                                   options.memory_budget_mb));
         if (std::optional<CachedPlan> plan = load_plan(options.plan_cache, key, &cache_note)) {
             const std::map<std::string, tag> tags = {
                 {"nChw16c", tag::nChw16c}, {"nChw8c", tag::nChw8c}, {"nhwc", tag::nhwc}, {"nchw", tag::nchw}};
@@ -77,38 +78,129 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
             return;
         }
     }
-    impl_->compile(graph, weights, options);
-    std::string layouts;
-    if (tuning && options.layout == EngineLayout::automatic) {
-        // oneDNN's own layout against the blocked one (in-place concats, pixel-shuffle deconvolutions, and
-        // Winograd, which oneDNN 2.6 has for blocked layouts only): a timed pass of the whole network each.
-        // One plan is alive at a time, so the peak memory of compiling is that of the larger plan.
-        EngineOptions blocked_options = options;
-        blocked_options.layout = EngineLayout::blocked;
-        Impl probe;
-        probe.options = blocked_options;
-        probe.graph = graph.with_batch(options.micro_batch);
-        probe.ops = fuse(probe.graph);
-        bool blocked_exists = true;
-        try {
-            probe.choose_layout();
-        } catch (const Error&) {
-            blocked_exists = false;  // no blocked layout without reference kernels at these widths (5, 6 channels)
+    // A tuned plan for one layout: the candidates measured with every convolution lowered direct, the
+    // memory budget applied to the faster choices, then the plan lowered again with the choice fixed.
+    // Returns the plan; `choice` gets its layout and algorithms (to rebuild it without measuring).
+    struct Choice {
+        tag layout = tag::undef;
+        std::map<std::string, std::string> algorithms, candidates;
+        std::string budget_note;
+    };
+    auto lower_fixed = [&](const Choice& choice, const EngineOptions& o) {
+        auto plan = std::make_unique<Impl>();
+        plan->forced_tag = choice.layout;
+        plan->forced_algorithms = &choice.algorithms;
+        plan->compile(graph, weights, o);
+        plan->forced_algorithms = nullptr;
+        for (Step& step : plan->steps)
+            if (auto it = choice.candidates.find(step.name); it != choice.candidates.end() && step.op.starts_with("conv"))
+                step.candidates = it->second;
+        return plan;
+    };
+    auto tuned_plan = [&](const EngineOptions& o, Choice* choice) {
+        auto measured = std::make_unique<Impl>();
+        measured->measure_only = true;
+        measured->compile(graph, weights, o);
+        const std::vector<Step>& steps = measured->steps;
+        std::vector<size_t> winograd_steps;
+        for (size_t i = 0; i < steps.size(); ++i)
+            if (steps[i].measured && steps[i].preferred == "winograd") winograd_steps.push_back(i);
+        choice->layout = measured->act_tag;
+        for (const Step& step : steps)
+            if (step.op.starts_with("conv")) {
+                choice->algorithms[step.name] = "direct";
+                choice->candidates[step.name] = step.candidates;
+            }
+        if (winograd_steps.empty()) return measured;  // already the plan: every convolution direct
+        // The budget: Winograd layers that save the least time per extra byte stay direct until it fits.
+        std::vector<bool> winograd(steps.size(), false);
+        auto scratch = [&] {
+            size_t most = 0;
+            for (size_t k = 0; k < steps.size(); ++k)
+                most = std::max(most, winograd[k] ? steps[k].scratch[1] : steps[k].scratch_bytes);
+            return most;
+        };
+        size_t weights_now = measured->weights_bytes;  // every convolution direct
+        const double direct_total = static_cast<double>(weights_now + measured->arena_bytes + scratch());
+        const double budget = o.memory_budget_mb > 0    ? std::max(o.memory_budget_mb * 1e6, direct_total)
+                              : o.memory_budget_mb == 0 ? 1.75 * direct_total
+                                                        : INFINITY;
+        auto extra = [&](size_t i) {
+            return static_cast<double>(steps[i].weight_bytes[1]) - static_cast<double>(steps[i].weight_bytes[0]);
+        };
+        auto value = [&](size_t i) {  // ms saved per extra byte (weights and scratchpad)
+            const double more = extra(i) + std::max(0.0, static_cast<double>(steps[i].scratch[1]) -
+                                                             static_cast<double>(steps[i].scratch[0]));
+            return (steps[i].ms[0] - steps[i].ms[1]) / std::max(1.0, more);
+        };
+        std::sort(winograd_steps.begin(), winograd_steps.end(), [&](size_t a, size_t b) { return value(a) > value(b); });
+        int kept = 0, dropped = 0;
+        double total = direct_total;
+        for (size_t i : winograd_steps) {
+            winograd[i] = true;
+            const double with = static_cast<double>(weights_now) + extra(i) + static_cast<double>(measured->arena_bytes) +
+                                static_cast<double>(scratch());
+            if (with > budget) {
+                winograd[i] = false;
+                ++dropped;
+                choice->candidates[steps[i].name] += " -> direct (memory budget)";
+                continue;
+            }
+            weights_now = static_cast<size_t>(static_cast<double>(weights_now) + extra(i));
+            total = with;
+            ++kept;
+            choice->algorithms[steps[i].name] = "winograd";
         }
-        if (blocked_exists && probe.act_tag != impl_->act_tag) {
-            const int reps = options.tune == Tuning::full ? 3 : 1;
-            const tag automatic_tag = impl_->act_tag;
-            const double automatic_ms = impl_->time_pass(reps);
-            impl_ = std::make_unique<Impl>();
-            impl_->compile(graph, weights, blocked_options);
-            const double blocked_ms = impl_->time_pass(reps);
-            const bool take_blocked = blocked_ms < automatic_ms;
-            layouts = fmt::format("layout {} {:.3g} ms{} vs {} {:.3g} ms{}; ", layout_name(automatic_tag), automatic_ms,
-                                  take_blocked ? "" : " *", layout_name(impl_->act_tag), blocked_ms,
-                                  take_blocked ? " *" : "");
-            if (!take_blocked) {
-                impl_ = std::make_unique<Impl>();
-                impl_->compile(graph, weights, options);
+        if (std::isfinite(budget))
+            choice->budget_note = fmt::format("; memory budget {:.0f} MB (direct plan {:.0f} MB): {} winograd kept{}",
+                                              budget / 1e6, direct_total / 1e6, kept,
+                                              dropped ? fmt::format(", {} left direct", dropped) : std::string());
+        (void)total;
+        measured.reset();  // freed before the fixed plan is lowered: the two never coexist
+        return lower_fixed(*choice, o);
+    };
+
+    std::string layouts;
+    std::string budget_note;
+    if (!tuning) {
+        impl_->compile(graph, weights, options);
+    } else {
+        Choice choice;
+        impl_ = tuned_plan(options, &choice);
+        budget_note = choice.budget_note;
+        if (options.layout == EngineLayout::automatic) {
+            // oneDNN's own layout against the blocked one (in-place concats, pixel-shuffle deconvolutions,
+            // and Winograd, which oneDNN 2.6 has for blocked layouts only): a timed pass of each plan.
+            // One plan is alive at a time, so the peak memory is that of the larger plan.
+            EngineOptions blocked_options = options;
+            blocked_options.layout = EngineLayout::blocked;
+            Impl probe;
+            probe.options = blocked_options;
+            probe.graph = graph.with_batch(options.micro_batch);
+            probe.ops = fuse(probe.graph);
+            bool blocked_exists = true;
+            try {
+                probe.choose_layout();
+            } catch (const Error&) {
+                blocked_exists = false;  // no blocked layout without reference kernels at these widths (5, 6)
+            }
+            if (blocked_exists && probe.act_tag != impl_->act_tag) {
+                const int reps = options.tune == Tuning::full ? 3 : 1;
+                const double automatic_ms = impl_->time_pass(reps);
+                impl_.reset();
+                Choice blocked_choice;
+                impl_ = tuned_plan(blocked_options, &blocked_choice);
+                const double blocked_ms = impl_->time_pass(reps);
+                const bool take_blocked = blocked_ms < automatic_ms;
+                layouts = fmt::format("layout {} {:.3g} ms{} vs {} {:.3g} ms{}; ", layout_name(choice.layout),
+                                      automatic_ms, take_blocked ? "" : " *", layout_name(impl_->act_tag), blocked_ms,
+                                      take_blocked ? " *" : "");
+                if (take_blocked) {
+                    budget_note = blocked_choice.budget_note;
+                } else {
+                    impl_.reset();
+                    impl_ = lower_fixed(choice, options);
+                }
             }
         }
     }
@@ -121,7 +213,7 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
         else
             ++direct;
     }
-    impl_->tuning_summary = fmt::format("{}convolutions: {} winograd, {} direct", layouts, winograd, direct);
+    impl_->tuning_summary = fmt::format("{}convolutions: {} winograd, {} direct{}", layouts, winograd, direct, budget_note);
     if (cached) {
         CachedPlan plan;
         plan.layout = layout_name(impl_->act_tag);

@@ -305,66 +305,125 @@ uint32_t crc32(const uint8_t* data, size_t size, uint32_t crc) {
     return ~crc;
 }
 
-SafetensorsFile parse_safetensors(const uint8_t* data, size_t size, const std::string& what) {
+namespace {
+
+// The parsed header: every entry checked against the data section's size, no overlaps, metadata.
+struct Header {
+    std::vector<Entry> entries;
+    std::map<std::string, std::string> metadata;
+};
+
+// Checks the 8-byte length prefix against the file's size; returns the header's length.
+uint64_t checked_header_size(const uint8_t* prefix, size_t size, const std::string& what) {
     if (size < 8)
         throw Error(fmt::format("{}: file is {} bytes, too small to hold the 8-byte header length", what, size));
-    const uint64_t header_size = read_u64_le(data);
+    const uint64_t header_size = read_u64_le(prefix);
     if (header_size > size - 8)
         throw Error(fmt::format("{}: header length {} exceeds the {} bytes after the length prefix", what, header_size,
                                 size - 8));
     if (header_size > kSafetensorsMaxHeaderBytes)
         throw Error(fmt::format("{}: header length {} exceeds the limit of {} bytes", what, header_size,
                                 kSafetensorsMaxHeaderBytes));
-    const uint8_t* data_section = data + 8 + header_size;
-    const uint64_t data_size = size - 8 - header_size;
+    return header_size;
+}
 
-    json header = parse_header_json(data + 8, static_cast<size_t>(header_size), what);
+Header parse_header(const uint8_t* text, size_t header_size, uint64_t data_size, const std::string& what) {
+    json header = parse_header_json(text, header_size, what);
     if (!header.is_object())
         throw Error(fmt::format("{}: header is a JSON {}, expected an object", what, header.type_name()));
-
-    SafetensorsFile file;
-    std::vector<Entry> entries;
-    entries.reserve(header.size());
+    Header h;
+    h.entries.reserve(header.size());
     for (const auto& [name, info] : header.items()) {
         if (name == "__metadata__")
-            file.metadata = parse_metadata(info, what);
+            h.metadata = parse_metadata(info, what);
         else
-            entries.push_back(parse_entry(name, info, data_size, what));
+            h.entries.push_back(parse_entry(name, info, data_size, what));
     }
     std::vector<const Entry*> entry_pointers;
-    for (const Entry& entry : entries) entry_pointers.push_back(&entry);
+    for (const Entry& entry : h.entries) entry_pointers.push_back(&entry);
     check_no_overlap(std::move(entry_pointers), what);
+    return h;
+}
 
-    if (auto it = file.metadata.find(kSafetensorsChecksumKey); it != file.metadata.end()) {
-        std::optional<uint32_t> expected = parse_hex32(it->second);
-        if (!expected)
-            throw Error(fmt::format("{}: malformed {} '{}', expected 8 hex digits", what, kSafetensorsChecksumKey,
-                                    printable(it->second, 40)));
-        const uint32_t actual = crc32(data_section, static_cast<size_t>(data_size));
-        if (actual != *expected)
-            throw Error(fmt::format("{}: checksum mismatch: header says CRC-32 {:08x}, data section ({} bytes) has "
-                                    "{:08x}; the file is corrupt or was modified",
-                                    what, *expected, data_size, actual));
-    }
+// The checksum the metadata states, or nullopt when it states none.
+std::optional<uint32_t> stated_checksum(const Header& h, const std::string& what) {
+    auto it = h.metadata.find(kSafetensorsChecksumKey);
+    if (it == h.metadata.end()) return std::nullopt;
+    std::optional<uint32_t> expected = parse_hex32(it->second);
+    if (!expected)
+        throw Error(fmt::format("{}: malformed {} '{}', expected 8 hex digits", what, kSafetensorsChecksumKey,
+                                printable(it->second, 40)));
+    return expected;
+}
 
-    for (const Entry& entry : entries)
-        check_finite(tensor_context(what, entry.name), entry.shape, entry.dtype, data_section + entry.begin);
+void check_checksum(uint32_t expected, uint32_t actual, uint64_t data_size, const std::string& what) {
+    if (actual != expected)
+        throw Error(fmt::format("{}: checksum mismatch: header says CRC-32 {:08x}, data section ({} bytes) has "
+                                "{:08x}; the file is corrupt or was modified",
+                                what, expected, data_size, actual));
+}
 
-    for (Entry& entry : entries) {
+// Empty tensors of the entries' shapes and dtypes, their bytes to be filled.
+TensorMap allocate_tensors(const Header& h, const std::string& what) {
+    TensorMap tensors;
+    for (const Entry& entry : h.entries) {
         HostTensor tensor;
-        tensor.shape = std::move(entry.shape);
+        tensor.shape = entry.shape;
         tensor.dtype = entry.dtype;
         try {
-            tensor.bytes.assign(data_section + entry.begin, data_section + entry.end);
+            tensor.bytes.resize(entry.end - entry.begin);
         } catch (const std::bad_alloc&) {
             throw Error(fmt::format("{}: out of memory allocating {} bytes", tensor_context(what, entry.name),
                                     entry.end - entry.begin));
         }
-        file.tensors.emplace(std::move(entry.name), std::move(tensor));
+        tensors.emplace(entry.name, std::move(tensor));
+    }
+    return tensors;
+}
+
+}  // namespace
+
+SafetensorsFile parse_safetensors(const uint8_t* data, size_t size, const std::string& what) {
+    const uint64_t header_size = checked_header_size(data, size, what);
+    const uint8_t* data_section = data + 8 + header_size;
+    const uint64_t data_size = size - 8 - header_size;
+    Header h = parse_header(data + 8, static_cast<size_t>(header_size), data_size, what);
+    if (std::optional<uint32_t> expected = stated_checksum(h, what))
+        check_checksum(*expected, crc32(data_section, static_cast<size_t>(data_size)), data_size, what);
+    for (const Entry& entry : h.entries)
+        check_finite(tensor_context(what, entry.name), entry.shape, entry.dtype, data_section + entry.begin);
+    SafetensorsFile file;
+    file.metadata = std::move(h.metadata);
+    file.tensors = allocate_tensors(h, what);
+    for (const Entry& entry : h.entries) {
+        HostTensor& tensor = file.tensors.at(entry.name);
+        if (!tensor.bytes.empty()) std::memcpy(tensor.bytes.data(), data_section + entry.begin, tensor.bytes.size());
     }
     return file;
 }
 
+namespace {
+
+// Reads exactly `count` bytes at the file's current position.
+void read_exact(int fd, uint8_t* into, size_t count, size_t done_before, size_t size, const std::string& path) {
+    size_t done = 0;
+    while (done < count) {
+        ssize_t got = ::read(fd, into + done, std::min<size_t>(count - done, size_t{1} << 30));
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            throw Error(fmt::format("{}: read failed: {}", path, errno_text(errno)));
+        }
+        if (got == 0)
+            throw Error(fmt::format("{}: file shrank while reading ({} of {} bytes)", path, done_before + done, size));
+        done += static_cast<size_t>(got);
+    }
+}
+
+}  // namespace
+
+// Streams the file: the header first, then the data section in chunks, copied straight into the tensors
+// while its checksum is computed, so the peak memory is the tensors plus one chunk (not the whole file
+// twice). Read rather than mmap: a file truncated by someone else mid-load then gives an error, not SIGBUS.
 SafetensorsFile load_safetensors(const std::string& path) {
     FileDescriptor file(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
     if (file.fd < 0) throw Error(fmt::format("{}: cannot open: {}", path, errno_text(errno)));
@@ -373,25 +432,50 @@ SafetensorsFile load_safetensors(const std::string& path) {
     if (!S_ISREG(info.st_mode)) throw Error(fmt::format("{}: not a regular file", path));
     const size_t size = static_cast<size_t>(info.st_size);
 
-    // Read rather than mmap: a file truncated by someone else mid-load then gives an error, not SIGBUS.
-    std::unique_ptr<uint8_t[]> buffer;
+    std::array<uint8_t, 8> prefix{};
+    if (size >= 8) read_exact(file.fd, prefix.data(), 8, 0, size, path);
+    const uint64_t header_size = checked_header_size(prefix.data(), size, path);
+    std::vector<uint8_t> header_text;
     try {
-        buffer.reset(new uint8_t[std::max<size_t>(size, 1)]);
+        header_text.resize(static_cast<size_t>(header_size));
     } catch (const std::bad_alloc&) {
-        throw Error(fmt::format("{}: out of memory reading {} bytes", path, size));
+        throw Error(fmt::format("{}: out of memory reading a header of {} bytes", path, header_size));
     }
-    size_t done = 0;
-    while (done < size) {
-        ssize_t got = ::read(file.fd, buffer.get() + done, std::min<size_t>(size - done, size_t{1} << 30));
-        if (got < 0) {
-            if (errno == EINTR) continue;
-            throw Error(fmt::format("{}: read failed: {}", path, errno_text(errno)));
+    read_exact(file.fd, header_text.data(), header_text.size(), 8, size, path);
+    const uint64_t data_size = size - 8 - header_size;
+    Header h = parse_header(header_text.data(), header_text.size(), data_size, path);
+    header_text = {};
+    const std::optional<uint32_t> expected = stated_checksum(h, path);
+
+    SafetensorsFile loaded;
+    loaded.metadata = std::move(h.metadata);
+    loaded.tensors = allocate_tensors(h, path);
+    // Entries by offset: each chunk is copied into the tensors it overlaps.
+    std::vector<std::pair<const Entry*, HostTensor*>> order;
+    for (const Entry& entry : h.entries)
+        if (entry.end > entry.begin) order.emplace_back(&entry, &loaded.tensors.at(entry.name));
+    std::sort(order.begin(), order.end(), [](const auto& a, const auto& b) { return a.first->begin < b.first->begin; });
+    constexpr size_t kChunk = size_t{4} << 20;
+    std::vector<uint8_t> chunk(static_cast<size_t>(std::min<uint64_t>(data_size, kChunk)));
+    uint32_t crc = 0;
+    size_t next = 0;  // first entry that may still overlap
+    for (uint64_t at = 0; at < data_size;) {
+        const size_t n = static_cast<size_t>(std::min<uint64_t>(data_size - at, kChunk));
+        read_exact(file.fd, chunk.data(), n, static_cast<size_t>(8 + header_size + at), size, path);
+        crc = crc32(chunk.data(), n, crc);
+        const uint64_t chunk_end = at + n;
+        for (size_t i = next; i < order.size() && order[i].first->begin < chunk_end; ++i) {
+            const Entry& e = *order[i].first;
+            const uint64_t from = std::max(e.begin, at), to = std::min(e.end, chunk_end);
+            if (from < to) std::memcpy(order[i].second->bytes.data() + (from - e.begin), chunk.data() + (from - at), to - from);
+            if (e.end <= chunk_end && i == next) ++next;
         }
-        if (got == 0)
-            throw Error(fmt::format("{}: file shrank while reading ({} of {} bytes)", path, done, size));
-        done += static_cast<size_t>(got);
+        at = chunk_end;
     }
-    return parse_safetensors(buffer.get(), size, path);
+    if (expected) check_checksum(*expected, crc, data_size, path);
+    for (const auto& [entry, tensor] : order)
+        check_finite(tensor_context(path, entry->name), entry->shape, entry->dtype, tensor->bytes.data());
+    return loaded;
 }
 
 void save_safetensors(const std::string& path, const TensorMap& tensors,

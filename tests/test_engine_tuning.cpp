@@ -262,6 +262,44 @@ TEST(EngineTuning, AWrongCandidateNeverWins) {
     EXPECT_NE(trial.summary(candidates).find("wrong (REJECTED"), std::string::npos);
 }
 
+// The memory budget: a plan never exceeds it (unless the all-direct plan alone does, which is the floor),
+// a tighter budget keeps fewer Winograd layers, and every budgeted plan still matches the reference.
+TEST(EngineTuning, MemoryBudgetBoundsThePlan) {
+    resunet::ResUNetConfig config;
+    config.width = 32;
+    config.depth = 2;
+    config.height = config.width_px = 32;
+    const Graph g = resunet::build_resunet(config);
+    const TensorMap weights = weights_for(g, 12);
+    const Tensor4 input = input_for(g, 1, 13);
+    const Tensor4 expected = resunet::reference::run_graph(g, weights, input);
+    EngineOptions direct_options;
+    direct_options.tune = Tuning::off;
+    direct_options.layout = EngineLayout::blocked;
+    const size_t direct_bytes = Engine(g, weights, direct_options).memory_usage().total();
+    for (double budget_mb : {-1.0, 0.0, 1.2 * static_cast<double>(direct_bytes) / 1e6, 1e-3}) {
+        EngineOptions options;
+        options.layout = EngineLayout::blocked;
+        options.memory_budget_mb = budget_mb;
+        Engine engine(g, weights, options);
+        const Outcome o = run_plan(g, weights, input, options);
+        const size_t bytes = engine.memory_usage().total();
+        const double limit = budget_mb < 0 ? INFINITY
+                             : budget_mb == 0 ? 1.75 * static_cast<double>(direct_bytes)
+                                              : std::max(budget_mb * 1e6, static_cast<double>(direct_bytes));
+        std::cout << fmt::format("  budget {:>8.3f} MB: {:.2f} MB (direct plan {:.2f} MB), {}\n", budget_mb, bytes / 1e6,
+                                 direct_bytes / 1e6, engine.tuning_summary());
+        // The tuner estimates from the measured figures; allow 1% for the bias and alignment it does not see.
+        EXPECT_LE(static_cast<double>(bytes), limit * 1.01) << engine.tuning_summary();
+        const ErrorStats e = resunet::reference::compare(o.out.data(), expected);
+        EXPECT_LE(e.relative(), kTolerance) << budget_mb << " MB: " << e.to_string();
+        if (budget_mb > 0 && budget_mb < 1) {
+            EXPECT_EQ(o.winograd_steps, 0) << "a budget below the direct plan keeps none";
+            EXPECT_EQ(bytes, direct_bytes);
+        }
+    }
+}
+
 // The plan cache: a second engine reuses the first one's measured plan (same layout and algorithms, same
 // output); a damaged, truncated or stale file is measured again and replaced; another micro-batch is
 // another key; a cache that cannot be written leaves a working engine.

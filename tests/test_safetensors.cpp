@@ -464,6 +464,54 @@ TEST_F(SafetensorsTest, RefusesNonFiniteWeightsWithAValidChecksum) {
     EXPECT_EQ(resunet::load_safetensors(path.string()).tensors.at("q").bytes, ints["q"].bytes);
 }
 
+// load_safetensors streams the data section in 4 MiB chunks straight into the tensors; tensors that
+// straddle chunk boundaries, tiny ones between them and a gap that belongs to no tensor must load exactly
+// as parse_safetensors reads the whole file, and damage in the last chunk must still fail the checksum.
+TEST_F(SafetensorsTest, StreamedLoadEqualsWholeFileParse) {
+    std::mt19937 rng(21);
+    TensorMap tensors;
+    tensors["a"] = random_tensor({3 << 20}, DType::f32, rng);  // 12 MiB: crosses three chunk boundaries
+    tensors["b"] = random_tensor({5}, DType::u8, rng);
+    tensors["c"] = random_tensor({1 << 19, 3}, DType::s8, rng);
+    tensors["d"] = random_tensor({7}, DType::i64, rng);
+    tensors["e"] = random_tensor({}, DType::f32, rng);
+    const fs::path path = dir_ / "big.safetensors";
+    resunet::save_safetensors(path.string(), tensors, {{"k", "v"}});
+    const Bytes bytes = read_bytes(path);
+    const resunet::SafetensorsFile streamed = resunet::load_safetensors(path.string());
+    const resunet::SafetensorsFile whole = resunet::parse_safetensors(bytes.data(), bytes.size(), "whole");
+    ASSERT_EQ(streamed.tensors.size(), tensors.size());
+    for (const auto& [name, tensor] : tensors) {
+        EXPECT_EQ(streamed.tensors.at(name).bytes, tensor.bytes) << name;
+        EXPECT_EQ(streamed.tensors.at(name).shape, tensor.shape) << name;
+        EXPECT_EQ(whole.tensors.at(name).bytes, tensor.bytes) << name;
+    }
+    EXPECT_EQ(streamed.metadata, whole.metadata);
+
+    // A gap of 4 bytes between two tensors (allowed by the format): loaded alike, covered by the checksum.
+    Bytes data(4 + 8 + 4, 0);
+    const float first = 1.5f, second = -2.0f;
+    std::memcpy(data.data(), &first, 4);
+    std::memcpy(data.data() + 12, &second, 4);
+    const std::string header = fmt::format(
+        R"({{"__metadata__":{{"{}":"{:08x}"}},"x":{{"dtype":"F32","shape":[1],"data_offsets":[0,4]}},)"
+        R"("y":{{"dtype":"F32","shape":[1],"data_offsets":[12,16]}}}})",
+        resunet::kSafetensorsChecksumKey, resunet::crc32(data.data(), data.size()));
+    write_bytes(path, make_file(header, data));
+    const resunet::SafetensorsFile gap = resunet::load_safetensors(path.string());
+    EXPECT_EQ(gap.tensors.at("x").f32()[0], first);
+    EXPECT_EQ(gap.tensors.at("y").f32()[0], second);
+    Bytes damaged_gap = make_file(header, data);
+    damaged_gap[8 + header.size() + 6] ^= 0x10;  // a byte of the gap
+    write_bytes(path, damaged_gap);
+    expect_error([&] { resunet::load_safetensors(path.string()); }, "checksum mismatch");
+
+    Bytes damaged = bytes;
+    damaged[damaged.size() - 3] ^= 0x40;  // in the last chunk
+    write_bytes(path, damaged);
+    expect_error([&] { resunet::load_safetensors(path.string()); }, "checksum mismatch");
+}
+
 TEST_F(SafetensorsTest, RandomMutationsOnlyEverThrowError) {
     std::mt19937 rng(11);
     TensorMap tensors;

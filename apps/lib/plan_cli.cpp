@@ -25,6 +25,7 @@ struct PlanOptions {
     std::string tune = "fast";
     std::string plan_cache = default_plan_cache();
     bool retune = false;
+    double memory_budget_mb = 0;
 };
 
 void print_plan(const PlanOptions& o) {
@@ -37,6 +38,7 @@ void print_plan(const PlanOptions& o) {
     options.micro_batch = o.micro_batch;
     options.tune = o.tune == "off" ? Tuning::off : o.tune == "full" ? Tuning::full : Tuning::fast;
     options.plan_cache = o.plan_cache == "none" ? std::string() : o.plan_cache;
+    options.memory_budget_mb = o.memory_budget_mb;
     if (o.retune && !options.plan_cache.empty()) {
         // Measure again: the cached fp32 plans are removed first (they are the engine's own files).
         std::error_code ec;
@@ -83,6 +85,10 @@ void add_plan_command(CLI::App& app) {
         ->check(CLI::IsMember({"off", "fast", "full"}))
         ->capture_default_str();
     command->add_option("--plan-cache", options->plan_cache, "Folder of tuned plans; 'none' to measure every time")
+        ->capture_default_str();
+    command->add_option("--memory-budget", options->memory_budget_mb,
+                        "Largest engine bytes (weights + arena + scratchpad) in MB; Winograd layers that save the least "
+                        "time per byte stay direct until the plan fits. 0 = 1.75x the all-direct plan; -1 = no limit")
         ->capture_default_str();
     command->add_flag("--retune", options->retune, "Remove the cached fp32 plans first, so the plan is measured again");
     command->callback([options] { print_plan(*options); });
