@@ -4,6 +4,7 @@
 //   resunet summary --width 64 --depth 4 --size 224       # layer table of a configuration
 //   resunet summary --model model.safetensors             # ... of a weights file
 //   resunet predict images/ --model m.safetensors --out pred/ [--masks masks/]
+//   resunet quantize --model m.safetensors --out m.int8.safetensors --data DIR --split split.json
 //
 // Exit status: 0 success, 1 some work failed (e.g. an image), 2 usage error (bad flags, missing files).
 #include <csignal>
@@ -15,7 +16,9 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include "apps/lib/plan_cli.h"
 #include "apps/lib/predict.h"
+#include "apps/lib/quantize_cli.h"
 #include "apps/lib/train_cli.h"
 #include "graph/graph.h"
 #include "graph/model_config.h"
@@ -75,6 +78,8 @@ int main(int argc, char** argv) {
     resunet::add_train_command(app);
     resunet::add_cv_command(app);
     resunet::add_eval_command(app);
+    resunet::add_quantize_command(app);
+    resunet::add_plan_command(app);
     try {
         app.parse(argc, argv);
     } catch (const CLI::RuntimeError& e) {  // a subcommand's own exit status

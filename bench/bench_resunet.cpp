@@ -67,6 +67,7 @@ struct Options {
     bool eval_row = false;    // internal: score instead of timing
     std::string tune = "fast";  // fp32 engine: off | fast | full (EngineOptions::tune)
     std::string plan_cache = resunet::default_plan_cache();  // "" or "none": measure every time
+    double memory_budget_mb = 0;  // EngineOptions::memory_budget_mb
 };
 
 std::string plan_cache_of(const Options& o) { return o.plan_cache == "none" ? std::string() : o.plan_cache; }
@@ -87,6 +88,7 @@ auto with_engine(const Options& o, const resunet::Graph& graph, const resunet::T
         options.threads = o.threads;
         options.tune = tuning_of(o.tune);
         options.plan_cache = plan_cache_of(o);
+        options.memory_budget_mb = o.memory_budget_mb;
         resunet::Engine engine(graph, weights, options);
         return use(engine);
     }
@@ -94,7 +96,8 @@ auto with_engine(const Options& o, const resunet::Graph& graph, const resunet::T
     options.micro_batch = o.micro_batch;
     options.threads = o.threads;
     resunet::QuantEngine engine(graph, weights, options);
-    if (row == "int8-static") engine.calibrate(calibration, calibration_count);
+    // an int8 file with stored scales (resunet quantize) starts static and keeps them
+    if (row == "int8-static" && engine.mode() != resunet::ScaleMode::static_calibrated) engine.calibrate(calibration, calibration_count);
     return use(engine);
 }
 
@@ -175,13 +178,6 @@ double peak_rss_bytes() {
     return 0;
 }
 
-std::string cpu_model() {
-    std::ifstream info("/proc/cpuinfo");
-    std::string line;
-    while (std::getline(info, line))
-        if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-    return "unknown";
-}
 
 double percentile(std::vector<double> v, double p) {
     std::sort(v.begin(), v.end());
@@ -209,6 +205,7 @@ json measure_row(const Options& o) {
         engine_options.threads = o.threads;
         engine_options.tune = tuning_of(o.tune);
         engine_options.plan_cache = plan_cache_of(o);
+        engine_options.memory_budget_mb = o.memory_budget_mb;
         resunet::Engine engine(graph, weights, engine_options);
         weights = resunet::TensorMap();  // the engine holds its own reordered copy
         json row = measure_engine(o, graph, engine, "f32");
@@ -222,7 +219,7 @@ json measure_row(const Options& o) {
     quant_options.threads = o.threads;
     resunet::QuantEngine engine(graph, weights, quant_options);
     weights = resunet::TensorMap();
-    if (o.row == "int8-static") {
+    if (o.row == "int8-static" && engine.mode() != resunet::ScaleMode::static_calibrated) {  // stored scales win
         std::vector<float> calibration = calibration_images(o, 4 * o.micro_batch);
         engine.calibrate(calibration.data(), 4 * o.micro_batch);
     }
@@ -301,7 +298,8 @@ json run_row_in_child(const Options& o, const std::string& precision, const fs::
                                      "--batch", std::to_string(o.batch), "--micro-batch", std::to_string(o.micro_batch),
                                      "--threads", std::to_string(o.threads), "--runs", std::to_string(o.runs),
                                      "--warmup", std::to_string(o.warmup), "--tune", o.tune,
-                                     "--plan-cache", o.plan_cache.empty() ? std::string("none") : o.plan_cache};
+                                     "--plan-cache", o.plan_cache.empty() ? std::string("none") : o.plan_cache,
+                                     "--memory-budget", fmt::format("{}", o.memory_budget_mb)};
     if (!o.model.empty()) args.insert(args.end(), {"--model", o.model});
     if (!o.data.empty()) args.insert(args.end(), {"--data", o.data});
     if (!o.split.empty()) args.insert(args.end(), {"--split", o.split});
@@ -540,6 +538,10 @@ int main(int argc, char** argv) {
                    "folder of tuned plans reused across runs (keyed by CPU, oneDNN, graph, threads); 'none' to measure "
                    "every time")
         ->capture_default_str();
+    app.add_option("--memory-budget", o.memory_budget_mb,
+                   "fp32 plan: largest engine bytes in MB (Winograd kept where it saves the most time per byte); "
+                   "0 = 1.75x the all-direct plan, -1 = no limit")
+        ->capture_default_str();
     app.add_option("--json", o.json_path, "also write the report as JSON here");
     app.add_option("--csv", o.csv_path, "also write the table as CSV here");
     app.add_option("--data", o.data, "Kvasir-SEG style folder (images/, masks/): adds Dice/IoU on its test split (needs --model)");
@@ -583,7 +585,11 @@ int main(int argc, char** argv) {
             if (o.eval_size == 0) o.eval_size = found.height;
             std::vector<std::pair<std::string, resunet::Dims>> expected;
             for (const resunet::ParamInfo& p : graph.parameters()) expected.emplace_back(p.name, p.dims);
-            resunet::check_tensors(file.tensors, expected, o.model);
+            if (!resunet::is_int8_weights(file.tensors)) {
+                resunet::check_tensors(file.tensors, expected, o.model);
+            } else if (o.precision != "int8" && o.precision != "int8-static") {  // an int8 file (resunet quantize)
+                throw resunet::Error(fmt::format("{} is an int8 file: use --precision int8-static (its stored scales) or int8", o.model));
+            }
         }
         for (const std::string& path : {o.json_path, o.csv_path, o.chart, o.examples}) {
             if (path.empty()) continue;
@@ -599,7 +605,7 @@ int main(int argc, char** argv) {
         const std::time_t now = std::time(nullptr);
         char date[64];
         std::strftime(date, sizeof(date), "%Y-%m-%d %H:%M UTC", std::gmtime(&now));
-        report["provenance"] = {{"cpu", cpu_model()}, {"isa", resunet::onednn_version()},
+        report["provenance"] = {{"cpu", resunet::cpu_model_name()}, {"isa", resunet::onednn_version()},
                                 {"threads", o.threads > 0 ? std::to_string(o.threads) : fmt::format("{} (all cores)", std::thread::hardware_concurrency())},
                                 {"onednn", resunet::onednn_version()}, {"git_commit", RESUNET_GIT_COMMIT}, {"date", date}};
         fmt::print(stderr, "bench_resunet: width {}, {}x{}, batch {}, {} runs per row\n", o.width, o.size, o.size, o.batch, o.runs);

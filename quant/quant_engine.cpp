@@ -64,8 +64,9 @@ const HostTensor& int8_tensor(const TensorMap& tensors, const std::string& name,
     return it->second;
 }
 
-// Reads one layer back from an int8 model file, checking every scale.
-PreparedLayer read_int8_layer(const Graph& graph, const FusedOp& op, const TensorMap& tensors, bool int8) {
+// Reads one layer back from an int8 model file, checking every scale, and fits its weights to `levels`
+// (narrow_weights: a full-range file runs on a CPU without VNNI too).
+PreparedLayer read_int8_layer(const Graph& graph, const FusedOp& op, const TensorMap& tensors, bool int8, int levels) {
     const Node& node = graph.node(op.node);
     const int64_t in_channels = graph.value(node.inputs[0]).dims[1];
     const bool transposed = node.kind == OpKind::conv_transpose;
@@ -88,35 +89,35 @@ PreparedLayer read_int8_layer(const Graph& graph, const FusedOp& op, const Tenso
     layer.quant.q.assign(q.s8(), q.s8() + q.num_elements());
     layer.quant.scales.assign(s.f32(), s.f32() + out_channels);
     const int64_t per_oc = q.num_elements() / out_channels;
-    const int levels = weight_levels();
     for (int64_t oc = 0; oc < out_channels; ++oc) {
         const float scale = layer.quant.scales[static_cast<size_t>(oc)];
         if (!(scale > 0.0f) || !std::isfinite(scale))
             throw Error(fmt::format("int8 weights: '{}.weight_scale'[{}] = {} (must be positive and finite)", node.name, oc, scale));
-        int32_t sum = 0;
         for (int64_t i = 0; i < per_oc; ++i) {
             const int8_t v = layer.quant.q[static_cast<size_t>(oc * per_oc + i)];
-            if (v > levels || v < -levels)
-                throw Error(fmt::format("int8 weights: '{}.weight_q' has {} outside +-{}, which this CPU's int8 "
-                                        "kernels cannot multiply exactly; re-quantize from the fp32 model",
-                                        node.name, static_cast<int>(v), levels));
-            sum += v;
+            if (v < -kStoredWeightLevels)
+                throw Error(fmt::format("int8 weights: '{}.weight_q' has {} outside +-{} (symmetric weights)", node.name,
+                                        static_cast<int>(v), kStoredWeightLevels));
         }
-        layer.quant.sums.push_back(sum);
     }
+    narrow_weights(layer.quant, levels);
     return layer;
 }
 
-PreparedLayer prepare_layer(const Graph& graph, const FusedOp& op, const TensorMap& weights, bool int8, bool from_int8_file) {
-    if (from_int8_file) return read_int8_layer(graph, op, weights, int8);
+// int8 weights are always the full-range (kStoredWeightLevels) quantization narrowed to `levels`, from an
+// fp32 model as from a file, so both give the same network on every CPU.
+PreparedLayer prepare_layer(const Graph& graph, const FusedOp& op, const TensorMap& weights, bool int8, bool from_int8_file,
+                            int levels) {
+    if (from_int8_file) return read_int8_layer(graph, op, weights, int8, levels);
     FoldedConv folded = fold_any(graph, op, weights);
     PreparedLayer layer;
     layer.int8 = int8;
     layer.weight_dims = folded.weight_dims;
     layer.bias = std::move(folded.bias);
-    if (int8)
-        layer.quant = quantize_weights(folded.weights, layer.weight_dims[0], weight_levels());
-    else
+    if (int8) {
+        layer.quant = quantize_weights(folded.weights, layer.weight_dims[0], kStoredWeightLevels);
+        narrow_weights(layer.quant, levels);
+    } else
         layer.weights = std::move(folded.weights);
     return layer;
 }
@@ -629,7 +630,7 @@ void QuantEngine::Impl::lower(const TensorMap& weights, bool from_int8_file) {
             }
             case StepKind::conv: {
                 const FusedOp& op = ops[static_cast<size_t>(planned.op)];
-                lower_conv(planned, prepare_layer(graph, op, weights, int8_op[static_cast<size_t>(planned.op)], from_int8_file));
+                lower_conv(planned, prepare_layer(graph, op, weights, int8_op[static_cast<size_t>(planned.op)], from_int8_file, levels));
                 break;
             }
         }
@@ -872,7 +873,7 @@ TensorMap quantize_model_weights(const Graph& graph, const TensorMap& fp32_weigh
     for (const FusedOp& op : fuse(graph)) {
         if (!is_weighted(op)) continue;
         const std::string name = graph.node(op.node).name;
-        PreparedLayer layer = prepare_layer(graph, op, fp32_weights, runs_int8(graph, op, options), false);
+        PreparedLayer layer = prepare_layer(graph, op, fp32_weights, runs_int8(graph, op, options), false, kStoredWeightLevels);
         const int64_t out_channels = layer.weight_dims[0];
         HostTensor bias = HostTensor::zeros({out_channels});
         std::copy(layer.bias.begin(), layer.bias.end(), bias.f32());

@@ -81,7 +81,7 @@ class QuantEngine {
     EngineMemory memory_usage() const;
     double compile_ms() const;
     int num_primitives() const;
-    int weight_levels() const;  // |q| bound used for weights on this CPU
+    int weight_levels() const;  // |q| bound of the weights as this CPU runs them (files store +-127, narrowed to this)
 
     struct Impl;
 
@@ -90,7 +90,8 @@ class QuantEngine {
 };
 
 // The int8 model as tensors, per fused op (named by its head node): "<name>.weight_q" (I8, OIHW, BN
-// folded), "<name>.weight_scale" (F32 [O]) and "<name>.bias" (F32 [O], folded) for int8 layers;
+// folded, +-kStoredWeightLevels on every CPU: the engine narrows them at load where the CPU has fewer
+// levels, so the file is portable), "<name>.weight_scale" (F32 [O]) and "<name>.bias" (F32 [O], folded) for int8 layers;
 // "<name>.weight" and "<name>.bias" (F32, folded) for fp32 ones. About a quarter of the fp32 file.
 TensorMap quantize_model_weights(const Graph& graph, const TensorMap& fp32_weights, const QuantOptions& options = {});
 // True if `tensors` is such an int8 model (has "*.weight_q" tensors).

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <oneapi/dnnl/dnnl.hpp>
 
 namespace resunet {
@@ -39,6 +40,30 @@ WeightQuant quantize_weights(const std::vector<float>& weights, int64_t out_chan
         wq.sums[static_cast<size_t>(oc)] = sum;
     }
     return wq;
+}
+
+void narrow_weights(WeightQuant& wq, int levels) {
+    const int64_t out_channels = static_cast<int64_t>(wq.scales.size());
+    if (out_channels == 0) return;
+    const int64_t per_oc = static_cast<int64_t>(wq.q.size()) / out_channels;
+    wq.sums.assign(static_cast<size_t>(out_channels), 0);
+    for (int64_t oc = 0; oc < out_channels; ++oc) {
+        int8_t* q = wq.q.data() + oc * per_oc;
+        int max_q = 0;
+        for (int64_t i = 0; i < per_oc; ++i) max_q = std::max(max_q, std::abs(static_cast<int>(q[i])));
+        int32_t sum = 0;
+        if (max_q > levels) {
+            for (int64_t i = 0; i < per_oc; ++i) {
+                // round-half-away(q * levels / max_q) in integers: exact, the same on every CPU
+                const int numerator = 2 * std::abs(static_cast<int>(q[i])) * levels + max_q;
+                const int magnitude = numerator / (2 * max_q);
+                q[i] = static_cast<int8_t>(q[i] < 0 ? -magnitude : magnitude);
+            }
+            wq.scales[static_cast<size_t>(oc)] *= static_cast<float>(max_q) / static_cast<float>(levels);
+        }
+        for (int64_t i = 0; i < per_oc; ++i) sum += q[i];
+        wq.sums[static_cast<size_t>(oc)] = sum;
+    }
 }
 
 ActivationQuant choose_activation_quant(float min_value, float max_value) {

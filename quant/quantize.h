@@ -25,6 +25,16 @@ int weight_levels();
 
 WeightQuant quantize_weights(const std::vector<float>& weights, int64_t out_channels, int levels);
 
+// Levels of the weights the int8 model files store (and the engine quantizes to first): full range on every
+// CPU, so a file made on any CPU runs on every other; narrow_weights() fits them to a CPU with fewer levels.
+inline constexpr int kStoredWeightLevels = 127;
+
+// Fits full-range weights to `levels` (63 on CPUs without VNNI): each output channel whose largest |q| is
+// above `levels` gets q' = round-half-away(q * levels / max_q) and scale' = scale * max_q / levels, so
+// q' * scale' stays within half a new step of q * scale (the channel's largest weight maps to +-levels
+// exactly); channels already within `levels` are kept as they are. Recomputes the sums.
+void narrow_weights(WeightQuant& wq, int levels);
+
 // u8 activation quantization q = clip(round(x / scale + zero_point), 0, 255).
 struct ActivationQuant {
     float scale = 1.0f;      // > 0

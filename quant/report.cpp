@@ -33,6 +33,11 @@ double cosine_similarity(const std::vector<float>& a, const std::vector<float>& 
 
 std::vector<LayerQuantReport> compare_layers(const Graph& graph, const TensorMap& weights, QuantOptions options,
                                              const float* images, int batch) {
+    return compare_layers(graph, weights, weights, options, images, batch);
+}
+
+std::vector<LayerQuantReport> compare_layers(const Graph& graph, const TensorMap& weights, const TensorMap& int8_weights,
+                                             QuantOptions options, const float* images, int batch) {
     if (batch != options.micro_batch)
         throw Error(fmt::format("compare_layers: batch {} must equal the micro-batch {} (one pass)", batch, options.micro_batch));
     EngineOptions fp32_options;
@@ -42,7 +47,7 @@ std::vector<LayerQuantReport> compare_layers(const Graph& graph, const TensorMap
     Engine fp32(graph, weights, fp32_options);
     options.keep_values = true;
     options.count_saturation = true;
-    QuantEngine int8(graph, weights, options);
+    QuantEngine int8(graph, int8_weights, options);
     const Dims& out = graph.value(graph.output_value()).dims;
     std::vector<float> out32(static_cast<size_t>(num_elements(out) / out[0] * batch)), out8(out32.size());
     fp32.run(images, batch, out32.data());

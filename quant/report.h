@@ -29,6 +29,9 @@ struct LayerQuantReport {
 // convolution's output. Errors accumulate along the network, as they do in real use.
 std::vector<LayerQuantReport> compare_layers(const Graph& graph, const TensorMap& weights, QuantOptions options,
                                              const float* images, int batch);
+// Same, with the int8 engine built from `int8_weights` (an int8 file, e.g. one with stored static scales).
+std::vector<LayerQuantReport> compare_layers(const Graph& graph, const TensorMap& fp32_weights, const TensorMap& int8_weights,
+                                             QuantOptions options, const float* images, int batch);
 
 std::string format_layer_report(const std::vector<LayerQuantReport>& rows);
 

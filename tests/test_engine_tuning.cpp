@@ -208,7 +208,9 @@ TEST(EngineTuning, TunedPlanRecordsItsCandidates) {
         EXPECT_TRUE(row.candidates.starts_with("direct ")) << row.candidates;
         EXPECT_EQ(std::count(row.candidates.begin(), row.candidates.end(), '*'), 1) << row.candidates;
         const bool winograd_chosen = row.candidates.find("*") > row.candidates.find("winograd");
-        EXPECT_EQ(winograd_chosen, row.algorithm == "winograd") << row.candidates;
+        // The memory budget may leave a faster Winograd layer direct; it says so.
+        const bool left_direct = row.candidates.find("-> direct (memory budget)") != std::string::npos;
+        EXPECT_EQ(winograd_chosen && !left_direct, row.algorithm == "winograd") << row.candidates;
         EXPECT_EQ(row.candidates.find("REJECTED"), std::string::npos) << row.candidates;
     }
     std::cout << fmt::format("  {} convolutions measured; plan: {}\n", measured, o.summary);

@@ -454,7 +454,7 @@ TEST(Predict, Int8AndStaticInt8AgreeWithFp32) {
     options.precision = Precision::static_int8;
     options.calibration_images = 3;
     const Captured calibrated = predict(options);
-    EXPECT_NE(calibrated.log.find("calibrated on the first 3 input images"), std::string::npos) << calibrated.log;
+    EXPECT_NE(calibrated.log.find("calibrated on the fixed synthetic set of 3 images"), std::string::npos) << calibrated.log;
     EXPECT_EQ(calibrated.report.images_ok, inputs.size());
 
     options.out_dir = out / "int8-file";
@@ -768,7 +768,7 @@ TEST(PredictBinary, HelpUsageErrorsAndExitCodes) {
                   &out, &err),
               1);
     EXPECT_NE(err.find("broken.png"), std::string::npos) << err;
-    EXPECT_NE(err.find("calibrated on the first 1 input images"), std::string::npos) << err;
+    EXPECT_NE(err.find("calibrated on the fixed synthetic set of 2 images"), std::string::npos) << err;  // never the run's inputs
     EXPECT_NE(out.find("1 ok, 1 failed"), std::string::npos) << out;
 
     EXPECT_EQ(run("summary --width 8 --depth 2 --size 32", &out, &err), 0) << err;

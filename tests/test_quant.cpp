@@ -393,6 +393,45 @@ TEST(QuantArithmetic, QuantizeWeightsPerChannel) {
     }
 }
 
+// Full-range weights narrowed for a CPU without VNNI: the largest maps to +-63 exactly, every weight moves by
+// at most half a new step, channels already within 63 are untouched, sums follow.
+TEST(QuantArithmetic, NarrowWeightsTo63) {
+    const int64_t out_channels = 3, per_oc = 40;
+    std::vector<float> weights(static_cast<size_t>(out_channels * per_oc));
+    fill_uniform(weights.data(), count_of(weights), 5, -0.9f, 0.6f);
+    WeightQuant wq = resunet::quantize_weights(weights, out_channels, resunet::kStoredWeightLevels);
+    for (int64_t i = 0; i < per_oc; ++i) wq.q[static_cast<size_t>(2 * per_oc + i)] = static_cast<int8_t>(i % 7 - 3);  // within 63
+    const WeightQuant full = wq;
+    resunet::narrow_weights(wq, 63);
+    for (int64_t oc = 0; oc < out_channels; ++oc) {
+        int max_q = 0;
+        int32_t sum = 0;
+        for (int64_t i = 0; i < per_oc; ++i) {
+            const size_t k = static_cast<size_t>(oc * per_oc + i);
+            max_q = std::max(max_q, std::abs(static_cast<int>(wq.q[k])));
+            sum += wq.q[k];
+            const float before = static_cast<float>(full.q[k]) * full.scales[static_cast<size_t>(oc)];
+            const float after = static_cast<float>(wq.q[k]) * wq.scales[static_cast<size_t>(oc)];
+            EXPECT_LE(std::fabs(after - before), 0.5f * wq.scales[static_cast<size_t>(oc)] * (1 + 1e-5f)) << oc << " " << i;
+        }
+        EXPECT_EQ(wq.sums[static_cast<size_t>(oc)], sum);
+        if (oc < 2) {
+            EXPECT_EQ(max_q, 63) << oc;
+            EXPECT_FLOAT_EQ(wq.scales[static_cast<size_t>(oc)], full.scales[static_cast<size_t>(oc)] * 127.0f / 63.0f);
+        } else {
+            EXPECT_TRUE(std::equal(wq.q.begin() + 2 * per_oc, wq.q.end(), full.q.begin() + 2 * per_oc)) << "within 63: kept";
+            EXPECT_EQ(wq.scales[2], full.scales[2]);
+        }
+    }
+    // round half away from zero: 127 -> 63, 1 -> 0 (0.496), 3 -> 1 (1.488), 65 -> 32 (32.24), -127 -> -63
+    WeightQuant tiny;
+    tiny.q = {127, 1, 3, 65, -127, -3};
+    tiny.scales = {1.0f};
+    resunet::narrow_weights(tiny, 63);
+    EXPECT_EQ(tiny.q, (std::vector<int8_t>{63, 0, 1, 32, -63, -1}));
+    EXPECT_EQ(tiny.sums, (std::vector<int32_t>{63 + 0 + 1 + 32 - 63 - 1}));
+}
+
 TEST(QuantArithmetic, AllZeroWeightChannelHasScaleOne) {
     std::vector<float> weights = {0, 0, 0, 0, 0.3f, -1.0f, 0.25f, 0};
     const WeightQuant wq = resunet::quantize_weights(weights, 2, 63);
@@ -978,11 +1017,12 @@ TEST(QuantFileErrors, BadInt8FilesNameTheTensor) {
     expect_error("NaN scale", [&](TensorMap& t) { t.at(layer + ".weight_scale").f32()[1] = NAN; }, layer + ".weight_scale");
     expect_error("Inf scale", [&](TensorMap& t) { t.at(layer + ".weight_scale").f32()[1] = INFINITY; },
                  layer + ".weight_scale");
-    expect_error("weight_q above levels",
-                 [&](TensorMap& t) { t.at(layer + ".weight_q").s8()[5] = static_cast<int8_t>(levels == 127 ? -128 : levels + 1); },
+    // Full-range files (+-127) load on every CPU (narrowed where it has 63 levels); only -128 is refused.
+    (void)levels;
+    expect_error("weight_q of -128", [&](TensorMap& t) { t.at(layer + ".weight_q").s8()[5] = static_cast<int8_t>(-128); },
                  layer + ".weight_q");
-    expect_error("weight_q below -levels",
-                 [&](TensorMap& t) { t.at(layer + ".weight_q").s8()[0] = static_cast<int8_t>(-levels - 1); }, layer + ".weight_q");
+    expect_error("weight_q of -128 (first)", [&](TensorMap& t) { t.at(layer + ".weight_q").s8()[0] = static_cast<int8_t>(-128); },
+                 layer + ".weight_q");
     expect_error("weight_scale wrong shape", [&](TensorMap& t) { t[layer + ".weight_scale"] = HostTensor::zeros({3}); },
                  layer + ".weight_scale");
     expect_error("weight_q as F32", [&](TensorMap& t) { t[layer + ".weight_q"] = HostTensor::zeros(t.at(layer + ".weight_q").shape); },
@@ -1106,7 +1146,11 @@ TEST(QuantInput, ZeroAndConstantInputsMatchFp32Mask) {
                 // and one rounding-order difference moves all of them across a step together.)
                 const double largest = check_every_op(what, net.graph, net.weights, input, quant_options());
                 vs_fake = fmt::format("; every op vs fake-quant: rel {:.2e}", largest);
-                EXPECT_GE(dice, kNetworkDice - 0.01) << what;
+                // Measured (constant 0, 1, -1.5): 0.963, 0.976, 0.958 with +-127 weights; 0.917, 0.943, 0.930
+                // where the CPU has 63 levels (ONEDNN_MAX_CPU_ISA=AVX2), whose weights are the +-127 ones narrowed
+                // (narrow_weights: one more rounding than quantizing to 63 directly, the price of one int8 network
+                // on every CPU). Same engine-vs-fake-quant agreement (rel < 1e-6) either way.
+                EXPECT_GE(dice, kNetworkDice - (engine->weight_levels() < 127 ? 0.02 : 0.01)) << what;
             }
             // The brief asked for the fp32 mask exactly; measured 84-166 of 8192 pixels differ (dynamic),
             // for the reason given at kNetworkDice. Static scales calibrated on random images are far too

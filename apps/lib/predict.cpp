@@ -1,4 +1,5 @@
 #include "apps/lib/predict.h"
+#include "apps/lib/quantize_cli.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -36,6 +37,7 @@
 
 #include "data/dataset.h"
 #include "engine/engine.h"
+#include "engine/plan_cache.h"
 #include "graph/atomic_file.h"
 #include "graph/model_config.h"
 #include "graph/safetensors.h"
@@ -733,6 +735,7 @@ LoadedModel load_model(const PredictOptions& options, std::FILE* log) {
             if (int8_file) throw UsageError(fmt::format("--model '{}' is an int8 file; --precision fp32 needs fp32 weights", path));
             EngineOptions engine_options;
             engine_options.threads = options.threads;
+            engine_options.plan_cache = default_plan_cache();  // tuned once per machine and graph
             model.runner.fp32 = std::make_unique<Engine>(graph, file.tensors, engine_options);
             model.engine = "fp32";
         } else {
@@ -750,24 +753,13 @@ LoadedModel load_model(const PredictOptions& options, std::FILE* log) {
     return model;
 }
 
-// static-int8 without stored scales: calibrates on the first decodable input images (at most
-// options.calibration_images); returns how many were used.
-int calibrate_on_inputs(const Run& run, LoadedModel& model, InferenceThread& inference_thread) {
-    const int wanted = run.options.calibration_images;
-    std::vector<float> calibration(static_cast<size_t>(wanted) * run.input_floats);
-    int gathered = 0;
-    for (size_t i = 0; i < run.paths.size() && gathered < wanted; ++i) {
-        Item item;
-        item.index = i;
-        try {
-            load_input(run, item, calibration.data() + static_cast<size_t>(gathered) * run.input_floats, false);
-            ++gathered;
-        } catch (const std::exception&) {
-            // reported with the other failures when the pipeline reaches it
-        }
-    }
-    if (gathered > 0) inference_thread.run([&] { model.runner.int8->calibrate(calibration.data(), gathered); });
-    return gathered;
+// static-int8 without stored scales: calibrates on the fixed synthetic set (synthetic_calibration_images, never
+// on the run's own inputs, so a mask never depends on what else is in the run); returns how many images.
+int calibrate_on_fixed_set(const Run& run, LoadedModel& model, InferenceThread& inference_thread) {
+    const int count = run.options.calibration_images;
+    const std::vector<float> calibration = synthetic_calibration_images(count, run.size);
+    inference_thread.run([&] { model.runner.int8->calibrate(calibration.data(), count); });
+    return count;
 }
 
 // The last stage's state: counts, failures, metrics rows and progress, in input order.
@@ -994,15 +986,11 @@ PredictReport run_predict(const PredictOptions& options) {
                              options.threads > 0 ? options.threads : tbb::this_task_arena::max_concurrency()));
     if (options.precision == Precision::static_int8 && !model.stored_scales) {
         const auto calibration_start = Clock::now();
-        const int used = calibrate_on_inputs(run, model, inference_thread);
-        if (used == 0) {
-            console.line("static-int8: no input image could be decoded for calibration; keeping dynamic scales");
-            report.engine = "int8 (dynamic scales: calibration found no readable image)";
-        } else {
-            console.line(fmt::format("static-int8: the model stores no static scales; calibrated on the first {} input images ({:.2f} s)",
-                                     used, seconds_since(calibration_start)));
-            report.engine = fmt::format("int8 (static scales, calibrated on the first {} input images)", used);
-        }
+        const int used = calibrate_on_fixed_set(run, model, inference_thread);
+        console.line(fmt::format("static-int8: the model stores no static scales; calibrated on the fixed synthetic set of {} "
+                                 "images ({:.2f} s; `resunet quantize` stores scales from real images)",
+                                 used, seconds_since(calibration_start)));
+        report.engine = fmt::format("int8 (static scales, calibrated on the fixed synthetic set of {} images)", used);
     }
     report.setup_seconds = seconds_since(start);
 
@@ -1037,7 +1025,7 @@ void add_predict_command(CLI::App& app) {
     command->add_option("inputs", options->inputs, "Image files, folders of images (JPEG/PNG/TIFF/BMP, sorted) or @list.txt")
         ->required()
         ->type_name("INPUT");
-    command->add_option("--model", options->model_path, "Model .safetensors (fp32, or int8 from quantize_model_weights)")
+    command->add_option("--model", options->model_path, "Model .safetensors (fp32, or int8 from `resunet quantize`)")
         ->required();
     auto precision = std::make_shared<std::string>("int8");
     command->add_option("--precision", *precision,
@@ -1063,7 +1051,9 @@ void add_predict_command(CLI::App& app) {
     command->add_option("--size", options->size, "Model input size for files without 'resunet.size' metadata (default 224)")
         ->check(CLI::Range(1, 65536));
     command->add_option("--calibration-images", options->calibration_images,
-                        "static-int8 without stored scales: calibrate on the first N input images")
+                        "static-int8 with a model that stores no scales: calibrate on a fixed synthetic set of N images "
+                        "(seeded, the same in every run, so a mask never depends on the other inputs); a `resunet quantize` "
+                        "file stores scales from real images and is used as is")
         ->check(CLI::Range(1, 4096))
         ->default_val(16);
     command->add_flag("--progress", *force_progress, "Show the progress bar even when stderr is not a terminal");

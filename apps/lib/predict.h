@@ -58,13 +58,13 @@ int run_command(const char* name, const std::function<int()>& body);
 enum class Precision {
     int8,         // u8 activations with dynamic scales (static if the int8 model file stores them)
     fp32,         // the fp32 engine (needs an fp32 model file)
-    static_int8,  // static activation scales: the file's, else calibrated on the first input images
+    static_int8,  // static activation scales: the file's, else calibrated on a fixed synthetic set
 };
 const char* precision_name(Precision precision);  // "int8", "fp32", "static-int8"
 
 struct PredictOptions {
     std::vector<std::string> inputs;  // image files, folders (supported images inside, sorted), "@list.txt"
-    std::string model_path;           // .safetensors: fp32 weights, or int8 from quantize_model_weights
+    std::string model_path;           // .safetensors: fp32 weights, or int8 from `resunet quantize`
     Precision precision = Precision::int8;
     int batch = 16;               // images per engine call
     int threads = 0;              // TBB workers and oneDNN threads; 0 = all cores
@@ -75,7 +75,7 @@ struct PredictOptions {
     bool fast_decode = false;     // JPEGs decode at 1/2, 1/4 or 1/8 scale while still at least twice the model size
                                   // (read_image_reduced); ignored with overlay, which needs the full image
     int size = 0;                 // model input size when the file has no "resunet.size"; 0 = 224
-    int calibration_images = 16;  // static-int8 without stored scales: calibrate on this many inputs
+    int calibration_images = 16;  // static-int8 without stored scales: this many fixed synthetic images
     int batches_in_flight = 3;    // live tokens of the pipeline: bounds decoded images held in memory
     int64_t max_pixels = 100'000'000;  // larger images are refused (per-file failure)
     bool progress = false;        // progress bar on `log` (the CLI turns it on when stderr is a TTY)

@@ -1,4 +1,5 @@
 #include "apps/lib/train_cli.h"
+#include "apps/lib/quantize_cli.h"
 
 #include <omp.h>
 #include <sys/stat.h>
@@ -34,6 +35,7 @@
 #include "data/loader.h"
 #include "data/split.h"
 #include "engine/engine.h"
+#include "engine/plan_cache.h"
 #include "graph/atomic_file.h"
 #include "graph/graph.h"
 #include "graph/init.h"
@@ -211,7 +213,8 @@ void register_eval_flags(CLI::App& app, EvalCommandOptions& o) {
     app.add_option("--size", o.size, "Model input size for files without 'resunet.size' metadata (default 224)")
         ->check(CLI::Range(1, 65536));
     bind_option(app, "--calibration-images", o.calibration_images,
-         "static-int8 without stored scales: calibrate on the first N images of the split's train side")
+         "static-int8 without stored scales: calibrate on the first N images (sorted ids) of the split's train side, "
+         "the set `resunet quantize --data --split` uses by default")
         ->check(CLI::Range(1, 4096));
     bind_flag(app, "--skip-bad", o.skip_bad, "Skip unreadable image/mask pairs instead of refusing the dataset");
     bind_option(app, "--json", o.json_path, "Also write the report to this JSON file");
@@ -723,6 +726,7 @@ TrainReport run_job(TrainJob& job) {
             {
                 EngineOptions engine_options;
                 engine_options.threads = job.threads;
+                engine_options.tune = Tuning::off;  // once per epoch, new weights: a plan is not worth measuring here
                 Engine engine(eval_graph, trainer.weights(), engine_options);
                 val = evaluate_split(
                     *job.dataset, job.val_indices, eval_preprocess,
@@ -1200,6 +1204,7 @@ EvalReport run_eval(const EvalCommandOptions& options) {
                 throw UsageError(fmt::format("--model '{}' is an int8 file; --precision fp32 needs fp32 weights", options.model_path));
             EngineOptions engine_options;
             engine_options.threads = options.threads;
+            engine_options.plan_cache = default_plan_cache();  // tuned once per machine and graph
             fp32 = std::make_unique<Engine>(graph, file.tensors, engine_options);
             report.engine = "fp32";
         } else {
@@ -1218,20 +1223,14 @@ EvalReport run_eval(const EvalCommandOptions& options) {
     PreprocessOptions preprocess;
     preprocess.width = preprocess.height = size;
     if (options.precision == Precision::static_int8 && !stored_scales) {
-        std::vector<size_t> calibration_indices = indices_of(dataset, split.train_ids);
-        if (calibration_indices.empty()) calibration_indices = indices;  // a split without a train side
-        calibration_indices.resize(std::min(calibration_indices.size(), static_cast<size_t>(options.calibration_images)));
-        LoaderOptions loader_options;
-        loader_options.batch_size = calibration_indices.size();
-        loader_options.num_threads = options.threads;
-        loader_options.preprocess = preprocess;
-        loader_options.preprocess.keep_original_mask = false;
-        BatchLoader loader(dataset, calibration_indices, loader_options);
-        loader.start_epoch(0);
-        Batch batch;
-        if (!loader.next(batch)) throw Error("static-int8: no calibration images");
-        int8->calibrate(batch.images.f32(), static_cast<int>(batch.size()));
-        report.engine = fmt::format("int8 (static scales, calibrated on the first {} images of the split's train side)", batch.size());
+        // The fixed set `resunet quantize --data --split` uses by default (calibration_ids), so its file
+        // reproduces this run's scales and Dice.
+        std::vector<std::string> ids = calibration_ids(split.train_ids, options.calibration_images);
+        if (ids.empty()) ids = calibration_ids(split.test_ids, options.calibration_images);  // a split without a train side
+        const std::vector<float> calibration = load_calibration_images(dataset, ids, size);
+        if (ids.empty()) throw Error("static-int8: no calibration images");
+        int8->calibrate(calibration.data(), static_cast<int>(ids.size()));
+        report.engine = fmt::format("int8 (static scales, calibrated on the first {} images of the split's train side)", ids.size());
     }
 
     // evaluate_split pools Dice and IoU; the pooled two-class mIoU at model size is counted here, against the

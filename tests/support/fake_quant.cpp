@@ -31,7 +31,9 @@ Tensor4 pixel_shuffle_2x2(const Tensor4& packed) {
 }
 
 std::vector<float> fake_quantize_weights(const std::vector<float>& weights, int64_t out_channels, int levels) {
-    const WeightQuant wq = quantize_weights(weights, out_channels, levels);
+    // as the engine: the full-range quantization, narrowed to the CPU's levels
+    WeightQuant wq = quantize_weights(weights, out_channels, kStoredWeightLevels);
+    narrow_weights(wq, levels);
     const int64_t per_oc = static_cast<int64_t>(weights.size()) / out_channels;
     std::vector<float> dst(weights.size());
     for (size_t i = 0; i < dst.size(); ++i)

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Our engines beside PyTorch and ONNX Runtime on the same network, input and machine, in one sitting
+# (../shared/peers; its README says what each peer row is). Rows run one after another, each in its own
+# process with the same thread count, batch 16 at 224x224, width 64 (32,445,185 parameters):
+#   peers: pt_jit_ob (PyTorch fp32), pt_fx_onednn (PyTorch FX static int8), ort_fp32, ort_qdqfull (ORT QDQ int8);
+#   ours (bench/peer_fidelity): fp32 tuned (cold: measures and saves its plan; warm: from the plan cache),
+#   fp32 untuned (--tune off), int8 dynamic, int8 static, and int8 from an int8 file (resunet quantize) when
+#   the program has that subcommand.
+# Fidelity: each of our rows against PyTorch's fp32 logits (ref_logits.bin) of the same weights.
+#
+#   bash bench/run_peers.sh [OUT_DIR] [RUNS]      (OUT_DIR default build/peers; RUNS default 5)
+# Needs the peers installed once: bash ../shared/peers/run.sh --setup (Debian python3-torch, npm ORT).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="$(realpath -m "${1:-build/peers}")"
+runs="${2:-5}"
+threads=2
+mkdir -p "$out"
+work="$out/peers"
+if [ ! -f "$work/input.bin" ]; then
+  rm -rf "$work" && cp -r ../shared/peers "$work" && chmod -R u+w "$work"
+  (cd "$work" && OMP_NUM_THREADS=$threads /usr/bin/python3 prep.py --threads $threads)
+fi
+[ -f "$out/peer_w64.safetensors" ] || /usr/bin/python3 "$work/export_weights.py" "$out/peer_w64.safetensors"
+bin=build/bench/peer_fidelity
+[ -x "$bin" ] || { echo "run_peers: build first (cmake --build build --target peer_fidelity resunet)"; exit 2; }
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) cores; $threads threads per row"
+common=(--weights "$out/peer_w64.safetensors" --input "$work/input.bin" --reference "$work/ref_logits.bin"
+        --runs "$runs" --threads $threads)
+ours() {  # name, then peer_fidelity flags
+  local name="$1"; shift
+  echo "== ours: $name"
+  "$bin" "${common[@]}" "$@" --json "$out/ours_$name.json" > "$out/ours_$name.log" 2>&1 || { echo "   failed: see $out/ours_$name.log"; return; }
+  /usr/bin/python3 - "$out/ours_$name.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print("   median %.0f ms (min %.0f, max %.0f), peak RSS %.0f MB, compile %.1f s, max|diff| %.2e, mask Dice %.4f%s" % (
+    r["latency_median_ms"], r["latency_min_ms"], r["latency_max_ms"], r["peak_rss_mb"], r["compile_ms"] / 1e3,
+    r["max_abs_diff"], r["mask_dice_vs_reference"], ("; plan: " + r["plan"]) if r.get("plan") else ""))
+PY
+}
+cache="$out/plans"
+rm -rf "$cache"
+ours fp32-tuned-cold --precision fp32 --plan-cache "$cache"
+ours fp32-tuned-warm --precision fp32 --plan-cache "$cache"
+ours fp32-untuned --precision fp32 --tune off
+ours int8-dynamic --precision int8
+ours int8-static --precision static-int8
+if build/apps/resunet quantize --help > /dev/null 2>&1; then
+  rm -f "$out/peer_w64.int8.safetensors"
+  if build/apps/resunet quantize --model "$out/peer_w64.safetensors" --out "$out/peer_w64.int8.safetensors" \
+       --size 224 > "$out/quantize.log" 2>&1; then
+    common[1]="$out/peer_w64.int8.safetensors"
+    ours int8-file --precision int8  # stored static scales (synthetic calibration set)
+    common[1]="$out/peer_w64.safetensors"
+  else
+    echo "== ours: int8 file: resunet quantize failed (see $out/quantize.log)"
+  fi
+fi
+echo "== peers (../shared/peers/runner.py)"
+(cd "$work" && /usr/bin/python3 runner.py --suite local --skip-prep --only pt_jit_ob,pt_fx_onednn,ort_fp32,ort_qdqfull \
+   --out "$out/peers_local") 2>&1 | tail -20
