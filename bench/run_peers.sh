@@ -21,6 +21,10 @@ if [ ! -f "$work/input.bin" ]; then
   rm -rf "$work" && cp -r ../shared/peers "$work" && chmod -R u+w "$work"
   (cd "$work" && OMP_NUM_THREADS=$threads /usr/bin/python3 prep.py --threads $threads)
 fi
+# onnxruntime-node from npm (the CPU binary ships in the tarball; no install scripts needed)
+[ -d "$work/node/node_modules/onnxruntime-node" ] ||
+  (cd "$work/node" && npm install --ignore-scripts --no-audit --no-fund > /dev/null 2>&1) ||
+  echo "run_peers: npm install of onnxruntime-node failed; the ORT rows will say so"
 [ -f "$out/peer_w64.safetensors" ] || /usr/bin/python3 "$work/export_weights.py" "$out/peer_w64.safetensors"
 bin=build/bench/peer_fidelity
 [ -x "$bin" ] || { echo "run_peers: build first (cmake --build build --target peer_fidelity resunet)"; exit 2; }
