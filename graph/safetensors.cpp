@@ -1,12 +1,14 @@
 #include "graph/safetensors.h"
 
 #include "graph/atomic_file.h"
+#include "graph/half_float.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <span>
 #include <array>
 #include <atomic>
 #include <cerrno>
@@ -63,6 +65,17 @@ std::optional<DType> dtype_from_name(std::string_view name) {
     return std::nullopt;
 }
 
+// 2-byte float storage of a tensor that is F32 in memory.
+enum class Narrow { none, f16, bf16 };
+
+const char* narrow_name(Narrow narrow) { return narrow == Narrow::f16 ? "F16" : "BF16"; }
+
+std::optional<Narrow> narrow_from_name(std::string_view name) {
+    if (name == "F16") return Narrow::f16;
+    if (name == "BF16") return Narrow::bf16;
+    return std::nullopt;
+}
+
 std::optional<uint64_t> as_u64(const json& value) {
     if (value.is_number_unsigned()) return value.get<uint64_t>();
     if (value.is_number_integer() && value.get<int64_t>() >= 0) return static_cast<uint64_t>(value.get<int64_t>());
@@ -94,7 +107,8 @@ uint64_t read_u64_le(const uint8_t* bytes) {
 
 struct Entry {
     std::string name;
-    DType dtype = DType::f32;
+    DType dtype = DType::f32;     // in memory
+    Narrow narrow = Narrow::none;  // F16 or BF16 on disk (dtype is then F32)
     Dims shape;
     uint64_t begin = 0;
     uint64_t end = 0;
@@ -142,8 +156,12 @@ Entry parse_entry(const std::string& name, const json& info, uint64_t data_size,
         throw Error(fmt::format("{}: \"dtype\" is a JSON {}, expected a string", context, dtype_it->type_name()));
     const std::string& dtype_text = dtype_it->get_ref<const std::string&>();
     std::optional<DType> dtype = dtype_from_name(dtype_text);
+    if (std::optional<Narrow> narrow = narrow_from_name(dtype_text)) {
+        entry.narrow = *narrow;
+        dtype = DType::f32;
+    }
     if (!dtype)
-        throw Error(fmt::format("{}: unsupported dtype '{}' (supported: F32, I8, U8, I32, I64)", context,
+        throw Error(fmt::format("{}: unsupported dtype '{}' (supported: F32, F16, BF16, I8, U8, I32, I64)", context,
                                 printable(dtype_text, 32)));
     entry.dtype = *dtype;
 
@@ -164,7 +182,7 @@ Entry parse_entry(const std::string& name, const json& info, uint64_t data_size,
     if (!elements)
         throw Error(fmt::format("{}: shape {} overflows the limit of {} elements", context,
                                 dims_to_string(entry.shape), kMaxElements));
-    const uint64_t needed_bytes = *elements * dtype_size(entry.dtype);
+    const uint64_t needed_bytes = *elements * (entry.narrow == Narrow::none ? dtype_size(entry.dtype) : 2);
 
     auto offsets_it = info.find("data_offsets");
     if (offsets_it == info.end()) throw Error(fmt::format("{}: missing \"data_offsets\"", context));
@@ -186,7 +204,8 @@ Entry parse_entry(const std::string& name, const json& info, uint64_t data_size,
     if (entry.end - entry.begin != needed_bytes)
         throw Error(fmt::format("{}: data_offsets [{}, {}] span {} bytes but shape {} of {} needs {}", context,
                                 entry.begin, entry.end, entry.end - entry.begin, dims_to_string(entry.shape),
-                                dtype_name(entry.dtype), needed_bytes));
+                                entry.narrow == Narrow::none ? dtype_name(entry.dtype) : narrow_name(entry.narrow),
+                                needed_bytes));
     return entry;
 }
 
@@ -363,6 +382,19 @@ void check_checksum(uint32_t expected, uint32_t actual, uint64_t data_size, cons
                                 what, expected, data_size, actual));
 }
 
+// A narrowed entry's 2-byte values sit in the first half of its F32 tensor's bytes: widens them in place,
+// last element first, so no value is overwritten before it is read (element i's float goes to bytes
+// [4i, 4i+4), past every 2-byte value j < i).
+void widen_in_place(HostTensor& tensor, Narrow narrow) {
+    const size_t count = tensor.bytes.size() / 4;
+    uint8_t* bytes = tensor.bytes.data();
+    for (size_t i = count; i-- > 0;) {
+        const uint16_t raw = static_cast<uint16_t>(bytes[2 * i] | (bytes[2 * i + 1] << 8));
+        const float value = narrow == Narrow::f16 ? f16_bits_to_f32(raw) : bf16_bits_to_f32(raw);
+        std::memcpy(bytes + 4 * i, &value, sizeof(value));
+    }
+}
+
 // Empty tensors of the entries' shapes and dtypes, their bytes to be filled.
 TensorMap allocate_tensors(const Header& h, const std::string& what) {
     TensorMap tensors;
@@ -371,7 +403,7 @@ TensorMap allocate_tensors(const Header& h, const std::string& what) {
         tensor.shape = entry.shape;
         tensor.dtype = entry.dtype;
         try {
-            tensor.bytes.resize(entry.end - entry.begin);
+            tensor.bytes.resize((entry.end - entry.begin) * (entry.narrow == Narrow::none ? 1 : 2));
         } catch (const std::bad_alloc&) {
             throw Error(fmt::format("{}: out of memory allocating {} bytes", tensor_context(what, entry.name),
                                     entry.end - entry.begin));
@@ -391,13 +423,19 @@ SafetensorsFile parse_safetensors(const uint8_t* data, size_t size, const std::s
     if (std::optional<uint32_t> expected = stated_checksum(h, what))
         check_checksum(*expected, crc32(data_section, static_cast<size_t>(data_size)), data_size, what);
     for (const Entry& entry : h.entries)
-        check_finite(tensor_context(what, entry.name), entry.shape, entry.dtype, data_section + entry.begin);
+        if (entry.narrow == Narrow::none)
+            check_finite(tensor_context(what, entry.name), entry.shape, entry.dtype, data_section + entry.begin);
     SafetensorsFile file;
     file.metadata = std::move(h.metadata);
     file.tensors = allocate_tensors(h, what);
     for (const Entry& entry : h.entries) {
         HostTensor& tensor = file.tensors.at(entry.name);
-        if (!tensor.bytes.empty()) std::memcpy(tensor.bytes.data(), data_section + entry.begin, tensor.bytes.size());
+        if (entry.end > entry.begin) std::memcpy(tensor.bytes.data(), data_section + entry.begin, entry.end - entry.begin);
+        if (entry.narrow != Narrow::none) {
+            widen_in_place(tensor, entry.narrow);
+            check_finite(tensor_context(what, entry.name), entry.shape, entry.dtype, tensor.bytes.data());
+            file.stored_as[entry.name] = narrow_name(entry.narrow);
+        }
     }
     return file;
 }
@@ -473,14 +511,43 @@ SafetensorsFile load_safetensors(const std::string& path) {
         at = chunk_end;
     }
     if (expected) check_checksum(*expected, crc, data_size, path);
-    for (const auto& [entry, tensor] : order)
+    for (const auto& [entry, tensor] : order) {
+        if (entry->narrow != Narrow::none) {
+            widen_in_place(*tensor, entry->narrow);
+            loaded.stored_as[entry->name] = narrow_name(entry->narrow);
+        }
         check_finite(tensor_context(path, entry->name), entry->shape, entry->dtype, tensor->bytes.data());
+    }
     return loaded;
 }
 
+const char* float_storage_name(FloatStorage storage) {
+    switch (storage) {
+        case FloatStorage::f32: return "f32";
+        case FloatStorage::f16: return "f16";
+        case FloatStorage::bf16: return "bf16";
+    }
+    return "?";
+}
+
+std::optional<FloatStorage> parse_float_storage(std::string_view text) {
+    for (FloatStorage storage : {FloatStorage::f32, FloatStorage::f16, FloatStorage::bf16})
+        if (text == float_storage_name(storage)) return storage;
+    return std::nullopt;
+}
+
 void save_safetensors(const std::string& path, const TensorMap& tensors,
-                      const std::map<std::string, std::string>& metadata) {
-    std::vector<std::pair<const std::string*, const HostTensor*>> order;
+                      const std::map<std::string, std::string>& metadata, const SaveOptions& options) {
+    // What goes on disk per tensor: its own bytes, or its F32 values narrowed to 2 bytes.
+    struct Stored {
+        const std::string* name;
+        const HostTensor* tensor;
+        const char* dtype;
+        std::span<const uint8_t> bytes;
+    };
+    std::vector<std::vector<uint8_t>> narrowed;  // owns the 2-byte copies
+    narrowed.reserve(tensors.size());
+    std::vector<Stored> order;
     for (const auto& [name, tensor] : tensors) {
         if (name == "__metadata__") throw Error(fmt::format("{}: tensor name '__metadata__' is reserved", path));
         std::optional<uint64_t> elements = checked_elements(tensor.shape);
@@ -493,21 +560,39 @@ void save_safetensors(const std::string& path, const TensorMap& tensors,
                                     tensor.bytes.size(), dims_to_string(tensor.shape), dtype_name(tensor.dtype),
                                     needed));
         check_finite(tensor_context(path, name), tensor.shape, tensor.dtype, tensor.bytes.data());
-        order.emplace_back(&name, &tensor);
+        Stored stored{&name, &tensor, dtype_name(tensor.dtype), {tensor.bytes.data(), tensor.bytes.size()}};
+        const size_t count = tensor.bytes.size() / 4;
+        const float* values = tensor.dtype == DType::f32 ? reinterpret_cast<const float*>(tensor.bytes.data()) : nullptr;
+        const bool fits = options.floats != FloatStorage::f16 || !values ||
+                          std::all_of(values, values + count, [](float v) { return f16_fits(v); });
+        if (values && options.floats != FloatStorage::f32 && fits) {
+            std::vector<uint8_t>& out = narrowed.emplace_back(2 * count);
+            for (size_t i = 0; i < count; ++i) {
+                const uint16_t bits = options.floats == FloatStorage::f16 ? f32_to_f16_bits(values[i])
+                                                                          : f32_to_bf16_bits(values[i]);
+                out[2 * i] = static_cast<uint8_t>(bits);
+                out[2 * i + 1] = static_cast<uint8_t>(bits >> 8);
+            }
+            stored.dtype = options.floats == FloatStorage::f16 ? "F16" : "BF16";
+            stored.bytes = {out.data(), out.size()};
+        }
+        order.push_back(stored);
     }
-    // Widest dtype first keeps every tensor aligned to its element size without padding between tensors
+    // Widest element first keeps every tensor aligned to its element size without padding between tensors
     // (Python safetensors rejects gaps); names break ties because `tensors` is already sorted by name.
-    std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) {
-        return dtype_size(a.second->dtype) > dtype_size(b.second->dtype);
-    });
+    auto element_size = [](const Stored& s) {
+        return s.bytes.data() == s.tensor->bytes.data() ? dtype_size(s.tensor->dtype) : size_t{2};
+    };
+    std::stable_sort(order.begin(), order.end(),
+                     [&](const Stored& a, const Stored& b) { return element_size(a) > element_size(b); });
 
     json header = json::object();
     uint64_t offset = 0;
     uint32_t crc = 0;
-    for (const auto& [name, tensor] : order) {
-        const uint64_t end = offset + tensor->bytes.size();
-        header[*name] = {{"dtype", dtype_name(tensor->dtype)}, {"shape", tensor->shape}, {"data_offsets", {offset, end}}};
-        crc = crc32(tensor->bytes.data(), tensor->bytes.size(), crc);
+    for (const Stored& s : order) {
+        const uint64_t end = offset + s.bytes.size();
+        header[*s.name] = {{"dtype", s.dtype}, {"shape", s.tensor->shape}, {"data_offsets", {offset, end}}};
+        crc = crc32(s.bytes.data(), s.bytes.size(), crc);
         offset = end;
     }
     json meta = json::object();
@@ -533,7 +618,7 @@ void save_safetensors(const std::string& path, const TensorMap& tensors,
     std::vector<std::span<const uint8_t>> parts = {
         {prefix.data(), prefix.size()},
         {reinterpret_cast<const uint8_t*>(header_text.data()), header_text.size()}};
-    for (const auto& [name, tensor] : order) parts.emplace_back(tensor->bytes.data(), tensor->bytes.size());
+    for (const Stored& s : order) parts.push_back(s.bytes);
     write_file_atomic(path, parts);
 }
 

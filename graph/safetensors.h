@@ -18,6 +18,9 @@
 // as Python's zlib.crc32) of the whole data section, as 8 lowercase hex digits. load_safetensors
 // verifies it when present; files without it (written by PyTorch or Python safetensors) load unchecked.
 //
+// Storage types: F32, I8, U8, I32 and I64 load as they are; F16 and BF16 (PyTorch half / bfloat16 exports,
+// or SaveOptions below) load widened to F32 exactly, and `stored_as` says which tensors were narrowed.
+//
 // Finite values: every F32 tensor must hold finite numbers. Loading and saving refuse a NaN or Inf with a
 // one-line error naming the tensor and its first bad element (a checksum taken after the damage, or a
 // file written by another tool, would otherwise let it through; saving refuses so that a previous good
@@ -27,7 +30,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -45,6 +50,18 @@ inline constexpr uint64_t kSafetensorsMaxHeaderBytes = 100'000'000;
 struct SafetensorsFile {
     TensorMap tensors;                            // name -> tensor (F32, I8, U8, I32, I64 only)
     std::map<std::string, std::string> metadata;  // "__metadata__" of the header; empty when absent
+    std::map<std::string, std::string> stored_as;  // tensors stored as "F16" or "BF16" (now F32 in `tensors`)
+};
+
+// How save_safetensors stores F32 tensors. f16 and bf16 halve the file (a width-64 model: 130 -> 65 MB):
+// bf16 keeps the float range with 8 significant bits; f16 keeps 11 bits within +-65504, and a tensor with a
+// value beyond that range stays F32 (never Inf). Loading widens both back to F32 exactly.
+enum class FloatStorage { f32, f16, bf16 };
+const char* float_storage_name(FloatStorage storage);                  // "f32", "f16", "bf16"
+std::optional<FloatStorage> parse_float_storage(std::string_view text);  // nullopt for anything else
+
+struct SaveOptions {
+    FloatStorage floats = FloatStorage::f32;
 };
 
 // Reads a .safetensors file; every check happens before any tensor byte is used. Throws resunet::Error
@@ -59,7 +76,7 @@ SafetensorsFile parse_safetensors(const uint8_t* data, size_t size, const std::s
 // leaves either the old or the new file. Tensors are laid out contiguously, widest dtype first then by
 // name, so Python safetensors loads the result; metadata gains "resunet.checksum" (overwriting any given).
 void save_safetensors(const std::string& path, const TensorMap& tensors,
-                      const std::map<std::string, std::string>& metadata = {});
+                      const std::map<std::string, std::string>& metadata = {}, const SaveOptions& options = {});
 
 // Checks that `tensors` holds exactly the expected names with the expected shapes and dtype F32; throws
 // resunet::Error naming the first missing, mis-shaped or unexpected tensor (expected vs actual shape)

@@ -1,8 +1,10 @@
 // Safetensors I/O: round trips, the exact byte layout, atomic saves, a hostile corpus built here, and check_tensors.
 #include "graph/safetensors.h"
+#include "graph/half_float.h"
 
 #include <unistd.h>
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -292,9 +294,12 @@ TEST(SafetensorsHostile, HeaderJson) {
 TEST(SafetensorsHostile, Dtype) {
     expect_parse_error(make_file(R"({"t":{"shape":[1],"data_offsets":[0,4]}})", Bytes(4)), "tensor 't': missing \"dtype\"");
     expect_parse_error(make_file(one_tensor("7", "[1]", "[0,4]"), Bytes(4)), "\"dtype\" is a JSON number");
-    expect_parse_error(make_file(one_tensor(R"("F16")", "[2]", "[0,4]", "e1.conv_a.weight"), Bytes(4)),
-                       "tensor 'e1.conv_a.weight': unsupported dtype 'F16'");
-    expect_parse_error(make_file(one_tensor(R"("BF16")", "[2]", "[0,4]"), Bytes(4)), "unsupported dtype 'BF16'");
+    expect_parse_error(make_file(one_tensor(R"("F64")", "[2]", "[0,16]", "e1.conv_a.weight"), Bytes(16)),
+                       "tensor 'e1.conv_a.weight': unsupported dtype 'F64'");
+    expect_parse_error(make_file(one_tensor(R"("bf16")", "[2]", "[0,4]"), Bytes(4)), "unsupported dtype 'bf16'");
+    // F16 and BF16 take 2 bytes per element: 2 elements in 8 bytes is a size mismatch, named with the dtype.
+    expect_parse_error(make_file(one_tensor(R"("F16")", "[2]", "[0,8]"), Bytes(8)), "shape [2] of F16 needs 4");
+    expect_parse_error(make_file(one_tensor(R"("BF16")", "[3]", "[0,4]"), Bytes(4)), "shape [3] of BF16 needs 6");
     expect_parse_error(make_file(one_tensor(R"("f32")", "[1]", "[0,4]"), Bytes(4)), "unsupported dtype 'f32'");
     expect_parse_error(make_file(one_tensor(R"("")", "[1]", "[0,4]"), Bytes(4)), "unsupported dtype ''");
 }
@@ -369,10 +374,10 @@ TEST(SafetensorsHostile, Metadata) {
 }
 
 TEST(SafetensorsHostile, NamesAreEscapedIntoOneLine) {
-    const Bytes file = make_file(one_tensor(R"("F16")", "[1]", "[0,2]", "bad\\nname\\u001b[31m"), Bytes(2));
+    const Bytes file = make_file(one_tensor(R"("F64")", "[1]", "[0,8]", "bad\\nname\\u001b[31m"), Bytes(8));
     expect_error([&] { resunet::parse_safetensors(file.data(), file.size(), "x"); }, "tensor 'bad\\x0aname\\x1b[31m'");
     const std::string long_name(5000, 'n');
-    const Bytes long_file = make_file(one_tensor(R"("F16")", "[1]", "[0,2]", long_name), Bytes(2));
+    const Bytes long_file = make_file(one_tensor(R"("F64")", "[1]", "[0,8]", long_name), Bytes(8));
     try {
         resunet::parse_safetensors(long_file.data(), long_file.size(), "x");
         ADD_FAILURE() << "no error";
@@ -654,3 +659,146 @@ TEST(CheckTensors, NamesFirstProblem) {
 }
 
 }  // namespace
+
+namespace {
+
+// Every F16 bit pattern widens to the float of IEEE 754 binary16 (computed here from its fields with ldexp).
+float f16_reference(uint16_t h) {
+    const int exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    const float sign = (h & 0x8000) ? -1.0f : 1.0f;
+    if (exponent == 0) return sign * std::ldexp(static_cast<float>(mantissa), -24);
+    if (exponent == 31) return mantissa ? std::numeric_limits<float>::quiet_NaN() : sign * std::numeric_limits<float>::infinity();
+    return sign * std::ldexp(static_cast<float>(1024 + mantissa), exponent - 25);
+}
+
+}  // namespace
+
+TEST(HalfFloat, F16WidensExactlyAndRoundsToNearestEven) {
+    for (uint32_t h = 0; h < 0x10000; ++h) {
+        const float wide = resunet::f16_bits_to_f32(static_cast<uint16_t>(h));
+        const float expected = f16_reference(static_cast<uint16_t>(h));
+        if (std::isnan(expected)) {
+            ASSERT_TRUE(std::isnan(wide)) << h;
+            continue;
+        }
+        ASSERT_EQ(resunet::float_bits(wide), resunet::float_bits(expected)) << "F16 bits " << h;
+        ASSERT_EQ(resunet::f32_to_f16_bits(wide), h) << "round trip of F16 bits " << h;
+    }
+    // Between two neighbours a < b (positive finite, and the step from 65504 to the first value that
+    // overflows), the midpoint goes to the one with the even mantissa, anything above it to b.
+    for (uint32_t h = 0; h < 0x7bff; ++h) {
+        const float a = resunet::f16_bits_to_f32(static_cast<uint16_t>(h));
+        const float b = resunet::f16_bits_to_f32(static_cast<uint16_t>(h + 1));
+        const float mid = (a + b) / 2;  // exact in float: F16 has 11 significant bits
+        ASSERT_EQ(resunet::f32_to_f16_bits(mid), (h & 1) ? h + 1 : h) << "midpoint above F16 bits " << h;
+        ASSERT_EQ(resunet::f32_to_f16_bits(std::nextafter(mid, b)), h + 1) << h;
+        ASSERT_EQ(resunet::f32_to_f16_bits(std::nextafter(mid, a)), h) << h;
+        ASSERT_EQ(resunet::f32_to_f16_bits(-std::nextafter(mid, b)), 0x8000 | (h + 1)) << h;
+    }
+    EXPECT_TRUE(resunet::f16_fits(65519.0f));
+    EXPECT_FALSE(resunet::f16_fits(65520.0f));
+    EXPECT_EQ(resunet::f32_to_f16_bits(65519.0f), 0x7bff);
+    EXPECT_EQ(resunet::f32_to_f16_bits(65520.0f), 0x7c00);
+    EXPECT_EQ(resunet::f32_to_f16_bits(1e-8f), 0);  // below half the smallest subnormal (2^-25)
+    EXPECT_EQ(resunet::f32_to_f16_bits(std::ldexp(1.0f, -25)), 0);             // tie: to even (0)
+    EXPECT_EQ(resunet::f32_to_f16_bits(std::ldexp(1.5f, -25)), 1);             // above the tie
+}
+
+TEST(HalfFloat, Bf16RoundsToNearestEven) {
+    std::mt19937 rng(7);
+    for (int i = 0; i < 100000; ++i) {
+        uint32_t bits = static_cast<uint32_t>(rng());
+        if ((bits & 0x7f800000u) == 0x7f800000u) continue;  // NaN/Inf
+        const float value = resunet::bits_float(bits);
+        const uint16_t rounded = resunet::f32_to_bf16_bits(value);
+        const uint16_t down = static_cast<uint16_t>(bits >> 16);
+        const uint32_t rest = bits & 0xffffu;
+        const uint16_t expected = rest > 0x8000u || (rest == 0x8000u && (down & 1)) ? down + 1 : down;
+        ASSERT_EQ(rounded, expected) << std::hex << bits;
+        ASSERT_EQ(resunet::float_bits(resunet::bf16_bits_to_f32(rounded)), uint32_t{rounded} << 16);
+    }
+}
+
+TEST_F(SafetensorsTest, StoresF32AsF16OrBf16AndLoadsThemWidened) {
+    std::mt19937 rng(11);
+    std::normal_distribution<float> normal(0.0f, 0.05f);
+    TensorMap tensors;
+    tensors["conv.weight"] = HostTensor::zeros({16, 8, 3, 3});
+    for (size_t i = 0; i < 16 * 8 * 9; ++i) tensors["conv.weight"].f32()[i] = normal(rng);
+    tensors["bn.running_var"] = HostTensor::zeros({3});
+    tensors["bn.running_var"].f32()[0] = 70000.0f;  // beyond F16: this tensor stays F32 in an f16 file
+    tensors["bn.running_var"].f32()[1] = 1e-9f;
+    tensors["steps"] = random_tensor({5}, DType::i64, rng);
+    tensors["odd"] = random_tensor({3}, DType::u8, rng);  // 3 bytes: the 2-byte tensors after it start odd
+    const fs::path f32_path = dir_ / "m.safetensors";
+    resunet::save_safetensors(f32_path.string(), tensors, {{"k", "v"}});
+    for (resunet::FloatStorage storage : {resunet::FloatStorage::f16, resunet::FloatStorage::bf16}) {
+        SCOPED_TRACE(resunet::float_storage_name(storage));
+        const fs::path path = dir_ / fmt::format("m.{}.safetensors", resunet::float_storage_name(storage));
+        resunet::save_safetensors(path.string(), tensors, {{"k", "v"}}, {.floats = storage});
+        const resunet::SafetensorsFile file = resunet::load_safetensors(path.string());
+        const Bytes bytes = read_bytes(path);
+        const resunet::SafetensorsFile parsed = resunet::parse_safetensors(bytes.data(), bytes.size(), "in memory");
+        EXPECT_EQ(file.metadata.at("k"), "v");
+        const bool f16 = storage == resunet::FloatStorage::f16;
+        EXPECT_EQ(file.stored_as.at("conv.weight"), f16 ? "F16" : "BF16");
+        EXPECT_EQ(file.stored_as.count("bn.running_var"), f16 ? 0u : 1u);
+        EXPECT_EQ(file.stored_as.count("steps"), 0u);
+        EXPECT_EQ(file.stored_as, parsed.stored_as);
+        for (const auto& [name, tensor] : tensors) {
+            const HostTensor& loaded = file.tensors.at(name);
+            ASSERT_EQ(loaded.dtype, tensor.dtype) << name;
+            ASSERT_EQ(loaded.shape, tensor.shape) << name;
+            EXPECT_EQ(loaded.bytes, parsed.tensors.at(name).bytes) << name;
+            if (tensor.dtype != DType::f32 || !file.stored_as.count(name)) {
+                EXPECT_EQ(loaded.bytes, tensor.bytes) << name;
+                continue;
+            }
+            for (int64_t i = 0; i < resunet::num_elements(tensor.shape); ++i) {
+                const float x = tensor.f32()[i];
+                const float expected = f16 ? resunet::f16_bits_to_f32(resunet::f32_to_f16_bits(x))
+                                           : resunet::bf16_bits_to_f32(resunet::f32_to_bf16_bits(x));
+                ASSERT_EQ(loaded.f32()[i], expected) << name << "[" << i << "]";
+                // The stated precision: half an ulp of 11 (F16) or 8 (BF16) significant bits, relative.
+                if (std::fabs(x) > 1e-4f) {
+                    ASSERT_LE(std::fabs(loaded.f32()[i] - x), std::fabs(x) * (f16 ? 0x1p-11 : 0x1p-8));
+                }
+            }
+        }
+        // The narrowed weights take half the bytes.
+        EXPECT_LT(fs::file_size(path), fs::file_size(f32_path) * 6 / 10);
+        // A file written with narrowed tensors is itself checksummed like any other.
+        Bytes damaged = bytes;
+        damaged[damaged.size() - 20] ^= 0x01;
+        write_bytes(dir_ / "damaged.safetensors", damaged);
+        expect_error([&] { resunet::load_safetensors((dir_ / "damaged.safetensors").string()); }, "checksum mismatch");
+    }
+    EXPECT_EQ(resunet::parse_float_storage("bf16"), resunet::FloatStorage::bf16);
+    EXPECT_FALSE(resunet::parse_float_storage("fp16").has_value());
+}
+
+TEST(Safetensors, LoadsHalfPrecisionFilesWrittenByPyTorchAndRefusesTheirNaN) {
+    // torch.save_file of {"w": torch.tensor([1.0, -2.5, 65504, 2**-24], dtype=torch.float16)} and of the
+    // same in bfloat16 ([1.0, -2.5, 65280, 2**-24]), bytes spelled out.
+    const Bytes f16 = make_file(R"({"w":{"dtype":"F16","shape":[2,2],"data_offsets":[0,8]}})",
+                                {0x00, 0x3c, 0x00, 0xc1, 0xff, 0x7b, 0x01, 0x00});
+    const resunet::SafetensorsFile a = resunet::parse_safetensors(f16.data(), f16.size(), "half.safetensors");
+    const float* w = a.tensors.at("w").f32();
+    EXPECT_EQ(a.tensors.at("w").dtype, DType::f32);
+    EXPECT_EQ(w[0], 1.0f);
+    EXPECT_EQ(w[1], -2.5f);
+    EXPECT_EQ(w[2], 65504.0f);
+    EXPECT_EQ(w[3], std::ldexp(1.0f, -24));
+    const Bytes bf16 = make_file(R"({"w":{"dtype":"BF16","shape":[4],"data_offsets":[0,8]}})",
+                                 {0x80, 0x3f, 0x20, 0xc0, 0x7f, 0x47, 0x80, 0x33});
+    const resunet::SafetensorsFile b = resunet::parse_safetensors(bf16.data(), bf16.size(), "bf16.safetensors");
+    EXPECT_EQ(b.tensors.at("w").f32()[0], 1.0f);
+    EXPECT_EQ(b.tensors.at("w").f32()[1], -2.5f);
+    EXPECT_EQ(b.tensors.at("w").f32()[2], 65280.0f);
+    EXPECT_EQ(b.tensors.at("w").f32()[3], std::ldexp(1.0f, -24));
+    // An F16 NaN (0x7e00) or BF16 -Inf (0xff80) is refused like an F32 one, naming the element.
+    const Bytes nan16 = make_file(R"({"w":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}})", {0x00, 0x3c, 0x00, 0x7e});
+    expect_parse_error(nan16, "tensor 'w': element 1 (index [1]) is NaN");
+    const Bytes inf16 = make_file(R"({"w":{"dtype":"BF16","shape":[1],"data_offsets":[0,2]}})", {0x80, 0xff});
+    expect_parse_error(inf16, "is -Inf");
+}
