@@ -1,10 +1,11 @@
 // `resunet`: the command-line program. Each subcommand registers itself from its own add_*_command()
-// (apps/lib/<command>.h), so new ones are one include and one call here.
+// (apps/lib/<command>_command.h), so new ones are one include and one call here.
 //
 //   resunet summary --width 64 --depth 4 --size 224       # layer table of a configuration
 //   resunet summary --model model.safetensors             # ... of a weights file
 //   resunet predict images/ --model m.safetensors --out pred/ [--masks masks/]
 //   resunet quantize --model m.safetensors --out m.int8.safetensors --data DIR --split split.json
+//   resunet convert --model best.safetensors --out model.safetensors --floats f16   # half the file size
 //
 // Exit status: 0 success, 1 some work failed (e.g. an image), 2 usage error (bad flags, missing files).
 #include <csignal>
@@ -16,10 +17,13 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include "apps/lib/convert_command.h"
+#include "apps/lib/cv_command.h"
+#include "apps/lib/eval_command.h"
 #include "apps/lib/plan_cli.h"
-#include "apps/lib/predict.h"
+#include "apps/lib/predict_command.h"
 #include "apps/lib/quantize_cli.h"
-#include "apps/lib/train_cli.h"
+#include "apps/lib/train_command.h"
 #include "graph/graph.h"
 #include "graph/model_config.h"
 #include "graph/safetensors.h"
@@ -80,6 +84,7 @@ int main(int argc, char** argv) {
     resunet::add_eval_command(app);
     resunet::add_quantize_command(app);
     resunet::add_plan_command(app);
+    resunet::add_convert_command(app);
     try {
         app.parse(argc, argv);
     } catch (const CLI::RuntimeError& e) {  // a subcommand's own exit status

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <functional>
 
 namespace resunet {
 
@@ -87,16 +88,36 @@ ConvTrial measure_conv(const engine& eng, stream& strm, std::vector<ConvCandidat
             reorder(pdst, dst).execute(strm, pdst, dst);
             strm.wait();
         }
-        memory w = reordered(eng, strm, weights, pd.weights_desc());
-        memory scratch(pd.scratchpad_desc(), eng);
         // The fused residual sum reads dst: keep its initial content to restore before each run.
         std::vector<char> initial(pd.dst_desc().get_size());
         std::memcpy(initial.data(), dst.get_data_handle(), initial.size());
-        convolution_forward conv(pd);
-        const std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_BIAS, bias},
-                                                      {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}};
-        conv.execute(strm, args);
-        strm.wait();
+        // A lazily built candidate lives while it is measured, and after only if it wins.
+        const bool lazy = !c.own && c.make_own;
+        if (lazy) c.own = c.make_own();
+        std::function<void()> run;
+        if (c.own) {
+            c.weight_bytes = c.own->weight_bytes();
+            c.scratch_bytes = c.own->scratch_bytes();
+            memory scratch({{static_cast<memory::dim>(std::max<size_t>(c.own->scratch_bytes(), 1))}, memory::data_type::u8,
+                            memory::format_tag::x},
+                           eng);
+            run = [&strm, own = c.own, scratch, src, dst] {
+                own->execute(strm, static_cast<const float*>(src.get_data_handle()),
+                             static_cast<float*>(dst.get_data_handle()), scratch.get_data_handle());
+            };
+        } else {
+            c.weight_bytes = pd.weights_desc().get_size() + bias.get_desc().get_size();
+            c.scratch_bytes = pd.scratchpad_desc().get_size();
+            memory w = reordered(eng, strm, weights, pd.weights_desc());
+            memory scratch(pd.scratchpad_desc(), eng);
+            const std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_BIAS, bias},
+                                                          {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}};
+            run = [&strm, conv = convolution_forward(pd), args]() mutable {
+                conv.execute(strm, args);
+                strm.wait();
+            };
+        }
+        run();
         const std::vector<float> out = as_nchw(eng, strm, dst);
         if (i == 0) {
             reference = out;
@@ -111,19 +132,25 @@ ConvTrial measure_conv(const engine& eng, stream& strm, std::vector<ConvCandidat
             c.error = max_ref > 0 ? max_err / max_ref : (max_err > 0 ? INFINITY : 0);
             c.passed = c.error <= c.bound;
         }
-        if (!c.passed) continue;  // never timed: a wrong kernel cannot win
+        if (!c.passed) {  // never timed: a wrong kernel cannot win
+            if (lazy) c.own.reset();
+            continue;
+        }
         double best = INFINITY;
         for (int r = 0; r < reps; ++r) {
             std::memcpy(dst.get_data_handle(), initial.data(), initial.size());
             const auto start = Clock::now();
-            conv.execute(strm, args);
-            strm.wait();
+            run();
             best = std::min(best, std::chrono::duration<double, std::milli>(Clock::now() - start).count());
         }
         c.ms = best;
+        run = nullptr;  // holds the kernel
         if (i == 0 || best < best_ms * (1.0 - margin)) {
             best_ms = best;
+            if (candidates[trial.chosen].make_own) candidates[trial.chosen].own.reset();  // superseded
             trial.chosen = i;
+        } else if (lazy) {
+            c.own.reset();
         }
     }
     return trial;

@@ -2,8 +2,13 @@
 // primitive runs on the layer's real shape with the layer's real weights, is checked against the direct
 // algorithm's output, and the fastest one that passes the check wins. A wrong kernel never wins on speed.
 //
+// A candidate may also be our own kernel (engine/winograd_own.h): it then carries the direct pd for its
+// src and dst layouts, and runs through `own` (or `make_own`) on the same data, checked and timed the
+// same way.
+//
 // Intended usage (engine/engine.cpp, lower_conv):
 //   std::vector<resunet::ConvCandidate> candidates = {{"direct", direct_pd}, {"winograd", wino_pd}};
+//   candidates.push_back({"winograd_f43", direct_pd, resunet::kOwnWinogradRelativeBound, nullptr, make_f43});
 //   resunet::ConvTrial trial = resunet::measure_conv(eng, strm, candidates, oihw_weights, bias, reps);
 //   const auto& pd = candidates[trial.chosen].pd;
 //
@@ -12,8 +17,12 @@
 
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
+
+#include "engine/winograd_own.h"
 
 namespace resunet {
 
@@ -22,11 +31,24 @@ namespace resunet {
 // on uniform data is 1e-7..1e-6 of the output's range, so 1e-4 leaves room for real layers and rejects a
 // wrong kernel (any indexing or transform error is of the order of the output itself).
 inline constexpr double kWinogradRelativeBound = 1e-4;
+// Our own F(4x4,3x3) and F(2x2,3x3) (engine/winograd_own.h): the same transforms in fp32 (U = G g G^T in
+// double, rounded once), so the same bound. Measured on the width-64 network's 3x3 layers with uniform
+// [0, 1) inputs and dst, batch 1 and 4 (bench/bench_winograd_own): F(4x4) 2.9e-6..8.3e-6 of the
+// output's range (growing with the input channels, 64..1024), F(2x2) 1.2e-6..6.1e-6: 12x below the bound
+// at worst, while an indexing or transform error is of the order of the output itself.
+inline constexpr double kOwnWinogradRelativeBound = kWinogradRelativeBound;
 
 struct ConvCandidate {
-    std::string name;  // "direct", "winograd"
-    dnnl::convolution_forward::primitive_desc pd;
+    std::string name;  // "direct", "winograd", "winograd_f43", "winograd_f23"
+    dnnl::convolution_forward::primitive_desc pd;  // for `own`: the direct pd (src and dst layouts only)
     double bound = 0;     // accepted relative error against direct (0 for direct itself)
+    std::shared_ptr<WinogradOwn> own = nullptr;  // our own kernel, run instead of pd's primitive
+    // Or our own kernel built only when measure_conv reaches it, and released after unless it is the
+    // fastest so far: at most two candidates' transformed weights coexist (F(4x4) at 1024 channels holds
+    // 151 MB), not all of them.
+    std::function<std::shared_ptr<WinogradOwn>()> make_own = nullptr;
+    size_t weight_bytes = 0;   // set by measure_conv: weights in the candidate's layout (own: U + bias)
+    size_t scratch_bytes = 0;  // set by measure_conv: scratchpad of one run
     double ms = -1;       // best time of one run; -1 when not measured
     double error = 0;     // measured max|candidate - direct| / max|direct|
     bool passed = false;  // within `bound`

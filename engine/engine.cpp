@@ -286,10 +286,33 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
     convolution_forward::primitive_desc pd = make_pd(algorithm::convolution_direct);
     std::string chosen_algorithm = "direct";
     std::string candidates;
-    Step measurement;  // the measured figures of both candidates, copied to the step below
+    Step measurement;  // the measured figures of direct and the best other candidate, copied to the step below
+    std::shared_ptr<WinogradOwn> own;  // set when our own Winograd runs this layer
+    // Our own Winograd with this layer's weights, post-ops and activation layout, or nullptr where it does
+    // not apply (engine/winograd_own.h says when); `tile` 4 or 2.
+    const bool own_applies = k == 3 && node.stride == 1 && node.padding == 1 && !from_input &&
+                             op.activation != Activation::sigmoid && winograd_own_supported();
+    const Dims& out = graph.value(op.dst).dims;
+    const WinogradOwnShape own_shape{.batch = in[0], .in_channels = in_channels, .out_channels = out_channels,
+                                     .height = out[2], .width = out[3], .layout = act_tag, .sum = op.residual >= 0,
+                                     .relu = op.activation == Activation::relu};
+    // The engine's src and dst are dense tensors at an offset (a concat slice only at micro-batch 1):
+    // check it, so that a future strided slice is refused rather than miswritten.
+    auto own_offered = [&](int tile) {
+        const memory::desc dense_src(to_dnnl_dims(in), dt::f32, act_tag), dense_dst(to_dnnl_dims(out), dt::f32, act_tag);
+        return own_applies && src_desc == dense_src && dst_desc == dense_dst && in[2] == out[2] && in[3] == out[3] &&
+               WinogradOwn::applies(tile, own_shape);
+    };
+    auto make_own = [&](int tile) -> std::shared_ptr<WinogradOwn> {
+        if (!own_offered(tile)) return nullptr;
+        return WinogradOwn::create(eng, strm, tile, own_shape, folded.weights.data(), folded.bias.data());
+    };
     // Winograd candidates: 3x3 stride 1, not the graph input (whose layout the first conv chooses).
     const bool wants_winograd = options.conv_algorithm == ConvAlgorithm::winograd ||
                                 (options.conv_algorithm == ConvAlgorithm::tuned && options.tune != Tuning::off);
+    const int forced_own_tile = options.conv_algorithm == ConvAlgorithm::own_winograd_f43   ? 4
+                                : options.conv_algorithm == ConvAlgorithm::own_winograd_f23 ? 2
+                                                                                            : 0;
     if (forced_algorithms) {
         auto it = forced_algorithms->find(node.name);
         if (it != forced_algorithms->end() && it->second == "winograd") {
@@ -299,8 +322,14 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
             } catch (const dnnl::error&) {
                 // the key matched, so this does not happen; direct stays correct if it does
             }
+        } else if (it != forced_algorithms->end() && is_own_winograd(it->second)) {
+            own = make_own(it->second == "winograd_f43" ? 4 : 2);  // nullptr (direct) does not happen either
+            if (own) chosen_algorithm = own->algorithm();
         }
         candidates = chosen_algorithm + " (from the plan cache)";
+    } else if (forced_own_tile) {
+        own = make_own(forced_own_tile);
+        if (own) chosen_algorithm = own->algorithm();
     } else if (wants_winograd && k == 3 && node.stride == 1 && !from_input) {
         std::optional<convolution_forward::primitive_desc> winograd;
         try {
@@ -308,28 +337,48 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
         } catch (const dnnl::error&) {
             // oneDNN has no Winograd kernel for this shape, layout or CPU (none at all on AVX2 in 2.6).
         }
-        if (winograd && options.conv_algorithm == ConvAlgorithm::winograd) {
-            pd = *winograd;
-            chosen_algorithm = "winograd";
-        } else if (winograd) {
-            std::vector<ConvCandidate> trial = {{"direct", pd}, {"winograd", *winograd, kWinogradRelativeBound}};
-            memory user_weights({to_dnnl_dims(folded.weight_dims), dt::f32, tag::oihw}, eng,
-                                const_cast<float*>(folded.weights.data()));
-            memory bias({{out_channels}, dt::f32, tag::x}, eng);
-            std::memcpy(bias.get_data_handle(), folded.bias.data(), folded.bias.size() * sizeof(float));
-            const ConvTrial result = measure_conv(eng, strm, trial, user_weights, bias, options.tune == Tuning::full ? 7 : 3);
-            measurement.preferred = result.chosen == 0 ? "direct" : "winograd";
-            if (!measure_only) {
-                pd = trial[result.chosen].pd;
-                chosen_algorithm = measurement.preferred;
+        if (options.conv_algorithm == ConvAlgorithm::winograd) {
+            if (winograd) {
+                pd = *winograd;
+                chosen_algorithm = "winograd";
             }
-            candidates = result.summary(trial);
-            if (trial[1].passed) {
-                measurement.measured = true;
-                for (int i = 0; i < 2; ++i) {
-                    measurement.ms[i] = trial[static_cast<size_t>(i)].ms;
-                    measurement.weight_bytes[i] = trial[static_cast<size_t>(i)].pd.weights_desc().get_size();
-                    measurement.scratch[i] = trial[static_cast<size_t>(i)].pd.scratchpad_desc().get_size();
+        } else {
+            std::vector<ConvCandidate> trial = {{"direct", pd}};
+            if (winograd) trial.push_back({"winograd", *winograd, kWinogradRelativeBound});
+            // Ours built only when measured (ConvCandidate::make_own), kept only while the fastest.
+            for (int tile : {4, 2})
+                if (own_offered(tile))
+                    trial.push_back({tile == 4 ? "winograd_f43" : "winograd_f23", pd, kOwnWinogradRelativeBound, nullptr,
+                                     [&make_own, tile] { return make_own(tile); }});
+            if (trial.size() > 1) {
+                memory user_weights({to_dnnl_dims(folded.weight_dims), dt::f32, tag::oihw}, eng,
+                                    const_cast<float*>(folded.weights.data()));
+                memory bias({{out_channels}, dt::f32, tag::x}, eng);
+                std::memcpy(bias.get_data_handle(), folded.bias.data(), folded.bias.size() * sizeof(float));
+                const ConvTrial result = measure_conv(eng, strm, trial, user_weights, bias, options.tune == Tuning::full ? 7 : 3);
+                const ConvCandidate& chosen = trial[result.chosen];
+                measurement.preferred = chosen.name;
+                if (!measure_only) {
+                    if (chosen.own)
+                        own = chosen.own;
+                    else
+                        pd = chosen.pd;
+                    chosen_algorithm = measurement.preferred;
+                }
+                candidates = result.summary(trial);
+                // Slot 1: the chosen candidate, else the fastest other one that passed (for the record).
+                size_t other = result.chosen;
+                for (size_t i = 1; i < trial.size() && result.chosen == 0; ++i)
+                    if (trial[i].passed && (other == 0 || trial[i].ms < trial[other].ms)) other = i;
+                if (other > 0) {
+                    measurement.measured = true;
+                    const size_t pick[2] = {0, other};
+                    for (int i = 0; i < 2; ++i) {
+                        const ConvCandidate& c = trial[pick[i]];
+                        measurement.ms[i] = c.ms;
+                        measurement.weight_bytes[i] = c.weight_bytes;
+                        measurement.scratch[i] = c.scratch_bytes;
+                    }
                 }
             }
         }
@@ -341,14 +390,22 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
         input_desc_chosen = true;
     }
 
-    auto [conv_weights, conv_bias] = upload_weights(folded, pd.weights_desc());
-
-    std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, value_memory(src)},
-                                            {DNNL_ARG_WEIGHTS, conv_weights},
-                                            {DNNL_ARG_BIAS, conv_bias},
-                                            {DNNL_ARG_DST, value_memory(op.dst)}};
-    add_step(convolution_forward(pd), std::move(args), node.name, activation_label(op), pd.impl_info_str(),
-             static_cast<double>(graph.node_macs(op.node)), pd.scratchpad_desc().get_size());
+    if (own) {
+        // Our kernel holds its transformed weights; the step's arguments give it src, dst and the shared
+        // scratchpad (sized by add_step from scratch_bytes()).
+        weights_bytes += own->weight_bytes();
+        add_step(primitive(), {{DNNL_ARG_SRC, value_memory(src)}, {DNNL_ARG_DST, value_memory(op.dst)}}, node.name,
+                 activation_label(op), own->kernel(), static_cast<double>(graph.node_macs(op.node)), own->scratch_bytes());
+        steps.back().own = own;
+    } else {
+        auto [conv_weights, conv_bias] = upload_weights(folded, pd.weights_desc());
+        std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, value_memory(src)},
+                                                {DNNL_ARG_WEIGHTS, conv_weights},
+                                                {DNNL_ARG_BIAS, conv_bias},
+                                                {DNNL_ARG_DST, value_memory(op.dst)}};
+        add_step(convolution_forward(pd), std::move(args), node.name, activation_label(op), pd.impl_info_str(),
+                 static_cast<double>(graph.node_macs(op.node)), pd.scratchpad_desc().get_size());
+    }
     steps.back().algorithm = chosen_algorithm;
     steps.back().candidates = std::move(candidates);
     steps.back().measured = measurement.measured;
@@ -567,11 +624,11 @@ void Engine::Impl::run_chunk(const float* src, float* dst, std::vector<double>* 
     user_dst.set_data_handle(dst);
     for (size_t i = 0; i < steps.size(); ++i) {
         if (!step_ms) {
-            steps[i].prim.execute(strm, steps[i].args);
+            steps[i].execute(strm);
             continue;
         }
         const auto start = Clock::now();
-        steps[i].prim.execute(strm, steps[i].args);
+        steps[i].execute(strm);
         strm.wait();
         (*step_ms)[i] += std::chrono::duration<double, std::milli>(Clock::now() - start).count();
     }

@@ -35,14 +35,18 @@ enum class EngineLayout {
 enum class Tuning {
     off,   // oneDNN's direct algorithm everywhere, in the layout `layout` names (the engine before tuning)
     fast,  // measured at compile time on this machine: each 3x3 stride-1 convolution's candidates (direct;
-           // Winograd where oneDNN has it for the layout), 3 timed runs each on the layer's real shape and
+           // Winograd where oneDNN has it for the layout; our own Winograd F(4x4) and F(2x2) where it
+           // applies, engine/winograd_own.h), 3 timed runs each on the layer's real shape and
            // weights, each checked against direct first (engine/conv_tuning.h); with layout `automatic`,
            // oneDNN's layout against the blocked one by a timed pass of the whole network
     full,  // the same with 7 runs per candidate and 3 timed passes per layout
 };
 
 // One algorithm for every 3x3 stride-1 convolution, for tests and comparisons; `tuned` measures.
-enum class ConvAlgorithm { tuned, direct, winograd };
+// own_winograd_f43 / own_winograd_f23: our own Winograd F(4x4,3x3) / F(2x2,3x3) (engine/winograd_own.h)
+// wherever it applies (3x3 stride 1 pad 1, channels multiples of 8, nChw8c/nChw16c/nhwc, a CPU with AVX2
+// and FMA, not the graph's input), direct elsewhere.
+enum class ConvAlgorithm { tuned, direct, winograd, own_winograd_f43, own_winograd_f23 };
 
 struct EngineOptions {
     int micro_batch = 1;  // images per pass through the compiled plan; the run batch must be a multiple
@@ -90,7 +94,8 @@ struct LayerProfile {
     std::string precision;  // "f32", "s8", ...
     double time_ms = 0;     // summed over the micro-batches of the run
     double gflop = 0;       // 2 * MACs over the whole run batch
-    std::string algorithm;  // "direct", "winograd" for convolutions; empty otherwise
+    std::string algorithm;  // convolutions: "direct", "winograd" (oneDNN's), "winograd_f43"/"winograd_f23"
+                            // (ours); empty otherwise
     std::string candidates; // what tuning tried: "direct 12.9 ms, winograd 8.5 ms (err 3.1e-07) *"
     double gflops() const { return time_ms > 0 ? gflop / (time_ms * 1e-3) : 0; }
 };

@@ -17,6 +17,7 @@
 
 #include "engine/engine.h"
 #include "engine/onednn_util.h"
+#include "engine/winograd_own.h"
 #include "graph/fusion.h"
 #include "graph/safetensors.h"
 
@@ -32,22 +33,40 @@ using Clock = std::chrono::steady_clock;
 
 struct Step {
     primitive prim;
+    // Our own kernel instead of `prim` (a convolution on engine/winograd_own.h): it reads its src, dst and
+    // scratchpad pointers from `args` (DNNL_ARG_SRC, DNNL_ARG_DST, DNNL_ARG_SCRATCHPAD) when it runs.
+    std::shared_ptr<WinogradOwn> own;
     std::unordered_map<int, memory> args;
     std::string name;
     std::string op;
     std::string kernel;
     double macs = 0;  // per micro-batch
-    std::string algorithm;   // convolutions: "direct" or "winograd"
+    // Convolutions: "direct", "winograd" (oneDNN's), "winograd_f43" or "winograd_f23" (ours).
+    std::string algorithm;
     std::string candidates;  // what tuning tried (ConvTrial::summary)
     size_t scratch_bytes = 0;  // this primitive's scratchpad
-    // A measured convolution: {direct, winograd} best time, reordered weight bytes and scratchpad bytes
-    // (the memory budget trades them; engine_run.cpp).
+    // A measured convolution: {direct, the fastest other candidate that passed its check} best time,
+    // weight bytes and scratchpad bytes (the memory budget trades them; engine_run.cpp).
     bool measured = false;
-    std::string preferred;  // measure_only: the faster algorithm that passed its check
+    std::string preferred;  // measure_only: the fastest algorithm that passed its check
     double ms[2] = {0, 0};
     size_t weight_bytes[2] = {0, 0};
     size_t scratch[2] = {0, 0};
+
+    void execute(stream& strm) {
+        if (own)
+            own->execute(strm, static_cast<const float*>(args.at(DNNL_ARG_SRC).get_data_handle()),
+                         static_cast<float*>(args.at(DNNL_ARG_DST).get_data_handle()),
+                         args.at(DNNL_ARG_SCRATCHPAD).get_data_handle());
+        else
+            prim.execute(strm, args);
+    }
 };
+
+// The algorithms of our own Winograd (engine/winograd_own.h): name and output tile.
+inline bool is_own_winograd(const std::string& algorithm) {
+    return algorithm == "winograd_f43" || algorithm == "winograd_f23";
+}
 
 // A buffer in the arena, or a channel slice of another (concat in place).
 struct Storage {
@@ -64,6 +83,7 @@ struct Storage {
 using engine_detail::Clock;
 using engine_detail::Step;
 using engine_detail::Storage;
+using engine_detail::is_own_winograd;
 
 struct Engine::Impl {
     dnnl::engine eng{dnnl::engine::kind::cpu, 0};

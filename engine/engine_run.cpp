@@ -64,8 +64,10 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
     std::string cache_note;
     if (cached) {
         key = plan_key(graph.with_batch(options.micro_batch), "f32", omp_get_max_threads(), options.micro_batch,
-                       fmt::format("{}, memory budget {} MB", options.tune == Tuning::full ? "full" : "fast",
-                                   options.memory_budget_mb));
+                       // The candidate list is part of the key: a plan measured before our own Winograd
+                       // existed is stale.
+                       fmt::format("{}, memory budget {} MB, candidates direct/winograd/winograd_f43/winograd_f23",
+                                   options.tune == Tuning::full ? "full" : "fast", options.memory_budget_mb));
         if (std::optional<CachedPlan> plan = load_plan(options.plan_cache, key, &cache_note)) {
             const std::map<std::string, tag> tags = {
                 {"nChw16c", tag::nChw16c}, {"nChw8c", tag::nChw8c}, {"nhwc", tag::nhwc}, {"nchw", tag::nchw}};
@@ -104,7 +106,8 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
         const std::vector<Step>& steps = measured->steps;
         std::vector<size_t> winograd_steps;
         for (size_t i = 0; i < steps.size(); ++i)
-            if (steps[i].measured && steps[i].preferred == "winograd") winograd_steps.push_back(i);
+            if (steps[i].measured && !steps[i].preferred.empty() && steps[i].preferred != "direct")
+                winograd_steps.push_back(i);
         choice->layout = measured->act_tag;
         for (const Step& step : steps)
             if (step.op.starts_with("conv")) {
@@ -112,7 +115,8 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
                 choice->candidates[step.name] = step.candidates;
             }
         if (winograd_steps.empty()) return measured;  // already the plan: every convolution direct
-        // The budget: Winograd layers that save the least time per extra byte stay direct until it fits.
+        // The budget: Winograd layers (oneDNN's or ours) that save the least time per extra byte stay
+        // direct until it fits.
         std::vector<bool> winograd(steps.size(), false);
         auto scratch = [&] {
             size_t most = 0;
@@ -149,7 +153,7 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
             weights_now = static_cast<size_t>(static_cast<double>(weights_now) + extra(i));
             total = with;
             ++kept;
-            choice->algorithms[steps[i].name] = "winograd";
+            choice->algorithms[steps[i].name] = steps[i].preferred;  // oneDNN's Winograd or ours
         }
         if (std::isfinite(budget))
             choice->budget_note = fmt::format("; memory budget {:.0f} MB (direct plan {:.0f} MB): {} winograd kept{}",
@@ -205,15 +209,24 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
         }
     }
     if (layouts.empty()) layouts = fmt::format("layout {}; ", layout_name(impl_->act_tag));
-    int winograd = 0, direct = 0;
+    int winograd = 0, direct = 0, own_f43 = 0, own_f23 = 0;
     for (const Step& step : impl_->steps) {
         if (!step.op.starts_with("conv")) continue;
         if (step.algorithm == "winograd")
             ++winograd;
+        else if (step.algorithm == "winograd_f43")
+            ++own_f43;
+        else if (step.algorithm == "winograd_f23")
+            ++own_f23;
         else
             ++direct;
     }
-    impl_->tuning_summary = fmt::format("{}convolutions: {} winograd, {} direct{}", layouts, winograd, direct, budget_note);
+    // Ours only where it runs, so that a plan without it reads as before.
+    std::string own_counts;
+    if (own_f43) own_counts += fmt::format(", {} winograd_f43", own_f43);
+    if (own_f23) own_counts += fmt::format(", {} winograd_f23", own_f23);
+    impl_->tuning_summary =
+        fmt::format("{}convolutions: {} winograd, {} direct{}{}", layouts, winograd, direct, own_counts, budget_note);
     if (cached) {
         CachedPlan plan;
         plan.layout = layout_name(impl_->act_tag);

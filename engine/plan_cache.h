@@ -32,7 +32,8 @@ struct PlanKey {
 
 struct CachedPlan {
     std::string layout;                             // "nChw16c", "nChw8c", "nhwc", "nchw"
-    std::map<std::string, std::string> algorithms;  // convolution node name -> "direct" | "winograd"
+    // convolution node name -> "direct" | "winograd" (oneDNN's) | "winograd_f43" | "winograd_f23" (ours)
+    std::map<std::string, std::string> algorithms;
     std::string summary;                            // the tuning summary when it was measured
 };
 

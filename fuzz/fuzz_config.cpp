@@ -11,7 +11,7 @@
 #include <CLI/CLI.hpp>
 #include <opencv2/core/utils/logger.hpp>
 
-#include "apps/lib/train_cli.h"
+#include "apps/lib/command_flags.h"
 #include "fuzz/fuzz_util.h"
 
 namespace {

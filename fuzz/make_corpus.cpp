@@ -15,7 +15,7 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
-#include "apps/lib/train_cli.h"
+#include "apps/lib/command_flags.h"
 #include "data/split.h"
 #include "graph/safetensors.h"
 

@@ -123,7 +123,10 @@ if [[ " $skip " != *" asan "* ]]; then
   if run_logged "$logs/asan-configure.log" cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug \
        -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" -DRESUNET_SANITIZE=ON -DRESUNET_BENCH=OFF &&
      run_logged "$logs/asan-build.log" cmake --build build-asan -j"$jobs"; then
-    ctest --test-dir build-asan --output-on-failure -j"$jobs" 2>&1 | tee "$logs/asan-ctest.log"
+    # -LE mpi: Open MPI's own MPI_Init allocations are reported by LeakSanitizer (121 kB in 3347
+    # allocations for a bare MPI_Init/MPI_Finalize under mpirun), so the tests that run under mpirun
+    # (label mpi) run in the Release stage only. The plain tests never initialise MPI and stay here.
+    ctest --test-dir build-asan --output-on-failure -j"$jobs" -LE mpi 2>&1 | tee "$logs/asan-ctest.log"
     count_ctest "$logs/asan-ctest.log"
     end_stage "asan" "$result"
   else

@@ -23,7 +23,7 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
-#include "apps/lib/predict.h"
+#include "apps/lib/predict_command.h"
 #include "data/dataset.h"
 #include "data/metrics.h"
 #include "engine/engine.h"

@@ -19,9 +19,10 @@
 
 #include <opencv2/imgproc.hpp>
 
-#include "apps/lib/predict.h"
+#include "apps/lib/predict_command.h"
 #include "apps/lib/quantize_cli.h"
-#include "apps/lib/train_cli.h"
+#include "apps/lib/eval_command.h"
+#include "apps/lib/train_command.h"
 #include "data/dataset.h"
 #include "data/split.h"
 #include "engine/engine.h"

@@ -1,4 +1,4 @@
-// Tests for apps/lib/train_cli (`resunet train`, `cv`, `eval`) on a small slice of Kvasir-SEG (24 pairs, width 4,
+// Tests for apps/lib/{train,cv,eval}_command (`resunet train`, `cv`, `eval`) on a small slice of Kvasir-SEG (24 pairs, width 4,
 // depth 2, 32x32, batch 4, 2 epochs, one thread): every run file is written and loads, a resumed run equals an
 // uninterrupted one, folds give the same numbers whatever the number run side by side, eval agrees with
 // evaluate_split, config files feed the flags, and bad input is refused before any work (exit 2) while a NaN mid-run
@@ -20,8 +20,11 @@
 #include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
 
+#include "apps/lib/cv_command.h"
+#include "apps/lib/eval_command.h"
 #include "apps/lib/evaluate.h"
-#include "apps/lib/train_cli.h"
+#include "apps/lib/predict_command.h"
+#include "apps/lib/train_command.h"
 #include "data/dataset.h"
 #include "data/split.h"
 #include "engine/engine.h"

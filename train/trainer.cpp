@@ -85,6 +85,9 @@ struct Trainer::Impl {
 
     // prepare: host weights -> the layouts primitives chose; then forward (training or eval); backward.
     std::vector<Step> prepare_steps, forward_train_steps, forward_eval_steps, backward_steps;
+    // ready_after[i]: learnable parameters whose host gradient is final once backward step i has run.
+    std::vector<std::vector<std::string>> ready_after;
+    std::function<void(const std::string&)> gradient_ready;
     std::map<std::string, std::vector<std::pair<memory::desc, memory>>> weight_mirrors;
     size_t scratchpad_bytes = 0;
     memory scratchpad;
@@ -176,8 +179,19 @@ struct Trainer::Impl {
     void run(std::vector<Step>& list) {
         for (Step& s : list) s.prim.execute(strm, s.args);
     }
+    void run_backward() {
+        if (!gradient_ready) return run(backward_steps);
+        for (size_t i = 0; i < backward_steps.size(); ++i) {
+            backward_steps[i].prim.execute(strm, backward_steps[i].args);
+            if (ready_after[i].empty()) continue;
+            strm.wait();
+            for (const std::string& name : ready_after[i]) gradient_ready(name);
+        }
+    }
+    void plan_gradient_ready();
+    void adam_step();
     void forward(const float* images, bool training);
-    LossValue loss_and_backward(const float* masks);
+    LossValue loss_and_backward(const float* masks, float gradient_scale = 1.0f);
     void update_running_statistics();
     void check_finite_step(const LossValue& loss) const;
     void set_threads() const {
@@ -572,6 +586,23 @@ void Trainer::Impl::compile() {
     scratchpad = memory({{static_cast<memory::dim>(std::max<size_t>(scratchpad_bytes, 1))}, dt::u8, tag::x}, eng);
     for (auto* list : {&prepare_steps, &forward_train_steps, &forward_eval_steps, &backward_steps})
         for (Step& s : *list) s.args[DNNL_ARG_SCRATCHPAD] = scratchpad;
+    plan_gradient_ready();
+}
+
+// A host gradient is final after the last backward step that has it among its arguments (the weights
+// primitive itself, or the reorder from its own layout).
+void Trainer::Impl::plan_gradient_ready() {
+    std::unordered_map<const void*, std::string> owner;
+    for (const std::string& name : learnable) owner[grads.at(name).f32()] = name;
+    std::map<std::string, size_t> last;
+    for (size_t i = 0; i < backward_steps.size(); ++i)
+        for (const auto& [arg, mem] : backward_steps[i].args)
+            if (auto it = owner.find(mem.get_data_handle()); it != owner.end()) last[it->second] = i;
+    ready_after.assign(std::max<size_t>(backward_steps.size(), 1), {});
+    for (const std::string& name : learnable) {  // one not found by its pointer: final after the whole backward
+        auto it = last.find(name);
+        ready_after[it != last.end() ? it->second : ready_after.size() - 1].push_back(name);
+    }
 }
 
 void Trainer::Impl::forward(const float* images, bool training) {
@@ -586,7 +617,7 @@ void Trainer::Impl::forward(const float* images, bool training) {
     }
 }
 
-LossValue Trainer::Impl::loss_and_backward(const float* masks) {
+LossValue Trainer::Impl::loss_and_backward(const float* masks, float gradient_scale) {
     if (!masks) throw Error("trainer: masks must not be null");
     const int batch = static_cast<int>(output_dims[0]);
     const int64_t pixels = num_elements(output_dims) / output_dims[0];
@@ -595,8 +626,10 @@ LossValue Trainer::Impl::loss_and_backward(const float* masks) {
         loss.total = options.custom_loss(logits.data(), masks, batch, pixels, dlogits.data());
     else
         loss = compute_loss(options.loss, logits.data(), masks, batch, pixels, dlogits.data(), options.dice_smooth);
+    if (gradient_scale != 1.0f)
+        for (float& d : dlogits) d *= gradient_scale;
     try {
-        run(backward_steps);
+        run_backward();
         strm.wait();
     } catch (const dnnl::error& e) {
         throw Error(fmt::format("trainer: oneDNN backward failed: {} (status {})", e.what(), static_cast<int>(e.status)));
@@ -702,11 +735,33 @@ Trainer::Trainer(const Graph& graph, TensorMap weights, const TrainOptions& opti
 
 Trainer::~Trainer() = default;
 
-LossValue Trainer::compute_gradients(const float* images, const float* masks) {
+LossValue Trainer::compute_gradients(const float* images, const float* masks, float gradient_scale) {
     Impl& m = *impl_;
     m.set_threads();
     m.forward(images, true);
-    return m.loss_and_backward(masks);
+    return m.loss_and_backward(masks, gradient_scale);
+}
+
+void Trainer::set_gradient_ready_callback(std::function<void(const std::string& name)> callback) {
+    impl_->gradient_ready = std::move(callback);
+}
+
+void Trainer::update_running_statistics() { impl_->update_running_statistics(); }
+
+void Trainer::Impl::adam_step() {
+    ++step;
+    for (const std::string& name : learnable) {
+        HostTensor& w = weights.at(name);
+        adam_update(options.adam, w.f32(), grads.at(name).f32(), adam_m.at(name).f32(), adam_v.at(name).f32(),
+                    w.num_elements(), lr, step);
+    }
+}
+
+void Trainer::apply_gradients(const LossValue& loss) {
+    Impl& m = *impl_;
+    m.set_threads();
+    if (m.options.check_finite) m.check_finite_step(loss);
+    m.adam_step();
 }
 
 float Trainer::step(const float* images, const float* masks) {
@@ -716,12 +771,7 @@ float Trainer::step(const float* images, const float* masks) {
     const LossValue loss = m.loss_and_backward(masks);
     if (m.options.check_finite) m.check_finite_step(loss);
     m.update_running_statistics();
-    ++m.step;
-    for (const std::string& name : m.learnable) {
-        HostTensor& w = m.weights.at(name);
-        adam_update(m.options.adam, w.f32(), m.grads.at(name).f32(), m.adam_m.at(name).f32(), m.adam_v.at(name).f32(),
-                    w.num_elements(), m.lr, m.step);
-    }
+    m.adam_step();
     return static_cast<float>(loss.total);
 }
 
@@ -754,6 +804,8 @@ void Trainer::set_weights(const TensorMap& weights) {
 }
 
 const TensorMap& Trainer::gradients() const { return impl_->grads; }
+TensorMap& Trainer::gradients_in_place() { return impl_->grads; }
+TensorMap& Trainer::weights_in_place() { return impl_->weights; }
 
 const std::vector<float>& Trainer::input_gradient() const {
     if (!impl_->options.input_gradient) throw Error("trainer: input_gradient() needs TrainOptions::input_gradient = true");

@@ -13,11 +13,18 @@
 //   trainer.forward(images, logits, /*training=*/false); // running statistics, as model.eval()
 //   resunet::save_safetensors("model.safetensors", trainer.weights());  // PyTorch state_dict names
 //
+// Split steps (dist/data_parallel.h builds data-parallel training from these):
+//   trainer.set_gradient_ready_callback([&](const std::string& name) { reduce(trainer.gradients_in_place().at(name)); });
+//   trainer.compute_gradients(images, masks, /*gradient_scale=*/share);  // callback: each gradient once final
+//   trainer.update_running_statistics();                 // from this forward's batch statistics
+//   trainer.apply_gradients(global_loss);                // finite checks, then one Adam step on gradients()
+//
 // Semantics follow PyTorch: BatchNorm in training mode normalises with the batch statistics (biased
 // variance) and updates running_mean / running_var with momentum 0.1 and the unbiased variance.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -73,7 +80,19 @@ class Trainer {
     float step(const float* images, const float* masks);
     // Forward, loss and backward without any update (weights and running statistics untouched);
     // gradients() and input_gradient() hold the result. Returns the loss in double.
-    LossValue compute_gradients(const float* images, const float* masks);
+    // gradient_scale multiplies d loss / d logits, hence every gradient (a rank's share of a global batch).
+    LossValue compute_gradients(const float* images, const float* masks, float gradient_scale = 1.0f);
+    // Called on this thread during compute_gradients/step, after the backward primitive that makes the
+    // host gradient of learnable parameter `name` final (backward order; each name once per backward).
+    // The callback may hand the tensor to another thread, which may read and rewrite its values until
+    // the next backward; nothing later in this backward touches it. An empty function removes it.
+    void set_gradient_ready_callback(std::function<void(const std::string& name)> callback);
+    // Running statistics from the batch statistics of the last training forward (momentum, unbiased
+    // variance), as step() does; compute_gradients leaves them untouched.
+    void update_running_statistics();
+    // The rest of step() after compute_gradients: with check_finite, throws resunet::Error on a non-finite
+    // `loss` or gradient (nothing changed); then one Adam update with gradients() as they are now.
+    void apply_gradients(const LossValue& loss);
     // Forward only. training: batch statistics, and running statistics are updated as in PyTorch's
     // train() mode; otherwise running statistics (eval()). logits: N x outC x H x W.
     void forward(const float* images, float* logits, bool training);
@@ -83,6 +102,11 @@ class Trainer {
     TensorMap weights() const;               // copy; parameters and running statistics
     void set_weights(const TensorMap& weights);  // same names and shapes as the graph's
     const TensorMap& gradients() const;      // learnable parameters, from the last backward
+    // The trainer's own tensors, for in-place changes of values only (never of names, shapes or sizes:
+    // oneDNN memories point into them). Data-parallel training sums gradients and averages running
+    // statistics across ranks through these.
+    TensorMap& gradients_in_place();
+    TensorMap& weights_in_place();
     const std::vector<float>& input_gradient() const;  // NCHW d loss / d images (needs input_gradient)
     // NCHW copy of a node's output from the last forward (debugging, tests); throws on an unknown name.
     std::vector<float> activation(const std::string& node_name) const;

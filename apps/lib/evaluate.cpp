@@ -8,21 +8,17 @@
 
 namespace resunet {
 
-namespace {
-
-struct Accumulator {
+ScoreSet score_set(const std::vector<MaskMetrics>& per_image) {
     std::vector<double> dice, iou, mean_iou;
     PooledMetrics pooled;
-    void add(const MaskMetrics& m) {
+    for (const MaskMetrics& m : per_image) {
         dice.push_back(m.dice);
         iou.push_back(m.iou);
         mean_iou.push_back(m.mean_iou);
         pooled.add(m.counts);
     }
-    ScoreSet scores() const { return {summarize(dice), summarize(iou), summarize(mean_iou), pooled.dice(), pooled.iou()}; }
-};
-
-}  // namespace
+    return {summarize(dice), summarize(iou), summarize(mean_iou), pooled.dice(), pooled.iou()};
+}
 
 EvalResult evaluate_split(const Dataset& dataset, const std::vector<size_t>& indices, const PreprocessOptions& preprocess,
                           const LogitsRunner& run, int batch, int loader_threads) {
@@ -34,7 +30,6 @@ EvalResult evaluate_split(const Dataset& dataset, const std::vector<size_t>& ind
     options.preprocess.keep_original_mask = true;
     BatchLoader loader(dataset, indices, options);
     loader.start_epoch(0);
-    Accumulator at_model, at_original;
     EvalResult result;
     const int h = preprocess.height, w = preprocess.width;
     std::vector<float> logits;
@@ -46,17 +41,16 @@ EvalResult evaluate_split(const Dataset& dataset, const std::vector<size_t>& ind
         for (int i = 0; i < n; ++i) {
             const float* map = logits.data() + static_cast<size_t>(i) * static_cast<size_t>(h * w);
             const cv::Mat truth_small(h, w, CV_32F, b.masks.f32() + static_cast<size_t>(i) * static_cast<size_t>(h * w));
-            at_model.add(compute_mask_metrics(logits_to_mask(map, w, h, w, h), truth_small));
+            result.per_image_model_size.push_back(compute_mask_metrics(logits_to_mask(map, w, h, w, h), truth_small));
             const cv::Mat& truth = b.original_masks[static_cast<size_t>(i)];
             const MaskMetrics m = compute_mask_metrics(logits_to_mask(map, w, h, truth.cols, truth.rows), truth);
-            at_original.add(m);
             result.ids.push_back(b.ids[static_cast<size_t>(i)]);
             result.per_image.push_back(m);
         }
     }
     result.images = result.ids.size();
-    result.model_size = at_model.scores();
-    result.original = at_original.scores();
+    result.model_size = score_set(result.per_image_model_size);
+    result.original = score_set(result.per_image);
     result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     return result;
 }

@@ -35,8 +35,13 @@ struct EvalResult {
     ScoreSet original;    // logits resized back (bilinear, threshold 0) vs the original mask
     std::vector<std::string> ids;
     std::vector<MaskMetrics> per_image;  // at original size, in `ids` order
+    std::vector<MaskMetrics> per_image_model_size;  // at the model's size, in `ids` order
     double seconds = 0;
 };
+
+// The scores of a list of per-image metrics: what evaluate_split reports for them (so results of parts of a
+// split, concatenated in order, score exactly as the whole).
+ScoreSet score_set(const std::vector<MaskMetrics>& per_image);
 
 EvalResult evaluate_split(const Dataset& dataset, const std::vector<size_t>& indices, const PreprocessOptions& preprocess,
                           const LogitsRunner& run, int batch, int loader_threads);

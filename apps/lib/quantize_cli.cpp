@@ -16,7 +16,8 @@
 #include <nlohmann/json.hpp>
 #include <opencv2/imgproc.hpp>
 
-#include "apps/lib/predict.h"
+#include "apps/lib/cli_common.h"
+#include "apps/lib/image_inputs.h"
 #include "data/split.h"
 #include "graph/atomic_file.h"
 #include "graph/graph.h"
@@ -43,13 +44,6 @@ std::string tool_version() {
 #else
     return fmt::format("resunet {}", RESUNET_VERSION);
 #endif
-}
-
-std::string one_line(std::string text) {
-    for (char& c : text)
-        if (c == '\n' || c == '\r' || c == '\t') c = ' ';
-    while (!text.empty() && text.back() == ' ') text.pop_back();
-    return text;
 }
 
 std::string join(const std::vector<std::string>& items, const char* separator) {
@@ -190,12 +184,7 @@ QuantizeReport run_quantize(const QuantizeCommandOptions& options) {
         throw UsageError("give either --data/--split or --calibration, not both");
     if (options.data_dir.empty() != options.split_path.empty())
         throw UsageError("--data and --split go together (calibration on the split's train side)");
-    {
-        struct stat info {};
-        if (::stat(options.model_path.c_str(), &info) != 0)
-            throw UsageError(fmt::format("--model '{}': {}", options.model_path, std::strerror(errno)));
-        if (S_ISDIR(info.st_mode)) throw UsageError(fmt::format("--model '{}' is a folder, not a .safetensors file", options.model_path));
-    }
+    check_model_path(options.model_path);
     QuantizeReport report;
     report.out_path = options.out_path;
     report.report_md_path = beside(options.out_path, ".report.md");
@@ -212,22 +201,13 @@ QuantizeReport run_quantize(const QuantizeCommandOptions& options) {
             throw UsageError(fmt::format("--out '{}': folder '{}' does not exist", options.out_path, parent.string()));
     }
 
-    SafetensorsFile file;
-    try {
-        file = load_safetensors(options.model_path);
-    } catch (const Error& e) {
-        throw UsageError(fmt::format("--model: {}", one_line(e.what())));
-    }
-    if (is_int8_weights(file.tensors))
-        throw UsageError(fmt::format("--model '{}' is already an int8 file; quantize needs the fp32 model", options.model_path));
-    ResUNetConfig config;
-    Graph graph;
-    try {
-        config = infer_resunet_config(file.tensors, file.metadata, options.size > 0 ? options.size : kDefaultModelSize);
-        graph = build_resunet(config);
-    } catch (const Error& e) {
-        throw UsageError(fmt::format("--model '{}': {}", options.model_path, one_line(e.what())));
-    }
+    ModelFile model = load_model_file(options.model_path, options.size, [&](const SafetensorsFile& file) {
+        if (is_int8_weights(file.tensors))
+            throw UsageError(fmt::format("--model '{}' is already an int8 file; quantize needs the fp32 model", options.model_path));
+    });
+    SafetensorsFile& file = model.file;
+    const ResUNetConfig& config = model.config;
+    const Graph& graph = model.graph;
     for (const std::string& name : options.keep_fp32) {
         const Node* node = graph.find_node(name);
         if (!node || (node->kind != OpKind::conv && node->kind != OpKind::conv_transpose))

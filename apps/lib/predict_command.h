@@ -22,21 +22,26 @@
 // and preprocess -> serial infer -> parallel resize back, encode, write, score -> serial collect and
 // progress. The engine runs on one dedicated thread (oneDNN's OpenMP keeps one thread team per calling
 // thread). Decoded images and engine buffers are bounded by batches_in_flight x batch; only the path list
-// and three doubles per scored image grow with the image count.
+// and three doubles per scored image grow with the image count. The pipeline itself is predict_pipeline.h.
+//
+// Under `mpirun -np N` the images are sharded across ranks in whole batches (dist::shard over the batches, in
+// input order), so each batch a rank runs holds exactly the images it holds in a one-process run: int8 dynamic
+// scales, and so the masks, match bit for bit. Every rank writes its own masks; rank 0 gathers the per-image
+// rows (metrics.csv, summary.json: byte-identical to one process), and every rank leaves with the merged report,
+// so the exit status agrees. Setup lines, the progress bar and the summary come from rank 0; each rank reports
+// its own failed images. Threads per rank default to dist::threads_per_rank (cores of the node / its ranks).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
-#include <functional>
 #include <string>
 #include <vector>
 
-#include <opencv2/core.hpp>
-
+#include "apps/lib/cli_common.h"
+#include "apps/lib/image_inputs.h"
 #include "data/metrics.h"
-#include "data/postprocess.h"
-#include "graph/tensor.h"
+#include "data/postprocess.h"  // logits_to_mask, how masks are made
 
 namespace CLI {
 class App;
@@ -44,30 +49,12 @@ class App;
 
 namespace resunet {
 
-// A problem found before any image is processed (bad flag value, missing model, unwritable --out,
-// outputs that exist): the command prints its one-line message and exits with status 2.
-struct UsageError : Error {
-    using Error::Error;
-};
-
-// Runs a subcommand's body and turns what it throws into "resunet <name>: error: <one line>" on stderr and an
-// exit status: 2 for a UsageError, 1 for anything else; otherwise the body's own status.
-int run_command(const char* name, const std::function<int()>& body);
-
-// How the model runs.
-enum class Precision {
-    int8,         // u8 activations with dynamic scales (static if the int8 model file stores them)
-    fp32,         // the fp32 engine (needs an fp32 model file)
-    static_int8,  // static activation scales: the file's, else calibrated on a fixed synthetic set
-};
-const char* precision_name(Precision precision);  // "int8", "fp32", "static-int8"
-
 struct PredictOptions {
     std::vector<std::string> inputs;  // image files, folders (supported images inside, sorted), "@list.txt"
     std::string model_path;           // .safetensors: fp32 weights, or int8 from `resunet quantize`
     Precision precision = Precision::int8;
     int batch = 16;               // images per engine call
-    int threads = 0;              // TBB workers and oneDNN threads; 0 = all cores
+    int threads = 0;              // TBB workers and oneDNN threads; 0 = all cores (under mpirun: cores / ranks)
     std::string out_dir;          // created if missing
     bool overlay = false;         // also write <stem>_overlay.png (contour + translucent tint)
     std::string masks_dir;        // ground truth by stem; empty = no metrics
@@ -97,9 +84,11 @@ struct PredictReport {
     std::string engine;                 // "int8 (dynamic scales)", "int8 (static scales, calibrated on 16 images)", ...
     double setup_seconds = 0;           // model load, compile, calibration
     double pipeline_seconds = 0;        // decode to last write, all images
-    double inference_seconds = 0;       // inside engine run() calls only
+    double inference_seconds = 0;       // inside engine run() calls only (under mpirun: summed over ranks)
     size_t images_inferred = 0;         // images that went through the engine
-    size_t peak_rss_bytes = 0;          // VmHWM of this process at the end
+    size_t peak_rss_bytes = 0;          // VmHWM of this process at the end (under mpirun: the largest rank's)
+    int ranks = 1;                      // processes that shared the images (mpirun -np)
+    int threads = 0;                    // oneDNN/TBB threads of each process (0: all cores)
     bool have_metrics = false;          // masks_dir was given
     MetricSummary dice, iou, mean_iou;  // over the scored images (per-image mean, sample std)
     PooledMetrics pooled;               // pixel-pooled over the scored images
@@ -111,8 +100,9 @@ struct PredictReport {
 };
 
 // Runs the whole command. Every check that needs no image decode (inputs exist, model loads and compiles,
-// --out writable, no output would be overwritten or collide) happens first and throws UsageError; after
-// that, a failing image is recorded in the report and the others continue.
+// --out writable, no output would be overwritten or collide) happens first and throws UsageError (under mpirun,
+// on every rank when any rank finds one); after that, a failing image is recorded in the report and the others
+// continue.
 PredictReport run_predict(const PredictOptions& options);
 
 // run_predict for the CLI: prints a UsageError as "resunet predict: error: ..." and returns 2, else the
@@ -121,19 +111,6 @@ int predict_command(const PredictOptions& options);
 
 // Registers the `predict` subcommand; its callback throws CLI::RuntimeError(code) for a non-zero exit.
 void add_predict_command(CLI::App& app);
-
-// Image paths from files, folders and "@list" files, in order (folder contents sorted by name, hidden
-// files and unsupported extensions skipped). List entries are paths relative to the working directory,
-// one a line; blank lines and lines starting with '#' are skipped; a missing listed file stays in the
-// list (it fails as an unreadable image). Throws UsageError for a missing command-line path or list.
-std::vector<std::string> collect_input_images(const std::vector<std::string>& inputs);
-
-// True for .jpg .jpeg .png .tif .tiff .bmp, any case.
-bool is_supported_image(const std::string& path);
-
-// Width and height from a JPEG, PNG, BMP or TIFF header without decoding, so oversized images are
-// refused before their pixels are allocated; an empty size when the header is not understood.
-cv::Size probe_image_size(const std::string& path);
 
 // VmHWM of /proc/self/status in bytes (0 if unavailable).
 size_t peak_rss_bytes();

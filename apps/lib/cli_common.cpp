@@ -1,0 +1,407 @@
+// The shared part of the subcommands: see cli_common.h.
+#include "apps/lib/cli_common.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "dist/comm.h"
+
+namespace fs = std::filesystem;
+
+namespace resunet {
+
+int run_command(const char* name, const std::function<int()>& body) {
+    try {
+        return body();
+    } catch (const AgreedUsageError& e) {
+        if (dist::Comm::world().rank() == 0) fmt::print(stderr, "resunet {}: error: {}\n", name, one_line(e.what()));
+        return 2;
+    } catch (const UsageError& e) {
+        fmt::print(stderr, "resunet {}: error: {}\n", name, one_line(e.what()));
+        return 2;
+    } catch (const ReportedElsewhere&) {
+        return 1;
+    } catch (const std::exception& e) {
+        fmt::print(stderr, "resunet {}: error: {}\n", name, one_line(e.what()));
+        return 1;
+    }
+}
+
+void agree_on_setup(const std::function<void()>& setup) {
+    dist::Comm& comm = dist::Comm::world();
+    if (!comm.distributed()) {
+        setup();
+        return;
+    }
+    // What this rank found: "" when all is well, else '2' (usage) or '1' (other) and the one-line message.
+    std::string mine;
+    try {
+        setup();
+    } catch (const UsageError& e) {
+        mine = "2" + one_line(e.what());
+    } catch (const std::exception& e) {
+        mine = "1" + one_line(e.what());
+    }
+    std::string first;
+    for (const std::string& found : comm.gather(mine))
+        if (!found.empty()) {
+            first = found;
+            break;
+        }
+    comm.broadcast(first);
+    if (first.empty()) return;
+    if (first[0] == '2') throw AgreedUsageError(first.substr(1));
+    // Another failure: each rank says its own (or, where it had none, which rank failed); exit status 1.
+    throw Error(mine.empty() ? fmt::format("another rank failed during setup: {}", first.substr(1)) : mine.substr(1));
+}
+
+void Packer::u64(uint64_t value) { bytes_.append(reinterpret_cast<const char*>(&value), sizeof value); }
+void Packer::f64(double value) { bytes_.append(reinterpret_cast<const char*>(&value), sizeof value); }
+void Packer::str(const std::string& text) {
+    u64(text.size());
+    bytes_ += text;
+}
+
+void Unpacker::take(void* dst, size_t count) {
+    if (count > bytes_.size() - offset_) throw Error("gathered results are truncated");
+    std::memcpy(dst, bytes_.data() + offset_, count);
+    offset_ += count;
+}
+uint64_t Unpacker::u64() {
+    uint64_t value = 0;
+    take(&value, sizeof value);
+    return value;
+}
+double Unpacker::f64() {
+    double value = 0;
+    take(&value, sizeof value);
+    return value;
+}
+std::string Unpacker::str() {
+    const uint64_t size = u64();
+    if (size > bytes_.size() - offset_) throw Error("gathered results are truncated");
+    std::string text = bytes_.substr(offset_, size);
+    offset_ += size;
+    return text;
+}
+
+const char* precision_name(Precision precision) {
+    switch (precision) {
+        case Precision::int8: return "int8";
+        case Precision::fp32: return "fp32";
+        case Precision::static_int8: return "static-int8";
+    }
+    return "?";
+}
+
+Precision parse_precision(const std::string& text) {
+    if (text == "fp32") return Precision::fp32;
+    if (text == "static-int8") return Precision::static_int8;
+    if (text == "int8") return Precision::int8;
+    throw UsageError(fmt::format("--precision must be fp32, int8 or static-int8, got '{}'", text));
+}
+
+// ---- flags and configuration files ----
+
+template <typename T>
+CLI::Option* bind_option(CLI::App& app, const std::string& name, T& value, const std::string& help) {
+    return app.add_option(name, value, help)->default_function([&value] { return fmt::format("{}", value); })->capture_default_str();
+}
+template CLI::Option* bind_option<int>(CLI::App&, const std::string&, int&, const std::string&);
+template CLI::Option* bind_option<double>(CLI::App&, const std::string&, double&, const std::string&);
+template CLI::Option* bind_option<uint64_t>(CLI::App&, const std::string&, uint64_t&, const std::string&);
+template CLI::Option* bind_option<std::string>(CLI::App&, const std::string&, std::string&, const std::string&);
+
+CLI::Option* bind_flag(CLI::App& app, const std::string& name, bool& value, const std::string& help) {
+    return app.add_flag(name, value, help)
+        ->default_function([&value] { return std::string(value ? "true" : "false"); })
+        ->capture_default_str();
+}
+
+void apply_config_file(CLI::App& command) {
+    CLI::Option* config = command.get_config_ptr();
+    if (config == nullptr || config->count() == 0) return;
+    const std::string path = config->as<std::string>();
+    const std::shared_ptr<CLI::Config> formatter = command.get_config_formatter();
+    const std::vector<CLI::ConfigItem> items = formatter->from_file(path);  // CLI::FileError when unreadable
+    for (const CLI::ConfigItem& item : items) {
+        if (item.name == "++" || item.name == "--") continue;
+        if (!item.parents.empty() && item.parents.front() != command.get_name()) continue;  // another command's section
+        CLI::Option* option = command.get_option_no_throw("--" + item.name);
+        if (option == nullptr) throw CLI::ConfigError::Extras(item.fullname() + " in " + path);
+        if (!option->get_configurable()) throw CLI::ConfigError::NotConfigurable(item.fullname());
+        if (option->count() > 0) continue;  // given on the command line
+        if (option->get_expected_min() == 0) {
+            option->add_result(option->get_flag_value(item.name, formatter->to_flag(item)));
+        } else {
+            option->add_result(item.inputs);
+        }
+        option->run_callback();  // validators, then the bound variable
+    }
+}
+
+std::map<std::string, std::string> parse_config_text(const std::string& text, const std::string& what) {
+    std::istringstream in(text);
+    std::vector<CLI::ConfigItem> items;
+    try {
+        items = CLI::ConfigTOML().from_config(in);
+    } catch (const CLI::Error& e) {
+        throw UsageError(fmt::format("{}: cannot parse: {}", what, one_line(e.what())));
+    }
+    std::map<std::string, std::string> values;
+    for (const CLI::ConfigItem& item : items) {
+        if (item.name == "++" || item.name == "--") continue;
+        std::string joined;
+        for (const std::string& input : item.inputs) joined += (joined.empty() ? "" : ",") + input;
+        values[item.name] = joined;
+    }
+    return values;
+}
+
+std::string render_config(const std::function<void(CLI::App&)>& add_flags, const std::string& description) {
+    CLI::App app{description};
+    add_flags(app);
+    const std::string text = app.config_to_str(/*default_also=*/true, /*write_description=*/true);
+    std::istringstream in(text);
+    for (const CLI::ConfigItem& item : app.get_config_formatter()->from_config(in)) {
+        const CLI::Option* option = app.get_option_no_throw("--" + item.name);
+        if (option == nullptr) continue;
+        const std::string value = option->get_default_str();
+        if (item.inputs.size() != 1 || item.inputs.front() != value)
+            throw UsageError(fmt::format("--{} '{}' cannot be written to config.toml and read back unchanged{}; choose "
+                                         "another value",
+                                         item.name, one_line(value),
+                                         value.find('#') != std::string::npos ? " (CLI11 reads '#' as a comment, even in quotes)"
+                                                                              : ""));
+    }
+    return text;
+}
+
+// ---- run folders, datasets, splits ----
+
+fs::path prepare_run_dir(const std::string& out, const char* flag) {
+    if (out.empty()) throw UsageError(fmt::format("{} is required", flag));
+    const fs::path dir(out);
+    std::error_code ec;
+    if (fs::exists(dir, ec) && !fs::is_directory(dir, ec)) throw UsageError(fmt::format("{} '{}' is not a folder", flag, out));
+    fs::create_directories(dir, ec);
+    if (ec) throw UsageError(fmt::format("{} '{}': cannot create folder: {}", flag, out, ec.message()));
+    std::string probe = (dir / ".resunet-write-test.XXXXXX").string();
+    const int fd = ::mkstemp(probe.data());
+    if (fd < 0) throw UsageError(fmt::format("{} '{}' is not writable: {}", flag, out, std::strerror(errno)));
+    ::close(fd);
+    ::unlink(probe.c_str());
+    return dir;
+}
+
+void check_same_config(const fs::path& run_dir, const std::string& config_text, bool resume) {
+    const fs::path path = run_dir / kConfigName;
+    std::error_code ec;
+    if (!fs::exists(path, ec)) return;
+    std::ifstream in(path);
+    std::stringstream text;
+    text << in.rdbuf();
+    if (!in) throw UsageError(fmt::format("{}: cannot read", path.string()));
+    const auto before = parse_config_text(text.str(), path.string());
+    const auto now = parse_config_text(config_text, "the flags");
+    // Keys that say how fast or where, not what: threads (folds' numbers depend on T, but T is the user's call),
+    // the folder itself, and (when resuming) the number of epochs, which a resumed run may raise.
+    std::set<std::string> ignored = {"threads", "loader-threads", "parallel-folds", "threads-per-fold", "out"};
+    if (resume) ignored.insert("epochs");
+    std::vector<std::string> differences;
+    std::set<std::string> keys;
+    for (const auto& [key, value] : before) keys.insert(key);
+    for (const auto& [key, value] : now) keys.insert(key);
+    for (const std::string& key : keys) {
+        if (ignored.count(key)) continue;
+        auto a = before.find(key), b = now.find(key);
+        const std::string was = a == before.end() ? "(unset)" : a->second;
+        const std::string is = b == now.end() ? "(unset)" : b->second;
+        if (was != is) differences.push_back(fmt::format("{} = {} there, {} now", key, was, is));
+    }
+    if (differences.empty()) return;
+    constexpr size_t kShown = 3;
+    std::string listed;
+    for (size_t i = 0; i < std::min(kShown, differences.size()); ++i) listed += (i ? "; " : "") + differences[i];
+    if (differences.size() > kShown) listed += fmt::format("; and {} more", differences.size() - kShown);
+    throw UsageError(fmt::format("--out '{}' holds a run with a different configuration ({}); {}", run_dir.string(), listed,
+                                 resume ? "resume it with its own flags (--config RUN/config.toml)"
+                                        : "choose another --out, or pass the same flags and --resume"));
+}
+
+static std::string local_timestamp() {
+    const std::time_t now = std::time(nullptr);
+    std::tm parts{};
+    localtime_r(&now, &parts);
+    char text[32];
+    std::strftime(text, sizeof text, "%Y-%m-%d %H:%M:%S", &parts);
+    return text;
+}
+
+void append_log(const fs::path& path, const std::string& text) {
+    std::FILE* file = std::fopen(path.c_str(), "a");
+    if (!file) return;  // the log is a convenience; the run's files carry the results
+    fmt::print(file, "{} {}\n", local_timestamp(), text);
+    std::fclose(file);
+}
+
+bool file_exists(const fs::path& path) {
+    std::error_code ec;
+    return fs::exists(path, ec);
+}
+
+Dataset load_dataset(const std::string& dir, bool skip_bad, int limit) {
+    if (dir.empty()) throw UsageError("--data is required");
+    std::error_code ec;
+    if (!fs::exists(dir, ec)) throw UsageError(fmt::format("--data '{}' does not exist", dir));
+    if (!fs::is_directory(dir, ec)) throw UsageError(fmt::format("--data '{}' is not a folder", dir));
+    ScanOptions scan;
+    scan.skip_bad = skip_bad;
+    Dataset dataset;
+    try {
+        dataset = scan_dataset(dir, scan);
+    } catch (const Error& e) {
+        throw UsageError(fmt::format("--data: {}", one_line(e.what())));
+    }
+    if (limit > 0 && static_cast<size_t>(limit) < dataset.samples.size()) dataset.samples.resize(static_cast<size_t>(limit));
+    if (dataset.samples.size() < 2) throw UsageError(fmt::format("--data '{}': {} image/mask pairs, need at least 2", dir, dataset.size()));
+    return dataset;
+}
+
+Split resolve_split(const Dataset& dataset, const std::string& split_path, uint64_t seed, const fs::path& run_dir,
+                    bool& save) {
+    const fs::path run_split = run_dir / kSplitName;
+    const bool have_run_split = file_exists(run_split);
+    save = !have_run_split;
+    auto load = [&](const std::string& path) {
+        try {
+            return load_split(path, dataset);
+        } catch (const Error& e) {
+            throw UsageError(one_line(e.what()));
+        }
+    };
+    if (!split_path.empty()) {
+        if (!file_exists(split_path)) throw UsageError(fmt::format("--split '{}' does not exist", split_path));
+        Split split = load(split_path);
+        if (have_run_split) {
+            const Split existing = load(run_split.string());
+            if (existing.train_ids != split.train_ids || existing.test_ids != split.test_ids)
+                throw UsageError(fmt::format("--split '{}' differs from the run's {}", split_path, run_split.string()));
+        }
+        return split;
+    }
+    if (have_run_split) return load(run_split.string());
+    try {
+        return make_split(dataset, seed);
+    } catch (const Error& e) {
+        throw UsageError(one_line(e.what()));
+    }
+}
+
+// ---- models ----
+
+void check_model_path(const std::string& path) {
+    if (path.empty()) throw UsageError("--model is required");
+    struct stat info {};
+    if (::stat(path.c_str(), &info) != 0) throw UsageError(fmt::format("--model '{}': {}", path, std::strerror(errno)));
+    if (S_ISDIR(info.st_mode)) throw UsageError(fmt::format("--model '{}' is a folder, not a .safetensors file", path));
+}
+
+ModelFile load_model_file(const std::string& path, int size, const std::function<void(const SafetensorsFile&)>& check) {
+    ModelFile model;
+    try {
+        model.file = load_safetensors(path);
+    } catch (const Error& e) {
+        throw UsageError(fmt::format("--model: {}", one_line(e.what())));
+    }
+    if (check) check(model.file);
+    try {
+        model.config = infer_resunet_config(model.file.tensors, model.file.metadata, size > 0 ? size : kDefaultModelSize);
+        model.graph = build_resunet(model.config);
+    } catch (const Error& e) {
+        throw UsageError(fmt::format("--model '{}': {}", path, one_line(e.what())));
+    }
+    return model;
+}
+
+bool has_stored_static_scales(const TensorMap& tensors) {
+    return std::any_of(tensors.begin(), tensors.end(), [](const auto& entry) {
+        const std::string& name = entry.first;
+        const std::string suffix = ".input_scale";
+        return name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+    });
+}
+
+// ---- text, time, threads ----
+
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+std::string one_line(std::string text) {
+    for (char& c : text)
+        if (c == '\n' || c == '\r' || c == '\t') c = ' ';
+    while (!text.empty() && text.back() == ' ') text.pop_back();
+    return text;
+}
+
+std::string format_duration(double seconds) {
+    const long total = std::lround(std::max(0.0, seconds));
+    if (total >= 3600) return fmt::format("{}:{:02d}:{:02d}", total / 3600, (total / 60) % 60, total % 60);
+    return fmt::format("{}:{:02d}", total / 60, total % 60);
+}
+
+std::string mean_std(const MetricSummary& s) {
+    if (s.count == 0) return "n/a";
+    return fmt::format("{:.4f} ± {:.4f}", s.mean, s.std);
+}
+
+nlohmann::json metric_summary_json(const MetricSummary& s) {
+    auto number = [](double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr); };
+    return {{"count", s.count}, {"mean", number(s.mean)}, {"std", number(s.std)}, {"min", number(s.min)}, {"max", number(s.max)}};
+}
+
+int hardware_threads() {
+    const unsigned n = std::thread::hardware_concurrency();
+    return n > 0 ? static_cast<int>(n) : 1;
+}
+int resolve_threads(int threads) { return threads > 0 ? threads : hardware_threads(); }
+int auto_loader_threads(int threads) { return std::max(1, std::min(4, threads / 2)); }
+
+void Console::line(const std::string& text) {
+    if (!log_) return;
+    std::lock_guard lock(mutex_);
+    clear_bar();
+    fmt::print(log_, "{}\n", text);
+    std::fflush(log_);
+}
+
+void Console::bar(const std::string& text) {
+    if (!progress_) return;
+    std::lock_guard lock(mutex_);
+    fmt::print(log_, "\r{:<{}}", text, bar_width_);
+    bar_width_ = std::max(bar_width_, text.size());
+    std::fflush(log_);
+}
+
+void Console::clear_bar() {
+    if (bar_width_ == 0) return;
+    fmt::print(log_, "\r{}\r", std::string(bar_width_, ' '));
+    bar_width_ = 0;
+}
+
+}  // namespace resunet

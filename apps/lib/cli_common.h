@@ -1,0 +1,201 @@
+// What every `resunet` subcommand shares: the exit-status convention (UsageError, run_command), the precision
+// flag, flags bound to option structs with their defaults shown, --config files, run folders and their logs,
+// dataset and split loading with usage errors, one model-file loader, and small text helpers.
+//
+// Intended usage (inside a command's .cpp):
+//   int my_command(const MyOptions& options) {
+//       return run_command("my", [&] {                         // UsageError -> exit 2, other errors -> 1
+//           ModelFile model = load_model_file(options.model_path, options.size);  // UsageError on a bad file
+//           const Dataset dataset = load_dataset(options.data_dir, false, 0);     // UsageError on a bad folder
+//           ...
+//           return 0;
+//       });
+//   }
+//   bind_option(command, "--batch", options.batch, "Images per step")->check(CLI::Range(1, 4096));
+//   command.callback([&] { apply_config_file(command); ... });   // --config FILE, command-line flags win
+//
+// Nothing here knows a command's own flags: those live in command_flags.h (train, cv, eval) and in each
+// command's add_*_command.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "data/dataset.h"
+#include "data/metrics.h"
+#include "data/split.h"
+#include "graph/graph.h"
+#include "graph/model_config.h"
+#include "graph/safetensors.h"
+#include "graph/tensor.h"
+
+namespace CLI {
+class App;
+class Option;
+}  // namespace CLI
+
+namespace resunet {
+
+// A problem found before any work is done (bad flag value, missing model, unwritable --out, outputs that
+// exist): the command prints its one-line message and exits with status 2.
+struct UsageError : Error {
+    using Error::Error;
+};
+
+// A UsageError every rank of an mpirun job throws together (agree_on_setup): only rank 0 prints it.
+struct AgreedUsageError : UsageError {
+    using UsageError::UsageError;
+};
+
+// A failure another rank reports itself (its own message on its own stderr): this rank exits 1 without a word.
+struct ReportedElsewhere : Error {
+    using Error::Error;
+};
+
+// Runs a subcommand's body and turns what it throws into "resunet <name>: error: <one line>" on stderr and an
+// exit status: 2 for a UsageError, 1 for anything else; otherwise the body's own status. An AgreedUsageError is
+// printed by rank 0 only, so an mpirun job says it once.
+int run_command(const char* name, const std::function<int()>& body);
+
+// ---- several processes (mpirun) ----
+
+// Runs a command's setup (every check before any work) on each rank and makes the ranks agree on it: when any
+// rank's setup throws, every rank throws the first failing rank's error (AgreedUsageError for a UsageError,
+// else Error), so no rank starts work (or waits in a collective) alone. It is a barrier: no rank writes an output
+// before every rank has checked that none exists. Alone, it runs `setup` and lets its exceptions through as they are.
+void agree_on_setup(const std::function<void()>& setup);
+
+// Plain bytes of numbers and strings, for gathering results across ranks (all ranks run the same build).
+class Packer {
+  public:
+    void u64(uint64_t value);
+    void f64(double value);   // bit for bit, NaN included
+    void str(const std::string& text);
+    const std::string& bytes() const { return bytes_; }
+
+  private:
+    std::string bytes_;
+};
+
+// Reads what a Packer wrote, in the same order; resunet::Error when the bytes run out.
+class Unpacker {
+  public:
+    explicit Unpacker(const std::string& bytes) : bytes_(bytes) {}
+    uint64_t u64();
+    double f64();
+    std::string str();
+
+  private:
+    void take(void* dst, size_t count);
+    const std::string& bytes_;
+    size_t offset_ = 0;
+};
+
+// How the model runs.
+enum class Precision {
+    int8,         // u8 activations with dynamic scales (static if the int8 model file stores them)
+    fp32,         // the fp32 engine (needs an fp32 model file)
+    static_int8,  // static activation scales: the file's, else calibrated on a fixed set
+};
+const char* precision_name(Precision precision);  // "int8", "fp32", "static-int8"
+Precision parse_precision(const std::string& text);  // the inverse; UsageError for anything else
+
+// ---- flags and configuration files ----
+
+// An option whose default (shown by --help and written by config_to_str) is the bound value's shortest text.
+// Defined for int, double, uint64_t and std::string.
+template <typename T>
+CLI::Option* bind_option(CLI::App& app, const std::string& name, T& value, const std::string& help);
+CLI::Option* bind_flag(CLI::App& app, const std::string& name, bool& value, const std::string& help);
+
+// Reads the file given to `command`'s --config (set_config) into the options not given on the command line, with
+// CLI11's own config parser and validators. CLI11 2.1 reads config files of the top-level app only.
+void apply_config_file(CLI::App& command);
+
+// The flags `add_flags` registers, at their current values, as a CLI11 TOML file. A value that does not read back
+// unchanged is refused with a UsageError (CLI11 2.3 takes '#' for a comment even inside quotes).
+std::string render_config(const std::function<void(CLI::App&)>& add_flags, const std::string& description);
+
+// Key -> value text of a CLI11 config (comments and sections dropped); UsageError naming `what` if unparsable.
+std::map<std::string, std::string> parse_config_text(const std::string& text, const std::string& what);
+
+// ---- run folders, datasets, splits ----
+
+// File names of a run folder (train, cv and each fold).
+inline constexpr const char* kConfigName = "config.toml";
+inline constexpr const char* kSplitName = "split.json";
+inline constexpr const char* kLogName = "train.log";
+
+// Creates the folder if needed and proves it writable with a probe file; UsageError naming `flag` otherwise.
+std::filesystem::path prepare_run_dir(const std::string& out, const char* flag);
+// Refuses a run folder whose config.toml differs from `config_text` in a key that changes the results.
+void check_same_config(const std::filesystem::path& run_dir, const std::string& config_text, bool resume);
+// One timestamped line appended to a run's train.log (opened per line: survives crashes).
+void append_log(const std::filesystem::path& path, const std::string& text);
+
+bool file_exists(const std::filesystem::path& path);
+// The Kvasir-SEG folder of --data, its first `limit` pairs (0 = all); UsageError if missing or under 2 pairs.
+Dataset load_dataset(const std::string& dir, bool skip_bad, int limit);
+// The split of a run: --split, else RUN/split.json, else a new seeded one. `save` says RUN/split.json is missing.
+Split resolve_split(const Dataset& dataset, const std::string& split_path, uint64_t seed, const std::filesystem::path& run_dir,
+                    bool& save);
+
+// ---- models ----
+
+// A model file read and understood: its tensors and metadata, the configuration they describe, and its graph.
+struct ModelFile {
+    SafetensorsFile file;
+    ResUNetConfig config;
+    Graph graph;
+};
+// Reads `path` (--model) and builds its graph; `size` is the input size for files without "resunet.size"
+// (0: kDefaultModelSize). Every failure is a UsageError naming --model. `check`, if given, sees the file before
+// its configuration is inferred (to refuse, say, an int8 file with a message of its own).
+ModelFile load_model_file(const std::string& path, int size, const std::function<void(const SafetensorsFile&)>& check = {});
+// UsageError unless `path` names an existing file that is not a folder (checked before anything slow).
+void check_model_path(const std::string& path);
+// True if the tensors carry static activation scales ("*.input_scale", written by `resunet quantize`).
+bool has_stored_static_scales(const TensorMap& tensors);
+
+// ---- text, time, threads ----
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point start);
+// Exception text as one line (OpenCV's messages span several).
+std::string one_line(std::string text);
+// "m:ss", or "h:mm:ss" from an hour.
+std::string format_duration(double seconds);
+// "0.8123 ± 0.0456", "n/a" for an empty summary.
+std::string mean_std(const MetricSummary& summary);
+// {"count", "mean", "std", "min", "max"}, non-finite numbers as null.
+nlohmann::json metric_summary_json(const MetricSummary& summary);
+
+int hardware_threads();
+int resolve_threads(int threads);       // 0 -> hardware_threads()
+int auto_loader_threads(int threads);   // max(1, min(4, threads / 2))
+
+// Lines and a one-line progress bar on one stream, from several threads without garbling; silent for nullptr.
+class Console {
+  public:
+    Console(std::FILE* log, bool progress) : log_(log), progress_(progress && log) {}
+    void line(const std::string& text);
+    void bar(const std::string& text);  // replaces the previous bar; only when progress is on
+    bool progress() const { return progress_; }
+
+  private:
+    void clear_bar();
+    std::mutex mutex_;
+    std::FILE* log_;
+    bool progress_;
+    size_t bar_width_ = 0;
+};
+
+}  // namespace resunet

@@ -1,0 +1,489 @@
+// `resunet train` and the one training run of each cv fold: see train_command.h.
+#include "apps/lib/train_command.h"
+
+#include <omp.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <limits>
+#include <memory>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include "apps/lib/curves.h"
+#include "apps/lib/evaluate.h"
+#include "data/loader.h"
+#include "dist/comm.h"
+#include "dist/data_parallel.h"
+#include "engine/engine.h"
+#include "graph/atomic_file.h"
+#include "graph/init.h"
+#include "train/trainer.h"
+
+namespace fs = std::filesystem;
+
+namespace resunet {
+namespace {
+
+constexpr const char* kMetricsName = "metrics.csv";
+constexpr const char* kCurvesName = "curves.png";
+constexpr const char* kMetricsHeader =
+    "epoch,lr,train_loss,val_dice,val_iou,val_miou,epoch_seconds,loader_wait_seconds,loader_wait_share";
+
+LossKind parse_loss(const std::string& text) {
+    if (text == "dice+bce") return LossKind::dice_bce;
+    if (text == "dice") return LossKind::dice;
+    if (text == "bce") return LossKind::bce;
+    throw UsageError(fmt::format("--loss must be dice+bce, dice or bce, got '{}'", text));
+}
+
+void write_metrics_csv(const fs::path& path, const std::vector<EpochRecord>& rows) {
+    std::string text = std::string(kMetricsHeader) + "\n";
+    for (const EpochRecord& r : rows)
+        text += fmt::format("{},{},{:.8f},{:.8f},{:.8f},{:.8f},{:.3f},{:.3f},{:.4f}\n", r.epoch, r.learning_rate, r.train_loss,
+                            r.val_dice, r.val_iou, r.val_miou, r.epoch_seconds, r.loader_wait_seconds, r.loader_wait_share);
+    write_file_atomic(path.string(), text);
+}
+
+// Rows of a metrics.csv; throws resunet::Error naming the file and line on anything unexpected.
+std::vector<EpochRecord> read_metrics_csv(const fs::path& path) {
+    std::ifstream in(path);
+    if (!in) throw Error(fmt::format("{}: cannot open", path.string()));
+    std::string line;
+    if (!std::getline(in, line) || line != kMetricsHeader) throw Error(fmt::format("{}: unexpected header", path.string()));
+    std::vector<EpochRecord> rows;
+    for (int number = 2; std::getline(in, line); ++number) {
+        if (line.empty()) continue;
+        std::vector<double> values;
+        std::stringstream fields(line);
+        std::string field;
+        try {
+            while (std::getline(fields, field, ',')) values.push_back(std::stod(field));
+        } catch (const std::exception&) {
+            values.clear();
+        }
+        if (values.size() != 9) throw Error(fmt::format("{}:{}: expected 9 numbers", path.string(), number));
+        rows.push_back({static_cast<int>(values[0]), values[1], values[2], values[3], values[4], values[5], values[6], values[7],
+                        values[8]});
+    }
+    return rows;
+}
+
+double metadata_number(const std::map<std::string, std::string>& metadata, const std::string& key, double fallback) {
+    auto it = metadata.find(key);
+    if (it == metadata.end()) return fallback;
+    try {
+        return std::stod(it->second);
+    } catch (const std::exception&) {
+        return fallback;
+    }
+}
+
+// Test hook (tests/test_dist.cpp, MpiJob.TrainCommand*): RESUNET_TEST_KILL_RANK_AT_STEP="R:S" makes rank R kill
+// itself with SIGKILL just before global step S, as a crashed or OOM-killed node would.
+void maybe_kill_for_test(int rank, int64_t next_step) {
+    static const char* hook = std::getenv("RESUNET_TEST_KILL_RANK_AT_STEP");
+    if (!hook) return;
+    int kill_rank = -1;
+    long long kill_step = -1;
+    if (std::sscanf(hook, "%d:%lld", &kill_rank, &kill_step) == 2 && kill_rank == rank && kill_step == next_step)
+        ::kill(::getpid(), SIGKILL);
+}
+
+void write_run_curves(const fs::path& path, const std::vector<EpochRecord>& rows, const std::string& title) {
+    std::vector<CurvePoint> points;
+    points.reserve(rows.size());
+    for (const EpochRecord& r : rows) points.push_back({r.epoch, r.train_loss, r.val_dice});
+    write_curves(path, points, title);
+}
+
+}  // namespace
+
+Checkpoint check_checkpoint(const fs::path& path, const TrainCommandOptions& o) {
+    Checkpoint checkpoint;
+    try {
+        checkpoint = load_checkpoint(path.string());
+    } catch (const Error& e) {
+        throw UsageError(fmt::format("cannot resume: {}", one_line(e.what())));
+    }
+    ResUNetConfig stored;
+    try {
+        stored = infer_resunet_config(checkpoint.state.weights, {}, o.size);
+    } catch (const Error& e) {
+        throw UsageError(fmt::format("cannot resume from {}: {}", path.string(), one_line(e.what())));
+    }
+    if (stored.width != o.width || stored.depth != o.depth)
+        throw UsageError(fmt::format("{} is a checkpoint of a width-{} depth-{} model, but --width {} --depth {} was asked",
+                                     path.string(), stored.width, stored.depth, o.width, o.depth));
+    const Dims expected = {3, o.size, o.size};
+    if (!checkpoint.input_shape.empty() && checkpoint.input_shape != expected)
+        throw UsageError(fmt::format("{} was trained on {} images, but --size {} was asked", path.string(),
+                                     dims_to_string(checkpoint.input_shape), o.size));
+    if (checkpoint.state.epoch > o.epochs)
+        throw UsageError(fmt::format("{} has already trained {} epochs, more than --epochs {}", path.string(),
+                                     checkpoint.state.epoch, o.epochs));
+    return checkpoint;
+}
+
+TensorMap load_init_weights(const TrainCommandOptions& o) {
+    if (o.init_path.empty()) return {};
+    SafetensorsFile file;
+    try {
+        file = load_safetensors(o.init_path);
+    } catch (const Error& e) {
+        throw UsageError(fmt::format("--init: {}", one_line(e.what())));
+    }
+    ResUNetConfig config;
+    config.width = o.width;
+    config.depth = o.depth;
+    config.height = config.width_px = o.size;
+    std::vector<std::pair<std::string, Dims>> expected;
+    TensorMap weights;
+    for (const ParamInfo& p : build_resunet(config).parameters()) {
+        expected.emplace_back(p.name, p.dims);
+        auto it = file.tensors.find(p.name);
+        if (it != file.tensors.end() && it->second.dtype != DType::f32)
+            throw UsageError(fmt::format("--init {}: tensor {} is not fp32 (an int8 file cannot seed training)", o.init_path, p.name));
+        if (it != file.tensors.end()) weights.emplace(p.name, it->second);
+    }
+    try {
+        check_tensors(weights, expected, o.init_path);
+    } catch (const Error& e) {
+        throw UsageError(fmt::format("--init: {} (--width {} --depth {})", one_line(e.what()), o.width, o.depth));
+    }
+    return weights;
+}
+
+TrainReport run_job(TrainJob& job) {
+    const TrainCommandOptions& o = *job.options;
+    omp_set_num_threads(job.threads);
+    dist::Comm* comm = job.data_parallel ? &dist::Comm::world() : nullptr;
+    const int rank = comm ? comm->rank() : 0;
+    const bool writer = rank == 0;  // the one rank that writes the run folder, validates and prints
+    const fs::path log_path = job.run_dir / kLogName;
+    auto note = [&](const std::string& text) {
+        if (!writer) return;
+        append_log(log_path, text);
+        if (job.console) job.console->line(job.label + text);
+    };
+
+    // A run killed mid-write (kill -9) leaves a temp file beside the checkpoint it was replacing.
+    if (writer)
+        if (const int stale = remove_stale_temp_files(job.run_dir.string()); stale > 0)
+            note(fmt::format("removed {} temp file{} of an interrupted write", stale, stale == 1 ? "" : "s"));
+
+    ResUNetConfig config;
+    config.width = o.width;
+    config.depth = o.depth;
+    config.height = config.width_px = o.size;
+    config.batch = o.batch;
+    const Graph graph = build_resunet(config);
+    TrainOptions train_options;
+    train_options.learning_rate = o.learning_rate;
+    train_options.lr_step_size = o.lr_step;
+    train_options.lr_gamma = o.lr_gamma;
+    train_options.loss = parse_loss(o.loss);
+    train_options.threads = job.threads;
+    // Alone (comm null, or cv's folds) this is Trainer::step bit for bit; under mpirun, this rank's share of each batch.
+    dist::DataParallelTrainer parallel(graph, init_weights(graph, job.seed), train_options, {}, comm);
+    Trainer& trainer = parallel.trainer();
+    const auto [share_begin, share_end] = parallel.local_images();
+    const size_t image_floats = static_cast<size_t>(3) * static_cast<size_t>(o.size) * static_cast<size_t>(o.size);
+    const size_t mask_floats = static_cast<size_t>(o.size) * static_cast<size_t>(o.size);
+
+    TrainReport report;
+    report.run_dir = job.run_dir.string();
+    report.train_images = job.train_indices.size();
+    report.val_images = job.val_indices.size();
+    report.threads = job.threads;
+    report.loader_threads = job.loader_threads;
+    double best = -std::numeric_limits<double>::infinity();
+    if (job.checkpoint) {
+        try {
+            apply_checkpoint(*job.checkpoint, trainer, (job.run_dir / kLastName).string());
+        } catch (const Error& e) {
+            throw UsageError(fmt::format("cannot resume: {}", one_line(e.what())));
+        }
+        report.best_epoch = static_cast<int>(metadata_number(job.checkpoint->metadata, "best_epoch", 0));
+        best = metadata_number(job.checkpoint->metadata, "best_val_dice", best);
+        job.checkpoint.reset();
+        const fs::path csv = job.run_dir / kMetricsName;
+        try {
+            for (const EpochRecord& r : read_metrics_csv(csv))
+                if (r.epoch <= trainer.epoch()) report.epochs.push_back(r);
+        } catch (const Error& e) {
+            note(fmt::format("warning: {}; earlier epochs are left out of metrics.csv", one_line(e.what())));
+        }
+        note(fmt::format("resumed from {} at the end of epoch {} (step {}, next lr {:.4g})", kLastName, trainer.epoch(),
+                         trainer.step_count(), trainer.learning_rate()));
+    } else if (job.init && !job.init->empty()) {
+        trainer.set_weights(*job.init);
+        note(fmt::format("initial weights from {} (--init)", o.init_path));
+    }
+    if (report.best_epoch > 0) report.best_val_dice = best;
+    const int start_epoch = static_cast<int>(trainer.epoch());
+    report.first_epoch = start_epoch + 1;
+
+    LoaderOptions loader_options;
+    loader_options.batch_size = static_cast<size_t>(o.batch);
+    loader_options.drop_last = true;  // the trainer is compiled for exactly `batch` images
+    loader_options.shuffle = true;
+    AugmentOptions augment;
+    augment.max_angle_degrees = o.max_angle;
+    loader_options.augment = augment;
+    loader_options.seed = job.seed;
+    loader_options.num_threads = job.loader_threads;
+    loader_options.preprocess.width = loader_options.preprocess.height = o.size;
+    loader_options.preprocess.keep_original_mask = false;
+    BatchLoader loader(*job.dataset, job.train_indices, loader_options);
+    const size_t batches = loader.num_batches();
+
+    ResUNetConfig eval_config = config;
+    eval_config.batch = 1;
+    const Graph eval_graph = build_resunet(eval_config);
+    PreprocessOptions eval_preprocess;
+    eval_preprocess.width = eval_preprocess.height = o.size;
+
+    if (start_epoch >= o.epochs) {
+        note(fmt::format("nothing to train: all {} epochs are done", o.epochs));
+        return report;
+    }
+    note(fmt::format("training: {} images, {} batches of {} per epoch ({} images left out of each shuffled epoch), epochs {}..{}, "
+                     "width {}, depth {}, size {}, loss {}, lr {} (x{} every {} epochs), seed {}, threads {}, loader threads {}",
+                     job.train_indices.size(), batches, o.batch, job.train_indices.size() - batches * static_cast<size_t>(o.batch),
+                     start_epoch + 1, o.epochs, o.width, o.depth, o.size, o.loss, o.learning_rate, o.lr_gamma, o.lr_step, job.seed,
+                     job.threads, job.loader_threads));
+    if (comm)
+        note(fmt::format("data-parallel: {} ranks x {} threads, {} batch-norm groups of {}..{} images per batch (per-rank statistics); "
+                         "rank 0 validates and writes",
+                         comm->size(), job.threads, parallel.num_groups(), o.batch / comm->size(),
+                         (o.batch + comm->size() - 1) / comm->size()));
+    note(fmt::format("validation after each epoch: {} ({} images); val_* = per-image means at original size", job.validation_name,
+                     job.val_indices.size()));
+
+    const auto run_start = Clock::now();
+    size_t batches_done = 0;
+    const size_t batches_total = batches * static_cast<size_t>(o.epochs - start_epoch);
+    double last_bar = -1.0;
+    for (int epoch = start_epoch; epoch < o.epochs; ++epoch) {
+        const auto epoch_start = Clock::now();
+        const double learning_rate = trainer.learning_rate();
+        double loss_sum = 0;
+        size_t steps = 0;
+        EpochRecord row;
+        try {
+            loader.start_epoch(static_cast<uint64_t>(epoch));
+            Batch batch;
+            while (loader.next(batch)) {
+                maybe_kill_for_test(rank, trainer.step_count() + 1);
+                loss_sum += parallel.step(batch.images.f32() + share_begin * image_floats, batch.masks.f32() + share_begin * mask_floats);
+                ++steps;
+                ++batches_done;
+                if (job.console && job.console->progress()) {
+                    const double elapsed = seconds_since(run_start);
+                    if (elapsed - last_bar >= 0.2 || steps == batches) {
+                        last_bar = elapsed;
+                        const double epoch_elapsed = seconds_since(epoch_start);
+                        const double rate = epoch_elapsed > 0 ? static_cast<double>(steps * o.batch) / epoch_elapsed : 0.0;
+                        const double eta = elapsed / static_cast<double>(batches_done) * static_cast<double>(batches_total - batches_done);
+                        job.console->bar(fmt::format("{}epoch {}/{}  batch {}/{}  loss {:.4f}  {:.1f} images/s  ETA {}", job.label,
+                                                     epoch + 1, o.epochs, steps, batches, loss_sum / static_cast<double>(steps), rate,
+                                                     format_duration(eta)));
+                    }
+                }
+            }
+            const double loop_seconds = seconds_since(epoch_start);
+            const double wait_seconds = loader.wait_seconds();
+            trainer.end_epoch();
+            if (!writer) continue;  // the weights are the same on every rank: rank 0 validates and writes alone
+
+            EvalResult val;
+            {
+                EngineOptions engine_options;
+                engine_options.threads = job.threads;
+                engine_options.tune = Tuning::off;  // once per epoch, new weights: a plan is not worth measuring here
+                Engine engine(eval_graph, trainer.weights(), engine_options);
+                val = evaluate_split(
+                    *job.dataset, job.val_indices, eval_preprocess,
+                    [&engine](const float* images, int count, float* logits) { engine.run(images, count, logits); }, o.batch,
+                    job.loader_threads);
+            }
+            row.epoch = epoch + 1;
+            row.learning_rate = learning_rate;
+            row.train_loss = steps > 0 ? loss_sum / static_cast<double>(steps) : 0.0;
+            row.val_dice = val.original.dice.mean;
+            row.val_iou = val.original.iou.mean;
+            row.val_miou = val.original.mean_iou.mean;
+            row.epoch_seconds = seconds_since(epoch_start);
+            row.loader_wait_seconds = wait_seconds;
+            row.loader_wait_share = loop_seconds > 0 ? wait_seconds / loop_seconds : 0.0;
+            report.train_seconds += loop_seconds;
+            report.loader_wait_seconds += wait_seconds;
+            report.epochs.push_back(row);
+
+            // metrics and best first, last.safetensors last: a crash in between redoes this epoch on --resume.
+            write_metrics_csv(job.run_dir / kMetricsName, report.epochs);
+            const bool improved = row.val_dice > best;
+            if (improved) {
+                best = row.val_dice;
+                report.best_epoch = row.epoch;
+                report.best_val_dice = best;
+                std::map<std::string, std::string> metadata = resunet_metadata(config);
+                metadata["resunet.epoch"] = std::to_string(row.epoch);
+                metadata["resunet.val_dice"] = fmt::format("{}", row.val_dice);
+                save_safetensors((job.run_dir / kBestName).string(), trainer.weights(), metadata);
+            }
+            write_run_curves(job.run_dir / kCurvesName, report.epochs,
+                         fmt::format("{} - width {}, depth {}, size {}, batch {}, lr {}", job.run_dir.filename().string(), o.width,
+                                     o.depth, o.size, o.batch, o.learning_rate));
+            CheckpointExtras extras;
+            extras.rng_state = job.seed;  // the loader draws from (seed, epoch): the seed is all the data pipeline needs
+            extras.metadata = job.checkpoint_metadata;
+            extras.metadata["best_val_dice"] = fmt::format("{}", best);
+            extras.metadata["best_epoch"] = std::to_string(report.best_epoch);
+            save_checkpoint((job.run_dir / kLastName).string(), trainer, extras);
+            note(fmt::format("epoch {}/{}: lr {:.4g}, train loss {:.4f}, val Dice {:.4f}, IoU {:.4f}, mIoU {:.4f}{}, {:.1f} s, loader wait "
+                             "{:.2f} s ({:.1f}%)",
+                             row.epoch, o.epochs, row.learning_rate, row.train_loss, row.val_dice, row.val_iou, row.val_miou,
+                             improved ? " (best so far)" : "", row.epoch_seconds, row.loader_wait_seconds,
+                             100.0 * row.loader_wait_share));
+        } catch (const UsageError&) {
+            throw;
+        } catch (const std::exception& e) {
+            const std::string where = steps < batches ? fmt::format("epoch {}, batch {}/{}", epoch + 1, steps + 1, batches)
+                                                      : fmt::format("epoch {} (after training, saving or validating)", epoch + 1);
+            const std::string kept = epoch > 0 ? fmt::format("{} keeps epoch {}", (job.run_dir / kLastName).string(), epoch)
+                                               : std::string("no checkpoint was written yet");
+            const std::string message = fmt::format("{}: {}; {}", where, one_line(e.what()), kept);
+            note("stopped: " + message);
+            if (comm) comm->abort(1, "train: " + message);  // the other ranks would wait in the next allreduce
+            throw Error(message);
+        }
+    }
+    if (comm) comm->barrier();  // every rank leaves once rank 0 has written the last epoch
+    note(fmt::format("done: {} epochs; best val Dice {:.4f} at epoch {} ({}); training loops {:.1f} s, loader wait {:.1f}%",
+                     o.epochs, report.best_val_dice, report.best_epoch, kBestName, report.train_seconds,
+                     100.0 * report.loader_wait_share()));
+    return report;
+}
+
+std::map<std::string, std::string> config_metadata(const TrainCommandOptions& o) {
+    return {{"width", std::to_string(o.width)}, {"depth", std::to_string(o.depth)}, {"size", std::to_string(o.size)}};
+}
+
+void require_batch_fits(size_t images, int batch, const std::string& what) {
+    if (images < static_cast<size_t>(batch))
+        throw UsageError(fmt::format("{} has {} images, fewer than --batch {}", what, images, batch));
+}
+
+TrainReport run_train(const TrainCommandOptions& options) {
+    // Under mpirun: data-parallel over every rank; rank 0 alone writes and prints (see train_command.h).
+    dist::Comm& comm = dist::Comm::world();
+    const bool writer = comm.rank() == 0;
+    Console console(options.log, options.progress);
+    Dataset dataset;
+    fs::path run_dir;
+    std::string config_text;
+    std::optional<Checkpoint> checkpoint;
+    TensorMap init;
+    bool save_split_file = false;
+    Split split;
+    TrainJob job;
+    // Every rank checks everything before any rank writes (agree_on_setup is a barrier); alone, as it always was.
+    agree_on_setup([&] {
+        check_train_values(options);
+        dataset = load_dataset(options.data_dir, options.skip_bad, options.limit);
+        run_dir = prepare_run_dir(options.out_dir, "--out");
+        config_text = train_config_text(options);
+        check_same_config(run_dir, config_text, options.resume);
+        const fs::path last = run_dir / kLastName;
+        const bool have_checkpoint = file_exists(last);
+        if (!options.resume && have_checkpoint)
+            throw UsageError(fmt::format("--out '{}' already holds a run ({} exists); pass --resume to continue it, or choose another --out",
+                                         options.out_dir, last.string()));
+        if (options.resume && !have_checkpoint && !file_exists(run_dir / kConfigName))
+            throw UsageError(fmt::format("--resume: '{}' holds no run (no {} and no {})", options.out_dir, kConfigName, kLastName));
+        if (options.resume && have_checkpoint) checkpoint = check_checkpoint(last, options);  // every rank loads the same file
+        init = checkpoint ? TensorMap{} : load_init_weights(options);
+        split = resolve_split(dataset, options.split_path, options.seed, run_dir, save_split_file);
+        try {
+            job.train_indices = indices_of(dataset, split.train_ids);
+            job.val_indices = indices_of(dataset, split.test_ids);
+        } catch (const Error& e) {
+            throw UsageError(one_line(e.what()));
+        }
+        require_batch_fits(job.train_indices.size(), options.batch, "the training side of the split");
+        if (job.val_indices.empty()) throw UsageError("the test side of the split is empty");
+        if (options.batch < comm.size())
+            throw UsageError(fmt::format("--batch {} is smaller than the {} ranks of the mpirun job: each rank trains on at least one "
+                                         "image of every batch",
+                                         options.batch, comm.size()));
+    });
+    job.options = &options;
+    job.dataset = &dataset;
+
+    // Every check passed: the run starts here.
+    if (writer) {
+        write_file_atomic((run_dir / kConfigName).string(), config_text);
+        if (save_split_file) save_split(split, (run_dir / kSplitName).string());
+    }
+    job.run_dir = run_dir;
+    job.seed = options.seed;
+    job.data_parallel = comm.distributed();
+    job.threads = job.data_parallel ? dist::threads_per_rank(options.threads) : resolve_threads(options.threads);
+    job.loader_threads = options.loader_threads > 0 ? options.loader_threads : auto_loader_threads(job.threads);
+    job.validation_name = fmt::format("the test side of {} (seed {}, {} train / {} test ids)", (run_dir / kSplitName).string(),
+                                      split.seed, split.train_ids.size(), split.test_ids.size());
+    job.console = writer ? &console : nullptr;
+    job.checkpoint = std::move(checkpoint);
+    job.init = &init;
+    job.checkpoint_metadata = config_metadata(options);
+    if (writer) {
+        append_log(run_dir / kLogName, fmt::format("resunet train {} ({} pairs in {}{}{})", options.resume ? "--resume" : "start",
+                                                   dataset.size(), options.data_dir,
+                                                   dataset.skipped.empty() ? "" : fmt::format(", {} skipped", dataset.skipped.size()),
+                                                   comm.distributed() ? fmt::format(", mpirun -np {}", comm.size()) : ""));
+        for (const SkippedFile& skipped : dataset.skipped)
+            append_log(run_dir / kLogName, fmt::format("skipped {}: {}", skipped.file, skipped.reason));
+    }
+    TrainReport report = run_job(job);
+    if (options.out && writer) {
+        if (const EpochRecord* r = report.last())
+            fmt::print(options.out,
+                       "resunet train: {} epochs in {}; final val Dice {:.4f}, IoU {:.4f}, mIoU {:.4f}; best val Dice {:.4f} "
+                       "(epoch {}, {}); loader wait {:.1f}% of the training loop\n",
+                       r->epoch, report.run_dir, r->val_dice, r->val_iou, r->val_miou, report.best_val_dice, report.best_epoch,
+                       (run_dir / kBestName).string(), 100.0 * report.loader_wait_share());
+    }
+    return report;
+}
+
+int train_command(const TrainCommandOptions& options) {
+    return run_command("train", [&] {
+        run_train(options);
+        return 0;
+    });
+}
+
+void add_train_command(CLI::App& app) {
+    auto options = std::make_shared<TrainCommandOptions>();
+    auto force_progress = std::make_shared<bool>(false);
+    CLI::App* command = app.add_subcommand("train", "Train a ResUNet (fp32, oneDNN) with per-epoch validation; resumable run folder");
+    add_train_flags(*command, *options);
+    command->add_flag("--progress", *force_progress, "Show the progress bar even when stderr is not a terminal")->configurable(false);
+    command->callback([command, options, force_progress] {
+        apply_config_file(*command);
+        TrainCommandOptions run_options = *options;
+        run_options.progress = *force_progress || ::isatty(STDERR_FILENO) != 0;
+        const int code = train_command(run_options);
+        if (code != 0) throw CLI::RuntimeError(code);
+    });
+}
+
+}  // namespace resunet

@@ -1,0 +1,378 @@
+// Our own fp32 Winograd F(4x4,3x3) / F(2x2,3x3): weight transform at build time, AVX2 input and output
+// transforms, the GEMMs as one batched oneDNN matmul per group of tiles (engine/winograd_own.h).
+#include "engine/winograd_own.h"
+
+#include <fmt/format.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <exception>
+
+namespace resunet {
+
+using namespace dnnl;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+namespace {
+
+size_t align64(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+// G of F(m x m, 3x3) (Lavin and Gray 2016), alpha x 3; B^T and A^T are written out in the kernels below.
+constexpr double kG43[6][3] = {{1.0 / 4, 0, 0},
+                               {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                               {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                               {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                               {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                               {0, 0, 1}};
+constexpr double kG23[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+
+// One-dimensional B^T: d[0..alpha) -> r[0..alpha).
+template <int Tile>
+__attribute__((target("avx2,fma"), always_inline)) inline void input_1d(const __m256* d, __m256* r) {
+    if constexpr (Tile == 4) {
+        const __m256 two = _mm256_set1_ps(2.0f), four = _mm256_set1_ps(4.0f), five = _mm256_set1_ps(5.0f);
+        r[0] = _mm256_fmadd_ps(four, d[0], _mm256_fnmadd_ps(five, d[2], d[4]));
+        r[1] = _mm256_fnmadd_ps(four, _mm256_add_ps(d[1], d[2]), _mm256_add_ps(d[3], d[4]));
+        r[2] = _mm256_fmadd_ps(four, _mm256_sub_ps(d[1], d[2]), _mm256_sub_ps(d[4], d[3]));
+        r[3] = _mm256_fmadd_ps(two, _mm256_sub_ps(d[3], d[1]), _mm256_sub_ps(d[4], d[2]));
+        r[4] = _mm256_fmadd_ps(two, _mm256_sub_ps(d[1], d[3]), _mm256_sub_ps(d[4], d[2]));
+        r[5] = _mm256_fmadd_ps(four, d[1], _mm256_fnmadd_ps(five, d[3], d[5]));
+    } else {
+        r[0] = _mm256_sub_ps(d[0], d[2]);
+        r[1] = _mm256_add_ps(d[1], d[2]);
+        r[2] = _mm256_sub_ps(d[2], d[1]);
+        r[3] = _mm256_sub_ps(d[1], d[3]);
+    }
+}
+
+// One-dimensional A^T: m[0..alpha) -> o[0..Tile).
+template <int Tile>
+__attribute__((target("avx2,fma"), always_inline)) inline void output_1d(const __m256* m, __m256* o) {
+    if constexpr (Tile == 4) {
+        const __m256 a = _mm256_add_ps(m[1], m[2]), b = _mm256_sub_ps(m[1], m[2]);
+        const __m256 c = _mm256_add_ps(m[3], m[4]), e = _mm256_sub_ps(m[3], m[4]);
+        o[0] = _mm256_add_ps(_mm256_add_ps(m[0], a), c);
+        o[1] = _mm256_fmadd_ps(_mm256_set1_ps(2.0f), e, b);
+        o[2] = _mm256_fmadd_ps(_mm256_set1_ps(4.0f), c, a);
+        o[3] = _mm256_add_ps(_mm256_fmadd_ps(_mm256_set1_ps(8.0f), e, b), m[5]);
+    } else {
+        o[0] = _mm256_add_ps(_mm256_add_ps(m[0], m[1]), m[2]);
+        o[1] = _mm256_sub_ps(_mm256_sub_ps(m[1], m[2]), m[3]);
+    }
+}
+
+// Where an 8-channel group's pixels are: element (y, x, lane) at base + y * row + x * pixel + lane.
+struct Plane {
+    int64_t row;
+    int64_t pixel;
+};
+
+// V = B^T d B of one tile and 8 channels. (y0, x0): the alpha x alpha window's top-left, padding included;
+// pixels outside the image read as zero and are never loaded. Position p = i * alpha + j goes to
+// v[p * p_stride].
+template <int Tile>
+__attribute__((target("avx2,fma"))) void input_tile(const float* base, Plane plane, int64_t y0, int64_t x0, int64_t height,
+                                                    int64_t width, float* v, int64_t p_stride) {
+    constexpr int alpha = Tile + 2;
+    __m256 d[alpha][alpha];
+    for (int i = 0; i < alpha; ++i) {
+        const int64_t y = y0 + i;
+        const bool row_inside = y >= 0 && y < height;
+        for (int j = 0; j < alpha; ++j) {
+            const int64_t x = x0 + j;
+            d[i][j] = row_inside && x >= 0 && x < width ? _mm256_loadu_ps(base + y * plane.row + x * plane.pixel)
+                                                        : _mm256_setzero_ps();
+        }
+    }
+    __m256 t[alpha][alpha];
+    for (int j = 0; j < alpha; ++j) {
+        __m256 column[alpha], out[alpha];
+        for (int k = 0; k < alpha; ++k) column[k] = d[k][j];
+        input_1d<Tile>(column, out);
+        for (int k = 0; k < alpha; ++k) t[k][j] = out[k];
+    }
+    for (int i = 0; i < alpha; ++i) {
+        __m256 out[alpha];
+        input_1d<Tile>(t[i], out);
+        for (int k = 0; k < alpha; ++k) _mm256_storeu_ps(v + (i * alpha + k) * p_stride, out[k]);
+    }
+}
+
+// Y = A^T M A of one tile and 8 output channels, plus bias, plus dst (sum), ReLU; only the pixels inside
+// the image are read and written. (y0, x0): the output tile's top-left.
+template <int Tile>
+__attribute__((target("avx2,fma"))) void output_tile(const float* m, int64_t p_stride, const float* bias, float* base,
+                                                     Plane plane, int64_t y0, int64_t x0, int64_t height, int64_t width,
+                                                     bool sum, bool relu) {
+    constexpr int alpha = Tile + 2;
+    __m256 s[Tile][alpha];
+    for (int j = 0; j < alpha; ++j) {
+        __m256 column[alpha], out[Tile];
+        for (int k = 0; k < alpha; ++k) column[k] = _mm256_loadu_ps(m + (k * alpha + j) * p_stride);
+        output_1d<Tile>(column, out);
+        for (int k = 0; k < Tile; ++k) s[k][j] = out[k];
+    }
+    const __m256 b = _mm256_loadu_ps(bias);
+    const __m256 zero = _mm256_setzero_ps();
+    const int rows = static_cast<int>(std::min<int64_t>(Tile, height - y0));
+    const int columns = static_cast<int>(std::min<int64_t>(Tile, width - x0));
+    for (int i = 0; i < rows; ++i) {
+        __m256 out[Tile];
+        output_1d<Tile>(s[i], out);
+        float* row = base + (y0 + i) * plane.row + x0 * plane.pixel;
+        for (int j = 0; j < columns; ++j) {
+            __m256 y = _mm256_add_ps(out[j], b);
+            if (sum) y = _mm256_add_ps(y, _mm256_loadu_ps(row + j * plane.pixel));
+            if (relu) y = _mm256_max_ps(y, zero);
+            _mm256_storeu_ps(row + j * plane.pixel, y);
+        }
+    }
+}
+
+}  // namespace
+
+bool winograd_own_supported() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+bool WinogradOwn::applies(int tile, const WinogradOwnShape& shape, std::string* why) {
+    auto refuse = [&](std::string reason) {
+        if (why) *why = std::move(reason);
+        return false;
+    };
+    if (tile != 4 && tile != 2) return refuse(fmt::format("tile {} (4 or 2)", tile));
+    if (!winograd_own_supported()) return refuse("CPU without AVX2 and FMA");
+    int block = 0;
+    if (shape.layout == tag::nChw8c)
+        block = 8;
+    else if (shape.layout == tag::nChw16c)
+        block = 16;
+    else if (shape.layout != tag::nhwc)
+        return refuse("activation layout is not nChw8c, nChw16c or nhwc");
+    const int64_t channel_multiple = std::max(block, 8);
+    if (shape.in_channels <= 0 || shape.out_channels <= 0 || shape.in_channels % channel_multiple != 0 ||
+        shape.out_channels % channel_multiple != 0)
+        return refuse(fmt::format("channels {} -> {} are not multiples of {}", shape.in_channels, shape.out_channels,
+                                  channel_multiple));
+    if (shape.batch <= 0 || shape.height <= 0 || shape.width <= 0) return refuse("empty image");
+    const int64_t image_elements_in = shape.in_channels * shape.height * shape.width;
+    const int64_t image_elements_out = shape.out_channels * shape.height * shape.width;
+    if ((shape.src_batch_stride != 0 && shape.src_batch_stride < image_elements_in) ||
+        (shape.dst_batch_stride != 0 && shape.dst_batch_stride < image_elements_out))
+        return refuse("batch stride smaller than an image");
+    if (block == 0 && ((shape.src_batch_stride != 0 && shape.src_batch_stride != image_elements_in) ||
+                       (shape.dst_batch_stride != 0 && shape.dst_batch_stride != image_elements_out)))
+        return refuse("a channel slice in nhwc is strided per pixel");
+    return true;
+}
+
+std::unique_ptr<WinogradOwn> WinogradOwn::create(const engine& eng, stream& strm, int tile, const WinogradOwnShape& shape,
+                                                 const float* weights, const float* bias, std::string* why,
+                                                 int64_t tiles_per_group) {
+    if (!applies(tile, shape, why)) return nullptr;
+    const int block = shape.layout == tag::nChw8c ? 8 : shape.layout == tag::nChw16c ? 16 : 0;
+    const int64_t image_elements_in = shape.in_channels * shape.height * shape.width;
+    const int64_t image_elements_out = shape.out_channels * shape.height * shape.width;
+    std::unique_ptr<WinogradOwn> conv(new WinogradOwn());
+    WinogradOwn& c = *conv;
+    c.shape_ = shape;
+    if (c.shape_.src_batch_stride == 0) c.shape_.src_batch_stride = image_elements_in;
+    if (c.shape_.dst_batch_stride == 0) c.shape_.dst_batch_stride = image_elements_out;
+    c.tile_ = tile;
+    c.alpha_ = tile + 2;
+    c.block_ = block;
+    c.eng_ = eng;
+    c.tiles_y_ = (shape.height + tile - 1) / tile;
+    c.tiles_x_ = (shape.width + tile - 1) / tile;
+    c.tiles_ = shape.batch * c.tiles_y_ * c.tiles_x_;
+    const int64_t positions = static_cast<int64_t>(c.alpha_) * c.alpha_;
+    const int64_t ic = shape.in_channels, oc = shape.out_channels;
+
+    // Two ways to thread it. Several threads: each runs whole groups of tiles (input transform, a
+    // single-threaded matmul, output transform) on its own slot of the scratch, with no barrier but the
+    // one at the end; a team barrier per phase costs a scheduler slice on a loaded 2-core machine
+    // (measured: a 36 x 64 x 64 x 64 matmul takes 0.45 ms on one thread, 16 ms on two). Groups of 32 to
+    // 128 tiles whose V and M take about 8 MB (measured on the width-64 network's layers at 2 threads:
+    // 16-32 tiles starve the GEMMs at 256-512 channels, one group of 3136 tiles at 64 channels runs out
+    // of cache), at most a thread's share, equal, a multiple of the thread count. One thread, or a
+    // single group asked for: the groups in turn, the transforms threaded, the matmul threaded by oneDNN.
+    c.threads_ = std::max(1, omp_get_max_threads());
+    const int64_t bytes_per_tile = positions * (ic + oc) * static_cast<int64_t>(sizeof(float));
+    int64_t group = tiles_per_group;
+    if (group <= 0) {
+        group = std::clamp<int64_t>((int64_t{8} << 20) / bytes_per_tile, 32, 128);
+        group = std::min(group, (c.tiles_ + c.threads_ - 1) / c.threads_);
+    }
+    group = std::clamp<int64_t>(group, 1, c.tiles_);
+    int64_t groups = (c.tiles_ + group - 1) / group;
+    c.private_groups_ = groups > 1 && c.threads_ > 1;
+    if (c.private_groups_) groups = (groups + c.threads_ - 1) / c.threads_ * c.threads_;
+    group = (c.tiles_ + groups - 1) / groups;
+    groups = (c.tiles_ + group - 1) / group;
+    c.group_ = group;
+    const int64_t rest = c.tiles_ - (groups - 1) * group;
+
+    primitive_attr attr;
+    attr.set_scratchpad_mode(scratchpad_mode::user);
+    auto make = [&](int64_t rows, const memory::desc& weights_desc) {
+        const memory::desc src({positions, rows, ic}, dt::f32, tag::abc);
+        const memory::desc dst({positions, rows, oc}, dt::f32, tag::abc);
+        return matmul::primitive_desc(matmul::desc(src, weights_desc, dst), attr, eng);
+    };
+    const memory::desc weights_plain({positions, ic, oc}, dt::f32, tag::abc);
+    matmul::primitive_desc full_pd, rest_pd;
+    try {
+        full_pd = make(group, memory::desc({positions, ic, oc}, dt::f32, tag::any));
+        if (rest != group) rest_pd = make(rest, full_pd.weights_desc());
+    } catch (const dnnl::error&) {
+        // the remainder refused the packed weights: both on plain ones
+        full_pd = make(group, weights_plain);
+        if (rest != group) rest_pd = make(rest, weights_plain);
+    }
+    c.full_ = matmul(full_pd);
+    c.full_src_ = full_pd.src_desc();
+    c.full_dst_ = full_pd.dst_desc();
+    c.matmul_scratch_bytes_ = full_pd.scratchpad_desc().get_size();
+    if (rest != group) {
+        c.rest_ = matmul(rest_pd);
+        c.rest_src_ = rest_pd.src_desc();
+        c.rest_dst_ = rest_pd.dst_desc();
+        c.matmul_scratch_bytes_ = std::max(c.matmul_scratch_bytes_, rest_pd.scratchpad_desc().get_size());
+    }
+    // U = G g G^T per (oc, ic), in double, as [P, IC, OC]: straight into the matmul's weights when it
+    // takes that layout (gemm:jit on AVX2), else through a reorder (one transient copy of U).
+    c.weights_ = memory(full_pd.weights_desc(), eng);
+    const bool direct_into_weights = full_pd.weights_desc() == weights_plain;
+    std::vector<float> plain(direct_into_weights ? 0 : static_cast<size_t>(positions * ic * oc));
+    float* u_out = direct_into_weights ? static_cast<float*>(c.weights_.get_data_handle()) : plain.data();
+    const double* g_rows = tile == 4 ? &kG43[0][0] : &kG23[0][0];
+    const int alpha = c.alpha_;
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < oc; ++o)
+        for (int64_t i = 0; i < ic; ++i) {
+            const float* w = weights + (o * ic + i) * 9;
+            double left[6][3];
+            for (int a = 0; a < alpha; ++a)
+                for (int x = 0; x < 3; ++x)
+                    left[a][x] = g_rows[a * 3 + 0] * w[0 * 3 + x] + g_rows[a * 3 + 1] * w[1 * 3 + x] +
+                                 g_rows[a * 3 + 2] * w[2 * 3 + x];
+            for (int a = 0; a < alpha; ++a)
+                for (int b = 0; b < alpha; ++b) {
+                    const double u = left[a][0] * g_rows[b * 3 + 0] + left[a][1] * g_rows[b * 3 + 1] +
+                                     left[a][2] * g_rows[b * 3 + 2];
+                    u_out[static_cast<size_t>(((a * alpha + b) * ic + i) * oc + o)] = static_cast<float>(u);
+                }
+        }
+    if (!direct_into_weights) {
+        memory user(weights_plain, eng, plain.data());
+        reorder(user, c.weights_).execute(strm, user, c.weights_);
+        strm.wait();
+    }
+    c.bias_.assign(bias, bias + oc);
+
+    c.v_bytes_ = align64(static_cast<size_t>(positions * group * ic) * sizeof(float));
+    c.m_bytes_ = align64(static_cast<size_t>(positions * group * oc) * sizeof(float));
+    c.slot_bytes_ = c.v_bytes_ + c.m_bytes_ + align64(std::max<size_t>(c.matmul_scratch_bytes_, 1));
+    c.scratch_bytes_ = c.slot_bytes_ * static_cast<size_t>(c.private_groups_ ? c.threads_ : 1);
+    c.weight_bytes_ = full_pd.weights_desc().get_size() + c.bias_.size() * sizeof(float);
+    c.kernel_ = fmt::format("own_f{}3:avx2+{}", tile, full_pd.impl_info_str());
+    return conv;
+}
+
+void WinogradOwn::input_transform(const float* src, float* v, int64_t first_tile, int64_t count, bool parallel) const {
+    const int64_t channels = shape_.in_channels;
+    const int64_t groups = channels / 8;
+    const int64_t height = shape_.height, width = shape_.width;
+    const int64_t per_image = tiles_y_ * tiles_x_;
+    const int64_t p_stride = count * channels;
+    const Plane plane = block_ ? Plane{width * block_, block_} : Plane{width * channels, channels};
+    const int64_t block_plane = block_ ? height * width * block_ : 0;
+    const int tile = tile_;
+#pragma omp parallel for collapse(2) schedule(static) if (parallel)
+    for (int64_t t = 0; t < count; ++t)
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t index = first_tile + t;
+            const int64_t n = index / per_image, ty = (index % per_image) / tiles_x_, tx = index % tiles_x_;
+            const int64_t offset = block_ ? (g * 8 / block_) * block_plane + (g * 8) % block_ : g * 8;
+            const float* base = src + n * shape_.src_batch_stride + offset;
+            float* out = v + t * channels + g * 8;
+            if (tile == 4)
+                input_tile<4>(base, plane, ty * 4 - 1, tx * 4 - 1, height, width, out, p_stride);
+            else
+                input_tile<2>(base, plane, ty * 2 - 1, tx * 2 - 1, height, width, out, p_stride);
+        }
+}
+
+void WinogradOwn::output_transform(const float* m, float* dst, int64_t first_tile, int64_t count, bool parallel) const {
+    const int64_t channels = shape_.out_channels;
+    const int64_t groups = channels / 8;
+    const int64_t height = shape_.height, width = shape_.width;
+    const int64_t per_image = tiles_y_ * tiles_x_;
+    const int64_t p_stride = count * channels;
+    const Plane plane = block_ ? Plane{width * block_, block_} : Plane{width * channels, channels};
+    const int64_t block_plane = block_ ? height * width * block_ : 0;
+    const int tile = tile_;
+    const bool sum = shape_.sum, relu = shape_.relu;
+#pragma omp parallel for collapse(2) schedule(static) if (parallel)
+    for (int64_t t = 0; t < count; ++t)
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t index = first_tile + t;
+            const int64_t n = index / per_image, ty = (index % per_image) / tiles_x_, tx = index % tiles_x_;
+            const int64_t offset = block_ ? (g * 8 / block_) * block_plane + (g * 8) % block_ : g * 8;
+            float* base = dst + n * shape_.dst_batch_stride + offset;
+            const float* in = m + t * channels + g * 8;
+            if (tile == 4)
+                output_tile<4>(in, p_stride, bias_.data() + g * 8, base, plane, ty * 4, tx * 4, height, width, sum, relu);
+            else
+                output_tile<2>(in, p_stride, bias_.data() + g * 8, base, plane, ty * 2, tx * 2, height, width, sum, relu);
+        }
+}
+
+void WinogradOwn::execute(stream& strm, const float* src, float* dst, void* scratch) {
+    const memory::desc scratch_desc({static_cast<memory::dim>(std::max<size_t>(matmul_scratch_bytes_, 1))}, dt::u8, tag::x);
+    // One group of tiles with the scratch slot at `slot`: transforms threaded or not, matmul on `s`.
+    auto run_group = [&](int64_t first, char* slot, stream& s, bool parallel) {
+        const int64_t count = std::min(group_, tiles_ - first);
+        const bool full = count == group_;
+        float* v = reinterpret_cast<float*>(slot);
+        float* m = reinterpret_cast<float*>(slot + v_bytes_);
+        input_transform(src, v, first, count, parallel);
+        const memory v_memory(full ? full_src_ : rest_src_, eng_, v);
+        const memory m_memory(full ? full_dst_ : rest_dst_, eng_, m);
+        const memory scratch_memory(scratch_desc, eng_, slot + v_bytes_ + m_bytes_);
+        (full ? full_ : rest_)
+            .execute(s, {{DNNL_ARG_SRC, v_memory}, {DNNL_ARG_WEIGHTS, weights_}, {DNNL_ARG_DST, m_memory},
+                         {DNNL_ARG_SCRATCHPAD, scratch_memory}});
+        s.wait();
+        output_transform(m, dst, first, count, parallel);
+    };
+    char* bytes = static_cast<char*>(scratch);
+    const int64_t groups = (tiles_ + group_ - 1) / group_;
+    if (!private_groups_) {
+        for (int64_t g = 0; g < groups; ++g) run_group(g * group_, bytes, strm, true);
+        return;
+    }
+    // Each thread its own groups and scratch slot; oneDNN runs a primitive called inside a parallel
+    // region on the calling thread. Never more threads than slots.
+    const int threads = std::min(threads_, std::max(1, omp_get_max_threads()));
+    std::exception_ptr failure;
+#pragma omp parallel num_threads(threads)
+    {
+        const int thread = omp_get_thread_num(), team = omp_get_num_threads();
+        try {
+            stream local(eng_);
+            for (int64_t g = thread; g < groups; g += team)
+                run_group(g * group_, bytes + static_cast<size_t>(thread) * slot_bytes_, local, false);
+        } catch (...) {
+#pragma omp critical(resunet_winograd_own_failure)
+            failure = std::current_exception();
+        }
+    }
+    if (failure) std::rethrow_exception(failure);
+}
+
+}  // namespace resunet
