@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check CI runs (the README's test command, after third_party/install-deps.sh):
 #   0. the machine: CPU model, oneDNN version and the ISA oneDNN dispatches (tests/cpu_isa.cpp);
-#   1. the Release build in build/ and its ctest suite; then the same suite again under each
+#   1. the Release build in build/ (target resunet_tests: the tests and the programs they run) and its ctest suite; then the same suite again under each
 #      ONEDNN_MAX_CPU_ISA cap of RESUNET_ISA_CAPS (default "AVX2 AVX512_CORE AVX512_CORE_BF16") that
 #      changes what oneDNN dispatches here: an AVX-512 machine also checks the AVX2 and the
 #      AVX-512-without-VNNI kernels (with the int8 weights of +-63 they need), an AMX one also the
@@ -88,7 +88,7 @@ count_ctest() {
 if [[ " $skip " != *" release "* ]]; then
   begin_stage "Release build and tests (build/)"
   if run_logged "$logs/release-configure.log" cmake -S . -B build -G Ninja &&
-     run_logged "$logs/release-build.log" cmake --build build -j"$jobs"; then
+     run_logged "$logs/release-build.log" cmake --build build -j"$jobs" --target resunet_tests; then
     ctest --test-dir build --output-on-failure -j"$jobs" 2>&1 | tee "$logs/release-ctest.log"
     count_ctest "$logs/release-ctest.log"
     end_stage "release" "$result"
