@@ -35,22 +35,6 @@ std::string activation_label(const FusedOp& op) {
 
 }  // namespace
 
-namespace {
-
-// The kernel oneDNN picks for a 3x3 convolution, `channels` to `channels`, on a 16x16 image whose
-// activations are in layout `t` (tag::any: oneDNN's own choice, returned in `chosen`).
-std::string probe_conv(const dnnl::engine& eng, memory::dim channels, tag t, memory::desc* chosen = nullptr) {
-    memory::desc act({1, channels, 16, 16}, dt::f32, t);
-    memory::desc weights_any({channels, channels, 3, 3}, dt::f32, tag::any);
-    convolution_forward::primitive_desc pd(
-        convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, act, weights_any, act,
-                                  {1, 1}, {1, 1}, {1, 1}),
-        eng);
-    if (chosen) *chosen = pd.dst_desc();
-    return pd.impl_info_str();
-}
-
-}  // namespace
 
 // The activation layout, used for every activation so that concat slices and residual accumulation share
 // buffers without reorders. `automatic` asks oneDNN's convolution once with format_tag::any on a

@@ -21,6 +21,19 @@ std::string effective_isa_name() {
     }
 }
 
+std::string probe_conv(const dnnl::engine& eng, dnnl::memory::dim channels, dnnl::memory::format_tag t,
+                       dnnl::memory::desc* chosen) {
+    using namespace dnnl;
+    memory::desc act({1, channels, 16, 16}, memory::data_type::f32, t);
+    memory::desc weights_any({channels, channels, 3, 3}, memory::data_type::f32, memory::format_tag::any);
+    convolution_forward::primitive_desc pd(
+        convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, act, weights_any, act,
+                                  {1, 1}, {1, 1}, {1, 1}),
+        eng);
+    if (chosen) *chosen = pd.dst_desc();
+    return pd.impl_info_str();
+}
+
 dnnl::memory::desc pixel_shuffle_view(int64_t n, int64_t channels, int64_t height, int64_t width, int64_t block,
                                       bool packed) {
     dnnl_memory_desc_t md;

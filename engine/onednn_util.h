@@ -1,4 +1,4 @@
-// Small conversions between our types and oneDNN's, shared by engine/ and quant/ (never by others).
+// Small conversions between our types and oneDNN's, shared by engine/, quant/ and train/ (never by others).
 #pragma once
 
 #include <oneapi/dnnl/dnnl.hpp>
@@ -12,6 +12,11 @@ inline dnnl::memory::dims to_dnnl_dims(const Dims& dims) { return dnnl::memory::
 
 // The ISA oneDNN dispatches to on this CPU, as ONEDNN_VERBOSE prints it.
 std::string effective_isa_name();
+
+// The kernel oneDNN picks for a 3x3 convolution, `channels` to `channels`, on a 16x16 image whose
+// activations are in layout `t` (format_tag::any: oneDNN's own choice, returned in `chosen`).
+std::string probe_conv(const dnnl::engine& eng, dnnl::memory::dim channels, dnnl::memory::format_tag t,
+                       dnnl::memory::desc* chosen = nullptr);
 
 // A 6-D view {N, 2 (ky), 2 (kx), C, H, W} of a 2x2 pixel shuffle, in the channel-blocked layout with
 // `block` channels per block (1 = plain NCHW). `packed` describes the 1x1-convolution output

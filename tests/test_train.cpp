@@ -208,12 +208,18 @@ TEST(StepLR, DecaysEveryStepSizeEpochs) {
 // ------------------------------------------------------------------------------------------ trainer
 
 class TrainerLayouts : public ::testing::TestWithParam<ActivationLayout> {};
-INSTANTIATE_TEST_SUITE_P(Layouts, TrainerLayouts, ::testing::Values(ActivationLayout::nhwc, ActivationLayout::nchw),
-                         [](const auto& param_info) { return param_info.param == ActivationLayout::nhwc ? "nhwc" : "nchw"; });
+INSTANTIATE_TEST_SUITE_P(Layouts, TrainerLayouts,
+                         ::testing::Values(ActivationLayout::nhwc, ActivationLayout::nchw, ActivationLayout::blocked),
+                         [](const auto& param_info) {
+                             return param_info.param == ActivationLayout::nhwc   ? "nhwc"
+                                    : param_info.param == ActivationLayout::nchw ? "nchw"
+                                                                                 : "blocked";
+                         });
 
-// Eval mode (running statistics) must equal the plain reference of the graph.
+// Eval mode (running statistics) must equal the plain reference of the graph. Width 8 under `blocked`
+// (concat offsets must be multiples of the channel block).
 TEST_P(TrainerLayouts, EvalForwardMatchesReference) {
-    Graph g = tiny_resunet(4, 2, 32, 2);
+    Graph g = tiny_resunet(GetParam() == ActivationLayout::blocked ? 8 : 4, 2, 32, 2);
     TensorMap w = init_weights(g, 5);
     randomize_batch_norm_statistics(g, w, 6);
     TrainOptions o;
@@ -312,24 +318,70 @@ TEST(Trainer, StepsReduceTheLossOnAFixedBatch) {
     EXPECT_EQ(trainer.step_count(), 26);
 }
 
+// Every layout against nchw, on a width (8) whose concat offsets allow a channel block.
 TEST(Trainer, LayoutsGiveTheSameGradients) {
-    Graph g = tiny_resunet(4, 2, 16, 2);
+    Graph g = tiny_resunet(8, 2, 16, 2);
     const TensorMap w = init_weights(g, 11);
     const std::vector<float> images = uniform(2 * 3 * 16 * 16, 12, -1.0f, 1.0f);
     const std::vector<float> masks = blob_masks({2, 1, 16, 16});
-    TrainOptions a, b;
-    a.layout = ActivationLayout::nhwc;
-    b.layout = ActivationLayout::nchw;
-    Trainer ta(g, w, a), tb(g, w, b);
-    EXPECT_NEAR(ta.compute_gradients(images.data(), masks.data()).total, tb.compute_gradients(images.data(), masks.data()).total,
-                1e-6);
+    TrainOptions plain;
+    plain.layout = ActivationLayout::nchw;
+    Trainer tb(g, w, plain);
+    const double plain_loss = tb.compute_gradients(images.data(), masks.data()).total;
+    for (ActivationLayout layout : {ActivationLayout::nhwc, ActivationLayout::blocked, ActivationLayout::automatic}) {
+        TrainOptions a;
+        a.layout = layout;
+        Trainer ta(g, w, a);
+        EXPECT_NEAR(ta.compute_gradients(images.data(), masks.data()).total, plain_loss, 1e-6) << ta.activation_layout();
+        double scale = 0, worst = 0;
+        for (const auto& [name, grad] : ta.gradients())
+            for (int64_t i = 0; i < grad.num_elements(); ++i) {
+                scale = std::max(scale, static_cast<double>(std::abs(grad.f32()[i])));
+                worst = std::max(worst, static_cast<double>(std::abs(grad.f32()[i] - tb.gradients().at(name).f32()[i])));
+            }
+        fmt::print("{} against nchw: worst gradient difference {:.2e} of the largest\n", ta.activation_layout(), worst / scale);
+        EXPECT_LT(worst / scale, 1e-4) << ta.activation_layout();
+        if (layout == ActivationLayout::blocked) EXPECT_TRUE(ta.activation_layout().starts_with("nChw")) << ta.activation_layout();
+    }
+}
+
+// Batch norm + ReLU as one primitive (fuse_norm_relu) against the two primitives, whole network.
+TEST(Trainer, FusedBatchNormReluGivesTheSameGradients) {
+    Graph g = tiny_resunet(8, 2, 16, 2);
+    const TensorMap w = init_weights(g, 13);
+    const std::vector<float> images = uniform(2 * 3 * 16 * 16, 14, -1.0f, 1.0f);
+    const std::vector<float> masks = blob_masks({2, 1, 16, 16});
+    TrainOptions fused, separate;
+    separate.fuse_batch_norm_relu = false;
+    Trainer tf(g, w, fused), ts(g, w, separate);
+    EXPECT_LT(tf.num_primitives(), ts.num_primitives());
+    EXPECT_LT(tf.activation_bytes(), ts.activation_bytes());
+    EXPECT_NEAR(tf.compute_gradients(images.data(), masks.data()).total, ts.compute_gradients(images.data(), masks.data()).total, 1e-6);
     double scale = 0, worst = 0;
-    for (const auto& [name, grad] : ta.gradients())
+    for (const auto& [name, grad] : tf.gradients())
         for (int64_t i = 0; i < grad.num_elements(); ++i) {
             scale = std::max(scale, static_cast<double>(std::abs(grad.f32()[i])));
-            worst = std::max(worst, static_cast<double>(std::abs(grad.f32()[i] - tb.gradients().at(name).f32()[i])));
+            worst = std::max(worst, static_cast<double>(std::abs(grad.f32()[i] - ts.gradients().at(name).f32()[i])));
         }
-    EXPECT_LT(worst / scale, 1e-4);
+    fmt::print("fused batch norm + ReLU ({} primitives, {:.2f} MB) against separate ({}, {:.2f} MB): worst gradient difference "
+               "{:.2e} of the largest\n",
+               tf.num_primitives(), tf.activation_bytes() / 1e6, ts.num_primitives(), ts.activation_bytes() / 1e6, worst / scale);
+    EXPECT_LT(worst / scale, 1e-5);
+    // Eval forward and the step's running statistics agree too.
+    std::vector<float> a(2 * 16 * 16), b(2 * 16 * 16);
+    tf.forward(images.data(), a.data(), false);
+    ts.forward(images.data(), b.data(), false);
+    for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], b[i], 1e-5) << i;
+}
+
+// A channel block must divide every concat offset; `blocked` refuses otherwise, `automatic` falls back to nhwc.
+TEST(Trainer, BlockedLayoutNeedsBlockAlignedConcatOffsets) {
+    Graph g = tiny_resunet(4, 2, 16, 2);  // concat offsets 4 and 8
+    TrainOptions o;
+    o.layout = ActivationLayout::automatic;
+    EXPECT_EQ(Trainer(g, init_weights(g, 1), o).activation_layout(), "nhwc");
+    o.layout = ActivationLayout::blocked;
+    expect_error([&] { Trainer(g, init_weights(g, 1), o); }, {"concat offsets"});
 }
 
 TEST(Trainer, EndEpochAppliesStepLR) {

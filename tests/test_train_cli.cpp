@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
 
+#include "apps/lib/cli_common.h"
 #include "apps/lib/cv_command.h"
 #include "apps/lib/eval_command.h"
 #include "apps/lib/evaluate.h"
@@ -188,6 +189,35 @@ TEST_F(TrainCliTest, TrainWritesEveryRunFile) {
     const Dataset dataset = scan_dataset(kKvasirRoot);
     const Split split = load_split((run / "split.json").string(), dataset);
     EXPECT_EQ(split.train_ids.size() + split.test_ids.size(), 24u);
+}
+
+// --val-folds K: validation on fold 1 of K of the training side; the test side is never read.
+TEST_F(TrainCliTest, ValidationFoldComesFromTheTrainingSide) {
+    TrainCommandOptions o = small(root_ / "val-folds");
+    o.epochs = 1;
+    o.val_folds = 4;
+    o.split_path = (root_ / "full" / "split.json").string();  // 19 train / 5 test ids
+    const TrainReport report = run_train(o);
+    const Dataset dataset = scan_dataset(kKvasirRoot);
+    const Split split = load_split(o.split_path, dataset);
+    const std::vector<Fold> folds = make_folds(split.train_ids, 4, o.seed);
+    EXPECT_EQ(report.val_images, folds[0].val_ids.size());
+    EXPECT_EQ(report.train_images + report.val_images, split.train_ids.size());
+    const std::string log = read_text(root_ / "val-folds" / "train.log");
+    EXPECT_NE(log.find("fold 1 of 4 of the training side"), std::string::npos) << log;
+    EXPECT_NE(read_text(root_ / "val-folds" / "config.toml").find("val-folds=4"), std::string::npos);
+    // A run made before --val-folds existed (no key in its config) reads as --val-folds 0.
+    std::string config = read_text(root_ / "full" / "config.toml");
+    ASSERT_NE(config.find("val-folds=0\n"), std::string::npos) << config;
+    config.erase(config.find("val-folds=0\n"), std::string("val-folds=0\n").size());
+    check_same_config(root_ / "full", config, true);  // the file on disk has the key, the text does not: equal
+    o.val_folds = 1;
+    try {
+        run_train(o);
+        ADD_FAILURE() << "expected a UsageError";
+    } catch (const UsageError& e) {
+        EXPECT_NE(std::string(e.what()).find("--val-folds"), std::string::npos) << e.what();
+    }
 }
 
 TEST_F(TrainCliTest, ResumeAfterEpochOneEqualsAnUninterruptedRun) {

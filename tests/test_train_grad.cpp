@@ -207,35 +207,38 @@ struct OpCase {
 };
 
 // input -> conv (so the op's input gradient reaches a weight) -> op -> conv -> output.
-Graph around(const Dims& input, const std::function<int(Graph&, int)>& op) {
+Graph around(const Dims& input, int c, const std::function<int(Graph&, int)>& op) {
     Graph g;
     int x = g.input("input", input);
-    x = g.conv("pre", x, 3, 3, 1, 1);
+    x = g.conv("pre", x, 3 * c, 3, 1, 1);
     x = op(g, x);
     x = g.conv("post", x, 2, 1, 1, 0);
     g.set_output(x);
     return g;
 }
 
-std::vector<OpCase> op_cases() {
+// Channel counts are multiplied by `c`: c = 8 keeps every concat offset a multiple of a channel block.
+std::vector<OpCase> op_cases(int c = 1) {
     const Dims in = {2, 2, 6, 6};
     return {
-        {"conv3x3", [=] { return around(in, [](Graph& g, int x) { return g.conv("op", x, 4, 3, 1, 1); }); }},
-        {"conv3x3_stride2", [=] { return around(in, [](Graph& g, int x) { return g.conv("op", x, 3, 3, 2, 1); }); }},
-        {"conv1x1_no_bias", [=] { return around(in, [](Graph& g, int x) { return g.conv("op", x, 3, 1, 1, 0, false); }); }},
-        {"conv_transpose2x2", [=] { return around(in, [](Graph& g, int x) { return g.conv_transpose("op", x, 3, 2, 2); }); }},
+        {"conv3x3", [=] { return around(in, c, [c](Graph& g, int x) { return g.conv("op", x, 4 * c, 3, 1, 1); }); }},
+        {"conv3x3_stride2", [=] { return around(in, c, [c](Graph& g, int x) { return g.conv("op", x, 3 * c, 3, 2, 1); }); }},
+        {"conv1x1_no_bias", [=] { return around(in, c, [c](Graph& g, int x) { return g.conv("op", x, 3 * c, 1, 1, 0, false); }); }},
+        {"conv_transpose2x2", [=] { return around(in, c, [c](Graph& g, int x) { return g.conv_transpose("op", x, 3 * c, 2, 2); }); }},
         {"conv_transpose3x3_s2_no_bias",
-         [=] { return around(in, [](Graph& g, int x) { return g.conv_transpose("op", x, 2, 3, 2, false); }); }},
-        {"batch_norm", [=] { return around(in, [](Graph& g, int x) { return g.batch_norm("op", x); }); }},
-        {"relu", [=] { return around(in, [](Graph& g, int x) { return g.relu("op", x); }); }},
-        {"sigmoid", [=] { return around(in, [](Graph& g, int x) { return g.sigmoid("op", x); }); }},
-        {"max_pool", [=] { return around(in, [](Graph& g, int x) { return g.max_pool("op", x, 2, 2); }); }},
+         [=] { return around(in, c, [c](Graph& g, int x) { return g.conv_transpose("op", x, 2 * c, 3, 2, false); }); }},
+        {"batch_norm", [=] { return around(in, c, [c](Graph& g, int x) { return g.batch_norm("op", x); }); }},
+        {"relu", [=] { return around(in, c, [c](Graph& g, int x) { return g.relu("op", x); }); }},
+        {"batch_norm_relu",  // fused into one primitive by default (TrainOptions::fuse_batch_norm_relu)
+         [=] { return around(in, c, [c](Graph& g, int x) { return g.relu("op.relu", g.batch_norm("op", x)); }); }},
+        {"sigmoid", [=] { return around(in, c, [c](Graph& g, int x) { return g.sigmoid("op", x); }); }},
+        {"max_pool", [=] { return around(in, c, [c](Graph& g, int x) { return g.max_pool("op", x, 2, 2); }); }},
         {"add_with_fan_out",  // x feeds the relu and the add: its gradient is the sum of both terms
-         [=] { return around(in, [](Graph& g, int x) { return g.add("op", g.relu("op.relu", x), x); }); }},
+         [=] { return around(in, c, [c](Graph& g, int x) { return g.add("op", g.relu("op.relu", x), x); }); }},
         {"concat_with_fan_out",  // x feeds the conv and the concat
          [=] {
-             return around(in, [](Graph& g, int x) {
-                 const int y = g.conv("op.conv", x, 2, 3, 1, 1);
+             return around(in, c, [c](Graph& g, int x) {
+                 const int y = g.conv("op.conv", x, 2 * c, 3, 1, 1);
                  return g.concat("op", {y, x});
              });
          }},
@@ -246,8 +249,20 @@ std::vector<OpCase> op_cases() {
 
 class OpGradient : public ::testing::TestWithParam<std::tuple<int, ActivationLayout>> {};
 
+std::string layout_suffix(ActivationLayout layout) {
+    switch (layout) {
+        case ActivationLayout::nhwc: return "_nhwc";
+        case ActivationLayout::nchw: return "_nchw";
+        case ActivationLayout::blocked: return "_blocked";
+        case ActivationLayout::automatic: return "_automatic";
+    }
+    return "";
+}
+
+// Under `blocked` the channels are 8x (block-aligned concat offsets; padded channels where a count is not).
 TEST_P(OpGradient, MatchesFiniteDifferences) {
-    const OpCase c = op_cases()[static_cast<size_t>(std::get<0>(GetParam()))];
+    const bool blocked = std::get<1>(GetParam()) == ActivationLayout::blocked;
+    const OpCase c = op_cases(blocked ? 8 : 1)[static_cast<size_t>(std::get<0>(GetParam()))];
     const Graph g = c.build();
     TrainOptions o;
     o.layout = std::get<1>(GetParam());
@@ -269,15 +284,17 @@ TEST_P(OpGradient, MatchesFiniteDifferences) {
 
 INSTANTIATE_TEST_SUITE_P(Ops, OpGradient,
                          ::testing::Combine(::testing::Range(0, static_cast<int>(op_cases().size())),
-                                            ::testing::Values(ActivationLayout::nhwc, ActivationLayout::nchw)),
+                                            ::testing::Values(ActivationLayout::nhwc, ActivationLayout::nchw,
+                                                              ActivationLayout::blocked)),
                          [](const auto& param_info) {
                              return op_cases()[static_cast<size_t>(std::get<0>(param_info.param))].name +
-                                    (std::get<1>(param_info.param) == ActivationLayout::nhwc ? "_nhwc" : "_nchw");
+                                    layout_suffix(std::get<1>(param_info.param));
                          });
 
 // The whole network with the real loss (Dice + BCE), every learnable tensor and the input.
 TEST(NetworkGradient, TinyResUNetMatchesFiniteDifferences) {
-    for (auto [width, depth] : {std::pair{2, 2}, std::pair{4, 1}}) {
+    // Width 8: the automatic layout is channel-blocked (nChw8c on AVX2); the narrower ones are nhwc.
+    for (auto [width, depth] : {std::pair{2, 2}, std::pair{4, 1}, std::pair{8, 1}}) {
         ResUNetConfig config;
         config.width = width;
         config.depth = depth;
@@ -293,10 +310,13 @@ TEST(NetworkGradient, TinyResUNetMatchesFiniteDifferences) {
         const CheckResult r = check_gradients(
             trainer, images, masks,
             [&](const float* logits) { return dice_bce_loss(logits, masks.data(), 2, 16 * 16, nullptr).total; }, kStep, kFloor);
-        fmt::print("ResUNet width {} depth {} (16x16, batch 2, Dice+BCE): {} tensors, worst relative error {:.2e} in {} "
+        fmt::print("ResUNet width {} depth {} (16x16, batch 2, Dice+BCE, {}): {} tensors, worst relative error {:.2e} in {} "
                    "({} elements checked, {} skipped at kinks)\n",
-                   width, depth, r.tensors.size(), r.worst.error, r.worst.name, r.checked, r.skipped);
-        EXPECT_GE(r.checked, r.skipped) << r.report();  // most elements are away from kinks
+                   width, depth, trainer.activation_layout(), r.tensors.size(), r.worst.error, r.worst.name, r.checked, r.skipped);
+        // Most elements are away from kinks; at width 8 a +-h step flips one of many more ReLUs, so about
+        // half of the picked elements are skipped there.
+        EXPECT_GE(r.checked, 100) << r.report();
+        EXPECT_GE(2 * r.checked, r.skipped) << r.report();
         EXPECT_LT(r.worst.error, kNetworkTolerance) << r.report();
     }
 }

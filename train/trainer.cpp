@@ -11,6 +11,7 @@
 #include <oneapi/dnnl/dnnl.hpp>
 #include <unordered_map>
 
+#include "engine/onednn_util.h"
 #include "graph/safetensors.h"
 
 namespace resunet {
@@ -28,8 +29,6 @@ struct Step {
     std::unordered_map<int, memory> args;
     std::string name;  // graph node (or node + ".what") the step belongs to
 };
-
-memory::dims to_dnnl_dims(const Dims& dims) { return memory::dims(dims.begin(), dims.end()); }
 
 bool all_finite(const float* data, int64_t count) {
     bool finite = true;
@@ -79,6 +78,10 @@ struct Trainer::Impl {
     std::vector<memory> gradient_buffers;  // storage the diffs share (see plan_gradient_buffers)
     std::vector<NodePlan> plans;
     std::vector<int> batch_norm_nodes;
+    // fused_relu[n]: for a batch norm n fused with its ReLU, that ReLU's node index; else -1. relu_fused[r]:
+    // the ReLU r's node is folded into the batch norm before it.
+    std::vector<int> fused_relu;
+    std::vector<bool> relu_fused;
 
     std::vector<float> logits, dlogits, input_grad;
     memory user_images, user_logits, user_dlogits, user_input_grad;
@@ -173,6 +176,8 @@ struct Trainer::Impl {
     }
 
     void compile();
+    tag choose_layout() const;
+    void find_batch_norm_relu_pairs();
     void plan_gradient_buffers();
     void lower_forward(int node_index);
     void lower_backward(int node_index);
@@ -265,7 +270,11 @@ void Trainer::Impl::lower_forward(int node_index) {
         case OpKind::batch_norm: {
             const int src = node.inputs[0];
             const memory::desc channel_desc({out[1]}, dt::f32, tag::x);
-            const normalization_flags flags = normalization_flags::use_scale | normalization_flags::use_shift;
+            const int relu = fused_relu[index(node_index)];
+            // Fused with its ReLU: writes the ReLU's output (the batch norm's own value aliases it).
+            const memory& written = relu >= 0 ? values[index(graph.node(relu).output)] : values[index(dst)];
+            const normalization_flags flags = normalization_flags::use_scale | normalization_flags::use_shift |
+                                              (relu >= 0 ? normalization_flags::fuse_norm_relu : normalization_flags::none);
             plan.batch_norm = batch_normalization_forward::primitive_desc(
                 batch_normalization_forward::desc(prop_kind::forward_training, value_desc[index(src)], node.epsilon, flags),
                 attr, eng);
@@ -273,16 +282,21 @@ void Trainer::Impl::lower_forward(int node_index) {
             plan.variance = allocate(plan.batch_norm.variance_desc());
             memory scale = host(weights, node.name + ".weight", channel_desc);
             memory shift = host(weights, node.name + ".bias", channel_desc);
-            add(forward_train_steps, batch_normalization_forward(plan.batch_norm),
-                {{DNNL_ARG_SRC, values[index(src)]}, {DNNL_ARG_DST, values[index(dst)]}, {DNNL_ARG_SCALE, scale},
-                 {DNNL_ARG_SHIFT, shift}, {DNNL_ARG_MEAN, plan.mean}, {DNNL_ARG_VARIANCE, plan.variance}},
-                node.name, plan.batch_norm.scratchpad_desc().get_size());
+            std::unordered_map<int, memory> train_args = {
+                {DNNL_ARG_SRC, values[index(src)]}, {DNNL_ARG_DST, written},         {DNNL_ARG_SCALE, scale},
+                {DNNL_ARG_SHIFT, shift},            {DNNL_ARG_MEAN, plan.mean}, {DNNL_ARG_VARIANCE, plan.variance}};
+            if (relu >= 0) {
+                plan.workspace = allocate(plan.batch_norm.workspace_desc());  // which outputs the ReLU zeroed
+                train_args[DNNL_ARG_WORKSPACE] = plan.workspace;
+            }
+            add(forward_train_steps, batch_normalization_forward(plan.batch_norm), std::move(train_args), node.name,
+                plan.batch_norm.scratchpad_desc().get_size());
             batch_normalization_forward::primitive_desc eval_pd(
                 batch_normalization_forward::desc(prop_kind::forward_inference, value_desc[index(src)], node.epsilon,
                                                   flags | normalization_flags::use_global_stats),
                 attr, eng);
             add(forward_eval_steps, batch_normalization_forward(eval_pd),
-                {{DNNL_ARG_SRC, values[index(src)]}, {DNNL_ARG_DST, values[index(dst)]}, {DNNL_ARG_SCALE, scale},
+                {{DNNL_ARG_SRC, values[index(src)]}, {DNNL_ARG_DST, written}, {DNNL_ARG_SCALE, scale},
                  {DNNL_ARG_SHIFT, shift}, {DNNL_ARG_MEAN, host(weights, node.name + ".running_mean", channel_desc)},
                  {DNNL_ARG_VARIANCE, host(weights, node.name + ".running_var", channel_desc)}},
                 node.name, eval_pd.scratchpad_desc().get_size());
@@ -291,6 +305,7 @@ void Trainer::Impl::lower_forward(int node_index) {
         }
         case OpKind::relu:
         case OpKind::sigmoid: {
+            if (relu_fused[index(node_index)]) break;  // the batch norm before it writes its output
             const int src = node.inputs[0];
             const algorithm alg = node.kind == OpKind::relu ? algorithm::eltwise_relu : algorithm::eltwise_logistic;
             plan.eltwise = eltwise_forward::primitive_desc(
@@ -427,30 +442,34 @@ void Trainer::Impl::lower_backward(int node_index) {
         case OpKind::batch_norm: {
             const int src = node.inputs[0];
             const memory::desc channel_desc({out[1]}, dt::f32, tag::x);
-            const normalization_flags flags = normalization_flags::use_scale | normalization_flags::use_shift;
+            const int relu = fused_relu[index(node_index)];
+            const normalization_flags flags = normalization_flags::use_scale | normalization_flags::use_shift |
+                                              (relu >= 0 ? normalization_flags::fuse_norm_relu : normalization_flags::none);
             batch_normalization_backward::primitive_desc pd(
                 batch_normalization_backward::desc(prop_kind::backward, value_desc[index(dst)], value_desc[index(src)],
                                                    node.epsilon, flags),
                 attr, eng, plan.batch_norm);
             // oneDNN 2.6 quirk: a backward created with use_shift fails at execution unless SHIFT is passed too.
-            add(backward_steps, batch_normalization_backward(pd),
-                {{DNNL_ARG_SRC, values[index(src)]},
-                 {DNNL_ARG_MEAN, plan.mean},
-                 {DNNL_ARG_VARIANCE, plan.variance},
-                 {DNNL_ARG_DIFF_DST, diffs[index(dst)]},
-                 {DNNL_ARG_SCALE, host(weights, node.name + ".weight", channel_desc)},
-                 {DNNL_ARG_SHIFT, host(weights, node.name + ".bias", channel_desc)},
-                 {DNNL_ARG_DIFF_SRC, contribution_target(src)},
-                 {DNNL_ARG_DIFF_SCALE, host(grads, node.name + ".weight", channel_desc)},
-                 {DNNL_ARG_DIFF_SHIFT, host(grads, node.name + ".bias", channel_desc)}},
-                node.name + ".bwd", pd.scratchpad_desc().get_size());
+            std::unordered_map<int, memory> args = {
+                {DNNL_ARG_SRC, values[index(src)]},
+                {DNNL_ARG_MEAN, plan.mean},
+                {DNNL_ARG_VARIANCE, plan.variance},
+                // Fused: the ReLU's output gradient; the workspace masks it as the ReLU's backward would.
+                {DNNL_ARG_DIFF_DST, relu >= 0 ? diffs[index(graph.node(relu).output)] : diffs[index(dst)]},
+                {DNNL_ARG_SCALE, host(weights, node.name + ".weight", channel_desc)},
+                {DNNL_ARG_SHIFT, host(weights, node.name + ".bias", channel_desc)},
+                {DNNL_ARG_DIFF_SRC, contribution_target(src)},
+                {DNNL_ARG_DIFF_SCALE, host(grads, node.name + ".weight", channel_desc)},
+                {DNNL_ARG_DIFF_SHIFT, host(grads, node.name + ".bias", channel_desc)}};
+            if (relu >= 0) args[DNNL_ARG_WORKSPACE] = plan.workspace;
+            add(backward_steps, batch_normalization_backward(pd), std::move(args), node.name + ".bwd", pd.scratchpad_desc().get_size());
             finish_contribution(src, node.name);
             break;
         }
         case OpKind::relu:
         case OpKind::sigmoid: {
             const int src = node.inputs[0];
-            if (!needs_diff[index(src)]) break;
+            if (relu_fused[index(node_index)] || !needs_diff[index(src)]) break;
             const algorithm alg = node.kind == OpKind::relu ? algorithm::eltwise_relu : algorithm::eltwise_logistic;
             eltwise_backward::primitive_desc pd(
                 eltwise_backward::desc(alg, value_desc[index(dst)], value_desc[index(src)], 0.0f, 0.0f), attr, eng, plan.eltwise);
@@ -529,15 +548,65 @@ void Trainer::Impl::plan_gradient_buffers() {
             diffs[index(v)] = memory(value_desc[index(v)], eng, handle);
             pooled[index(v)] = handle;
         }
-        if (k == num_nodes) continue;
-        const int produced = graph.node(k).output;
+        if (k == num_nodes || relu_fused[index(k)]) continue;
+        // A fused batch norm's backward reads its ReLU's output gradient: that buffer lives until here.
+        const int produced = fused_relu[index(k)] >= 0 ? graph.node(fused_relu[index(k)]).output : graph.node(k).output;
         if (pooled[index(produced)]) free_buffers.emplace(value_desc[index(produced)].get_size(), pooled[index(produced)]);
+    }
+}
+
+// See ActivationLayout. A block must divide every concat offset, because concat slices are views.
+tag Trainer::Impl::choose_layout() const {
+    auto block_of = [](tag t) { return t == tag::nChw16c ? 16 : t == tag::nChw8c ? 8 : 0; };
+    auto offsets_allow = [&](int block) {
+        for (const Node& node : graph.nodes()) {
+            if (node.kind != OpKind::concat) continue;
+            int64_t offset = 0;
+            for (int src : node.inputs) {
+                if (offset % block != 0) return false;
+                offset += graph.value(src).dims[1];
+            }
+        }
+        return true;
+    };
+    switch (options.layout) {
+        case ActivationLayout::nchw: return tag::nchw;
+        case ActivationLayout::nhwc: return tag::nhwc;
+        case ActivationLayout::blocked:
+            for (tag candidate : {tag::nChw16c, tag::nChw8c})
+                if (offsets_allow(block_of(candidate)) && !probe_conv(eng, 64, candidate).starts_with("ref")) return candidate;
+            throw Error("trainer: no channel-blocked layout fits this graph's concat offsets and runs without oneDNN's "
+                        "reference convolution on this CPU");
+        case ActivationLayout::automatic: {
+            memory::desc chosen;
+            probe_conv(eng, 64, tag::any, &chosen);
+            for (tag candidate : {tag::nChw16c, tag::nChw8c})
+                if (chosen == memory::desc({1, 64, 16, 16}, dt::f32, candidate) && offsets_allow(block_of(candidate)))
+                    return candidate;
+            return tag::nhwc;
+        }
+    }
+    return tag::nhwc;
+}
+
+void Trainer::Impl::find_batch_norm_relu_pairs() {
+    fused_relu.assign(graph.nodes().size(), -1);
+    relu_fused.assign(graph.nodes().size(), false);
+    if (!options.fuse_batch_norm_relu) return;
+    for (int n = 0; n < static_cast<int>(graph.nodes().size()); ++n) {
+        const Node& node = graph.node(n);
+        if (node.kind != OpKind::batch_norm || node.output == graph.output_value()) continue;
+        const std::vector<int>& readers = graph.value(node.output).consumers;
+        if (readers.size() != 1 || graph.node(readers[0]).kind != OpKind::relu) continue;
+        fused_relu[index(n)] = readers[0];
+        relu_fused[index(readers[0])] = true;
     }
 }
 
 void Trainer::Impl::compile() {
     attr.set_scratchpad_mode(scratchpad_mode::user);
-    act_tag = options.layout == ActivationLayout::nhwc ? tag::nhwc : tag::nchw;
+    act_tag = choose_layout();
+    const bool blocked = act_tag == tag::nChw16c || act_tag == tag::nChw8c;
     const size_t num_values = graph.values().size();
     const int input = graph.input_value();
     const int output = graph.output_value();
@@ -547,13 +616,24 @@ void Trainer::Impl::compile() {
     needs_diff.assign(num_values, false);
     contributed.assign(num_values, false);
     plans.assign(graph.nodes().size(), NodePlan{});
+    find_batch_norm_relu_pairs();
+    // A fused batch norm's own output is never materialised: it aliases its ReLU's output.
+    std::vector<int> alias_of(num_values, -1);
+    for (size_t n = 0; n < fused_relu.size(); ++n)
+        if (fused_relu[n] >= 0) alias_of[index(graph.node(static_cast<int>(n)).output)] = graph.node(fused_relu[n]).output;
     size_t largest = 0;
     for (size_t v = 0; v < num_values; ++v) {
-        value_desc[v] = memory::desc(to_dnnl_dims(graph.value(static_cast<int>(v)).dims), dt::f32, act_tag);
-        values[v] = allocate(value_desc[v]);
-        needs_diff[v] = static_cast<int>(v) != input || options.input_gradient;
+        // Under a blocked layout the input (3 channels) stays nchw: oneDNN's first-layer kernels read it
+        // so, while a padded nChw8c input sends the 3x3 convolution to the reference kernel.
+        const tag value_tag = blocked && static_cast<int>(v) == input ? tag::nchw : act_tag;
+        value_desc[v] = memory::desc(to_dnnl_dims(graph.value(static_cast<int>(v)).dims), dt::f32, value_tag);
+        if (alias_of[v] < 0) values[v] = allocate(value_desc[v]);
+        // A fused batch norm's output gradient is never formed (its backward reads the ReLU's).
+        needs_diff[v] = (static_cast<int>(v) != input || options.input_gradient) && alias_of[v] < 0;
         largest = std::max(largest, value_desc[v].get_size());
     }
+    for (size_t v = 0; v < num_values; ++v)
+        if (alias_of[v] >= 0) values[v] = values[index(alias_of[v])];
     contribution = allocate(memory::desc({static_cast<memory::dim>(largest / sizeof(float))}, dt::f32, tag::x));
     plan_gradient_buffers();
 
@@ -871,6 +951,13 @@ int Trainer::num_primitives() const {
 }
 double Trainer::compile_ms() const { return impl_->compile_ms; }
 size_t Trainer::activation_bytes() const { return impl_->activation_bytes; }
-std::string Trainer::activation_layout() const { return impl_->act_tag == tag::nhwc ? "nhwc" : "nchw"; }
+std::string Trainer::activation_layout() const {
+    switch (impl_->act_tag) {
+        case tag::nChw16c: return "nChw16c";
+        case tag::nChw8c: return "nChw8c";
+        case tag::nhwc: return "nhwc";
+        default: return "nchw";
+    }
+}
 
 }  // namespace resunet

@@ -35,10 +35,15 @@
 
 namespace resunet {
 
-// Memory layout of activations and their gradients inside the trainer. Both are plain (no channel
-// blocking), so concat slices are strided views of one buffer. nhwc lets oneDNN 2.6 pick its jit:avx2
-// convolution kernels for forward and backward; nchw falls back to gemm-based kernels (slower).
-enum class ActivationLayout { nchw, nhwc };
+// Memory layout of activations and their gradients inside the trainer. One layout serves every value
+// (the graph input stays nchw under a blocked layout), so concat slices are views of one buffer.
+//   nchw, nhwc: plain; nhwc lets oneDNN 2.6 use its jit kernels, nchw falls back to gemm-based ones.
+//   blocked:    the widest channel block (nChw16c, nChw8c) whose convolution is not oneDNN's reference
+//               kernel on this CPU and that every concat offset is a multiple of; throws if none.
+//   automatic:  the block oneDNN's convolution asks for with format_tag::any when the concat offsets allow
+//               it, else nhwc. On AVX2 the blocked kernels are 1.5-2x faster forward and backward-data
+//               and 2-5x faster backward-weights than nhwc (docs/training.md has the figures).
+enum class ActivationLayout { nchw, nhwc, blocked, automatic };
 
 struct TrainOptions {
     double learning_rate = 1e-4;     // lr of epoch 0
@@ -49,10 +54,14 @@ struct TrainOptions {
     double dice_smooth = kDiceSmooth;  // Dice smoothing constant s
     LossFunction custom_loss;        // when set, replaces `loss`
     double bn_momentum = 0.1;        // running = (1 - m) running + m batch (unbiased variance)
-    ActivationLayout layout = ActivationLayout::nhwc;
+    ActivationLayout layout = ActivationLayout::automatic;
     int threads = 0;                 // OpenMP threads for oneDNN and the host loops; 0 keeps the default
     bool input_gradient = false;     // also compute d loss / d images (tests, saliency); costs one more conv bwd
     bool check_finite = true;        // step(): throw on a NaN/Inf loss or gradient before touching the weights
+    // A batch norm whose only reader is a ReLU runs as one oneDNN primitive forward and backward
+    // (fuse_norm_relu, with a 1-bit workspace): the ReLU's passes and the batch norm's output buffer go.
+    // activation() of such a batch norm then returns the ReLU's output.
+    bool fuse_batch_norm_relu = true;
 };
 
 // Everything a checkpoint needs to continue a run bit-for-bit.
@@ -126,7 +135,7 @@ class Trainer {
     int num_primitives() const;       // forward-training + backward + weight reorders
     double compile_ms() const;        // primitive creation and buffer allocation
     size_t activation_bytes() const;  // activations, their gradients and per-op buffers (workspaces, statistics)
-    std::string activation_layout() const;  // "nchw" or "nhwc"
+    std::string activation_layout() const;  // the layout in use: "nChw16c", "nChw8c", "nhwc" or "nchw"
 
     struct Impl;
 

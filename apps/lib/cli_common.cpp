@@ -10,6 +10,7 @@
 #include <cstring>
 #include <ctime>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <set>
 #include <sstream>
@@ -231,8 +232,11 @@ void check_same_config(const fs::path& run_dir, const std::string& config_text, 
     for (const std::string& key : keys) {
         if (ignored.count(key)) continue;
         auto a = before.find(key), b = now.find(key);
-        const std::string was = a == before.end() ? "(unset)" : a->second;
-        const std::string is = b == now.end() ? "(unset)" : b->second;
+        // Keys added after a run was made read as their default there (--val-folds: 0, the old behaviour).
+        static const std::map<std::string, std::string> added_later = {{"val-folds", "0"}};
+        const auto added = added_later.find(key);
+        const std::string was = a != before.end() ? a->second : added != added_later.end() ? added->second : "(unset)";
+        const std::string is = b != now.end() ? b->second : added != added_later.end() ? added->second : "(unset)";
         if (was != is) differences.push_back(fmt::format("{} = {} there, {} now", key, was, is));
     }
     if (differences.empty()) return;

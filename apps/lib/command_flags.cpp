@@ -13,7 +13,8 @@ namespace resunet {
 namespace {
 
 // `actions`: also the flags that say what to do now rather than what the run is (--resume).
-void register_train_flags(CLI::App& app, TrainCommandOptions& o, bool actions) {
+// `train_only`: also the flags `cv` has no use for (--val-folds).
+void register_train_flags(CLI::App& app, TrainCommandOptions& o, bool actions, bool train_only = true) {
     bind_option(app, "--data", o.data_dir, "Dataset folder with images/ and masks/ (Kvasir-SEG layout) (required)");
     bind_option(app, "--out", o.out_dir, "Run folder: config, split, metrics, checkpoints, log, curves (required)");
     bind_option(app, "--width", o.width, "Channels of the first stage")->check(CLI::Range(1, 4096));
@@ -33,6 +34,12 @@ void register_train_flags(CLI::App& app, TrainCommandOptions& o, bool actions) {
     bind_option(app, "--loader-threads", o.loader_threads, "Data loader threads per run; 0 = max(1, min(4, threads / 2))")
         ->check(CLI::Range(0, 4096));
     bind_option(app, "--split", o.split_path, "Train/test split file (default: RUN/split.json, made with --seed if missing)");
+    if (train_only)
+        bind_option(app, "--val-folds", o.val_folds,
+                    "0: validate (and choose best.safetensors) on the split's test side, whose score is then optimistic; "
+                    "K >= 2: validate on 1 of K seeded folds of the training side (near-duplicates kept together) and "
+                    "train on the rest, so the test side stays unseen")
+            ->check(CLI::Range(0, 1000));
     bind_option(app, "--limit", o.limit, "Use only the first N image/mask pairs (sorted by id); 0 = all")->check(CLI::Range(0, 100000000));
     bind_flag(app, "--skip-bad", o.skip_bad, "Skip unreadable image/mask pairs instead of refusing the dataset");
     bind_option(app, "--init", o.init_path,
@@ -44,7 +51,7 @@ void register_train_flags(CLI::App& app, TrainCommandOptions& o, bool actions) {
 }
 
 void register_cv_flags(CLI::App& app, CvCommandOptions& o, bool actions) {
-    register_train_flags(app, o.train, actions);
+    register_train_flags(app, o.train, actions, /*train_only=*/false);
     bind_option(app, "--folds", o.folds, "k of k-fold cross-validation over the training side of the split")->check(CLI::Range(2, 1000));
     bind_option(app, "--parallel-folds", o.parallel_folds, "Folds trained side by side (K)")->check(CLI::Range(1, 1000));
     bind_option(app, "--threads-per-fold", o.threads_per_fold, "oneDNN threads of each fold (T); 0 = max(1, threads / K)")
@@ -116,6 +123,7 @@ void check_train_values(const TrainCommandOptions& o) {
     if (!(o.lr_gamma > 0) || !std::isfinite(o.lr_gamma)) throw UsageError("--lr-gamma must be positive");
     if (!(o.max_angle >= 0 && o.max_angle <= 180)) throw UsageError("--max-angle must be in [0, 180]");
     if (o.threads < 0 || o.loader_threads < 0 || o.limit < 0) throw UsageError("--threads, --loader-threads and --limit must be >= 0");
+    if (o.val_folds == 1 || o.val_folds < 0) throw UsageError(fmt::format("--val-folds must be 0 or at least 2, got {}", o.val_folds));
     if (o.loss != "dice+bce" && o.loss != "dice" && o.loss != "bce")
         throw UsageError(fmt::format("--loss must be dice+bce, dice or bce, got '{}'", o.loss));
 }

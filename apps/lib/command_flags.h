@@ -42,6 +42,9 @@ struct TrainCommandOptions {
     int threads = 0;                  // oneDNN/OpenMP threads (cv: the budget shared by the folds); 0 = all cores
     int loader_threads = 0;           // loader threads per run; 0 = max(1, min(4, threads / 2))
     std::string split_path;           // train/test split file; default RUN/split.json, made if missing
+    int val_folds = 0;                // train only: 0 = validate on the split's test side (best.safetensors is then
+                                      // chosen on it); K >= 2 = validate on fold 1 of K seeded folds of the
+                                      // training side (groups kept), train on the other K - 1
     int limit = 0;                    // keep the first N pairs of the dataset (by id); 0 = all
     bool skip_bad = false;            // skip unreadable pairs instead of refusing the dataset
     bool resume = false;              // continue RUN from its last.safetensors

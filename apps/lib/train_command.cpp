@@ -19,6 +19,7 @@
 #include "apps/lib/curves.h"
 #include "apps/lib/evaluate.h"
 #include "data/loader.h"
+#include "data/split.h"
 #include "dist/comm.h"
 #include "dist/data_parallel.h"
 #include "engine/engine.h"
@@ -413,13 +414,22 @@ TrainReport run_train(const TrainCommandOptions& options) {
         init = checkpoint ? TensorMap{} : load_init_weights(options);
         split = resolve_split(dataset, options.split_path, options.seed, run_dir, save_split_file);
         try {
-            job.train_indices = indices_of(dataset, split.train_ids);
-            job.val_indices = indices_of(dataset, split.test_ids);
+            if (options.val_folds >= 2) {
+                // Validation on the training side: fold 0 of K (the seed's folds, as `cv` makes them).
+                const std::vector<Fold> folds = make_folds(split.train_ids, options.val_folds, options.seed);
+                job.train_indices = indices_of(dataset, folds[0].train_ids);
+                job.val_indices = indices_of(dataset, folds[0].val_ids);
+            } else {
+                job.train_indices = indices_of(dataset, split.train_ids);
+                job.val_indices = indices_of(dataset, split.test_ids);
+            }
         } catch (const Error& e) {
             throw UsageError(one_line(e.what()));
         }
-        require_batch_fits(job.train_indices.size(), options.batch, "the training side of the split");
-        if (job.val_indices.empty()) throw UsageError("the test side of the split is empty");
+        require_batch_fits(job.train_indices.size(), options.batch,
+                           options.val_folds >= 2 ? "the training side less its validation fold" : "the training side of the split");
+        if (job.val_indices.empty())
+            throw UsageError(options.val_folds >= 2 ? "the validation fold is empty" : "the test side of the split is empty");
         if (options.batch < comm.size())
             throw UsageError(fmt::format("--batch {} is smaller than the {} ranks of the mpirun job: each rank trains on at least one "
                                          "image of every batch",
@@ -438,8 +448,14 @@ TrainReport run_train(const TrainCommandOptions& options) {
     job.data_parallel = comm.distributed();
     job.threads = job.data_parallel ? dist::threads_per_rank(options.threads) : resolve_threads(options.threads);
     job.loader_threads = options.loader_threads > 0 ? options.loader_threads : auto_loader_threads(job.threads);
-    job.validation_name = fmt::format("the test side of {} (seed {}, {} train / {} test ids)", (run_dir / kSplitName).string(),
-                                      split.seed, split.train_ids.size(), split.test_ids.size());
+    job.validation_name =
+        options.val_folds >= 2
+            ? fmt::format("fold 1 of {} of the training side of {} ({} of its {} train ids; the {} test ids stay unseen)",
+                          options.val_folds, (run_dir / kSplitName).string(), job.val_indices.size(), split.train_ids.size(),
+                          split.test_ids.size())
+            : fmt::format("the test side of {} (seed {}, {} train / {} test ids; best.safetensors is chosen on it, so its test "
+                          "score is optimistic: --val-folds K validates on the training side)",
+                          (run_dir / kSplitName).string(), split.seed, split.train_ids.size(), split.test_ids.size());
     job.console = writer ? &console : nullptr;
     job.checkpoint = std::move(checkpoint);
     job.init = &init;
