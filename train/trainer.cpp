@@ -82,6 +82,7 @@ struct Trainer::Impl {
     // the ReLU r's node is folded into the batch norm before it.
     std::vector<int> fused_relu;
     std::vector<bool> relu_fused;
+    std::vector<bool> forward_only;  // per value: no backward reads it, its buffer is shared (share_forward_buffers)
 
     std::vector<float> logits, dlogits, input_grad;
     memory user_images, user_logits, user_dlogits, user_input_grad;
@@ -178,6 +179,8 @@ struct Trainer::Impl {
     void compile();
     tag choose_layout() const;
     void find_batch_norm_relu_pairs();
+    void find_forward_only_values(const std::vector<int>& alias_of);
+    void allocate_values(const std::vector<int>& alias_of);
     void plan_gradient_buffers();
     void lower_forward(int node_index);
     void lower_backward(int node_index);
@@ -307,7 +310,8 @@ void Trainer::Impl::lower_forward(int node_index) {
         case OpKind::sigmoid: {
             if (relu_fused[index(node_index)]) break;  // the batch norm before it writes its output
             const int src = node.inputs[0];
-            const algorithm alg = node.kind == OpKind::relu ? algorithm::eltwise_relu : algorithm::eltwise_logistic;
+            // ReLU's backward reads its output (the next layer keeps it), so its input need not be kept.
+            const algorithm alg = node.kind == OpKind::relu ? algorithm::eltwise_relu_use_dst_for_bwd : algorithm::eltwise_logistic;
             plan.eltwise = eltwise_forward::primitive_desc(
                 eltwise_forward::desc(prop_kind::forward_training, alg, value_desc[index(src)], 0.0f, 0.0f), attr, eng);
             both(eltwise_forward(plan.eltwise), {{DNNL_ARG_SRC, values[index(src)]}, {DNNL_ARG_DST, values[index(dst)]}},
@@ -470,11 +474,14 @@ void Trainer::Impl::lower_backward(int node_index) {
         case OpKind::sigmoid: {
             const int src = node.inputs[0];
             if (relu_fused[index(node_index)] || !needs_diff[index(src)]) break;
-            const algorithm alg = node.kind == OpKind::relu ? algorithm::eltwise_relu : algorithm::eltwise_logistic;
+            const bool relu = node.kind == OpKind::relu;
+            const algorithm alg = relu ? algorithm::eltwise_relu_use_dst_for_bwd : algorithm::eltwise_logistic;
             eltwise_backward::primitive_desc pd(
                 eltwise_backward::desc(alg, value_desc[index(dst)], value_desc[index(src)], 0.0f, 0.0f), attr, eng, plan.eltwise);
             add(backward_steps, eltwise_backward(pd),
-                {{DNNL_ARG_SRC, values[index(src)]}, {DNNL_ARG_DIFF_DST, diffs[index(dst)]}, {DNNL_ARG_DIFF_SRC, contribution_target(src)}},
+                {{relu ? DNNL_ARG_DST : DNNL_ARG_SRC, relu ? values[index(dst)] : values[index(src)]},
+                 {DNNL_ARG_DIFF_DST, diffs[index(dst)]},
+                 {DNNL_ARG_DIFF_SRC, contribution_target(src)}},
                 node.name + ".bwd", pd.scratchpad_desc().get_size());
             finish_contribution(src, node.name);
             break;
@@ -603,6 +610,61 @@ void Trainer::Impl::find_batch_norm_relu_pairs() {
     }
 }
 
+// Which values backward never reads: everything but the inputs of convolutions, batch norms, max
+// pools (kept for activation()) and sigmoids, the outputs of ReLUs, and the graph's input and output.
+void Trainer::Impl::find_forward_only_values(const std::vector<int>& alias_of) {
+    forward_only.assign(graph.values().size(), false);
+    if (!options.share_forward_buffers) return;
+    for (size_t v = 0; v < graph.values().size(); ++v) {
+        const int value = static_cast<int>(v);
+        if (alias_of[v] >= 0 || value == graph.input_value() || value == graph.output_value()) continue;
+        const int producer = graph.value(value).producer;
+        bool kept = producer >= 0 && graph.node(producer).kind == OpKind::relu;
+        for (int reader : graph.value(value).consumers) {
+            const OpKind kind = graph.node(reader).kind;
+            kept |= kind == OpKind::conv || kind == OpKind::conv_transpose || kind == OpKind::batch_norm ||
+                    kind == OpKind::max_pool || kind == OpKind::sigmoid;
+        }
+        forward_only[v] = !kept;
+    }
+}
+
+// Kept values get a buffer each; forward-only ones share buffers of equal size, live from their
+// producer until their last reader has run (a value never gets the buffer of one its own producer reads).
+void Trainer::Impl::allocate_values(const std::vector<int>& alias_of) {
+    find_forward_only_values(alias_of);
+    const size_t num_values = graph.values().size();
+    std::vector<std::vector<int>> dies_after(graph.nodes().size());
+    for (size_t v = 0; v < num_values; ++v) {
+        if (alias_of[v] >= 0) continue;
+        if (!forward_only[v]) {
+            values[v] = allocate(value_desc[v]);
+            continue;
+        }
+        const Value& value = graph.value(static_cast<int>(v));
+        const int last = value.consumers.empty() ? value.producer
+                                                 : *std::max_element(value.consumers.begin(), value.consumers.end());
+        dies_after[index(last)].push_back(static_cast<int>(v));
+    }
+    std::multimap<size_t, memory> free_buffers;
+    for (size_t n = 0; n < graph.nodes().size(); ++n) {
+        const int out = graph.node(static_cast<int>(n)).output;
+        if (out >= 0 && forward_only[index(out)]) {
+            const size_t bytes = value_desc[index(out)].get_size();
+            auto it = free_buffers.find(bytes);
+            if (it != free_buffers.end()) {
+                values[index(out)] = memory(value_desc[index(out)], eng, it->second.get_data_handle());
+                free_buffers.erase(it);
+            } else {
+                values[index(out)] = allocate(value_desc[index(out)]);
+            }
+        }
+        for (int v : dies_after[n]) free_buffers.emplace(value_desc[index(v)].get_size(), values[index(v)]);
+    }
+    for (size_t v = 0; v < num_values; ++v)
+        if (alias_of[v] >= 0) values[v] = values[index(alias_of[v])];
+}
+
 void Trainer::Impl::compile() {
     attr.set_scratchpad_mode(scratchpad_mode::user);
     act_tag = choose_layout();
@@ -627,13 +689,11 @@ void Trainer::Impl::compile() {
         // so, while a padded nChw8c input sends the 3x3 convolution to the reference kernel.
         const tag value_tag = blocked && static_cast<int>(v) == input ? tag::nchw : act_tag;
         value_desc[v] = memory::desc(to_dnnl_dims(graph.value(static_cast<int>(v)).dims), dt::f32, value_tag);
-        if (alias_of[v] < 0) values[v] = allocate(value_desc[v]);
         // A fused batch norm's output gradient is never formed (its backward reads the ReLU's).
         needs_diff[v] = (static_cast<int>(v) != input || options.input_gradient) && alias_of[v] < 0;
         largest = std::max(largest, value_desc[v].get_size());
     }
-    for (size_t v = 0; v < num_values; ++v)
-        if (alias_of[v] >= 0) values[v] = values[index(alias_of[v])];
+    allocate_values(alias_of);
     contribution = allocate(memory::desc({static_cast<memory::dim>(largest / sizeof(float))}, dt::f32, tag::x));
     plan_gradient_buffers();
 
@@ -739,6 +799,7 @@ void Trainer::Impl::update_running_statistics() {
 // Name of the first node (forward order) whose output holds a NaN or an infinity, or "".
 static std::string first_non_finite_activation(const Trainer::Impl& m) {
     for (const Node& node : m.graph.nodes()) {
+        if (m.forward_only[index(node.output)]) continue;  // its buffer holds a later value by now
         const memory& value = m.values[index(node.output)];
         if (!all_finite(static_cast<const float*>(value.get_data_handle()),
                         static_cast<int64_t>(m.value_desc[index(node.output)].get_size() / sizeof(float))))
@@ -896,6 +957,10 @@ std::vector<float> Trainer::activation(const std::string& node_name) const {
     Impl& m = *impl_;
     const Node* node = m.graph.find_node(node_name);
     if (!node) throw Error(fmt::format("trainer: no node named '{}'", node_name));
+    if (m.forward_only[index(node->output)])
+        throw Error(fmt::format("trainer: '{}' is not kept after the forward: its buffer is shared "
+                                "(TrainOptions::share_forward_buffers)",
+                                node_name));
     const Dims& dims = m.graph.value(node->output).dims;
     std::vector<float> out(index(num_elements(dims)));
     memory to({to_dnnl_dims(dims), dt::f32, tag::nchw}, m.eng, out.data());

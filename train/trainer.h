@@ -62,6 +62,10 @@ struct TrainOptions {
     // (fuse_norm_relu, with a 1-bit workspace): the ReLU's passes and the batch norm's output buffer go.
     // activation() of such a batch norm then returns the ReLU's output.
     bool fuse_batch_norm_relu = true;
+    // Values no backward primitive reads (a residual add's operands and output, a transposed
+    // convolution's output that only feeds a concat) share buffers by forward liveness, as in the
+    // inference arena; the ReLU after an add takes its backward from its output. activation() refuses them.
+    bool share_forward_buffers = true;
 };
 
 // Everything a checkpoint needs to continue a run bit-for-bit.
@@ -117,7 +121,8 @@ class Trainer {
     TensorMap& gradients_in_place();
     TensorMap& weights_in_place();
     const std::vector<float>& input_gradient() const;  // NCHW d loss / d images (needs input_gradient)
-    // NCHW copy of a node's output from the last forward (debugging, tests); throws on an unknown name.
+    // NCHW copy of a node's output from the last forward (debugging, tests); throws on an unknown name and
+    // on a value whose buffer the forward shares (see TrainOptions::share_forward_buffers).
     std::vector<float> activation(const std::string& node_name) const;
     LossValue last_loss() const;             // of the last step or compute_gradients
     TrainerState state() const;
