@@ -1,7 +1,9 @@
 // Google Benchmark: one training step (forward with batch statistics, Dice + BCE, backward, Adam) of the
 // full ResUNet through the compiled Trainer.
-//   build/bench/bench_train --benchmark_filter='TrainStep/16/224/4'
-// Arguments: width, input size, batch. Counters: images/s, GFLOP/s (a step counted as 3 x the forward
+//   build/bench/bench_train --benchmark_filter='TrainStep/16/224/4/'
+// Arguments: width, input size, batch, 3x3 algorithm (0 measured per layer, the default of `resunet train`;
+// 1 oneDNN's direct kernels only). Counters also give the 3x3 layers' choices: winograd_layers (forward
+// and backward-data passes that run our own Winograd). Counters: images/s, GFLOP/s (a step counted as 3 x the forward
 // MACs x 2: forward, data gradient, weights gradient), first_step_ms (includes first touch of every
 // buffer), compile_ms, buffers_MB (activations, their gradients, workspaces; weights and moments not
 // included). The width-64 cases need about 4x the memory of width 16.
@@ -21,7 +23,11 @@ void BM_TrainStep(benchmark::State& state) {
     config.height = config.width_px = static_cast<int>(state.range(1));
     config.batch = static_cast<int>(state.range(2));
     const resunet::Graph graph = resunet::build_resunet(config);
-    resunet::Trainer trainer(graph, resunet::init_weights(graph, 1), {});
+    resunet::TrainOptions options;
+    options.conv_algorithm = state.range(3) == 1 ? resunet::TrainConvAlgorithm::direct : resunet::TrainConvAlgorithm::measured;
+    resunet::Trainer trainer(graph, resunet::init_weights(graph, 1), options);
+    int winograd_layers = 0;
+    for (const resunet::TrainConvChoice& c : trainer.conv_choices()) winograd_layers += c.algorithm != "direct";
     std::vector<float> images(static_cast<size_t>(resunet::num_elements(trainer.input_dims())));
     std::vector<float> masks(static_cast<size_t>(resunet::num_elements(trainer.output_dims())));
     resunet::fill_uniform(images.data(), static_cast<int64_t>(images.size()), 2, -2.0f, 2.0f);
@@ -37,11 +43,12 @@ void BM_TrainStep(benchmark::State& state) {
     state.counters["first_step_ms"] = first_step_ms;
     state.counters["compile_ms"] = trainer.compile_ms();
     state.counters["buffers_MB"] = static_cast<double>(trainer.activation_bytes()) / 1e6;
+    state.counters["winograd_layers"] = winograd_layers;
 }
 
 }  // namespace
 
-BENCHMARK(BM_TrainStep)->Name("TrainStep")->Args({16, 224, 4})->Args({16, 224, 16})->Args({64, 224, 4})->Args({64, 224, 16})
+BENCHMARK(BM_TrainStep)->Name("TrainStep")->ArgsProduct({{16}, {224}, {4, 16}, {0, 1}})->ArgsProduct({{64}, {224, 128}, {4, 8, 16}, {0, 1}})
     ->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
 
 BENCHMARK_MAIN();

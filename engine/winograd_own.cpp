@@ -243,36 +243,10 @@ std::unique_ptr<WinogradOwn> WinogradOwn::create(const engine& eng, stream& strm
         c.rest_dst_ = rest_pd.dst_desc();
         c.matmul_scratch_bytes_ = std::max(c.matmul_scratch_bytes_, rest_pd.scratchpad_desc().get_size());
     }
-    // U = G g G^T per (oc, ic), in double, as [P, IC, OC]: straight into the matmul's weights when it
-    // takes that layout (gemm:jit on AVX2), else through a reorder (one transient copy of U).
     c.weights_ = memory(full_pd.weights_desc(), eng);
-    const bool direct_into_weights = full_pd.weights_desc() == weights_plain;
-    std::vector<float> plain(direct_into_weights ? 0 : static_cast<size_t>(positions * ic * oc));
-    float* u_out = direct_into_weights ? static_cast<float*>(c.weights_.get_data_handle()) : plain.data();
-    const double* g_rows = tile == 4 ? &kG43[0][0] : &kG23[0][0];
-    const int alpha = c.alpha_;
-#pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < oc; ++o)
-        for (int64_t i = 0; i < ic; ++i) {
-            const float* w = weights + (o * ic + i) * 9;
-            double left[6][3];
-            for (int a = 0; a < alpha; ++a)
-                for (int x = 0; x < 3; ++x)
-                    left[a][x] = g_rows[a * 3 + 0] * w[0 * 3 + x] + g_rows[a * 3 + 1] * w[1 * 3 + x] +
-                                 g_rows[a * 3 + 2] * w[2 * 3 + x];
-            for (int a = 0; a < alpha; ++a)
-                for (int b = 0; b < alpha; ++b) {
-                    const double u = left[a][0] * g_rows[b * 3 + 0] + left[a][1] * g_rows[b * 3 + 1] +
-                                     left[a][2] * g_rows[b * 3 + 2];
-                    u_out[static_cast<size_t>(((a * alpha + b) * ic + i) * oc + o)] = static_cast<float>(u);
-                }
-        }
-    if (!direct_into_weights) {
-        memory user(weights_plain, eng, plain.data());
-        reorder(user, c.weights_).execute(strm, user, c.weights_);
-        strm.wait();
-    }
-    c.bias_.assign(bias, bias + oc);
+    c.direct_into_weights_ = full_pd.weights_desc() == weights_plain;
+    c.bias_.assign(static_cast<size_t>(oc), 0.0f);
+    c.set_weights(strm, weights, bias);
 
     c.v_bytes_ = align64(static_cast<size_t>(positions * group * ic) * sizeof(float));
     c.m_bytes_ = align64(static_cast<size_t>(positions * group * oc) * sizeof(float));
@@ -281,6 +255,51 @@ std::unique_ptr<WinogradOwn> WinogradOwn::create(const engine& eng, stream& strm
     c.weight_bytes_ = full_pd.weights_desc().get_size() + c.bias_.size() * sizeof(float);
     c.kernel_ = fmt::format("own_f{}3:avx2+{}", tile, full_pd.impl_info_str());
     return conv;
+}
+
+// U = G g G^T per (oc, ic), in double, as [P, IC, OC]: straight into the matmul's weights when it takes
+// that layout (gemm:jit on AVX2), else through a reorder from a transient plain copy. Threads over input channels, so
+// that each thread writes runs of consecutive output channels.
+void WinogradOwn::set_weights(stream& strm, const float* weights, const float* bias, bool flipped_transposed) {
+    const int64_t positions = static_cast<int64_t>(alpha_) * alpha_;
+    const int64_t ic = shape_.in_channels, oc = shape_.out_channels;
+    std::vector<float> plain(direct_into_weights_ ? 0 : static_cast<size_t>(positions * ic * oc));  // transient
+    float* u_out = direct_into_weights_ ? static_cast<float*>(weights_.get_data_handle()) : plain.data();
+    const double* g_rows = tile_ == 4 ? &kG43[0][0] : &kG23[0][0];
+    const int alpha = alpha_;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < ic; ++i)
+        for (int64_t o = 0; o < oc; ++o) {
+            double g[3][3];
+            if (flipped_transposed) {  // weights: {IC, OC, 3, 3} of the forward convolution, taken rotated by 180 degrees
+                const float* w = weights + (i * oc + o) * 9;
+                for (int y = 0; y < 3; ++y)
+                    for (int x = 0; x < 3; ++x) g[y][x] = w[(2 - y) * 3 + (2 - x)];
+            } else {
+                const float* w = weights + (o * ic + i) * 9;
+                for (int y = 0; y < 3; ++y)
+                    for (int x = 0; x < 3; ++x) g[y][x] = w[y * 3 + x];
+            }
+            double left[6][3];
+            for (int a = 0; a < alpha; ++a)
+                for (int x = 0; x < 3; ++x)
+                    left[a][x] = g_rows[a * 3 + 0] * g[0][x] + g_rows[a * 3 + 1] * g[1][x] + g_rows[a * 3 + 2] * g[2][x];
+            for (int a = 0; a < alpha; ++a)
+                for (int b = 0; b < alpha; ++b) {
+                    const double u = left[a][0] * g_rows[b * 3 + 0] + left[a][1] * g_rows[b * 3 + 1] +
+                                     left[a][2] * g_rows[b * 3 + 2];
+                    u_out[static_cast<size_t>(((a * alpha + b) * ic + i) * oc + o)] = static_cast<float>(u);
+                }
+        }
+    if (!direct_into_weights_) {
+        memory user(memory::desc({positions, ic, oc}, dt::f32, tag::abc), eng_, plain.data());
+        reorder(user, weights_).execute(strm, user, weights_);
+        strm.wait();
+    }
+    if (bias)
+        bias_.assign(bias, bias + oc);
+    else
+        std::fill(bias_.begin(), bias_.end(), 0.0f);
 }
 
 void WinogradOwn::input_transform(const float* src, float* v, int64_t first_tile, int64_t count, bool parallel) const {

@@ -58,12 +58,18 @@ class WinogradOwn {
     static bool applies(int tile, const WinogradOwnShape& shape, std::string* why = nullptr);
 
     // `tile` 4: F(4x4,3x3), 36 GEMMs; 2: F(2x2,3x3), 16 GEMMs. `weights` OIHW {OC, IC, 3, 3}, `bias` OC
-    // values. `tiles_per_group` 0 chooses (see create() in the .cpp); at least the run's tile count: one
+    // values (nullptr: zero). `tiles_per_group` 0 chooses (see create() in the .cpp); at least the run's tile count: one
     // group threaded by phases. Returns nullptr (and the
     // reason in `why`) where it does not apply, so the candidate is simply not offered.
     static std::unique_ptr<WinogradOwn> create(const dnnl::engine& eng, dnnl::stream& strm, int tile,
                                                const WinogradOwnShape& shape, const float* weights, const float* bias,
                                                std::string* why = nullptr, int64_t tiles_per_group = 0);
+
+    // Replaces the weights (training: once per step, before the forward). `weights` OIHW {OC, IC, 3, 3} and
+    // `bias` OC values (nullptr: zero), as create() takes them; or, with `flipped_transposed`, the OIHW
+    // weights {IC, OC, 3, 3} of the forward convolution whose backward-data this one computes (each 3x3
+    // kernel rotated by 180 degrees, input and output channels swapped).
+    void set_weights(dnnl::stream& strm, const float* weights, const float* bias, bool flipped_transposed = false);
 
     // One run over `shape.batch` images. `scratch` holds scratch_bytes(), 64-byte aligned; only this run
     // uses it (the engine passes its shared scratchpad). Not for two threads at once. Runs on at most the
@@ -97,6 +103,7 @@ class WinogradOwn {
     bool private_groups_ = false;  // each thread runs whole groups in its own slot (else one threaded group)
     int block_ = 8;          // channel block of the layout (nhwc: 0)
     std::vector<float> bias_;
+    bool direct_into_weights_ = true;  // U written straight into weights_ (else through a plain copy and a reorder)
     dnnl::memory weights_;   // U, [P, IC, OC] in the matmul's layout
     dnnl::matmul full_;      // a group of group_ tiles
     dnnl::matmul rest_;      // the last group, when tiles_ % group_ != 0

@@ -138,7 +138,8 @@ struct Program {
 std::vector<std::string> train_arguments(const fs::path& run, int epochs, bool resume) {
     std::vector<std::string> a{"train",    "--data",  kKvasirRoot, "--out",  run.string(), "--limit", "24",        "--width",
                                "4",        "--depth", "2",         "--size", "32",         "--batch", "4",         "--epochs",
-                               std::to_string(epochs), "--lr", "0.001", "--seed", "7", "--threads", "1", "--loader-threads", "1"};
+                               std::to_string(epochs), "--lr", "0.001", "--seed", "7", "--threads", "1", "--loader-threads", "1",
+                               "--conv-algorithm", "direct"};  // runs are compared: no timing-dependent kernels
     if (resume) a.push_back("--resume");
     return a;
 }

@@ -9,6 +9,7 @@
 #include <functional>
 #include <limits>
 
+#include "engine/winograd_own.h"
 #include "graph/graph.h"
 #include "graph/init.h"
 #include "graph/safetensors.h"
@@ -389,6 +390,82 @@ TEST(Trainer, SharedForwardBuffersGiveTheSameGradients) {
                a.activation_bytes() / 1e6, b.activation_bytes() / 1e6);
     EXPECT_NO_THROW(a.activation("e1.relu"));
     expect_error([&] { a.activation("e1.add"); }, {"not kept"});
+}
+
+// Our own Winograd (forward and backward-data of every 3x3 convolution it applies to) against oneDNN's
+// direct kernels: same loss and gradients within the Winograd error (1e-6 of the range per layer, measured).
+TEST(Trainer, OwnWinogradGivesTheSameGradientsAsDirect) {
+    if (!winograd_own_supported()) GTEST_SKIP() << "CPU without AVX2 and FMA";
+    Graph g = tiny_resunet(8, 2, 16, 2);
+    const TensorMap w = init_weights(g, 17);
+    const std::vector<float> images = uniform(2 * 3 * 16 * 16, 18, -1.0f, 1.0f);
+    const std::vector<float> masks = blob_masks({2, 1, 16, 16});
+    TrainOptions own, direct;
+    own.conv_algorithm = TrainConvAlgorithm::winograd;
+    direct.conv_algorithm = TrainConvAlgorithm::direct;
+    Trainer a(g, w, own), b(g, w, direct);
+    int forward = 0, backward = 0;
+    for (const TrainConvChoice& c : a.conv_choices()) {
+        fmt::print("  {:<16} {:<14} {:<13} {}\n", c.layer, c.pass, c.algorithm, c.summary);
+        forward += c.algorithm != "direct" && c.pass == "forward";
+        backward += c.algorithm != "direct" && c.pass == "backward_data";
+    }
+    EXPECT_GE(forward, 5);   // every 3x3 convolution but the first (3 input channels)
+    EXPECT_GE(backward, 5);
+    for (const TrainConvChoice& c : b.conv_choices()) EXPECT_EQ(c.algorithm, "direct") << c.layer;
+    for (int step = 0; step < 3; ++step) {  // weights change between steps: the transformed ones must follow
+        const LossValue la = a.compute_gradients(images.data(), masks.data());
+        const LossValue lb = b.compute_gradients(images.data(), masks.data());
+        EXPECT_NEAR(la.total, lb.total, 1e-5 * std::abs(lb.total));
+        double scale = 0, worst = 0;
+        for (const auto& [name, grad] : a.gradients())
+            for (int64_t i = 0; i < grad.num_elements(); ++i) {
+                scale = std::max(scale, static_cast<double>(std::abs(grad.f32()[i])));
+                worst = std::max(worst, static_cast<double>(std::abs(grad.f32()[i] - b.gradients().at(name).f32()[i])));
+            }
+        fmt::print("step {}: own Winograd against direct: loss {:.7f} / {:.7f}, worst gradient difference {:.2e} of the largest\n",
+                   step + 1, la.total, lb.total, worst / scale);
+        EXPECT_LT(worst / scale, 1e-4);
+        a.apply_gradients(la);
+        b.apply_gradients(lb);
+        a.update_running_statistics();
+        b.update_running_statistics();
+        // Adam moves every weight by up to lr whatever its gradient's size: a bias feeding a batch norm has a
+        // true gradient of 0 and rounding noise for one, so it may step either way (docs/mpi.md): 2 lr per step.
+        EXPECT_LT(max_abs_diff(a.weights(), b.weights()), 2 * TrainOptions{}.learning_rate * (step + 1));
+    }
+}
+
+// A conv plan (what a first run chose) makes a second trainer run the same algorithms, bit for bit.
+TEST(Trainer, ConvPlanRepeatsTheChoicesOfAnotherTrainer) {
+    if (!winograd_own_supported()) GTEST_SKIP() << "CPU without AVX2 and FMA";
+    Graph g = tiny_resunet(8, 2, 16, 2);
+    const TensorMap w = init_weights(g, 19);
+    const std::vector<float> images = uniform(2 * 3 * 16 * 16, 20, -1.0f, 1.0f);
+    const std::vector<float> masks = blob_masks({2, 1, 16, 16});
+    TrainOptions first;
+    first.conv_algorithm = TrainConvAlgorithm::winograd;
+    Trainer a(g, w, first);
+    TrainOptions second;  // measured, except where the plan speaks
+    bool alternate = false;
+    for (const TrainConvChoice& c : a.conv_choices()) {
+        // Mix the plan: every other Winograd pass as F(2x2), to see the plan, not a measurement, decide.
+        std::string algorithm = c.algorithm;
+        if (algorithm == "winograd_f43" && (alternate = !alternate)) algorithm = "winograd_f23";
+        second.conv_plan[c.layer + "/" + c.pass] = algorithm;
+    }
+    Trainer b(g, w, second);
+    ASSERT_EQ(b.conv_choices().size(), a.conv_choices().size());
+    for (const TrainConvChoice& c : b.conv_choices()) EXPECT_EQ(c.algorithm, second.conv_plan.at(c.layer + "/" + c.pass)) << c.layer;
+    Trainer c(g, w, second);
+    EXPECT_EQ(b.step(images.data(), masks.data()), c.step(images.data(), masks.data()));
+    EXPECT_EQ(max_abs_diff(b.weights(), c.weights()), 0.0);
+    // A plan that names an unknown algorithm, or one that cannot run there, is refused.
+    TrainOptions bad;
+    bad.conv_plan["e1.conv_b/forward"] = "winograd_f63";
+    expect_error([&] { Trainer(g, w, bad); }, {"unknown algorithm", "winograd_f63"});
+    bad.conv_plan = {{"e1.conv_a/forward", "winograd_f43"}};  // 3 input channels
+    expect_error([&] { Trainer(g, w, bad); }, {"does not apply"});
 }
 
 // A channel block must divide every concat offset; `blocked` refuses otherwise, `automatic` falls back to nhwc.

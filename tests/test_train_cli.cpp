@@ -29,6 +29,7 @@
 #include "data/dataset.h"
 #include "data/split.h"
 #include "engine/engine.h"
+#include "graph/atomic_file.h"
 #include "graph/graph.h"
 #include "graph/init.h"
 #include "graph/model_config.h"
@@ -126,6 +127,8 @@ class TrainCliTest : public ::testing::Test {
         o.loader_threads = 1;
         o.log = nullptr;
         o.out = nullptr;
+        // These tests compare runs made apart (resumed, folds side by side): measured kernels could differ.
+        o.conv_algorithm = "direct";
         return o;
     }
 
@@ -217,6 +220,43 @@ TEST_F(TrainCliTest, ValidationFoldComesFromTheTrainingSide) {
         ADD_FAILURE() << "expected a UsageError";
     } catch (const UsageError& e) {
         EXPECT_NE(std::string(e.what()).find("--val-folds"), std::string::npos) << e.what();
+    }
+}
+
+// conv_plan.txt: written when a run starts, reused by --resume; a damaged one is refused with a hint.
+TEST_F(TrainCliTest, ResumeReusesTheConvPlan) {
+    TrainCommandOptions o = small(root_ / "conv-plan");
+    o.width = 8;  // 3x3 layers of 8 and 16 channels: our own Winograd applies where the CPU has AVX2
+    o.conv_algorithm = "measured";
+    o.epochs = 1;
+    run_train(o);
+    const fs::path plan = root_ / "conv-plan" / "conv_plan.txt";
+    ASSERT_TRUE(fs::is_regular_file(plan));
+    const std::string text = read_text(plan);
+    EXPECT_NE(text.find("e1.conv_b forward "), std::string::npos) << text;
+    EXPECT_NE(text.find("e1.conv_b backward_data "), std::string::npos) << text;
+    // Force every pass to direct: the resumed run follows the file, not a new measurement.
+    std::string forced;
+    std::istringstream lines(text);
+    for (std::string line; std::getline(lines, line);) {
+        if (line.empty() || line[0] == '#') continue;
+        forced += line.substr(0, line.rfind(' ')) + " direct\n";
+    }
+    write_file_atomic(plan.string(), forced);
+    o.epochs = 2;
+    o.resume = true;
+    run_train(o);
+    const std::string log = read_text(root_ / "conv-plan" / "train.log");
+    EXPECT_NE(log.find("0 of"), std::string::npos) << log;
+    EXPECT_NE(log.find("conv_plan.txt reused"), std::string::npos) << log;
+    EXPECT_EQ(read_text(plan), forced);  // never rewritten
+    write_file_atomic(plan.string(), "e1.conv_b forward\n");
+    o.epochs = 3;
+    try {
+        run_train(o);
+        ADD_FAILURE() << "expected a UsageError";
+    } catch (const UsageError& e) {
+        EXPECT_NE(std::string(e.what()).find("expected 'layer pass algorithm'"), std::string::npos) << e.what();
     }
 }
 

@@ -267,6 +267,8 @@ TEST_P(OpGradient, MatchesFiniteDifferences) {
     TrainOptions o;
     o.layout = std::get<1>(GetParam());
     o.input_gradient = true;
+    // Blocked: our own Winograd forward and backward-data wherever it applies (the 3x3 stride-1 cases).
+    if (blocked) o.conv_algorithm = TrainConvAlgorithm::winograd;
     LinearLoss loss{uniform(num_elements(g.value(g.output_value()).dims), 77, -1.0f, 1.0f)};
     o.custom_loss = loss;
     Trainer trainer(g, random_weights(g, 3), o);
@@ -303,6 +305,11 @@ TEST(NetworkGradient, TinyResUNetMatchesFiniteDifferences) {
         const Graph g = build_resunet(config);
         TrainOptions o;
         o.input_gradient = true;
+        // Direct kernels: a measured choice could differ between machines. Own Winograd on the whole network is
+        // checked against direct in test_train (OwnWinogradGivesTheSameGradientsAsDirect) and per op below: its
+        // extra rounding (1e-6 of the range) makes the central differences of zero-gradient biases (those
+        // feeding a batch norm) noisier than this check's floor allows.
+        o.conv_algorithm = TrainConvAlgorithm::direct;
         Trainer trainer(g, random_weights(g, 10 + static_cast<uint64_t>(width)), o);
         const std::vector<float> images = uniform(2 * 3 * 16 * 16, 11, -1.5f, 1.5f);
         std::vector<float> masks = uniform(2 * 16 * 16, 12, 0.0f, 1.0f);

@@ -11,7 +11,9 @@
 #include <oneapi/dnnl/dnnl.hpp>
 #include <unordered_map>
 
+#include "engine/conv_tuning.h"
 #include "engine/onednn_util.h"
+#include "engine/winograd_own.h"
 #include "graph/safetensors.h"
 
 namespace resunet {
@@ -28,7 +30,19 @@ struct Step {
     primitive prim;
     std::unordered_map<int, memory> args;
     std::string name;  // graph node (or node + ".what") the step belongs to
+    std::function<void()> custom;  // our own kernel, run instead of `prim` when set
 };
+
+// Deterministic values in [0, 1), as after a ReLU: what candidates are timed and compared on.
+void fill_unit(const memory& m) {
+    float* p = static_cast<float*>(m.get_data_handle());
+    const size_t n = m.get_desc().get_size() / sizeof(float);
+    uint32_t state = 12345;
+    for (size_t i = 0; i < n; ++i) {
+        state = state * 1664525u + 1013904223u;
+        p[i] = static_cast<float>(state >> 8) / 16777216.0f;
+    }
+}
 
 bool all_finite(const float* data, int64_t count) {
     bool finite = true;
@@ -82,6 +96,8 @@ struct Trainer::Impl {
     // the ReLU r's node is folded into the batch norm before it.
     std::vector<int> fused_relu;
     std::vector<bool> relu_fused;
+    std::vector<std::shared_ptr<WinogradOwn>> own_convs;  // chosen own kernels (steps hold them too)
+    std::vector<TrainConvChoice> conv_choices;
     std::vector<bool> forward_only;  // per value: no backward reads it, its buffer is shared (share_forward_buffers)
 
     std::vector<float> logits, dlogits, input_grad;
@@ -102,8 +118,23 @@ struct Trainer::Impl {
     void add(std::vector<Step>& list, primitive prim, std::unordered_map<int, memory> args, std::string name,
              size_t scratch) {
         scratchpad_bytes = std::max(scratchpad_bytes, scratch);
-        list.push_back(Step{std::move(prim), std::move(args), std::move(name)});
+        list.push_back(Step{std::move(prim), std::move(args), std::move(name), nullptr});
     }
+    // Fills a weights mirror from its host tensor now (prepare_steps does it before each forward).
+    void refresh_mirror(memory from, memory to) {
+        if (from.get_data_handle() == to.get_data_handle()) return;
+        reorder(from, to).execute(strm, from, to);
+        strm.wait();
+    }
+    void add_custom(std::vector<Step>& list, std::function<void()> run, std::string name, size_t scratch) {
+        scratchpad_bytes = std::max(scratchpad_bytes, scratch);
+        list.push_back(Step{primitive(), {}, std::move(name), std::move(run)});
+    }
+    // Our own Winograd for one pass of a 3x3 convolution, or nullptr for `direct` (see TrainConvAlgorithm).
+    std::shared_ptr<WinogradOwn> choose_conv(const std::string& layer, const std::string& pass, const WinogradOwnShape& shape,
+                                             primitive direct, std::unordered_map<int, memory> args, int src_arg,
+                                             int dst_arg, size_t direct_scratch,
+                                             const std::function<std::shared_ptr<WinogradOwn>(int tile)>& make);
     void add_reorder(std::vector<Step>& list, const memory& from, const memory& to, const std::string& name,
                      bool accumulate) {
         primitive_attr reorder_attr;
@@ -184,13 +215,19 @@ struct Trainer::Impl {
     void plan_gradient_buffers();
     void lower_forward(int node_index);
     void lower_backward(int node_index);
+    void execute(Step& s) {
+        if (s.custom)
+            s.custom();
+        else
+            s.prim.execute(strm, s.args);
+    }
     void run(std::vector<Step>& list) {
-        for (Step& s : list) s.prim.execute(strm, s.args);
+        for (Step& s : list) execute(s);
     }
     void run_backward() {
         if (!gradient_ready) return run(backward_steps);
         for (size_t i = 0; i < backward_steps.size(); ++i) {
-            backward_steps[i].prim.execute(strm, backward_steps[i].args);
+            execute(backward_steps[i]);
             if (ready_after[i].empty()) continue;
             strm.wait();
             for (const std::string& name : ready_after[i]) gradient_ready(name);
@@ -206,6 +243,89 @@ struct Trainer::Impl {
         if (options.threads > 0) omp_set_num_threads(options.threads);
     }
 };
+
+std::shared_ptr<WinogradOwn> Trainer::Impl::choose_conv(const std::string& layer, const std::string& pass,
+                                                       const WinogradOwnShape& shape, primitive direct,
+                                                       std::unordered_map<int, memory> args, int src_arg, int dst_arg,
+                                                       size_t direct_scratch,
+                                                       const std::function<std::shared_ptr<WinogradOwn>(int tile)>& make) {
+    TrainConvChoice choice{layer, pass, "direct", ""};
+    std::string why;
+    const auto planned = options.conv_plan.find(layer + "/" + pass);
+    if (planned != options.conv_plan.end()) {
+        if (planned->second == "direct") {
+            choice.summary = "direct (plan)";
+            conv_choices.push_back(choice);
+            return nullptr;
+        }
+        if (planned->second != "winograd_f43" && planned->second != "winograd_f23")
+            throw Error(fmt::format("trainer: conv plan names an unknown algorithm '{}' for {}/{}", planned->second, layer, pass));
+        const int tile = planned->second == "winograd_f43" ? 4 : 2;
+        if (!WinogradOwn::applies(tile, shape, &why))
+            throw Error(fmt::format("trainer: conv plan asks {} for {}/{}, which does not apply here: {}", planned->second, layer,
+                                    pass, why));
+    } else if (options.conv_algorithm == TrainConvAlgorithm::direct || !WinogradOwn::applies(4, shape, &why)) {
+        choice.summary = options.conv_algorithm == TrainConvAlgorithm::direct ? "direct (asked for)" : "direct (" + why + ")";
+        conv_choices.push_back(choice);
+        return nullptr;
+    }
+    using Ms = std::chrono::duration<double, std::milli>;
+    const memory& src = args.at(src_arg);
+    const memory& dst = args.at(dst_arg);
+    fill_unit(src);
+    args[DNNL_ARG_SCRATCHPAD] = memory({{static_cast<memory::dim>(std::max<size_t>(direct_scratch, 1))}, dt::u8, tag::x}, eng);
+    auto time_best = [&](const std::function<void()>& run) {
+        run();  // warm-up (first touch, caches)
+        double best = 1e300;
+        for (int rep = 0; rep < 2; ++rep) {
+            const auto start = Clock::now();
+            run();
+            best = std::min(best, Ms(Clock::now() - start).count());
+        }
+        return best;
+    };
+    const double direct_ms = time_best([&] {
+        direct.execute(strm, args);
+        strm.wait();
+    });
+    const float* out = static_cast<const float*>(dst.get_data_handle());
+    const size_t count = dst.get_desc().get_size() / sizeof(float);
+    const std::vector<float> reference(out, out + count);
+    double range = 0;
+    for (float v : reference) range = std::max(range, static_cast<double>(std::abs(v)));
+    choice.summary = fmt::format("direct {:.2f} ms", direct_ms);
+    std::shared_ptr<WinogradOwn> chosen;
+    double chosen_ms = direct_ms;
+    const bool from_plan = planned != options.conv_plan.end();
+    const std::vector<int> tiles = from_plan ? std::vector<int>{planned->second == "winograd_f43" ? 4 : 2}
+                                   : options.conv_algorithm == TrainConvAlgorithm::winograd ? std::vector<int>{4}
+                                                                                             : std::vector<int>{4, 2};
+    for (int tile : tiles) {
+        std::shared_ptr<WinogradOwn> own = make(tile);
+        if (!own) continue;
+        memory scratch({{static_cast<memory::dim>(std::max<size_t>(own->scratch_bytes(), 1))}, dt::u8, tag::x}, eng);
+        const double ms = time_best([&] {
+            own->execute(strm, static_cast<const float*>(src.get_data_handle()), static_cast<float*>(dst.get_data_handle()),
+                         scratch.get_data_handle());
+        });
+        double worst = 0;
+        for (size_t i = 0; i < count; ++i) worst = std::max(worst, static_cast<double>(std::abs(out[i] - reference[i])));
+        const double error = range > 0 ? worst / range : worst;
+        const bool passed = error <= kOwnWinogradRelativeBound;
+        choice.summary += fmt::format(", {} {:.2f} ms (err {:.1e}{})", own->algorithm(), ms, error, passed ? "" : ", refused");
+        if (from_plan && !passed)
+            throw Error(fmt::format("trainer: conv plan's {} for {}/{} is {:.1e} of the range off the direct result (bound {:.0e})",
+                                    own->algorithm(), layer, pass, error, kOwnWinogradRelativeBound));
+        const bool wins = from_plan || options.conv_algorithm == TrainConvAlgorithm::winograd || ms < chosen_ms * 0.97;
+        if (passed && wins) {
+            chosen = own;
+            chosen_ms = ms;
+            choice.algorithm = own->algorithm();
+        }
+    }
+    conv_choices.push_back(choice);
+    return chosen;
+}
 
 void Trainer::Impl::lower_forward(int node_index) {
     const Node& node = graph.node(node_index);
@@ -267,6 +387,30 @@ void Trainer::Impl::lower_forward(int node_index) {
             std::unordered_map<int, memory> args = {
                 {DNNL_ARG_SRC, values[index(src)]}, {DNNL_ARG_WEIGHTS, weights_memory}, {DNNL_ARG_DST, values[index(dst)]}};
             if (node.bias) args[DNNL_ARG_BIAS] = host(weights, node.name + ".bias", bias_desc);
+            if (is_conv && k == 3 && s == 1 && node.padding == 1) {
+                const WinogradOwnShape shape{.batch = in[0], .in_channels = in[1], .out_channels = out[1], .height = out[2],
+                                             .width = out[3], .layout = act_tag};
+                const float* host_weights = weights.at(node.name + ".weight").f32();
+                const float* host_bias = node.bias ? weights.at(node.name + ".bias").f32() : nullptr;
+                refresh_mirror(host(weights, node.name + ".weight", plain), weights_memory);  // real weights for the check
+                std::shared_ptr<WinogradOwn> own = choose_conv(
+                    node.name, "forward", shape, prim, args, DNNL_ARG_SRC, DNNL_ARG_DST, scratch, [&](int tile) {
+                        return std::shared_ptr<WinogradOwn>(WinogradOwn::create(eng, strm, tile, shape, host_weights, host_bias));
+                    });
+                if (own) {
+                    own_convs.push_back(own);
+                    activation_bytes += own->weight_bytes();
+                    // Weights change every step: transformed again before each forward.
+                    add_custom(prepare_steps, [this, own, host_weights, host_bias] { own->set_weights(strm, host_weights, host_bias); },
+                               node.name + ".winograd_weights", 0);
+                    const float* src_data = static_cast<const float*>(values[index(src)].get_data_handle());
+                    float* dst_data = static_cast<float*>(values[index(dst)].get_data_handle());
+                    auto run = [this, own, src_data, dst_data] { own->execute(strm, src_data, dst_data, scratchpad.get_data_handle()); };
+                    add_custom(forward_train_steps, run, node.name, own->scratch_bytes());
+                    add_custom(forward_eval_steps, run, node.name, own->scratch_bytes());
+                    break;
+                }
+            }
             both(prim, args, node.name, scratch);
             break;
         }
@@ -426,10 +570,37 @@ void Trainer::Impl::lower_backward(int node_index) {
                     convolution_backward_data::desc(algorithm::convolution_direct, src_desc, weights_any, dst_desc, strides,
                                                     plan.padding_l, plan.padding_r),
                     attr, eng, plan.conv);
-                add(backward_steps, convolution_backward_data(pd),
-                    {{DNNL_ARG_DIFF_DST, diffs[index(dst)]}, {DNNL_ARG_WEIGHTS, weights_for(weight_name, plain, pd.weights_desc())},
-                     {DNNL_ARG_DIFF_SRC, target}},
-                    node.name + ".bwd_data", pd.scratchpad_desc().get_size());
+                std::unordered_map<int, memory> args = {{DNNL_ARG_DIFF_DST, diffs[index(dst)]},
+                                                        {DNNL_ARG_WEIGHTS, weights_for(weight_name, plain, pd.weights_desc())},
+                                                        {DNNL_ARG_DIFF_SRC, target}};
+                std::shared_ptr<WinogradOwn> own;
+                if (k == 3 && s == 1 && node.padding == 1) {
+                    // d src = the 3x3 convolution of d dst with each kernel rotated by 180 degrees, channels swapped.
+                    const WinogradOwnShape shape{.batch = in[0], .in_channels = out[1], .out_channels = in[1],
+                                                 .height = in[2], .width = in[3], .layout = act_tag};
+                    const float* host_weights = weights.at(weight_name).f32();
+                    refresh_mirror(host(weights, weight_name, plain), args.at(DNNL_ARG_WEIGHTS));
+                    own = choose_conv(node.name, "backward_data", shape, convolution_backward_data(pd), args, DNNL_ARG_DIFF_DST,
+                                      DNNL_ARG_DIFF_SRC, pd.scratchpad_desc().get_size(), [&](int tile) {
+                                          std::shared_ptr<WinogradOwn> conv(
+                                              WinogradOwn::create(eng, strm, tile, shape, host_weights, nullptr));
+                                          if (conv) conv->set_weights(strm, host_weights, nullptr, /*flipped_transposed=*/true);
+                                          return conv;
+                                      });
+                    if (own) {
+                        own_convs.push_back(own);
+                        activation_bytes += own->weight_bytes();
+                        add_custom(prepare_steps,
+                                   [this, own, host_weights] { own->set_weights(strm, host_weights, nullptr, true); },
+                                   node.name + ".winograd_weights_bwd", 0);
+                        const float* src_data = static_cast<const float*>(diffs[index(dst)].get_data_handle());
+                        float* dst_data = static_cast<float*>(target.get_data_handle());
+                        add_custom(backward_steps,
+                                   [this, own, src_data, dst_data] { own->execute(strm, src_data, dst_data, scratchpad.get_data_handle()); },
+                                   node.name + ".bwd_data", own->scratch_bytes());
+                    }
+                }
+                if (!own) add(backward_steps, convolution_backward_data(pd), std::move(args), node.name + ".bwd_data", pd.scratchpad_desc().get_size());
             } else {
                 deconvolution_backward_data::primitive_desc pd(
                     deconvolution_backward_data::desc(algorithm::deconvolution_direct, src_desc, weights_any, dst_desc, strides,
@@ -1016,6 +1187,8 @@ int Trainer::num_primitives() const {
 }
 double Trainer::compile_ms() const { return impl_->compile_ms; }
 size_t Trainer::activation_bytes() const { return impl_->activation_bytes; }
+const std::vector<TrainConvChoice>& Trainer::conv_choices() const { return impl_->conv_choices; }
+
 std::string Trainer::activation_layout() const {
     switch (impl_->act_tag) {
         case tag::nChw16c: return "nChw16c";

@@ -25,6 +25,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -44,6 +45,26 @@ namespace resunet {
 //               it, else nhwc. On AVX2 the blocked kernels are 1.5-2x faster forward and backward-data
 //               and 2-5x faster backward-weights than nhwc (docs/training.md has the figures).
 enum class ActivationLayout { nchw, nhwc, blocked, automatic };
+
+// How each 3x3 stride-1 convolution runs its forward and its backward-data (chosen apart):
+//   direct:   oneDNN's direct kernel everywhere (the default here: two trainers built alike compute alike).
+//   measured: oneDNN's direct kernel and, where the CPU has AVX2 and FMA, our own Winograd F(4x4,3x3) and
+//             F(2x2,3x3) (engine/winograd_own.h, weights transformed again every step) are timed on the
+//             layer's real shape when the trainer is built, each checked against direct within
+//             kOwnWinogradRelativeBound (1e-4 of the output's range); the fastest that passes runs.
+//   winograd: our own F(4x4,3x3) wherever it applies and passes the check (tests).
+// Backward-weights always runs oneDNN's direct kernel. A measured choice depends on timings, so two
+// trainers may choose apart (and differ by rounding): `resunet train` measures once and keeps the
+// choices in RUN/conv_plan.txt for --resume (conv_plan below).
+enum class TrainConvAlgorithm { direct, measured, winograd };
+
+// What ran where: one row per 3x3 convolution and pass, for logs and reports.
+struct TrainConvChoice {
+    std::string layer;      // graph node
+    std::string pass;       // "forward" or "backward_data"
+    std::string algorithm;  // "direct", "winograd_f43" or "winograd_f23"
+    std::string summary;    // candidates and times: "direct 12.3 ms, winograd_f43 7.1 ms (err 3e-06)", or why not
+};
 
 struct TrainOptions {
     double learning_rate = 1e-4;     // lr of epoch 0
@@ -66,6 +87,11 @@ struct TrainOptions {
     // convolution's output that only feeds a concat) share buffers by forward liveness, as in the
     // inference arena; the ReLU after an add takes its backward from its output. activation() refuses them.
     bool share_forward_buffers = true;
+    TrainConvAlgorithm conv_algorithm = TrainConvAlgorithm::direct;
+    // Choices made before ("layer/pass" -> algorithm, as conv_choices() gives them): a pass named here runs
+    // that algorithm without timing (still checked against direct; resunet::Error if it fails the check or
+    // does not apply), so a resumed run computes what the first one did. Passes not named follow conv_algorithm.
+    std::map<std::string, std::string> conv_plan;
 };
 
 // Everything a checkpoint needs to continue a run bit-for-bit.
@@ -141,6 +167,7 @@ class Trainer {
     double compile_ms() const;        // primitive creation and buffer allocation
     size_t activation_bytes() const;  // activations, their gradients and per-op buffers (workspaces, statistics)
     std::string activation_layout() const;  // the layout in use: "nChw16c", "nChw8c", "nhwc" or "nchw"
+    const std::vector<TrainConvChoice>& conv_choices() const;  // graph order, forward before backward_data
 
     struct Impl;
 

@@ -223,7 +223,8 @@ void check_same_config(const fs::path& run_dir, const std::string& config_text, 
     const auto now = parse_config_text(config_text, "the flags");
     // Keys that say how fast or where, not what: threads (folds' numbers depend on T, but T is the user's call),
     // the folder itself, and (when resuming) the number of epochs, which a resumed run may raise.
-    std::set<std::string> ignored = {"threads", "loader-threads", "parallel-folds", "threads-per-fold", "out"};
+    // conv-algorithm: how fast; a run's RUN/conv_plan.txt decides what a resumed run computes.
+    std::set<std::string> ignored = {"threads", "loader-threads", "parallel-folds", "threads-per-fold", "out", "conv-algorithm"};
     if (resume) ignored.insert("epochs");
     std::vector<std::string> differences;
     std::set<std::string> keys;

@@ -34,6 +34,10 @@ void register_train_flags(CLI::App& app, TrainCommandOptions& o, bool actions, b
     bind_option(app, "--loader-threads", o.loader_threads, "Data loader threads per run; 0 = max(1, min(4, threads / 2))")
         ->check(CLI::Range(0, 4096));
     bind_option(app, "--split", o.split_path, "Train/test split file (default: RUN/split.json, made with --seed if missing)");
+    bind_option(app, "--conv-algorithm", o.conv_algorithm,
+                "3x3 convolutions, forward and backward-data: measured (oneDNN's direct kernel or our own Winograd, "
+                "timed per layer when the run starts and kept in RUN/conv_plan.txt, which a continued run reuses), direct, or winograd")
+        ->check(CLI::IsMember({"measured", "direct", "winograd"}));
     if (train_only)
         bind_option(app, "--val-folds", o.val_folds,
                     "0: validate (and choose best.safetensors) on the split's test side, whose score is then optimistic; "
@@ -123,6 +127,8 @@ void check_train_values(const TrainCommandOptions& o) {
     if (!(o.lr_gamma > 0) || !std::isfinite(o.lr_gamma)) throw UsageError("--lr-gamma must be positive");
     if (!(o.max_angle >= 0 && o.max_angle <= 180)) throw UsageError("--max-angle must be in [0, 180]");
     if (o.threads < 0 || o.loader_threads < 0 || o.limit < 0) throw UsageError("--threads, --loader-threads and --limit must be >= 0");
+    if (o.conv_algorithm != "measured" && o.conv_algorithm != "direct" && o.conv_algorithm != "winograd")
+        throw UsageError(fmt::format("--conv-algorithm must be measured, direct or winograd, got '{}'", o.conv_algorithm));
     if (o.val_folds == 1 || o.val_folds < 0) throw UsageError(fmt::format("--val-folds must be 0 or at least 2, got {}", o.val_folds));
     if (o.loss != "dice+bce" && o.loss != "dice" && o.loss != "bce")
         throw UsageError(fmt::format("--loss must be dice+bce, dice or bce, got '{}'", o.loss));

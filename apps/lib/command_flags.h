@@ -42,6 +42,7 @@ struct TrainCommandOptions {
     int threads = 0;                  // oneDNN/OpenMP threads (cv: the budget shared by the folds); 0 = all cores
     int loader_threads = 0;           // loader threads per run; 0 = max(1, min(4, threads / 2))
     std::string split_path;           // train/test split file; default RUN/split.json, made if missing
+    std::string conv_algorithm = "measured";  // 3x3 forward/backward-data: measured, direct or winograd (TrainConvAlgorithm)
     int val_folds = 0;                // train only: 0 = validate on the split's test side (best.safetensors is then
                                       // chosen on it); K >= 2 = validate on fold 1 of K seeded folds of the
                                       // training side (groups kept), train on the other K - 1

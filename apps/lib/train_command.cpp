@@ -10,7 +10,9 @@
 #include <cstdlib>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <memory>
+#include <optional>
 #include <sstream>
 
 #include <CLI/CLI.hpp>
@@ -161,6 +163,28 @@ TensorMap load_init_weights(const TrainCommandOptions& o) {
     return weights;
 }
 
+std::map<std::string, std::string> read_conv_plan(const fs::path& path) {
+    std::ifstream in(path);
+    if (!in) throw UsageError(fmt::format("{}: cannot read", path.string()));
+    std::map<std::string, std::string> plan;
+    std::string line;
+    for (int number = 1; std::getline(in, line); ++number) {
+        if (line.empty() || line[0] == '#') continue;
+        std::istringstream fields(line);
+        std::string layer, pass, algorithm, extra;
+        if (!(fields >> layer >> pass >> algorithm) || (fields >> extra))
+            throw UsageError(fmt::format("{}:{}: expected 'layer pass algorithm', got '{}'", path.string(), number, line));
+        plan[layer + "/" + pass] = algorithm;
+    }
+    return plan;
+}
+
+std::string conv_plan_text(const std::vector<TrainConvChoice>& choices) {
+    std::string text = "# resunet train: algorithm of each 3x3 convolution pass (layer pass algorithm; candidates and times)\n";
+    for (const TrainConvChoice& c : choices) text += fmt::format("{} {} {}\n# {}\n", c.layer, c.pass, c.algorithm, c.summary);
+    return text;
+}
+
 TrainReport run_job(TrainJob& job) {
     const TrainCommandOptions& o = *job.options;
     omp_set_num_threads(job.threads);
@@ -191,9 +215,35 @@ TrainReport run_job(TrainJob& job) {
     train_options.lr_gamma = o.lr_gamma;
     train_options.loss = parse_loss(o.loss);
     train_options.threads = job.threads;
+    train_options.conv_algorithm = o.conv_algorithm == "direct"     ? TrainConvAlgorithm::direct
+                                   : o.conv_algorithm == "winograd" ? TrainConvAlgorithm::winograd
+                                                                    : TrainConvAlgorithm::measured;
+    const fs::path plan_path = job.run_dir / kConvPlanName;
+    const bool have_plan = file_exists(plan_path);
+    if (have_plan)
+        train_options.conv_plan = read_conv_plan(plan_path);
+    else if (comm && comm->size() > 1)
+        train_options.conv_algorithm = TrainConvAlgorithm::direct;  // ranks measuring apart could choose apart
     // Alone (comm null, or cv's folds) this is Trainer::step bit for bit; under mpirun, this rank's share of each batch.
-    dist::DataParallelTrainer parallel(graph, init_weights(graph, job.seed), train_options, {}, comm);
+    std::optional<dist::DataParallelTrainer> built;
+    try {
+        built.emplace(graph, init_weights(graph, job.seed), train_options, dist::DataParallelOptions{}, comm);
+    } catch (const Error& e) {
+        if (!have_plan) throw;
+        throw UsageError(fmt::format("{} (delete {} to measure the algorithms again)", one_line(e.what()), plan_path.string()));
+    }
+    dist::DataParallelTrainer& parallel = *built;
     Trainer& trainer = parallel.trainer();
+    if (writer && !have_plan) write_file_atomic(plan_path.string(), conv_plan_text(trainer.conv_choices()));
+    {
+        size_t own = 0;
+        for (const TrainConvChoice& c : trainer.conv_choices()) own += c.algorithm != "direct";
+        note(fmt::format("3x3 convolutions: {} of {} passes (forward, backward-data) run our own Winograd, the rest oneDNN's "
+                         "direct kernel ({} {}); trainer built in {:.1f} s",
+                         own, trainer.conv_choices().size(), kConvPlanName,
+                         have_plan ? "reused" : comm && comm->size() > 1 ? "written: direct on every rank under mpirun" : "measured and written",
+                         trainer.compile_ms() / 1000.0));
+    }
     const auto [share_begin, share_end] = parallel.local_images();
     const size_t image_floats = static_cast<size_t>(3) * static_cast<size_t>(o.size) * static_cast<size_t>(o.size);
     const size_t mask_floats = static_cast<size_t>(o.size) * static_cast<size_t>(o.size);

@@ -57,6 +57,9 @@ namespace resunet {
 
 inline constexpr const char* kLastName = "last.safetensors";
 inline constexpr const char* kBestName = "best.safetensors";
+// Which algorithm each 3x3 convolution pass runs ("layer pass algorithm" per line): measured when the run
+// starts, reused by --resume so that a resumed run computes what an uninterrupted one does.
+inline constexpr const char* kConvPlanName = "conv_plan.txt";
 
 // One row of metrics.csv.
 struct EpochRecord {
