@@ -771,6 +771,24 @@ TEST(PredictBinary, HelpUsageErrorsAndExitCodes) {
     EXPECT_NE(err.find("calibrated on the fixed synthetic set of 2 images"), std::string::npos) << err;  // never the run's inputs
     EXPECT_NE(out.find("1 ok, 1 failed"), std::string::npos) << out;
 
+    // fp32 planning flags: taken with --precision fp32, refused (one line, exit 2) with int8.
+    EXPECT_EQ(run("predict " + image + " --model " + model + " --out " + (dir / "pred-tuned") +
+                      " --precision fp32 --tune off --plan-cache none --memory-budget -1",
+                  &out, &err),
+              0)
+        << err;
+    EXPECT_EQ(run("predict " + image + " --model " + model + " --out " + (dir / "pred-int8") + " --tune full", &out, &err), 2);
+    EXPECT_NE(err.find("--precision fp32"), std::string::npos) << err;
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    EXPECT_FALSE(fs::exists(dir / "pred-int8"));
+    EXPECT_EQ(run("predict " + image + " --model " + model + " --out x --precision fp32 --tune fastest", &out, &err), 2);
+    EXPECT_EQ(run("eval --model " + model + " --data " + kKvasirRoot + " --limit 2 --precision fp32 --tune off --plan-cache none",
+                  &out, &err),
+              0)
+        << err;
+    EXPECT_EQ(run("eval --model " + model + " --data " + kKvasirRoot + " --limit 2 --memory-budget 100", &out, &err), 2);
+    EXPECT_NE(err.find("--precision fp32"), std::string::npos) << err;
+
     EXPECT_EQ(run("summary --width 8 --depth 2 --size 32", &out, &err), 0) << err;
     EXPECT_NE(out.find("Total parameters"), std::string::npos) << out;
     EXPECT_EQ(run("summary --model " + model, &out, &err), 0) << err;

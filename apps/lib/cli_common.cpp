@@ -1,5 +1,8 @@
 // The shared part of the subcommands: see cli_common.h.
 #include "apps/lib/cli_common.h"
+#include "apps/lib/command_flags.h"
+#include "engine/engine.h"
+#include "engine/plan_cache.h"
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -209,6 +212,18 @@ fs::path prepare_run_dir(const std::string& out, const char* flag) {
     ::close(fd);
     ::unlink(probe.c_str());
     return dir;
+}
+
+void apply_engine_tuning(const EngineTuningFlags& flags, bool precision_is_fp32, EngineOptions& options) {
+    if (!precision_is_fp32) {
+        if (!flags.is_default())
+            throw UsageError("--tune, --plan-cache and --memory-budget plan the fp32 engine; the int8 engine runs a fixed plan "
+                             "(pass --precision fp32 or drop them)");
+        return;
+    }
+    options.tune = flags.tune == "off" ? Tuning::off : flags.tune == "full" ? Tuning::full : Tuning::fast;
+    options.plan_cache = flags.plan_cache == "none" ? std::string() : flags.plan_cache.empty() ? default_plan_cache() : flags.plan_cache;
+    options.memory_budget_mb = flags.memory_budget_mb;
 }
 
 void check_same_config(const fs::path& run_dir, const std::string& config_text, bool resume) {

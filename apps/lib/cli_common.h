@@ -44,6 +44,13 @@ class Option;
 
 namespace resunet {
 
+struct EngineOptions;
+struct EngineTuningFlags;
+
+// Applies --tune, --plan-cache and --memory-budget to `options` (fp32 engine); `precision_is_fp32` false
+// with any of them given: UsageError (the int8 engine runs a fixed plan).
+void apply_engine_tuning(const EngineTuningFlags& flags, bool precision_is_fp32, EngineOptions& options);
+
 // A problem found before any work is done (bad flag value, missing model, unwritable --out, outputs that
 // exist): the command prints its one-line message and exits with status 2.
 struct UsageError : Error {

@@ -87,9 +87,26 @@ void register_eval_flags(CLI::App& app, EvalCommandOptions& o) {
         ->check(CLI::Range(1, 4096));
     bind_flag(app, "--skip-bad", o.skip_bad, "Skip unreadable image/mask pairs instead of refusing the dataset");
     bind_option(app, "--json", o.json_path, "Also write the report to this JSON file");
+    add_engine_tuning_flags(app, o.tuning);
 }
 
 }  // namespace
+
+void add_engine_tuning_flags(CLI::App& command, EngineTuningFlags& flags) {
+    command.add_option("--tune", flags.tune,
+                       "fp32: off (direct convolutions, oneDNN's layout), fast (each layer's algorithms measured on this "
+                       "machine, once: the plan is cached), full (more runs per candidate)")
+        ->check(CLI::IsMember({"off", "fast", "full"}))
+        ->capture_default_str();
+    command.add_option("--plan-cache", flags.plan_cache,
+                       "fp32: folder of tuned plans (default $XDG_CACHE_HOME/resunet/plans, else ~/.cache/resunet/plans); "
+                       "'none' to measure every time");
+    command.add_option("--memory-budget", flags.memory_budget_mb,
+                       "fp32: largest engine bytes (weights + arena + scratchpad) in MB; Winograd layers that save the "
+                       "least time per byte stay direct until the plan fits. 0 = 1.75x the all-direct plan; -1 = no limit")
+        ->check(CLI::Range(-1.0, 1e9))
+        ->capture_default_str();
+}
 
 void add_train_flags(CLI::App& command, TrainCommandOptions& options) {
     command.set_config("--config", "", "Read flags from a TOML/INI file (e.g. RUN/config.toml); command-line flags win");

@@ -64,6 +64,14 @@ struct CvCommandOptions {
     int threads_per_fold = 0;         // oneDNN threads of each fold (T); 0 = max(1, budget / K)
 };
 
+// How the fp32 engine plans its convolutions (plan, predict and eval; EngineOptions in engine/engine.h).
+struct EngineTuningFlags {
+    std::string tune = "fast";         // off (direct, oneDNN's layout), fast (measured), full (more runs)
+    std::string plan_cache;            // folder of tuned plans; "" = the default folder; "none" = measure every time
+    double memory_budget_mb = 0;       // engine bytes in MB; 0 = 1.75x the all-direct plan; -1 = no limit
+    bool is_default() const { return tune == "fast" && plan_cache.empty() && memory_budget_mb == 0; }
+};
+
 // Flags of `resunet eval`.
 struct EvalCommandOptions {
     std::string model_path;           // .safetensors: fp32 weights (best.safetensors) or an int8 file
@@ -78,6 +86,7 @@ struct EvalCommandOptions {
     int calibration_images = 16;      // static-int8 without stored scales: first N ids (sorted) of the train side
     bool skip_bad = false;
     std::string json_path;            // also write the report as JSON
+    EngineTuningFlags tuning;         // --precision fp32 only
     std::FILE* log = stderr;
     std::FILE* out = stdout;
 };
@@ -86,6 +95,8 @@ struct EvalCommandOptions {
 void add_train_flags(CLI::App& command, TrainCommandOptions& options);
 void add_cv_flags(CLI::App& command, CvCommandOptions& options);
 void add_eval_flags(CLI::App& command, EvalCommandOptions& options);
+// --tune, --plan-cache and --memory-budget bound to `flags`.
+void add_engine_tuning_flags(CLI::App& command, EngineTuningFlags& flags);
 
 // The effective configuration as CLI11 config text (what RUN/config.toml holds).
 std::string train_config_text(const TrainCommandOptions& options);

@@ -115,13 +115,17 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
 
         const bool int8_file = is_int8_weights(file.tensors);
         const bool stored_scales = has_stored_static_scales(file.tensors);
+        if (options.precision != Precision::fp32) {
+            EngineOptions unused;
+            apply_engine_tuning(options.tuning, false, unused);  // refuses tuning flags for int8
+        }
         try {
             if (options.precision == Precision::fp32) {
                 if (int8_file)
                     throw UsageError(fmt::format("--model '{}' is an int8 file; --precision fp32 needs fp32 weights", options.model_path));
                 EngineOptions engine_options;
                 engine_options.threads = options.threads;
-                engine_options.plan_cache = default_plan_cache();  // tuned once per machine and graph
+                apply_engine_tuning(options.tuning, true, engine_options);  // tuned once per machine and graph
                 fp32 = std::make_unique<Engine>(graph, file.tensors, engine_options);
                 report.engine = "fp32";
             } else {

@@ -1,5 +1,8 @@
 #include "apps/lib/plan_cli.h"
 
+#include "apps/lib/cli_common.h"
+#include "apps/lib/command_flags.h"
+
 #include <fmt/format.h>
 
 #include <filesystem>
@@ -22,10 +25,8 @@ struct PlanOptions {
     int size = 0;
     int threads = 0;
     int micro_batch = 1;
-    std::string tune = "fast";
-    std::string plan_cache = default_plan_cache();
+    EngineTuningFlags tuning;
     bool retune = false;
-    double memory_budget_mb = 0;
 };
 
 void print_plan(const PlanOptions& o) {
@@ -36,9 +37,7 @@ void print_plan(const PlanOptions& o) {
     EngineOptions options;
     options.threads = o.threads;
     options.micro_batch = o.micro_batch;
-    options.tune = o.tune == "off" ? Tuning::off : o.tune == "full" ? Tuning::full : Tuning::fast;
-    options.plan_cache = o.plan_cache == "none" ? std::string() : o.plan_cache;
-    options.memory_budget_mb = o.memory_budget_mb;
+    apply_engine_tuning(o.tuning, true, options);
     if (o.retune && !options.plan_cache.empty()) {
         // Measure again: the cached fp32 plans are removed first (they are the engine's own files).
         std::error_code ec;
@@ -79,17 +78,7 @@ void add_plan_command(CLI::App& app) {
     command->add_option("--threads", options->threads, "OpenMP threads; 0 = all cores")->check(CLI::Range(0, 4096));
     command->add_option("--micro-batch", options->micro_batch, "Images per pass through the plan")
         ->check(CLI::Range(1, 4096));
-    command->add_option("--tune", options->tune,
-                        "off (direct convolutions, oneDNN's layout), fast (measured on this machine; the default of "
-                        "every program), full (more runs)")
-        ->check(CLI::IsMember({"off", "fast", "full"}))
-        ->capture_default_str();
-    command->add_option("--plan-cache", options->plan_cache, "Folder of tuned plans; 'none' to measure every time")
-        ->capture_default_str();
-    command->add_option("--memory-budget", options->memory_budget_mb,
-                        "Largest engine bytes (weights + arena + scratchpad) in MB; Winograd layers that save the least "
-                        "time per byte stay direct until the plan fits. 0 = 1.75x the all-direct plan; -1 = no limit")
-        ->capture_default_str();
+    add_engine_tuning_flags(*command, options->tuning);
     command->add_flag("--retune", options->retune, "Remove the cached fp32 plans first, so the plan is measured again");
     command->callback([options] { print_plan(*options); });
 }

@@ -296,12 +296,12 @@ LoadedModel load_model(const PredictOptions& options, std::FILE* log) {
                    model.config.height, options.size);
     const bool int8_file = is_int8_weights(file.tensors);
     model.stored_scales = int8_file && has_stored_static_scales(file.tensors);
+    EngineOptions engine_options;
+    engine_options.threads = options.threads;
+    apply_engine_tuning(options.tuning, options.precision == Precision::fp32, engine_options);  // tuned once per machine and graph
     try {
         if (options.precision == Precision::fp32) {
             if (int8_file) throw UsageError(fmt::format("--model '{}' is an int8 file; --precision fp32 needs fp32 weights", path));
-            EngineOptions engine_options;
-            engine_options.threads = options.threads;
-            engine_options.plan_cache = default_plan_cache();  // tuned once per machine and graph
             model.runner.fp32 = std::make_unique<Engine>(graph, file.tensors, engine_options);
             model.engine = "fp32";
         } else {
@@ -669,6 +669,7 @@ void add_predict_command(CLI::App& app) {
                         "file stores scales from real images and is used as is")
         ->check(CLI::Range(1, 4096))
         ->default_val(16);
+    add_engine_tuning_flags(*command, options->tuning);
     command->add_flag("--progress", *force_progress, "Show the progress bar even when stderr is not a terminal");
     command->callback([options, force_progress, precision] {
         PredictOptions run_options = *options;

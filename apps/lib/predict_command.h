@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "apps/lib/cli_common.h"
+#include "apps/lib/command_flags.h"
 #include "apps/lib/image_inputs.h"
 #include "data/metrics.h"
 #include "data/postprocess.h"  // logits_to_mask, how masks are made
@@ -55,6 +56,7 @@ struct PredictOptions {
     Precision precision = Precision::int8;
     int batch = 16;               // images per engine call
     int threads = 0;              // TBB workers and oneDNN threads; 0 = all cores (under mpirun: cores / ranks)
+    EngineTuningFlags tuning;     // --precision fp32 only: --tune, --plan-cache, --memory-budget
     std::string out_dir;          // created if missing
     bool overlay = false;         // also write <stem>_overlay.png (contour + translucent tint)
     std::string masks_dir;        // ground truth by stem; empty = no metrics
