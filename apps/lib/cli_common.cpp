@@ -105,98 +105,6 @@ std::string Unpacker::str() {
     return text;
 }
 
-const char* precision_name(Precision precision) {
-    switch (precision) {
-        case Precision::int8: return "int8";
-        case Precision::fp32: return "fp32";
-        case Precision::static_int8: return "static-int8";
-    }
-    return "?";
-}
-
-Precision parse_precision(const std::string& text) {
-    if (text == "fp32") return Precision::fp32;
-    if (text == "static-int8") return Precision::static_int8;
-    if (text == "int8") return Precision::int8;
-    throw UsageError(fmt::format("--precision must be fp32, int8 or static-int8, got '{}'", text));
-}
-
-// ---- flags and configuration files ----
-
-template <typename T>
-CLI::Option* bind_option(CLI::App& app, const std::string& name, T& value, const std::string& help) {
-    return app.add_option(name, value, help)->default_function([&value] { return fmt::format("{}", value); })->capture_default_str();
-}
-template CLI::Option* bind_option<int>(CLI::App&, const std::string&, int&, const std::string&);
-template CLI::Option* bind_option<double>(CLI::App&, const std::string&, double&, const std::string&);
-template CLI::Option* bind_option<uint64_t>(CLI::App&, const std::string&, uint64_t&, const std::string&);
-template CLI::Option* bind_option<std::string>(CLI::App&, const std::string&, std::string&, const std::string&);
-
-CLI::Option* bind_flag(CLI::App& app, const std::string& name, bool& value, const std::string& help) {
-    return app.add_flag(name, value, help)
-        ->default_function([&value] { return std::string(value ? "true" : "false"); })
-        ->capture_default_str();
-}
-
-void apply_config_file(CLI::App& command) {
-    CLI::Option* config = command.get_config_ptr();
-    if (config == nullptr || config->count() == 0) return;
-    const std::string path = config->as<std::string>();
-    const std::shared_ptr<CLI::Config> formatter = command.get_config_formatter();
-    const std::vector<CLI::ConfigItem> items = formatter->from_file(path);  // CLI::FileError when unreadable
-    for (const CLI::ConfigItem& item : items) {
-        if (item.name == "++" || item.name == "--") continue;
-        if (!item.parents.empty() && item.parents.front() != command.get_name()) continue;  // another command's section
-        CLI::Option* option = command.get_option_no_throw("--" + item.name);
-        if (option == nullptr) throw CLI::ConfigError::Extras(item.fullname() + " in " + path);
-        if (!option->get_configurable()) throw CLI::ConfigError::NotConfigurable(item.fullname());
-        if (option->count() > 0) continue;  // given on the command line
-        if (option->get_expected_min() == 0) {
-            option->add_result(option->get_flag_value(item.name, formatter->to_flag(item)));
-        } else {
-            option->add_result(item.inputs);
-        }
-        option->run_callback();  // validators, then the bound variable
-    }
-}
-
-std::map<std::string, std::string> parse_config_text(const std::string& text, const std::string& what) {
-    std::istringstream in(text);
-    std::vector<CLI::ConfigItem> items;
-    try {
-        items = CLI::ConfigTOML().from_config(in);
-    } catch (const CLI::Error& e) {
-        throw UsageError(fmt::format("{}: cannot parse: {}", what, one_line(e.what())));
-    }
-    std::map<std::string, std::string> values;
-    for (const CLI::ConfigItem& item : items) {
-        if (item.name == "++" || item.name == "--") continue;
-        std::string joined;
-        for (const std::string& input : item.inputs) joined += (joined.empty() ? "" : ",") + input;
-        values[item.name] = joined;
-    }
-    return values;
-}
-
-std::string render_config(const std::function<void(CLI::App&)>& add_flags, const std::string& description) {
-    CLI::App app{description};
-    add_flags(app);
-    const std::string text = app.config_to_str(/*default_also=*/true, /*write_description=*/true);
-    std::istringstream in(text);
-    for (const CLI::ConfigItem& item : app.get_config_formatter()->from_config(in)) {
-        const CLI::Option* option = app.get_option_no_throw("--" + item.name);
-        if (option == nullptr) continue;
-        const std::string value = option->get_default_str();
-        if (item.inputs.size() != 1 || item.inputs.front() != value)
-            throw UsageError(fmt::format("--{} '{}' cannot be written to config.toml and read back unchanged{}; choose "
-                                         "another value",
-                                         item.name, one_line(value),
-                                         value.find('#') != std::string::npos ? " (CLI11 reads '#' as a comment, even in quotes)"
-                                                                              : ""));
-    }
-    return text;
-}
-
 // ---- run folders, datasets, splits ----
 
 fs::path prepare_run_dir(const std::string& out, const char* flag) {
@@ -371,13 +279,6 @@ bool has_stored_static_scales(const TensorMap& tensors) {
 // ---- text, time, threads ----
 
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
-
-std::string one_line(std::string text) {
-    for (char& c : text)
-        if (c == '\n' || c == '\r' || c == '\t') c = ' ';
-    while (!text.empty() && text.back() == ' ') text.pop_back();
-    return text;
-}
 
 std::string format_duration(double seconds) {
     const long total = std::lround(std::max(0.0, seconds));

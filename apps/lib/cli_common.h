@@ -29,6 +29,7 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "apps/lib/flag_basics.h"
 #include "data/dataset.h"
 #include "data/metrics.h"
 #include "data/split.h"
@@ -50,12 +51,6 @@ struct EngineTuningFlags;
 // Applies --tune, --plan-cache and --memory-budget to `options` (fp32 engine); `precision_is_fp32` false
 // with any of them given: UsageError (the int8 engine runs a fixed plan).
 void apply_engine_tuning(const EngineTuningFlags& flags, bool precision_is_fp32, EngineOptions& options);
-
-// A problem found before any work is done (bad flag value, missing model, unwritable --out, outputs that
-// exist): the command prints its one-line message and exits with status 2.
-struct UsageError : Error {
-    using Error::Error;
-};
 
 // A UsageError every rank of an mpirun job throws together (agree_on_setup): only rank 0 prints it.
 struct AgreedUsageError : UsageError {
@@ -106,34 +101,6 @@ class Unpacker {
     size_t offset_ = 0;
 };
 
-// How the model runs.
-enum class Precision {
-    int8,         // u8 activations with dynamic scales (static if the int8 model file stores them)
-    fp32,         // the fp32 engine (needs an fp32 model file)
-    static_int8,  // static activation scales: the file's, else calibrated on a fixed set
-};
-const char* precision_name(Precision precision);  // "int8", "fp32", "static-int8"
-Precision parse_precision(const std::string& text);  // the inverse; UsageError for anything else
-
-// ---- flags and configuration files ----
-
-// An option whose default (shown by --help and written by config_to_str) is the bound value's shortest text.
-// Defined for int, double, uint64_t and std::string.
-template <typename T>
-CLI::Option* bind_option(CLI::App& app, const std::string& name, T& value, const std::string& help);
-CLI::Option* bind_flag(CLI::App& app, const std::string& name, bool& value, const std::string& help);
-
-// Reads the file given to `command`'s --config (set_config) into the options not given on the command line, with
-// CLI11's own config parser and validators. CLI11 2.1 reads config files of the top-level app only.
-void apply_config_file(CLI::App& command);
-
-// The flags `add_flags` registers, at their current values, as a CLI11 TOML file. A value that does not read back
-// unchanged is refused with a UsageError (CLI11 2.3 takes '#' for a comment even inside quotes).
-std::string render_config(const std::function<void(CLI::App&)>& add_flags, const std::string& description);
-
-// Key -> value text of a CLI11 config (comments and sections dropped); UsageError naming `what` if unparsable.
-std::map<std::string, std::string> parse_config_text(const std::string& text, const std::string& what);
-
 // ---- run folders, datasets, splits ----
 
 // File names of a run folder (train, cv and each fold).
@@ -176,8 +143,6 @@ bool has_stored_static_scales(const TensorMap& tensors);
 
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point start);
-// Exception text as one line (OpenCV's messages span several).
-std::string one_line(std::string text);
 // "m:ss", or "h:mm:ss" from an hour.
 std::string format_duration(double seconds);
 // "0.8123 ± 0.0456", "n/a" for an empty summary.

@@ -16,7 +16,7 @@
 #include <cstdio>
 #include <string>
 
-#include "apps/lib/cli_common.h"
+#include "apps/lib/flag_basics.h"
 
 namespace CLI {
 class App;

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "apps/lib/cli_common.h"
 #include "apps/lib/command_flags.h"
 #include "apps/lib/train_command.h"
 #include "data/metrics.h"

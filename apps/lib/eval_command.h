@@ -14,6 +14,7 @@
 
 #include <string>
 
+#include "apps/lib/cli_common.h"
 #include "apps/lib/command_flags.h"
 #include "apps/lib/evaluate.h"
 
