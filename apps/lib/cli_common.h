@@ -38,11 +38,6 @@
 #include "graph/safetensors.h"
 #include "graph/tensor.h"
 
-namespace CLI {
-class App;
-class Option;
-}  // namespace CLI
-
 namespace resunet {
 
 struct EngineOptions;
