@@ -63,6 +63,17 @@ double max_abs_diff(const TensorMap& a, const TensorMap& b) {
     return worst;
 }
 
+// max |a - b| over every gradient element, divided by the largest |a| (how far two trainers' gradients are apart).
+double relative_gradient_difference(const Trainer& a, const Trainer& b) {
+    double scale = 0, worst = 0;
+    for (const auto& [name, grad] : a.gradients())
+        for (int64_t i = 0; i < grad.num_elements(); ++i) {
+            scale = std::max(scale, static_cast<double>(std::abs(grad.f32()[i])));
+            worst = std::max(worst, static_cast<double>(std::abs(grad.f32()[i] - b.gradients().at(name).f32()[i])));
+        }
+    return worst / scale;
+}
+
 void expect_error(const std::function<void()>& f, const std::vector<std::string>& keywords) {
     try {
         f();
@@ -334,14 +345,9 @@ TEST(Trainer, LayoutsGiveTheSameGradients) {
         a.layout = layout;
         Trainer ta(g, w, a);
         EXPECT_NEAR(ta.compute_gradients(images.data(), masks.data()).total, plain_loss, 1e-6) << ta.activation_layout();
-        double scale = 0, worst = 0;
-        for (const auto& [name, grad] : ta.gradients())
-            for (int64_t i = 0; i < grad.num_elements(); ++i) {
-                scale = std::max(scale, static_cast<double>(std::abs(grad.f32()[i])));
-                worst = std::max(worst, static_cast<double>(std::abs(grad.f32()[i] - tb.gradients().at(name).f32()[i])));
-            }
-        fmt::print("{} against nchw: worst gradient difference {:.2e} of the largest\n", ta.activation_layout(), worst / scale);
-        EXPECT_LT(worst / scale, 1e-4) << ta.activation_layout();
+        const double relative = relative_gradient_difference(ta, tb);
+        fmt::print("{} against nchw: worst gradient difference {:.2e} of the largest\n", ta.activation_layout(), relative);
+        EXPECT_LT(relative, 1e-4) << ta.activation_layout();
         if (layout == ActivationLayout::blocked) EXPECT_TRUE(ta.activation_layout().starts_with("nChw")) << ta.activation_layout();
     }
 }
@@ -357,16 +363,11 @@ TEST(Trainer, FusedBatchNormReluGivesTheSameGradients) {
     Trainer tf(g, w, fused), ts(g, w, separate);
     EXPECT_LT(tf.num_primitives(), ts.num_primitives());  // memory: the ReLU's input is not kept either way
     EXPECT_NEAR(tf.compute_gradients(images.data(), masks.data()).total, ts.compute_gradients(images.data(), masks.data()).total, 1e-6);
-    double scale = 0, worst = 0;
-    for (const auto& [name, grad] : tf.gradients())
-        for (int64_t i = 0; i < grad.num_elements(); ++i) {
-            scale = std::max(scale, static_cast<double>(std::abs(grad.f32()[i])));
-            worst = std::max(worst, static_cast<double>(std::abs(grad.f32()[i] - ts.gradients().at(name).f32()[i])));
-        }
+    const double relative = relative_gradient_difference(tf, ts);
     fmt::print("fused batch norm + ReLU ({} primitives, {:.2f} MB) against separate ({}, {:.2f} MB): worst gradient difference "
                "{:.2e} of the largest\n",
-               tf.num_primitives(), tf.activation_bytes() / 1e6, ts.num_primitives(), ts.activation_bytes() / 1e6, worst / scale);
-    EXPECT_LT(worst / scale, 1e-5);
+               tf.num_primitives(), tf.activation_bytes() / 1e6, ts.num_primitives(), ts.activation_bytes() / 1e6, relative);
+    EXPECT_LT(relative, 1e-5);
     // Eval forward and the step's running statistics agree too.
     std::vector<float> a(2 * 16 * 16), b(2 * 16 * 16);
     tf.forward(images.data(), a.data(), false);
@@ -417,15 +418,10 @@ TEST(Trainer, OwnWinogradGivesTheSameGradientsAsDirect) {
         const LossValue la = a.compute_gradients(images.data(), masks.data());
         const LossValue lb = b.compute_gradients(images.data(), masks.data());
         EXPECT_NEAR(la.total, lb.total, 1e-5 * std::abs(lb.total));
-        double scale = 0, worst = 0;
-        for (const auto& [name, grad] : a.gradients())
-            for (int64_t i = 0; i < grad.num_elements(); ++i) {
-                scale = std::max(scale, static_cast<double>(std::abs(grad.f32()[i])));
-                worst = std::max(worst, static_cast<double>(std::abs(grad.f32()[i] - b.gradients().at(name).f32()[i])));
-            }
+        const double relative = relative_gradient_difference(a, b);
         fmt::print("step {}: own Winograd against direct: loss {:.7f} / {:.7f}, worst gradient difference {:.2e} of the largest\n",
-                   step + 1, la.total, lb.total, worst / scale);
-        EXPECT_LT(worst / scale, 1e-4);
+                   step + 1, la.total, lb.total, relative);
+        EXPECT_LT(relative, 1e-4);
         a.apply_gradients(la);
         b.apply_gradients(lb);
         a.update_running_statistics();
