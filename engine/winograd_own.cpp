@@ -1,9 +1,9 @@
 // Our own fp32 Winograd F(4x4,3x3) / F(2x2,3x3): weight transform at build time, AVX2 input and output
 // transforms, the GEMMs as one batched oneDNN matmul per group of tiles (engine/winograd_own.h).
 #include "engine/winograd_own.h"
+#include "engine/winograd_tiles.h"
 
 #include <fmt/format.h>
-#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -20,119 +20,9 @@ namespace {
 
 size_t align64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
-// G of F(m x m, 3x3) (Lavin and Gray 2016), alpha x 3; B^T and A^T are written out in the kernels below.
-constexpr double kG43[6][3] = {{1.0 / 4, 0, 0},
-                               {-1.0 / 6, -1.0 / 6, -1.0 / 6},
-                               {-1.0 / 6, 1.0 / 6, -1.0 / 6},
-                               {1.0 / 24, 1.0 / 12, 1.0 / 6},
-                               {1.0 / 24, -1.0 / 12, 1.0 / 6},
-                               {0, 0, 1}};
-constexpr double kG23[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
-
-// One-dimensional B^T: d[0..alpha) -> r[0..alpha).
-template <int Tile>
-__attribute__((target("avx2,fma"), always_inline)) inline void input_1d(const __m256* d, __m256* r) {
-    if constexpr (Tile == 4) {
-        const __m256 two = _mm256_set1_ps(2.0f), four = _mm256_set1_ps(4.0f), five = _mm256_set1_ps(5.0f);
-        r[0] = _mm256_fmadd_ps(four, d[0], _mm256_fnmadd_ps(five, d[2], d[4]));
-        r[1] = _mm256_fnmadd_ps(four, _mm256_add_ps(d[1], d[2]), _mm256_add_ps(d[3], d[4]));
-        r[2] = _mm256_fmadd_ps(four, _mm256_sub_ps(d[1], d[2]), _mm256_sub_ps(d[4], d[3]));
-        r[3] = _mm256_fmadd_ps(two, _mm256_sub_ps(d[3], d[1]), _mm256_sub_ps(d[4], d[2]));
-        r[4] = _mm256_fmadd_ps(two, _mm256_sub_ps(d[1], d[3]), _mm256_sub_ps(d[4], d[2]));
-        r[5] = _mm256_fmadd_ps(four, d[1], _mm256_fnmadd_ps(five, d[3], d[5]));
-    } else {
-        r[0] = _mm256_sub_ps(d[0], d[2]);
-        r[1] = _mm256_add_ps(d[1], d[2]);
-        r[2] = _mm256_sub_ps(d[2], d[1]);
-        r[3] = _mm256_sub_ps(d[1], d[3]);
-    }
-}
-
-// One-dimensional A^T: m[0..alpha) -> o[0..Tile).
-template <int Tile>
-__attribute__((target("avx2,fma"), always_inline)) inline void output_1d(const __m256* m, __m256* o) {
-    if constexpr (Tile == 4) {
-        const __m256 a = _mm256_add_ps(m[1], m[2]), b = _mm256_sub_ps(m[1], m[2]);
-        const __m256 c = _mm256_add_ps(m[3], m[4]), e = _mm256_sub_ps(m[3], m[4]);
-        o[0] = _mm256_add_ps(_mm256_add_ps(m[0], a), c);
-        o[1] = _mm256_fmadd_ps(_mm256_set1_ps(2.0f), e, b);
-        o[2] = _mm256_fmadd_ps(_mm256_set1_ps(4.0f), c, a);
-        o[3] = _mm256_add_ps(_mm256_fmadd_ps(_mm256_set1_ps(8.0f), e, b), m[5]);
-    } else {
-        o[0] = _mm256_add_ps(_mm256_add_ps(m[0], m[1]), m[2]);
-        o[1] = _mm256_sub_ps(_mm256_sub_ps(m[1], m[2]), m[3]);
-    }
-}
-
-// Where an 8-channel group's pixels are: element (y, x, lane) at base + y * row + x * pixel + lane.
-struct Plane {
-    int64_t row;
-    int64_t pixel;
-};
-
-// V = B^T d B of one tile and 8 channels. (y0, x0): the alpha x alpha window's top-left, padding included;
-// pixels outside the image read as zero and are never loaded. Position p = i * alpha + j goes to
-// v[p * p_stride].
-template <int Tile>
-__attribute__((target("avx2,fma"))) void input_tile(const float* base, Plane plane, int64_t y0, int64_t x0, int64_t height,
-                                                    int64_t width, float* v, int64_t p_stride) {
-    constexpr int alpha = Tile + 2;
-    __m256 d[alpha][alpha];
-    for (int i = 0; i < alpha; ++i) {
-        const int64_t y = y0 + i;
-        const bool row_inside = y >= 0 && y < height;
-        for (int j = 0; j < alpha; ++j) {
-            const int64_t x = x0 + j;
-            d[i][j] = row_inside && x >= 0 && x < width ? _mm256_loadu_ps(base + y * plane.row + x * plane.pixel)
-                                                        : _mm256_setzero_ps();
-        }
-    }
-    __m256 t[alpha][alpha];
-    for (int j = 0; j < alpha; ++j) {
-        __m256 column[alpha], out[alpha];
-        for (int k = 0; k < alpha; ++k) column[k] = d[k][j];
-        input_1d<Tile>(column, out);
-        for (int k = 0; k < alpha; ++k) t[k][j] = out[k];
-    }
-    for (int i = 0; i < alpha; ++i) {
-        __m256 out[alpha];
-        input_1d<Tile>(t[i], out);
-        for (int k = 0; k < alpha; ++k) _mm256_storeu_ps(v + (i * alpha + k) * p_stride, out[k]);
-    }
-}
-
-// Y = A^T M A of one tile and 8 output channels, plus bias, plus dst (sum), ReLU; only the pixels inside
-// the image are read and written. (y0, x0): the output tile's top-left.
-template <int Tile>
-__attribute__((target("avx2,fma"))) void output_tile(const float* m, int64_t p_stride, const float* bias, float* base,
-                                                     Plane plane, int64_t y0, int64_t x0, int64_t height, int64_t width,
-                                                     bool sum, bool relu) {
-    constexpr int alpha = Tile + 2;
-    __m256 s[Tile][alpha];
-    for (int j = 0; j < alpha; ++j) {
-        __m256 column[alpha], out[Tile];
-        for (int k = 0; k < alpha; ++k) column[k] = _mm256_loadu_ps(m + (k * alpha + j) * p_stride);
-        output_1d<Tile>(column, out);
-        for (int k = 0; k < Tile; ++k) s[k][j] = out[k];
-    }
-    const __m256 b = _mm256_loadu_ps(bias);
-    const __m256 zero = _mm256_setzero_ps();
-    const int rows = static_cast<int>(std::min<int64_t>(Tile, height - y0));
-    const int columns = static_cast<int>(std::min<int64_t>(Tile, width - x0));
-    for (int i = 0; i < rows; ++i) {
-        __m256 out[Tile];
-        output_1d<Tile>(s[i], out);
-        float* row = base + (y0 + i) * plane.row + x0 * plane.pixel;
-        for (int j = 0; j < columns; ++j) {
-            __m256 y = _mm256_add_ps(out[j], b);
-            if (sum) y = _mm256_add_ps(y, _mm256_loadu_ps(row + j * plane.pixel));
-            if (relu) y = _mm256_max_ps(y, zero);
-            _mm256_storeu_ps(row + j * plane.pixel, y);
-        }
-    }
-}
-
 }  // namespace
+
+using namespace winograd_tiles;
 
 bool winograd_own_supported() {
     __builtin_cpu_init();
@@ -257,40 +147,73 @@ std::unique_ptr<WinogradOwn> WinogradOwn::create(const engine& eng, stream& strm
     return conv;
 }
 
+namespace {
+
+// U = G g G^T for output channels [o, o + 4) of input channel i, in double (FMA, 4 lanes), rounded once to
+// float into u[P][IC][OC]. `w(o, y, x)` reads the 3x3 kernel of (o, i). G's zeros and constants fold at
+// compile time.
+template <int Tile, typename Kernel>
+__attribute__((target("avx2,fma"))) inline void weight_transform_4(Kernel w, int64_t i, int64_t o, int64_t ic, int64_t oc,
+                                                                   float* u_out) {
+    constexpr int alpha = Tile + 2;
+    constexpr const double(&g_rows)[alpha][3] = *[] {
+        if constexpr (Tile == 4)
+            return &kG43;
+        else
+            return &kG23;
+    }();
+    __m256d g[3][3];
+    for (int y = 0; y < 3; ++y)
+        for (int x = 0; x < 3; ++x) g[y][x] = _mm256_set_pd(w(o + 3, y, x), w(o + 2, y, x), w(o + 1, y, x), w(o, y, x));
+    __m256d left[alpha][3];
+    for (int a = 0; a < alpha; ++a)
+        for (int x = 0; x < 3; ++x)
+            left[a][x] = _mm256_fmadd_pd(_mm256_set1_pd(g_rows[a][2]), g[2][x],
+                                         _mm256_fmadd_pd(_mm256_set1_pd(g_rows[a][1]), g[1][x],
+                                                         _mm256_mul_pd(_mm256_set1_pd(g_rows[a][0]), g[0][x])));
+    for (int a = 0; a < alpha; ++a)
+        for (int b = 0; b < alpha; ++b) {
+            const __m256d u = _mm256_fmadd_pd(left[a][2], _mm256_set1_pd(g_rows[b][2]),
+                                              _mm256_fmadd_pd(left[a][1], _mm256_set1_pd(g_rows[b][1]),
+                                                              _mm256_mul_pd(left[a][0], _mm256_set1_pd(g_rows[b][0]))));
+            _mm_storeu_ps(u_out + ((a * alpha + b) * ic + i) * oc + o, _mm256_cvtpd_ps(u));
+        }
+}
+
+// All (oc, ic) pairs, threaded over input channels so that each thread writes runs of consecutive output
+// channels. `flipped_transposed`: see WinogradOwn::set_weights.
+template <int Tile>
+__attribute__((target("avx2,fma"))) void weight_transform(const float* weights, bool flipped_transposed, int64_t ic,
+                                                          int64_t oc, float* u_out) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < ic; ++i)
+        for (int64_t o = 0; o < oc; o += 4) {
+            if (flipped_transposed)  // {IC, OC, 3, 3} of the forward convolution, each kernel rotated by 180 degrees
+                weight_transform_4<Tile>(
+                    [&](int64_t out, int y, int x) { return static_cast<double>(weights[(i * oc + out) * 9 + (2 - y) * 3 + (2 - x)]); },
+                    i, o, ic, oc, u_out);
+            else
+                weight_transform_4<Tile>(
+                    [&](int64_t out, int y, int x) { return static_cast<double>(weights[(out * ic + i) * 9 + y * 3 + x]); }, i, o,
+                    ic, oc, u_out);
+        }
+}
+
+}  // namespace
+
 // U = G g G^T per (oc, ic), in double, as [P, IC, OC]: straight into the matmul's weights when it takes
-// that layout (gemm:jit on AVX2), else through a reorder from a transient plain copy. Threads over input channels, so
-// that each thread writes runs of consecutive output channels.
+// that layout (gemm:jit on AVX2), else through a reorder from a transient plain copy. The trainer calls it
+// every step (twice per layer: forward and backward-data), so it runs on AVX2, 4 output channels at a time
+// (the channels are multiples of 8: applies()).
 void WinogradOwn::set_weights(stream& strm, const float* weights, const float* bias, bool flipped_transposed) {
     const int64_t positions = static_cast<int64_t>(alpha_) * alpha_;
     const int64_t ic = shape_.in_channels, oc = shape_.out_channels;
     std::vector<float> plain(direct_into_weights_ ? 0 : static_cast<size_t>(positions * ic * oc));  // transient
     float* u_out = direct_into_weights_ ? static_cast<float*>(weights_.get_data_handle()) : plain.data();
-    const double* g_rows = tile_ == 4 ? &kG43[0][0] : &kG23[0][0];
-    const int alpha = alpha_;
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < ic; ++i)
-        for (int64_t o = 0; o < oc; ++o) {
-            double g[3][3];
-            if (flipped_transposed) {  // weights: {IC, OC, 3, 3} of the forward convolution, taken rotated by 180 degrees
-                const float* w = weights + (i * oc + o) * 9;
-                for (int y = 0; y < 3; ++y)
-                    for (int x = 0; x < 3; ++x) g[y][x] = w[(2 - y) * 3 + (2 - x)];
-            } else {
-                const float* w = weights + (o * ic + i) * 9;
-                for (int y = 0; y < 3; ++y)
-                    for (int x = 0; x < 3; ++x) g[y][x] = w[y * 3 + x];
-            }
-            double left[6][3];
-            for (int a = 0; a < alpha; ++a)
-                for (int x = 0; x < 3; ++x)
-                    left[a][x] = g_rows[a * 3 + 0] * g[0][x] + g_rows[a * 3 + 1] * g[1][x] + g_rows[a * 3 + 2] * g[2][x];
-            for (int a = 0; a < alpha; ++a)
-                for (int b = 0; b < alpha; ++b) {
-                    const double u = left[a][0] * g_rows[b * 3 + 0] + left[a][1] * g_rows[b * 3 + 1] +
-                                     left[a][2] * g_rows[b * 3 + 2];
-                    u_out[static_cast<size_t>(((a * alpha + b) * ic + i) * oc + o)] = static_cast<float>(u);
-                }
-        }
+    if (tile_ == 4)
+        weight_transform<4>(weights, flipped_transposed, ic, oc, u_out);
+    else
+        weight_transform<2>(weights, flipped_transposed, ic, oc, u_out);
     if (!direct_into_weights_) {
         memory user(memory::desc({positions, ic, oc}, dt::f32, tag::abc), eng_, plain.data());
         reorder(user, weights_).execute(strm, user, weights_);

@@ -348,7 +348,9 @@ TEST(Trainer, LayoutsGiveTheSameGradients) {
         const double relative = relative_gradient_difference(ta, tb);
         fmt::print("{} against nchw: worst gradient difference {:.2e} of the largest\n", ta.activation_layout(), relative);
         EXPECT_LT(relative, 1e-4) << ta.activation_layout();
-        if (layout == ActivationLayout::blocked) EXPECT_TRUE(ta.activation_layout().starts_with("nChw")) << ta.activation_layout();
+        if (layout == ActivationLayout::blocked) {
+            EXPECT_TRUE(ta.activation_layout().starts_with("nChw")) << ta.activation_layout();
+        }
     }
 }
 
@@ -393,7 +395,7 @@ TEST(Trainer, SharedForwardBuffersGiveTheSameGradients) {
     expect_error([&] { a.activation("e1.add"); }, {"not kept"});
 }
 
-// Our own Winograd (forward and backward-data of every 3x3 convolution it applies to) against oneDNN's
+// Our own Winograd (forward, backward-data and backward-weights of every 3x3 convolution it applies to) against oneDNN's
 // direct kernels: same loss and gradients within the Winograd error (1e-6 of the range per layer, measured).
 TEST(Trainer, OwnWinogradGivesTheSameGradientsAsDirect) {
     if (!winograd_own_supported()) GTEST_SKIP() << "CPU without AVX2 and FMA";
@@ -405,14 +407,18 @@ TEST(Trainer, OwnWinogradGivesTheSameGradientsAsDirect) {
     own.conv_algorithm = TrainConvAlgorithm::winograd;
     direct.conv_algorithm = TrainConvAlgorithm::direct;
     Trainer a(g, w, own), b(g, w, direct);
-    int forward = 0, backward = 0;
+    int forward = 0, backward = 0, weights = 0;
     for (const TrainConvChoice& c : a.conv_choices()) {
-        fmt::print("  {:<16} {:<14} {:<13} {}\n", c.layer, c.pass, c.algorithm, c.summary);
+        fmt::print("  {:<16} {:<16} {:<13} {}\n", c.layer, c.pass, c.algorithm, c.summary);
         forward += c.algorithm != "direct" && c.pass == "forward";
         backward += c.algorithm != "direct" && c.pass == "backward_data";
+        weights += c.algorithm != "direct" && c.pass == "backward_weights";
     }
     EXPECT_GE(forward, 5);   // every 3x3 convolution but the first (3 input channels)
     EXPECT_GE(backward, 5);
+    // Backward-weights: not the first either, nor the bridge (8 tiles of 16 -> 32 and 32 -> 32 channels, where
+    // the accumulators would outweigh the transformed inputs).
+    EXPECT_GE(weights, 5);
     for (const TrainConvChoice& c : b.conv_choices()) EXPECT_EQ(c.algorithm, "direct") << c.layer;
     for (int step = 0; step < 3; ++step) {  // weights change between steps: the transformed ones must follow
         const LossValue la = a.compute_gradients(images.data(), masks.data());

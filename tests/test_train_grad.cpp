@@ -20,6 +20,7 @@
 #include <limits>
 #include <numeric>
 
+#include "engine/winograd_own.h"
 #include "graph/graph.h"
 #include "graph/init.h"
 #include "train/loss.h"
@@ -267,7 +268,8 @@ TEST_P(OpGradient, MatchesFiniteDifferences) {
     TrainOptions o;
     o.layout = std::get<1>(GetParam());
     o.input_gradient = true;
-    // Blocked: our own Winograd forward and backward-data wherever it applies (the 3x3 stride-1 cases).
+    // Blocked: our own Winograd forward, backward-data and backward-weights wherever it applies (the 3x3
+    // stride-1 cases).
     if (blocked) o.conv_algorithm = TrainConvAlgorithm::winograd;
     LinearLoss loss{uniform(num_elements(g.value(g.output_value()).dims), 77, -1.0f, 1.0f)};
     o.custom_loss = loss;
@@ -278,6 +280,12 @@ TEST_P(OpGradient, MatchesFiniteDifferences) {
     const CheckResult r = check_gradients(
         trainer, images, masks, [&](const float* logits) { return loss(logits, nullptr, static_cast<int>(out[0]), num_elements(out) / out[0], nullptr); },
         kStep, kFloor, 6, 4);
+    if (blocked && c.name == "conv3x3" && resunet::winograd_own_supported()) {
+        // 24 -> 32 channels at 6x6: F(2x2) for all three passes (F(4x4)'s 8 tiles are too few for backward-weights).
+        int own = 0;
+        for (const TrainConvChoice& choice : trainer.conv_choices()) own += choice.layer == "op" && choice.algorithm != "direct";
+        EXPECT_EQ(own, 3) << "forward, backward-data and backward-weights of the 3x3 op";
+    }
     fmt::print("{} ({}): worst relative error {:.2e} in {} ({} elements checked, {} skipped at kinks)\n", c.name,
                trainer.activation_layout(), r.worst.error, r.worst.name, r.checked, r.skipped);
     EXPECT_GE(r.checked, 3 * r.skipped) << r.report();

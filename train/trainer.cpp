@@ -8,12 +8,14 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <unordered_map>
 
 #include "engine/conv_tuning.h"
 #include "engine/onednn_util.h"
 #include "engine/winograd_own.h"
+#include "engine/winograd_own_bwd_weights.h"
 #include "graph/safetensors.h"
 
 namespace resunet {
@@ -96,7 +98,7 @@ struct Trainer::Impl {
     // the ReLU r's node is folded into the batch norm before it.
     std::vector<int> fused_relu;
     std::vector<bool> relu_fused;
-    std::vector<std::shared_ptr<WinogradOwn>> own_convs;  // chosen own kernels (steps hold them too)
+    std::vector<std::shared_ptr<void>> own_kernels;  // chosen own kernels (steps hold them too)
     std::vector<TrainConvChoice> conv_choices;
     std::vector<bool> forward_only;  // per value: no backward reads it, its buffer is shared (share_forward_buffers)
 
@@ -130,11 +132,26 @@ struct Trainer::Impl {
         scratchpad_bytes = std::max(scratchpad_bytes, scratch);
         list.push_back(Step{primitive(), {}, std::move(name), std::move(run)});
     }
-    // Our own Winograd for one pass of a 3x3 convolution, or nullptr for `direct` (see TrainConvAlgorithm).
-    std::shared_ptr<WinogradOwn> choose_conv(const std::string& layer, const std::string& pass, const WinogradOwnShape& shape,
-                                             primitive direct, std::unordered_map<int, memory> args, int src_arg,
-                                             int dst_arg, size_t direct_scratch,
-                                             const std::function<std::shared_ptr<WinogradOwn>(int tile)>& make);
+    // One candidate of our own for a pass of a 3x3 convolution: `run` computes the pass on a scratch of
+    // `scratch_bytes`; `kernel` keeps the object alive (a WinogradOwn or a WinogradOwnBwdWeights).
+    struct OwnPass {
+        std::string algorithm;  // "winograd_f43", "winograd_f23"
+        std::function<void(void* scratch)> run;
+        size_t scratch_bytes = 0;
+        std::shared_ptr<void> kernel;
+        // What it adds to every step besides `run` (the weights transform), timed with it: nullptr if nothing.
+        std::function<void()> per_step = nullptr;
+    };
+    // Our own kernel for one pass (forward, backward_data, backward_weights) of a 3x3 convolution, or
+    // nothing for oneDNN's direct kernel (see TrainConvAlgorithm). `direct`: the direct pass's steps (the
+    // primitive, and any reorder of its result into `outputs`) and their largest scratchpad; `inputs` are filled with test values for the
+    // measurement and restored after; `outputs` are compared; `make(tile)` builds a candidate (nothing where
+    // `applies` refuses it). A candidate's time includes its per-step work (the weights transform).
+    std::optional<OwnPass> choose_conv(const std::string& layer, const std::string& pass,
+                                       const std::function<bool(int tile, std::string* why)>& applies,
+                                       const std::vector<Step>& direct, size_t direct_scratch, const std::vector<memory>& inputs,
+                                       const std::vector<memory>& outputs,
+                                       const std::function<std::optional<OwnPass>(int tile)>& make);
     void add_reorder(std::vector<Step>& list, const memory& from, const memory& to, const std::string& name,
                      bool accumulate) {
         primitive_attr reorder_attr;
@@ -215,11 +232,19 @@ struct Trainer::Impl {
     void plan_gradient_buffers();
     void lower_forward(int node_index);
     void lower_backward(int node_index);
+    // profile_gradients(): set while it runs; each step is then waited for and timed into `profile`.
+    std::vector<Trainer::StepTime>* profile = nullptr;
+    const char* profile_phase = "";
     void execute(Step& s) {
+        const auto start = profile ? Clock::now() : Clock::time_point{};
         if (s.custom)
             s.custom();
         else
             s.prim.execute(strm, s.args);
+        if (profile) {
+            strm.wait();
+            profile->push_back({s.name, profile_phase, std::chrono::duration<double, std::milli>(Clock::now() - start).count()});
+        }
     }
     void run(std::vector<Step>& list) {
         for (Step& s : list) execute(s);
@@ -244,11 +269,12 @@ struct Trainer::Impl {
     }
 };
 
-std::shared_ptr<WinogradOwn> Trainer::Impl::choose_conv(const std::string& layer, const std::string& pass,
-                                                       const WinogradOwnShape& shape, primitive direct,
-                                                       std::unordered_map<int, memory> args, int src_arg, int dst_arg,
-                                                       size_t direct_scratch,
-                                                       const std::function<std::shared_ptr<WinogradOwn>(int tile)>& make) {
+std::optional<Trainer::Impl::OwnPass> Trainer::Impl::choose_conv(const std::string& layer, const std::string& pass,
+                                                                 const std::function<bool(int tile, std::string* why)>& applies,
+                                                                 const std::vector<Step>& direct, size_t direct_scratch,
+                                                                 const std::vector<memory>& inputs,
+                                                                 const std::vector<memory>& outputs,
+                                                                 const std::function<std::optional<OwnPass>(int tile)>& make) {
     TrainConvChoice choice{layer, pass, "direct", ""};
     std::string why;
     const auto planned = options.conv_plan.find(layer + "/" + pass);
@@ -256,24 +282,29 @@ std::shared_ptr<WinogradOwn> Trainer::Impl::choose_conv(const std::string& layer
         if (planned->second == "direct") {
             choice.summary = "direct (plan)";
             conv_choices.push_back(choice);
-            return nullptr;
+            return std::nullopt;
         }
         if (planned->second != "winograd_f43" && planned->second != "winograd_f23")
             throw Error(fmt::format("trainer: conv plan names an unknown algorithm '{}' for {}/{}", planned->second, layer, pass));
         const int tile = planned->second == "winograd_f43" ? 4 : 2;
-        if (!WinogradOwn::applies(tile, shape, &why))
+        if (!applies(tile, &why))
             throw Error(fmt::format("trainer: conv plan asks {} for {}/{}, which does not apply here: {}", planned->second, layer,
                                     pass, why));
-    } else if (options.conv_algorithm == TrainConvAlgorithm::direct || !WinogradOwn::applies(4, shape, &why)) {
+    } else if (options.conv_algorithm == TrainConvAlgorithm::direct || (!applies(4, &why) && !applies(2, &why))) {
         choice.summary = options.conv_algorithm == TrainConvAlgorithm::direct ? "direct (asked for)" : "direct (" + why + ")";
         conv_choices.push_back(choice);
-        return nullptr;
+        return std::nullopt;
     }
     using Ms = std::chrono::duration<double, std::milli>;
-    const memory& src = args.at(src_arg);
-    const memory& dst = args.at(dst_arg);
-    fill_unit(src);
-    args[DNNL_ARG_SCRATCHPAD] = memory({{static_cast<memory::dim>(std::max<size_t>(direct_scratch, 1))}, dt::u8, tag::x}, eng);
+    // The inputs get test values, and their contents back after: a diff buffer may hold the zeros of a
+    // gradient that no step ever writes.
+    std::vector<std::vector<char>> saved;
+    for (const memory& m : inputs) {
+        const char* data = static_cast<const char*>(m.get_data_handle());
+        saved.emplace_back(data, data + m.get_desc().get_size());
+        fill_unit(m);
+    }
+    const memory direct_scratchpad({{static_cast<memory::dim>(std::max<size_t>(direct_scratch, 1))}, dt::u8, tag::x}, eng);
     // Warm-up (first touch, caches), then the best of two runs, or of one when a run takes over 50 ms (a
     // width-64 224x224 batch-16 layer: the noise is small against it, and building stays near a minute).
     // A pass the plan names runs once, for the check only.
@@ -293,43 +324,60 @@ std::shared_ptr<WinogradOwn> Trainer::Impl::choose_conv(const std::string& layer
         return best;
     };
     const double direct_ms = time_best([&] {
-        direct.execute(strm, args);
+        for (const Step& pass_step : direct) {
+            std::unordered_map<int, memory> args = pass_step.args;
+            args[DNNL_ARG_SCRATCHPAD] = direct_scratchpad;
+            pass_step.prim.execute(strm, args);
+        }
         strm.wait();
     });
-    const float* out = static_cast<const float*>(dst.get_data_handle());
-    const size_t count = dst.get_desc().get_size() / sizeof(float);
-    const std::vector<float> reference(out, out + count);
+    std::vector<std::vector<float>> reference;
     double range = 0;
-    for (float v : reference) range = std::max(range, static_cast<double>(std::abs(v)));
+    for (const memory& m : outputs) {
+        const float* out = static_cast<const float*>(m.get_data_handle());
+        reference.emplace_back(out, out + m.get_desc().get_size() / sizeof(float));
+        for (float v : reference.back()) range = std::max(range, static_cast<double>(std::abs(v)));
+    }
     choice.summary = fmt::format("direct {:.2f} ms", direct_ms);
-    std::shared_ptr<WinogradOwn> chosen;
+    std::optional<OwnPass> chosen;
     double chosen_ms = direct_ms;
-    const std::vector<int> tiles = from_plan ? std::vector<int>{planned->second == "winograd_f43" ? 4 : 2}
-                                   : options.conv_algorithm == TrainConvAlgorithm::winograd ? std::vector<int>{4}
-                                                                                             : std::vector<int>{4, 2};
+    // The plan's tile; under `winograd` F(4x4), or F(2x2) where only that applies (it has more tiles); else both.
+    std::vector<int> tiles;
+    if (from_plan)
+        tiles = {planned->second == "winograd_f43" ? 4 : 2};
+    else if (options.conv_algorithm == TrainConvAlgorithm::winograd)
+        tiles = {applies(4, nullptr) ? 4 : 2};
+    else
+        tiles = {4, 2};
     for (int tile : tiles) {
-        std::shared_ptr<WinogradOwn> own = make(tile);
+        if (!applies(tile, nullptr)) continue;
+        std::optional<OwnPass> own = make(tile);
         if (!own) continue;
-        memory scratch({{static_cast<memory::dim>(std::max<size_t>(own->scratch_bytes(), 1))}, dt::u8, tag::x}, eng);
+        const memory scratch({{static_cast<memory::dim>(std::max<size_t>(own->scratch_bytes, 1))}, dt::u8, tag::x}, eng);
         const double ms = time_best([&] {
-            own->execute(strm, static_cast<const float*>(src.get_data_handle()), static_cast<float*>(dst.get_data_handle()),
-                         scratch.get_data_handle());
+            if (own->per_step) own->per_step();
+            own->run(scratch.get_data_handle());
         });
         double worst = 0;
-        for (size_t i = 0; i < count; ++i) worst = std::max(worst, static_cast<double>(std::abs(out[i] - reference[i])));
+        for (size_t k = 0; k < outputs.size(); ++k) {
+            const float* out = static_cast<const float*>(outputs[k].get_data_handle());
+            for (size_t i = 0; i < reference[k].size(); ++i)
+                worst = std::max(worst, static_cast<double>(std::abs(out[i] - reference[k][i])));
+        }
         const double error = range > 0 ? worst / range : worst;
         const bool passed = error <= kOwnWinogradRelativeBound;
-        choice.summary += fmt::format(", {} {:.2f} ms (err {:.1e}{})", own->algorithm(), ms, error, passed ? "" : ", refused");
+        choice.summary += fmt::format(", {} {:.2f} ms (err {:.1e}{})", own->algorithm, ms, error, passed ? "" : ", refused");
         if (from_plan && !passed)
             throw Error(fmt::format("trainer: conv plan's {} for {}/{} is {:.1e} of the range off the direct result (bound {:.0e})",
-                                    own->algorithm(), layer, pass, error, kOwnWinogradRelativeBound));
+                                    own->algorithm, layer, pass, error, kOwnWinogradRelativeBound));
         const bool wins = from_plan || options.conv_algorithm == TrainConvAlgorithm::winograd || ms < chosen_ms * 0.97;
         if (passed && wins) {
-            chosen = own;
+            chosen = std::move(own);
             chosen_ms = ms;
-            choice.algorithm = own->algorithm();
+            choice.algorithm = chosen->algorithm;
         }
     }
+    for (size_t k = 0; k < inputs.size(); ++k) std::memcpy(inputs[k].get_data_handle(), saved[k].data(), saved[k].size());
     conv_choices.push_back(choice);
     return chosen;
 }
@@ -400,18 +448,26 @@ void Trainer::Impl::lower_forward(int node_index) {
                 const float* host_weights = weights.at(node.name + ".weight").f32();
                 const float* host_bias = node.bias ? weights.at(node.name + ".bias").f32() : nullptr;
                 refresh_mirror(host(weights, node.name + ".weight", plain), weights_memory);  // real weights for the check
-                std::shared_ptr<WinogradOwn> own = choose_conv(
-                    node.name, "forward", shape, prim, args, DNNL_ARG_SRC, DNNL_ARG_DST, scratch, [&](int tile) {
-                        return std::shared_ptr<WinogradOwn>(WinogradOwn::create(eng, strm, tile, shape, host_weights, host_bias));
+                const float* src_data = static_cast<const float*>(values[index(src)].get_data_handle());
+                float* dst_data = static_cast<float*>(values[index(dst)].get_data_handle());
+                std::optional<OwnPass> chosen = choose_conv(
+                    node.name, "forward", [&](int tile, std::string* why) { return WinogradOwn::applies(tile, shape, why); },
+                    {Step{prim, args, node.name, nullptr}}, scratch, {values[index(src)]}, {values[index(dst)]},
+                    [&](int tile) -> std::optional<OwnPass> {
+                        std::shared_ptr<WinogradOwn> conv(WinogradOwn::create(eng, strm, tile, shape, host_weights, host_bias));
+                        if (!conv) return std::nullopt;
+                        return OwnPass{conv->algorithm(),
+                                       [this, conv, src_data, dst_data](void* slot) { conv->execute(strm, src_data, dst_data, slot); },
+                                       conv->scratch_bytes(), conv,
+                                       [this, conv, host_weights, host_bias] { conv->set_weights(strm, host_weights, host_bias); }};
                     });
-                if (own) {
-                    own_convs.push_back(own);
+                if (chosen) {
+                    auto own = std::static_pointer_cast<WinogradOwn>(chosen->kernel);
+                    own_kernels.push_back(own);
                     activation_bytes += own->weight_bytes();
                     // Weights change every step: transformed again before each forward.
                     add_custom(prepare_steps, [this, own, host_weights, host_bias] { own->set_weights(strm, host_weights, host_bias); },
                                node.name + ".winograd_weights", 0);
-                    const float* src_data = static_cast<const float*>(values[index(src)].get_data_handle());
-                    float* dst_data = static_cast<float*>(values[index(dst)].get_data_handle());
                     auto run = [this, own, src_data, dst_data] { own->execute(strm, src_data, dst_data, scratchpad.get_data_handle()); };
                     add_custom(forward_train_steps, run, node.name, own->scratch_bytes());
                     add_custom(forward_eval_steps, run, node.name, own->scratch_bytes());
@@ -567,8 +623,53 @@ void Trainer::Impl::lower_backward(int node_index) {
                                                     {DNNL_ARG_DIFF_DST, diffs[index(dst)]},
                                                     {DNNL_ARG_DIFF_WEIGHTS, gradient_for(weight_name, plain, diff_weights_desc, pending)}};
             if (node.bias) args[DNNL_ARG_DIFF_BIAS] = gradient_for(node.name + ".bias", bias_desc, diff_bias_desc, pending);
-            add(backward_steps, weights_prim, std::move(args), node.name + ".bwd_weights", scratch);
-            flush_gradients(pending);
+            std::optional<OwnPass> own_weights;
+            if (is_conv && k == 3 && s == 1 && node.padding == 1) {
+                const WinogradOwnShape shape{.batch = in[0], .in_channels = in[1], .out_channels = out[1], .height = out[2],
+                                             .width = out[3], .layout = act_tag};
+                // The direct pass: the primitive, then the reorders of its results into the host gradients.
+                std::vector<Step> direct{Step{weights_prim, args, node.name + ".bwd_weights", nullptr}};
+                for (PendingGradient& p : pending)
+                    add_reorder(direct, p.temp, host(grads, p.name, p.plain), p.name + ".grad_reorder", false);
+                memory weight_grad = host(grads, weight_name, plain);
+                std::vector<memory> results{weight_grad};
+                float* bias_grad = nullptr;
+                if (node.bias) {
+                    results.push_back(host(grads, node.name + ".bias", bias_desc));
+                    bias_grad = grads.at(node.name + ".bias").f32();
+                }
+                const float* src_data = static_cast<const float*>(values[index(src)].get_data_handle());
+                const float* diff_data = static_cast<const float*>(diffs[index(dst)].get_data_handle());
+                float* weight_data = grads.at(weight_name).f32();
+                own_weights = choose_conv(
+                    node.name, "backward_weights",
+                    [&](int tile, std::string* why) { return WinogradOwnBwdWeights::applies(tile, shape, why); }, direct,
+                    std::max(scratch, scratchpad_bytes), {values[index(src)], diffs[index(dst)]}, results,
+                    [&](int tile) -> std::optional<OwnPass> {
+                        std::shared_ptr<WinogradOwnBwdWeights> grad(WinogradOwnBwdWeights::create(eng, tile, shape));
+                        if (!grad) return std::nullopt;
+                        return OwnPass{grad->algorithm(),
+                                       [this, grad, src_data, diff_data, weight_data, bias_grad](void* slot) {
+                                           grad->execute(strm, src_data, diff_data, weight_data, bias_grad, slot);
+                                       },
+                                       grad->scratch_bytes(), grad};
+                    });
+                if (own_weights) {
+                    own_kernels.push_back(own_weights->kernel);
+                    scratchpad_bytes = std::max(scratchpad_bytes, own_weights->scratch_bytes);
+                    // The gradients it writes, as arguments: plan_gradient_ready() finds them there (never executed).
+                    std::unordered_map<int, memory> written{{DNNL_ARG_DIFF_WEIGHTS, weight_grad}};
+                    if (node.bias) written[DNNL_ARG_DIFF_BIAS] = results[1];
+                    auto run = own_weights->run;
+                    backward_steps.push_back(Step{primitive(), std::move(written), node.name + ".bwd_weights",
+                                                  [this, run] { run(scratchpad.get_data_handle()); }});
+                    pending.clear();
+                }
+            }
+            if (!own_weights) {
+                add(backward_steps, weights_prim, std::move(args), node.name + ".bwd_weights", scratch);
+                flush_gradients(pending);
+            }
             if (!needs_diff[index(src)]) break;
             // Data gradient.
             memory target = contribution_target(src);
@@ -577,37 +678,43 @@ void Trainer::Impl::lower_backward(int node_index) {
                     convolution_backward_data::desc(algorithm::convolution_direct, src_desc, weights_any, dst_desc, strides,
                                                     plan.padding_l, plan.padding_r),
                     attr, eng, plan.conv);
-                std::unordered_map<int, memory> args = {{DNNL_ARG_DIFF_DST, diffs[index(dst)]},
-                                                        {DNNL_ARG_WEIGHTS, weights_for(weight_name, plain, pd.weights_desc())},
-                                                        {DNNL_ARG_DIFF_SRC, target}};
-                std::shared_ptr<WinogradOwn> own;
+                std::unordered_map<int, memory> data_args = {{DNNL_ARG_DIFF_DST, diffs[index(dst)]},
+                                                             {DNNL_ARG_WEIGHTS, weights_for(weight_name, plain, pd.weights_desc())},
+                                                             {DNNL_ARG_DIFF_SRC, target}};
+                std::optional<OwnPass> own;
                 if (k == 3 && s == 1 && node.padding == 1) {
                     // d src = the 3x3 convolution of d dst with each kernel rotated by 180 degrees, channels swapped.
                     const WinogradOwnShape shape{.batch = in[0], .in_channels = out[1], .out_channels = in[1],
                                                  .height = in[2], .width = in[3], .layout = act_tag};
                     const float* host_weights = weights.at(weight_name).f32();
-                    refresh_mirror(host(weights, weight_name, plain), args.at(DNNL_ARG_WEIGHTS));
-                    own = choose_conv(node.name, "backward_data", shape, convolution_backward_data(pd), args, DNNL_ARG_DIFF_DST,
-                                      DNNL_ARG_DIFF_SRC, pd.scratchpad_desc().get_size(), [&](int tile) {
-                                          std::shared_ptr<WinogradOwn> conv(
-                                              WinogradOwn::create(eng, strm, tile, shape, host_weights, nullptr));
-                                          if (conv) conv->set_weights(strm, host_weights, nullptr, /*flipped_transposed=*/true);
-                                          return conv;
-                                      });
+                    refresh_mirror(host(weights, weight_name, plain), data_args.at(DNNL_ARG_WEIGHTS));
+                    const float* src_data = static_cast<const float*>(diffs[index(dst)].get_data_handle());
+                    float* dst_data = static_cast<float*>(target.get_data_handle());
+                    own = choose_conv(
+                        node.name, "backward_data", [&](int tile, std::string* why) { return WinogradOwn::applies(tile, shape, why); },
+                        {Step{convolution_backward_data(pd), data_args, node.name + ".bwd_data", nullptr}}, pd.scratchpad_desc().get_size(),
+                        {diffs[index(dst)]}, {target}, [&](int tile) -> std::optional<OwnPass> {
+                            std::shared_ptr<WinogradOwn> conv(WinogradOwn::create(eng, strm, tile, shape, host_weights, nullptr));
+                            if (!conv) return std::nullopt;
+                            return OwnPass{conv->algorithm(),
+                                           [this, conv, src_data, dst_data](void* slot) { conv->execute(strm, src_data, dst_data, slot); },
+                                           conv->scratch_bytes(), conv, [this, conv, host_weights] {
+                                               conv->set_weights(strm, host_weights, nullptr, /*flipped_transposed=*/true);
+                                           }};
+                        });
                     if (own) {
-                        own_convs.push_back(own);
-                        activation_bytes += own->weight_bytes();
+                        auto conv = std::static_pointer_cast<WinogradOwn>(own->kernel);
+                        own_kernels.push_back(conv);
+                        activation_bytes += conv->weight_bytes();
                         add_custom(prepare_steps,
-                                   [this, own, host_weights] { own->set_weights(strm, host_weights, nullptr, true); },
+                                   [this, conv, host_weights] { conv->set_weights(strm, host_weights, nullptr, true); },
                                    node.name + ".winograd_weights_bwd", 0);
-                        const float* src_data = static_cast<const float*>(diffs[index(dst)].get_data_handle());
-                        float* dst_data = static_cast<float*>(target.get_data_handle());
                         add_custom(backward_steps,
-                                   [this, own, src_data, dst_data] { own->execute(strm, src_data, dst_data, scratchpad.get_data_handle()); },
-                                   node.name + ".bwd_data", own->scratch_bytes());
+                                   [this, conv, src_data, dst_data] { conv->execute(strm, src_data, dst_data, scratchpad.get_data_handle()); },
+                                   node.name + ".bwd_data", conv->scratch_bytes());
                     }
                 }
-                if (!own) add(backward_steps, convolution_backward_data(pd), std::move(args), node.name + ".bwd_data", pd.scratchpad_desc().get_size());
+                if (!own) add(backward_steps, convolution_backward_data(pd), std::move(data_args), node.name + ".bwd_data", pd.scratchpad_desc().get_size());
             } else {
                 deconvolution_backward_data::primitive_desc pd(
                     deconvolution_backward_data::desc(algorithm::deconvolution_direct, src_desc, weights_any, dst_desc, strides,
@@ -927,7 +1034,9 @@ void Trainer::Impl::forward(const float* images, bool training) {
     if (!images) throw Error("trainer: images must not be null");
     user_images.set_data_handle(const_cast<float*>(images));
     try {
+        profile_phase = "prepare";
         run(prepare_steps);
+        profile_phase = "forward";
         run(training ? forward_train_steps : forward_eval_steps);
         strm.wait();
     } catch (const dnnl::error& e) {
@@ -947,6 +1056,7 @@ LossValue Trainer::Impl::loss_and_backward(const float* masks, float gradient_sc
     if (gradient_scale != 1.0f)
         for (float& d : dlogits) d *= gradient_scale;
     try {
+        profile_phase = "backward";
         run_backward();
         strm.wait();
     } catch (const dnnl::error& e) {
@@ -1059,6 +1169,20 @@ LossValue Trainer::compute_gradients(const float* images, const float* masks, fl
     m.set_threads();
     m.forward(images, true);
     return m.loss_and_backward(masks, gradient_scale);
+}
+
+std::vector<Trainer::StepTime> Trainer::profile_gradients(const float* images, const float* masks) {
+    Impl& m = *impl_;
+    std::vector<StepTime> times;
+    m.profile = &times;
+    try {
+        compute_gradients(images, masks);
+    } catch (...) {
+        m.profile = nullptr;
+        throw;
+    }
+    m.profile = nullptr;
+    return times;
 }
 
 void Trainer::set_gradient_ready_callback(std::function<void(const std::string& name)> callback) {

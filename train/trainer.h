@@ -46,22 +46,23 @@ namespace resunet {
 //               and 2-5x faster backward-weights than nhwc (docs/training.md has the figures).
 enum class ActivationLayout { nchw, nhwc, blocked, automatic };
 
-// How each 3x3 stride-1 convolution runs its forward and its backward-data (chosen apart):
+// How each 3x3 stride-1 convolution runs its forward, backward-data and backward-weights (chosen apart):
 //   direct:   oneDNN's direct kernel everywhere (the default here: two trainers built alike compute alike).
 //   measured: oneDNN's direct kernel and, where the CPU has AVX2 and FMA, our own Winograd F(4x4,3x3) and
-//             F(2x2,3x3) (engine/winograd_own.h, weights transformed again every step) are timed on the
-//             layer's real shape when the trainer is built, each checked against direct within
-//             kOwnWinogradRelativeBound (1e-4 of the output's range); the fastest that passes runs.
+//             F(2x2,3x3) are timed on the layer's real shape when the trainer is built (with the weights
+//             transform every step needs), each checked against
+//             direct within kOwnWinogradRelativeBound (1e-4 of the result's range); the fastest that passes
+//             runs. Forward and backward-data: engine/winograd_own.h (weights transformed again every step);
+//             backward-weights: engine/winograd_own_bwd_weights.h (d weights and d bias).
 //   winograd: our own F(4x4,3x3) wherever it applies and passes the check (tests).
-// Backward-weights always runs oneDNN's direct kernel. A measured choice depends on timings, so two
-// trainers may choose apart (and differ by rounding): `resunet train` measures once and keeps the
-// choices in RUN/conv_plan.txt for --resume (conv_plan below).
+// A measured choice depends on timings, so two trainers may choose apart (and differ by rounding):
+// `resunet train` measures once and keeps the choices in RUN/conv_plan.txt for --resume (conv_plan below).
 enum class TrainConvAlgorithm { direct, measured, winograd };
 
 // What ran where: one row per 3x3 convolution and pass, for logs and reports.
 struct TrainConvChoice {
     std::string layer;      // graph node
-    std::string pass;       // "forward" or "backward_data"
+    std::string pass;       // "forward", "backward_data" or "backward_weights"
     std::string algorithm;  // "direct", "winograd_f43" or "winograd_f23"
     std::string summary;    // candidates and times: "direct 12.3 ms, winograd_f43 7.1 ms (err 3e-06)", or why not
 };
@@ -168,6 +169,16 @@ class Trainer {
     size_t activation_bytes() const;  // activations, their gradients and per-op buffers (workspaces, statistics)
     std::string activation_layout() const;  // the layout in use: "nChw16c", "nChw8c", "nhwc" or "nchw"
     const std::vector<TrainConvChoice>& conv_choices() const;  // graph order, forward before backward_data
+
+    // One step's time per executed step (weights preparation, forward, backward), in execution order,
+    // each followed by a stream wait: compute_gradients() once with a clock around every step. The
+    // step name is the graph node's, with ".bwd_weights", ".bwd_data", ".reorder" and such after it.
+    struct StepTime {
+        std::string name;
+        std::string phase;  // "prepare", "forward", "backward"
+        double ms = 0;
+    };
+    std::vector<StepTime> profile_gradients(const float* images, const float* masks);
 
     struct Impl;
 

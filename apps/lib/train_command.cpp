@@ -220,8 +220,12 @@ TrainReport run_job(TrainJob& job) {
                                                                     : TrainConvAlgorithm::measured;
     const fs::path plan_path = job.run_dir / kConvPlanName;
     const bool have_plan = file_exists(plan_path);
-    if (have_plan)
+    if (have_plan) {
         train_options.conv_plan = read_conv_plan(plan_path);
+        // A pass the plan does not name ran direct when the plan was written (older plans name no
+        // backward_weights): it runs direct again, so the resumed run computes what the first one did.
+        train_options.conv_algorithm = TrainConvAlgorithm::direct;
+    }
     else if (comm && comm->size() > 1)
         train_options.conv_algorithm = TrainConvAlgorithm::direct;  // ranks measuring apart could choose apart
     // Alone (comm null, or cv's folds) this is Trainer::step bit for bit; under mpirun, this rank's share of each batch.
@@ -238,7 +242,7 @@ TrainReport run_job(TrainJob& job) {
     {
         size_t own = 0;
         for (const TrainConvChoice& c : trainer.conv_choices()) own += c.algorithm != "direct";
-        note(fmt::format("3x3 convolutions: {} of {} passes (forward, backward-data) run our own Winograd, the rest oneDNN's "
+        note(fmt::format("3x3 convolutions: {} of {} passes (forward, backward-data, backward-weights) run our own Winograd, the rest oneDNN's "
                          "direct kernel ({} {}); trainer built in {:.1f} s",
                          own, trainer.conv_choices().size(), kConvPlanName,
                          have_plan ? "reused" : comm && comm->size() > 1 ? "written: direct on every rank under mpirun" : "measured and written",

@@ -93,6 +93,47 @@ Tensor4 conv2d(const Tensor4& src, const Tensor4& weight, const std::vector<floa
     return dst;
 }
 
+Tensor4 conv2d_backward_weights(const Tensor4& src, const Tensor4& diff_dst, int kernel, int stride, int padding,
+                                std::vector<float>* diff_bias) {
+    require_rank4(src, "conv2d_backward_weights src");
+    require_rank4(diff_dst, "conv2d_backward_weights diff_dst");
+    const int64_t batch = src.dims[0], in_channels = src.dims[1], height = src.dims[2], width = src.dims[3];
+    const int64_t out_channels = diff_dst.dims[1], out_h = diff_dst.dims[2], out_w = diff_dst.dims[3];
+    if (diff_dst.dims[0] != batch || out_h != (height + 2 * padding - kernel) / stride + 1 ||
+        out_w != (width + 2 * padding - kernel) / stride + 1)
+        throw Error(fmt::format("reference conv2d_backward_weights: src {} does not fit diff_dst {}", dims_to_string(src.dims),
+                                dims_to_string(diff_dst.dims)));
+    Tensor4 grad = Tensor4::zeros({out_channels, in_channels, kernel, kernel});
+    for (int64_t o = 0; o < out_channels; ++o)
+        for (int64_t i = 0; i < in_channels; ++i)
+            for (int64_t ky = 0; ky < kernel; ++ky)
+                for (int64_t kx = 0; kx < kernel; ++kx) {
+                    double sum = 0;
+                    for (int64_t n = 0; n < batch; ++n)
+                        for (int64_t y = 0; y < out_h; ++y) {
+                            const int64_t iy = y * stride - padding + ky;
+                            if (iy < 0 || iy >= height) continue;
+                            for (int64_t x = 0; x < out_w; ++x) {
+                                const int64_t ix = x * stride - padding + kx;
+                                if (ix < 0 || ix >= width) continue;
+                                sum += static_cast<double>(diff_dst.at(n, o, y, x)) * static_cast<double>(src.at(n, i, iy, ix));
+                            }
+                        }
+                    grad.at(o, i, ky, kx) = static_cast<float>(sum);
+                }
+    if (diff_bias) {
+        diff_bias->assign(static_cast<size_t>(out_channels), 0.0f);
+        for (int64_t o = 0; o < out_channels; ++o) {
+            double sum = 0;
+            for (int64_t n = 0; n < batch; ++n)
+                for (int64_t y = 0; y < out_h; ++y)
+                    for (int64_t x = 0; x < out_w; ++x) sum += diff_dst.at(n, o, y, x);
+            (*diff_bias)[index_of(o)] = static_cast<float>(sum);
+        }
+    }
+    return grad;
+}
+
 Tensor4 conv_transpose2d(const Tensor4& src, const Tensor4& weight, const std::vector<float>& bias, int stride) {
     require_rank4(src, "conv_transpose2d src");
     require_rank4(weight, "conv_transpose2d weight");

@@ -41,6 +41,11 @@ std::vector<float> to_vector(const HostTensor& tensor);
 
 // PyTorch Conv2d: weight [O, I, k, k]; bias empty or O values; square stride and zero padding.
 Tensor4 conv2d(const Tensor4& src, const Tensor4& weight, const std::vector<float>& bias, int stride, int padding);
+// The weights gradient of conv2d: d W[o][i][ky][kx] = sum over n, y, x of d dst[n][o][y][x] times
+// src[n][i][y * s - p + ky][x * s - p + kx] (zero outside), for a `kernel` x `kernel` weight; d bias[o] = the
+// sum of d dst[n][o] into `diff_bias` when it is not nullptr. In double.
+Tensor4 conv2d_backward_weights(const Tensor4& src, const Tensor4& diff_dst, int kernel, int stride, int padding,
+                                std::vector<float>* diff_bias = nullptr);
 // PyTorch ConvTranspose2d without padding: weight [I, O, k, k],
 // out[o][y * s + ky][x * s + kx] += in[i][y][x] * W[i][o][ky][kx]; output (H - 1) * s + k.
 Tensor4 conv_transpose2d(const Tensor4& src, const Tensor4& weight, const std::vector<float>& bias, int stride);
