@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstring>
 #include <exception>
+#include <vector>
 
 #include "engine/winograd_tiles.h"
 
@@ -25,6 +26,17 @@ size_t align64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
 int layout_block(tag layout) { return layout == tag::nChw8c ? 8 : layout == tag::nChw16c ? 16 : 0; }
 
+// The whole-batch mode's buffers (V and Z of every tile, one set of accumulators) at most this.
+constexpr int64_t kWholeBatchLimit = int64_t{512} << 20;
+
+// Per-thread accumulators (threads x P x IC x OC) outweighing the transformed inputs (P x tiles x (IC + OC)):
+// the deep layers, with few tiles and many channels. Those run in the whole-batch mode.
+bool whole_batch_mode(int tile, const WinogradOwnShape& shape) {
+    const int64_t tiles = shape.batch * ((shape.height + tile - 1) / tile) * ((shape.width + tile - 1) / tile);
+    const int64_t threads = std::max(1, omp_get_max_threads());
+    return threads * shape.in_channels * shape.out_channels > tiles * (shape.in_channels + shape.out_channels);
+}
+
 }  // namespace
 
 bool WinogradOwnBwdWeights::applies(int tile, const WinogradOwnShape& shape, std::string* why) {
@@ -36,9 +48,12 @@ bool WinogradOwnBwdWeights::applies(int tile, const WinogradOwnShape& shape, std
     if (shape.sum || shape.relu) return refuse("a weights gradient has no fused sum or ReLU");
     if (shape.src_batch_stride != 0 || shape.dst_batch_stride != 0) return refuse("activations must be dense");
     const int64_t tiles = shape.batch * ((shape.height + tile - 1) / tile) * ((shape.width + tile - 1) / tile);
-    if (shape.in_channels * shape.out_channels > tiles * (shape.in_channels + shape.out_channels))
-        return refuse(fmt::format("{} tiles of {}->{} channels: the accumulators would outweigh the transformed inputs",
-                                  tiles, shape.in_channels, shape.out_channels));
+    const int64_t positions = static_cast<int64_t>(tile + 2) * (tile + 2);
+    const int64_t ic = shape.in_channels, oc = shape.out_channels;
+    const int64_t whole_bytes = positions * (tiles * (ic + oc) + ic * oc) * static_cast<int64_t>(sizeof(float));
+    if (whole_batch_mode(tile, shape) && whole_bytes > kWholeBatchLimit)
+        return refuse(fmt::format("{} tiles of {}->{} channels: the transformed batch and the accumulators would take {} MB",
+                                  tiles, ic, oc, whole_bytes >> 20));
     return true;
 }
 
@@ -60,6 +75,8 @@ std::unique_ptr<WinogradOwnBwdWeights> WinogradOwnBwdWeights::create(const engin
     const int64_t positions = static_cast<int64_t>(c.alpha_) * c.alpha_;
     const int64_t ic = shape.in_channels, oc = shape.out_channels;
 
+    c.whole_batch_ = tiles_per_group < 0 || (tiles_per_group == 0 && whole_batch_mode(tile, shape));
+    if (c.whole_batch_) tiles_per_group = c.tiles_;
     // Tiles per group are the GEMMs' K. Each group adds its product into the accumulators, which costs
     // a read and a write of P * IC * OC floats: K of about 2 IC OC / (IC + OC) keeps that below the
     // transformed inputs' traffic. V and Z of a group at most 16 MB; at most a thread's share of the
@@ -72,17 +89,21 @@ std::unique_ptr<WinogradOwnBwdWeights> WinogradOwnBwdWeights::create(const engin
     }
     group = std::clamp<int64_t>(group, 1, c.tiles_);
     int64_t groups = (c.tiles_ + group - 1) / group;
-    groups = (groups + c.threads_ - 1) / c.threads_ * c.threads_;
-    group = (c.tiles_ + groups - 1) / groups;
-    groups = (c.tiles_ + group - 1) / group;
+    if (!c.whole_batch_) {
+        groups = (groups + c.threads_ - 1) / c.threads_ * c.threads_;
+        group = (c.tiles_ + groups - 1) / groups;
+        groups = (c.tiles_ + group - 1) / group;
+    }
     c.group_ = group;
     const int64_t rest = c.tiles_ - (groups - 1) * group;
 
     primitive_attr attr;
     attr.set_scratchpad_mode(scratchpad_mode::user);
-    post_ops accumulate;
-    accumulate.append_sum(1.0f);
-    attr.set_post_ops(accumulate);
+    if (!c.whole_batch_) {  // the groups add into the accumulators; the whole batch writes them once
+        post_ops accumulate;
+        accumulate.append_sum(1.0f);
+        attr.set_post_ops(accumulate);
+    }
     c.accumulator_desc_ = memory::desc({positions, ic, oc}, dt::f32, tag::abc);
     // V [P, K, IC] read as its transpose {P, IC, K}; Z [P, K, OC].
     auto make = [&](int64_t k, memory::desc* src, memory::desc* weights) {
@@ -109,14 +130,15 @@ std::unique_ptr<WinogradOwnBwdWeights> WinogradOwnBwdWeights::create(const engin
     c.u_bytes_ = align64(static_cast<size_t>(positions * ic * oc) * sizeof(float));
     c.bias_bytes_ = align64(static_cast<size_t>(oc) * sizeof(float));
     c.slot_bytes_ = c.v_bytes_ + c.z_bytes_ + c.u_bytes_ + c.bias_bytes_ + align64(std::max<size_t>(c.matmul_scratch_bytes_, 1));
-    c.scratch_bytes_ = c.slot_bytes_ * static_cast<size_t>(c.threads_);
-    c.kernel_ = fmt::format("own_f{}3_bwd_weights:avx2+{}", tile, full_pd.impl_info_str());
+    c.scratch_bytes_ = c.whole_batch_ ? c.slot_bytes_ + c.bias_bytes_ * static_cast<size_t>(c.threads_)
+                                      : c.slot_bytes_ * static_cast<size_t>(c.threads_);
+    c.kernel_ = fmt::format("own_f{}3_bwd_weights{}:avx2+{}", tile, c.whole_batch_ ? "_whole" : "", full_pd.impl_info_str());
     return grad;
 }
 
 // AVX2: applies() refuses the kernel on a CPU without it.
 __attribute__((target("avx2,fma"))) void WinogradOwnBwdWeights::transform(const float* src, const float* diff_dst, float* v, float* z, float* bias_sum,
-                                      int64_t first_tile, int64_t count) const {
+                                      int64_t first_tile, int64_t count, int64_t row0, int64_t rows) const {
     const int64_t ic = shape_.in_channels, oc = shape_.out_channels;
     const int64_t height = shape_.height, width = shape_.width;
     const int64_t per_image = tiles_y_ * tiles_x_;
@@ -131,41 +153,39 @@ __attribute__((target("avx2,fma"))) void WinogradOwnBwdWeights::transform(const 
     for (int64_t t = 0; t < count; ++t) {
         const int64_t index = first_tile + t;
         const int64_t n = index / per_image, ty = (index % per_image) / tiles_x_, tx = index % tiles_x_;
+        const int64_t row = row0 + t;
         for (int64_t g = 0; g < ic / 8; ++g) {
             const float* base = src + group_offset(ic, n, g);
             if (tile_ == 4)
-                input_tile<4>(base, src_plane, ty * 4 - 1, tx * 4 - 1, height, width, v + t * ic + g * 8, count * ic);
+                input_tile<4>(base, src_plane, ty * 4 - 1, tx * 4 - 1, height, width, v + row * ic + g * 8, rows * ic);
             else
-                input_tile<2>(base, src_plane, ty * 2 - 1, tx * 2 - 1, height, width, v + t * ic + g * 8, count * ic);
+                input_tile<2>(base, src_plane, ty * 2 - 1, tx * 2 - 1, height, width, v + row * ic + g * 8, rows * ic);
         }
         for (int64_t g = 0; g < oc / 8; ++g) {
             const float* base = diff_dst + group_offset(oc, n, g);
             __m256 sum = _mm256_loadu_ps(bias_sum + g * 8);
             if (tile_ == 4)
-                grad_tile<4>(base, dst_plane, ty * 4, tx * 4, height, width, z + t * oc + g * 8, count * oc, sum);
+                grad_tile<4>(base, dst_plane, ty * 4, tx * 4, height, width, z + row * oc + g * 8, rows * oc, sum);
             else
-                grad_tile<2>(base, dst_plane, ty * 2, tx * 2, height, width, z + t * oc + g * 8, count * oc, sum);
+                grad_tile<2>(base, dst_plane, ty * 2, tx * 2, height, width, z + row * oc + g * 8, rows * oc, sum);
             _mm256_storeu_ps(bias_sum + g * 8, sum);
         }
     }
 }
 
-// The slots' accumulators added, then d g = G^T dU G per (oc, ic) in double, into OIHW; the slots' bias
-// sums added.
-void WinogradOwnBwdWeights::finish(float* diff_weights, float* diff_bias, const char* scratch, int slots) const {
+// The accumulators added, then d g = G^T dU G per (oc, ic) in double, into OIHW; the bias sums added.
+void WinogradOwnBwdWeights::finish(float* diff_weights, float* diff_bias, const std::vector<const float*>& accumulators,
+                                   const std::vector<const float*>& bias_sums) const {
     const int64_t ic = shape_.in_channels, oc = shape_.out_channels;
     const int64_t positions = static_cast<int64_t>(alpha_) * alpha_;
     const double* g_rows = tile_ == 4 ? &kG43[0][0] : &kG23[0][0];
     const int alpha = alpha_;
-    const size_t u_offset = v_bytes_ + z_bytes_;
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < ic; ++i)
         for (int64_t o = 0; o < oc; ++o) {
             double u[6][6] = {};
-            for (int s = 0; s < slots; ++s) {
-                const float* acc = reinterpret_cast<const float*>(scratch + static_cast<size_t>(s) * slot_bytes_ + u_offset);
+            for (const float* acc : accumulators)
                 for (int64_t p = 0; p < positions; ++p) u[p / alpha][p % alpha] += acc[(p * ic + i) * oc + o];
-            }
             double left[3][6];  // G^T u
             for (int y = 0; y < 3; ++y)
                 for (int b = 0; b < alpha; ++b) {
@@ -182,22 +202,49 @@ void WinogradOwnBwdWeights::finish(float* diff_weights, float* diff_bias, const 
                 }
         }
     if (!diff_bias) return;
-    const size_t bias_offset = u_offset + u_bytes_;
     for (int64_t o = 0; o < oc; ++o) {
         double value = 0;
-        for (int s = 0; s < slots; ++s)
-            value += reinterpret_cast<const float*>(scratch + static_cast<size_t>(s) * slot_bytes_ + bias_offset)[o];
+        for (const float* sums : bias_sums) value += sums[o];
         diff_bias[o] = static_cast<float>(value);
     }
 }
 
 void WinogradOwnBwdWeights::execute(stream& strm, const float* src, const float* diff_dst, float* diff_weights,
                                     float* diff_bias, void* scratch) {
-    (void)strm;  // each thread runs its matmuls on a stream of its own
     char* bytes = static_cast<char*>(scratch);
-    const int64_t groups = (tiles_ + group_ - 1) / group_;
     const int threads = std::min(threads_, std::max(1, omp_get_max_threads()));
     const memory::desc scratch_desc({static_cast<memory::dim>(std::max<size_t>(matmul_scratch_bytes_, 1))}, dt::u8, tag::x);
+    std::vector<const float*> accumulators, bias_sums;
+    if (whole_batch_) {
+        // Every tile's V and Z (the transforms threaded over tiles, a bias sum per thread), then one matmul
+        // that oneDNN threads, writing the accumulators once.
+        float* v = reinterpret_cast<float*>(bytes);
+        float* z = reinterpret_cast<float*>(bytes + v_bytes_);
+        float* u = reinterpret_cast<float*>(bytes + v_bytes_ + z_bytes_);
+        char* matmul_scratch = bytes + v_bytes_ + z_bytes_ + u_bytes_ + bias_bytes_;
+        char* bias_base = bytes + slot_bytes_;
+#pragma omp parallel num_threads(threads)
+        {
+            const int thread = omp_get_thread_num(), team = omp_get_num_threads();
+            float* sums = reinterpret_cast<float*>(bias_base + static_cast<size_t>(thread) * bias_bytes_);
+            std::memset(sums, 0, bias_bytes_);
+            const int64_t per = (tiles_ + team - 1) / team;
+            const int64_t first = std::min<int64_t>(tiles_, thread * per);
+            const int64_t count = std::min<int64_t>(per, tiles_ - first);
+            if (count > 0) transform(src, diff_dst, v, z, sums, first, count, first, tiles_);
+        }
+        const memory v_memory(full_src_, eng_, v), z_memory(full_weights_, eng_, z), u_memory(accumulator_desc_, eng_, u);
+        const memory scratch_memory(scratch_desc, eng_, matmul_scratch);
+        full_.execute(strm, {{DNNL_ARG_SRC, v_memory}, {DNNL_ARG_WEIGHTS, z_memory}, {DNNL_ARG_DST, u_memory},
+                             {DNNL_ARG_SCRATCHPAD, scratch_memory}});
+        strm.wait();
+        accumulators.push_back(u);
+        for (int t = 0; t < threads; ++t)
+            bias_sums.push_back(reinterpret_cast<const float*>(bias_base + static_cast<size_t>(t) * bias_bytes_));
+        finish(diff_weights, diff_bias, accumulators, bias_sums);
+        return;
+    }
+    const int64_t groups = (tiles_ + group_ - 1) / group_;
     std::exception_ptr failure;
     // Each thread its own groups, scratch slot and accumulators; oneDNN runs a primitive called inside a
     // parallel region on the calling thread.
@@ -219,7 +266,7 @@ void WinogradOwnBwdWeights::execute(stream& strm, const float* src, const float*
                 const int64_t first = g * group_;
                 const int64_t count = std::min(group_, tiles_ - first);
                 const bool full = count == group_;
-                transform(src, diff_dst, v, z, bias_sum, first, count);
+                transform(src, diff_dst, v, z, bias_sum, first, count, 0, count);
                 const memory v_memory(full ? full_src_ : rest_src_, eng_, v);
                 const memory z_memory(full ? full_weights_ : rest_weights_, eng_, z);
                 (full ? full_ : rest_)
@@ -233,7 +280,12 @@ void WinogradOwnBwdWeights::execute(stream& strm, const float* src, const float*
         }
     }
     if (failure) std::rethrow_exception(failure);
-    finish(diff_weights, diff_bias, bytes, threads);
+    for (int t = 0; t < threads; ++t) {
+        const char* slot = bytes + static_cast<size_t>(t) * slot_bytes_;
+        accumulators.push_back(reinterpret_cast<const float*>(slot + v_bytes_ + z_bytes_));
+        bias_sums.push_back(reinterpret_cast<const float*>(slot + v_bytes_ + z_bytes_ + u_bytes_));
+    }
+    finish(diff_weights, diff_bias, accumulators, bias_sums);
 }
 
 }  // namespace resunet

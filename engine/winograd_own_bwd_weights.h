@@ -13,9 +13,11 @@
 //      post-op, into the thread's own accumulator [P, IC, OC].
 // Then the threads' accumulators are added and transformed back into OIHW, in double.
 //
-// The accumulators hold P * IC * OC floats per thread: applies() refuses a layer where they outweigh
-// the transformed inputs (P * tiles * (IC + OC)), as in the deep layers at small batch, where the GEMMs
-// would be mostly output.
+// Where the threads' accumulators (threads x P x IC x OC floats) would outweigh the transformed inputs
+// (P x tiles x (IC + OC)), as in the deep layers with few tiles and many channels, it runs in the
+// whole-batch mode instead: V and Z of every tile (transforms threaded over tiles), then one matmul over
+// all of them, threaded by oneDNN, writing a single set of accumulators once. applies() refuses a layer
+// whose whole-batch buffers would pass 512 MB.
 //
 // Intended usage (train/trainer.cpp, lower_backward):
 //   resunet::WinogradOwnShape shape{.batch = 4, .in_channels = 64, .out_channels = 64, .height = 224,
@@ -30,6 +32,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "engine/winograd_own.h"
 
@@ -42,8 +45,8 @@ class WinogradOwnBwdWeights {
     // off, and both activations dense (no batch strides).
     static bool applies(int tile, const WinogradOwnShape& shape, std::string* why = nullptr);
 
-    // `tile` 4: F(4x4,3x3); 2: F(2x2,3x3). `tiles_per_group` 0 chooses. nullptr (and `why`) where it
-    // does not apply.
+    // `tile` 4: F(4x4,3x3); 2: F(2x2,3x3). `tiles_per_group` 0 chooses (and chooses the mode); -1: the
+    // whole-batch mode (tests). nullptr (and `why`) where it does not apply.
     static std::unique_ptr<WinogradOwnBwdWeights> create(const dnnl::engine& eng, int tile, const WinogradOwnShape& shape,
                                                          std::string* why = nullptr, int64_t tiles_per_group = 0);
 
@@ -54,19 +57,22 @@ class WinogradOwnBwdWeights {
     void execute(dnnl::stream& strm, const float* src, const float* diff_dst, float* diff_weights, float* diff_bias,
                  void* scratch);
 
-    size_t scratch_bytes() const { return scratch_bytes_; }  // per thread: V + Z + dU + d bias + the matmul's scratchpad
+    // Per thread (whole batch: once) V + Z + dU + d bias + the matmul's scratchpad.
+    size_t scratch_bytes() const { return scratch_bytes_; }
     int tile() const { return tile_; }
     int64_t tiles_per_group() const { return group_; }
     std::string algorithm() const { return tile_ == 4 ? "winograd_f43" : "winograd_f23"; }
-    std::string kernel() const { return kernel_; }  // "own_f43_bwd_weights:avx2+gemm:jit"
+    // "own_f43_bwd_weights:avx2+gemm:jit"; "own_f23_bwd_weights_whole:avx2+gemm:jit" in the whole-batch mode.
+    std::string kernel() const { return kernel_; }
 
   private:
     WinogradOwnBwdWeights() = default;
-    // Tiles [first_tile, first_tile + count) into V (from src) and Z (from diff_dst); Z's tile sums
-    // added to `bias_sum` (OC values).
+    // Tiles [first_tile, first_tile + count) into rows [row0, row0 + count) of V (from src) and Z (from
+    // diff_dst), which hold `rows` tiles per position; the tiles' sums added to `bias_sum` (OC values).
     void transform(const float* src, const float* diff_dst, float* v, float* z, float* bias_sum, int64_t first_tile,
-                   int64_t count) const;
-    void finish(float* diff_weights, float* diff_bias, const char* scratch, int slots) const;
+                   int64_t count, int64_t row0, int64_t rows) const;
+    void finish(float* diff_weights, float* diff_bias, const std::vector<const float*>& accumulators,
+                const std::vector<const float*>& bias_sums) const;
 
     WinogradOwnShape shape_;
     dnnl::engine eng_;
@@ -75,6 +81,7 @@ class WinogradOwnBwdWeights {
     int64_t tiles_y_ = 0, tiles_x_ = 0, tiles_ = 0, group_ = 0;
     int threads_ = 1;
     int block_ = 8;  // channel block of the layout (nhwc: 0)
+    bool whole_batch_ = false;  // one group of every tile, one set of accumulators (see create())
     dnnl::matmul full_, rest_;  // dU += V^T Z over a group of group_ tiles; the last, shorter group
     dnnl::memory::desc full_src_, full_weights_, rest_src_, rest_weights_, accumulator_desc_;
     size_t v_bytes_ = 0, z_bytes_ = 0, u_bytes_ = 0, bias_bytes_ = 0, matmul_scratch_bytes_ = 0, slot_bytes_ = 0;
