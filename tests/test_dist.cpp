@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <random>
 #include <set>
@@ -328,7 +329,7 @@ TEST(MpiJob, TrainCommandKilledRankThenResume) {
     // 20 pairs: 16 training images, 4 batches of 4 per epoch; 4 test images validate.
     const std::string train = std::string(RESUNET_MPIEXEC) + " --allow-run-as-root --oversubscribe -np 2 " + resunet +
                               " train --data " + data + " --limit 20 --out " + folder.string() +
-                              " --width 4 --depth 3 --size 32 --batch 4 --epochs 3 --threads 1 --loader-threads 1";
+                              " --width 8 --depth 3 --size 32 --batch 4 --epochs 3 --threads 1 --loader-threads 1";
     const std::string checkpoint = (folder / "last.safetensors").string();
 
     // Rank 1 kills itself (SIGKILL) before global step 6: epoch 2, batch 2; epoch 1's checkpoint is on disk.
@@ -337,6 +338,12 @@ TEST(MpiJob, TrainCommandKilledRankThenResume) {
     EXPECT_NE(killed_output.find("signal 9"), std::string::npos) << "mpirun names the killed rank:\n" << killed_output;
     const resunet::Checkpoint kept = resunet::load_checkpoint(checkpoint);  // CRC-32 checked
     EXPECT_EQ(kept.state.epoch, 1);
+    // Width 8: blocked, our own Winograd applies; rank 0 measured, rank 1 ran its plan (it would have
+    // stopped with one line had the plan not applied there).
+    std::ifstream log_file(folder / "train.log");
+    const std::string log((std::istreambuf_iterator<char>(log_file)), std::istreambuf_iterator<char>());
+    EXPECT_NE(log.find("measured on rank 0, run by every rank"), std::string::npos) << log;
+    EXPECT_TRUE(std::filesystem::exists(folder / "conv_plan.txt"));
     EXPECT_EQ(kept.state.step, 4);
 
     auto [resumed_status, resumed_output] = run_capture("env -u RESUNET_MPI_SPAWN_TESTS " + train + " --resume");

@@ -163,9 +163,9 @@ TensorMap load_init_weights(const TrainCommandOptions& o) {
     return weights;
 }
 
-std::map<std::string, std::string> read_conv_plan(const fs::path& path) {
-    std::ifstream in(path);
-    if (!in) throw UsageError(fmt::format("{}: cannot read", path.string()));
+// `source` names the text in messages (the file, or "rank 0's plan").
+std::map<std::string, std::string> parse_conv_plan(const std::string& text, const std::string& source) {
+    std::istringstream in(text);
     std::map<std::string, std::string> plan;
     std::string line;
     for (int number = 1; std::getline(in, line); ++number) {
@@ -173,10 +173,18 @@ std::map<std::string, std::string> read_conv_plan(const fs::path& path) {
         std::istringstream fields(line);
         std::string layer, pass, algorithm, extra;
         if (!(fields >> layer >> pass >> algorithm) || (fields >> extra))
-            throw UsageError(fmt::format("{}:{}: expected 'layer pass algorithm', got '{}'", path.string(), number, line));
+            throw UsageError(fmt::format("{}:{}: expected 'layer pass algorithm', got '{}'", source, number, line));
         plan[layer + "/" + pass] = algorithm;
     }
     return plan;
+}
+
+std::map<std::string, std::string> read_conv_plan(const fs::path& path) {
+    std::ifstream in(path);
+    if (!in) throw UsageError(fmt::format("{}: cannot read", path.string()));
+    std::ostringstream text;
+    text << in.rdbuf();
+    return parse_conv_plan(text.str(), path.string());
 }
 
 std::string conv_plan_text(const std::vector<TrainConvChoice>& choices) {
@@ -226,18 +234,34 @@ TrainReport run_job(TrainJob& job) {
         // backward_weights): it runs direct again, so the resumed run computes what the first one did.
         train_options.conv_algorithm = TrainConvAlgorithm::direct;
     }
-    else if (comm && comm->size() > 1)
-        train_options.conv_algorithm = TrainConvAlgorithm::direct;  // ranks measuring apart could choose apart
+    // Under mpirun without a plan, rank 0 measures and every other rank runs rank 0's choices (ranks
+    // measuring apart could choose apart): they wait for its plan, or for an empty text if it failed.
+    const bool plan_from_rank0 = !have_plan && comm && comm->size() > 1;
+    if (plan_from_rank0 && rank != 0) {
+        std::string text;
+        comm->broadcast(text);
+        if (text.empty()) throw Error("rank 0 could not build its trainer");
+        train_options.conv_plan = parse_conv_plan(text, "rank 0's conv plan");
+        train_options.conv_algorithm = TrainConvAlgorithm::direct;
+    }
     // Alone (comm null, or cv's folds) this is Trainer::step bit for bit; under mpirun, this rank's share of each batch.
     std::optional<dist::DataParallelTrainer> built;
     try {
         built.emplace(graph, init_weights(graph, job.seed), train_options, dist::DataParallelOptions{}, comm);
     } catch (const Error& e) {
+        if (plan_from_rank0 && rank == 0) {
+            std::string none;
+            comm->broadcast(none);
+        }
         if (!have_plan) throw;
         throw UsageError(fmt::format("{} (delete {} to measure the algorithms again)", one_line(e.what()), plan_path.string()));
     }
     dist::DataParallelTrainer& parallel = *built;
     Trainer& trainer = parallel.trainer();
+    if (plan_from_rank0 && rank == 0) {
+        std::string text = conv_plan_text(trainer.conv_choices());
+        comm->broadcast(text);
+    }
     if (writer && !have_plan) write_file_atomic(plan_path.string(), conv_plan_text(trainer.conv_choices()));
     {
         size_t own = 0;
@@ -245,7 +269,7 @@ TrainReport run_job(TrainJob& job) {
         note(fmt::format("3x3 convolutions: {} of {} passes (forward, backward-data, backward-weights) run our own Winograd, the rest oneDNN's "
                          "direct kernel ({} {}); trainer built in {:.1f} s",
                          own, trainer.conv_choices().size(), kConvPlanName,
-                         have_plan ? "reused" : comm && comm->size() > 1 ? "written: direct on every rank under mpirun" : "measured and written",
+                         have_plan ? "reused" : plan_from_rank0 ? "measured on rank 0, run by every rank, and written" : "measured and written",
                          trainer.compile_ms() / 1000.0));
     }
     const auto [share_begin, share_end] = parallel.local_images();
