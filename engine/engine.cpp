@@ -356,8 +356,17 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
                     if (trial[i].passed && (other == 0 || trial[i].ms < trial[other].ms)) other = i;
                 if (other > 0) {
                     measurement.measured = true;
-                    const size_t pick[2] = {0, other};
-                    for (int i = 0; i < 2; ++i) {
+                    // Slot 2: the leaner runner-up of a Winograd choice (fewer weight and scratchpad bytes,
+                    // still faster than direct), for the memory budget.
+                    size_t leaner = 0;
+                    auto bytes = [&](size_t i) { return trial[i].weight_bytes + trial[i].scratch_bytes; };
+                    for (size_t i = 1; i < trial.size() && result.chosen != 0; ++i)
+                        if (i != other && trial[i].passed && trial[i].ms < trial[0].ms && bytes(i) < bytes(other) &&
+                            (leaner == 0 || trial[i].ms < trial[leaner].ms))
+                            leaner = i;
+                    if (leaner > 0) measurement.fallback = trial[leaner].name;
+                    const size_t pick[3] = {0, other, leaner};
+                    for (int i = 0; i < (leaner > 0 ? 3 : 2); ++i) {
                         const ConvCandidate& c = trial[pick[i]];
                         measurement.ms[i] = c.ms;
                         measurement.weight_bytes[i] = c.weight_bytes;
@@ -394,7 +403,8 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
     steps.back().candidates = std::move(candidates);
     steps.back().measured = measurement.measured;
     steps.back().preferred = measurement.preferred;
-    for (int i = 0; i < 2; ++i) {
+    steps.back().fallback = measurement.fallback;
+    for (int i = 0; i < 3; ++i) {
         steps.back().ms[i] = measurement.ms[i];
         steps.back().weight_bytes[i] = measurement.weight_bytes[i];
         steps.back().scratch[i] = measurement.scratch[i];

@@ -66,7 +66,8 @@ struct EngineOptions {
     // Largest engine bytes (weights + arena + scratchpad) a tuned plan may take, in MB. Winograd's
     // weights are 1.8x (F(2x2,3x3)) to 4x (F(4x4,3x3)) the direct ones and its scratchpad is larger, so
     // when the measured plan exceeds the budget the Winograd layers that save the least time per extra
-    // byte go back to direct until it fits (never below the direct plan). 0: 1.75x the bytes of the same
+    // byte fall back to a leaner candidate that still beat direct (F(2x2) for F(4x4)), else to direct,
+    // until it fits (never below the direct plan). 0: 1.75x the bytes of the same
     // plan with every convolution direct (keeps a width-64, 224x224 plan near 340 MB); negative: no limit.
     double memory_budget_mb = 0;
     // ConvTranspose 2x2 stride 2 runs as a 1x1 convolution to 4x the channels plus a pixel-shuffle

@@ -45,13 +45,16 @@ struct Step {
     std::string algorithm;
     std::string candidates;  // what tuning tried (ConvTrial::summary)
     size_t scratch_bytes = 0;  // this primitive's scratchpad
-    // A measured convolution: {direct, the fastest other candidate that passed its check} best time,
-    // weight bytes and scratchpad bytes (the memory budget trades them; engine_run.cpp).
+    // A measured convolution: {direct, the fastest other candidate that passed its check, `fallback`}
+    // best time, weight bytes and scratchpad bytes (the memory budget trades them; engine_run.cpp).
     bool measured = false;
     std::string preferred;  // measure_only: the fastest algorithm that passed its check
-    double ms[2] = {0, 0};
-    size_t weight_bytes[2] = {0, 0};
-    size_t scratch[2] = {0, 0};
+    // The leaner runner-up: the fastest other candidate that passed, beats direct and takes fewer bytes
+    // than `preferred` (F(2x2) when F(4x4) is preferred); the budget falls back to it before direct.
+    std::string fallback;
+    double ms[3] = {0, 0, 0};
+    size_t weight_bytes[3] = {0, 0, 0};
+    size_t scratch[3] = {0, 0, 0};
 
     void execute(stream& strm) {
         if (own)

@@ -115,13 +115,13 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
                 choice->candidates[step.name] = step.candidates;
             }
         if (winograd_steps.empty()) return measured;  // already the plan: every convolution direct
-        // The budget: Winograd layers (oneDNN's or ours) that save the least time per extra byte stay
-        // direct until it fits.
-        std::vector<bool> winograd(steps.size(), false);
+        // The budget: Winograd layers (oneDNN's or ours) that save the least time per extra byte fall
+        // back to their leaner runner-up (F(2x2) for F(4x4)) or stay direct until it fits.
+        std::vector<int> slot(steps.size(), 0);  // per step: 0 direct, 1 preferred, 2 fallback
         auto scratch = [&] {
             size_t most = 0;
             for (size_t k = 0; k < steps.size(); ++k)
-                most = std::max(most, winograd[k] ? steps[k].scratch[1] : steps[k].scratch_bytes);
+                most = std::max(most, slot[k] > 0 ? steps[k].scratch[slot[k]] : steps[k].scratch_bytes);
             return most;
         };
         size_t weights_now = measured->weights_bytes;  // every convolution direct
@@ -129,8 +129,8 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
         const double budget = o.memory_budget_mb > 0    ? std::max(o.memory_budget_mb * 1e6, direct_total)
                               : o.memory_budget_mb == 0 ? 1.75 * direct_total
                                                         : INFINITY;
-        auto extra = [&](size_t i) {
-            return static_cast<double>(steps[i].weight_bytes[1]) - static_cast<double>(steps[i].weight_bytes[0]);
+        auto extra = [&](size_t i, int which = 1) {
+            return static_cast<double>(steps[i].weight_bytes[which]) - static_cast<double>(steps[i].weight_bytes[0]);
         };
         auto value = [&](size_t i) {  // ms saved per extra byte (weights and scratchpad)
             const double more = extra(i) + std::max(0.0, static_cast<double>(steps[i].scratch[1]) -
@@ -140,24 +140,38 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
         std::sort(winograd_steps.begin(), winograd_steps.end(), [&](size_t a, size_t b) { return value(a) > value(b); });
         int kept = 0, dropped = 0;
         double total = direct_total;
+        int fell_back = 0;
         for (size_t i : winograd_steps) {
-            winograd[i] = true;
-            const double with = static_cast<double>(weights_now) + extra(i) + static_cast<double>(measured->arena_bytes) +
-                                static_cast<double>(scratch());
-            if (with > budget) {
-                winograd[i] = false;
+            bool fits = false;
+            for (int which : {1, 2}) {
+                if (which == 2 && steps[i].fallback.empty()) break;
+                slot[i] = which;
+                const double with = static_cast<double>(weights_now) + extra(i, which) +
+                                    static_cast<double>(measured->arena_bytes) + static_cast<double>(scratch());
+                if (with > budget) continue;
+                weights_now = static_cast<size_t>(static_cast<double>(weights_now) + extra(i, which));
+                total = with;
+                fits = true;
+                // oneDNN's Winograd or ours; the runner-up said so in the candidates column
+                choice->algorithms[steps[i].name] = which == 1 ? steps[i].preferred : steps[i].fallback;
+                if (which == 2) {
+                    ++fell_back;
+                    choice->candidates[steps[i].name] += " -> " + steps[i].fallback + " (memory budget)";
+                }
+                break;
+            }
+            if (!fits) {
+                slot[i] = 0;
                 ++dropped;
                 choice->candidates[steps[i].name] += " -> direct (memory budget)";
                 continue;
             }
-            weights_now = static_cast<size_t>(static_cast<double>(weights_now) + extra(i));
-            total = with;
             ++kept;
-            choice->algorithms[steps[i].name] = steps[i].preferred;  // oneDNN's Winograd or ours
         }
         if (std::isfinite(budget))
-            choice->budget_note = fmt::format("; memory budget {:.0f} MB (direct plan {:.0f} MB): {} winograd kept{}",
+            choice->budget_note = fmt::format("; memory budget {:.0f} MB (direct plan {:.0f} MB): {} winograd kept{}{}",
                                               budget / 1e6, direct_total / 1e6, kept,
+                                              fell_back ? fmt::format(" ({} on a leaner tile)", fell_back) : std::string(),
                                               dropped ? fmt::format(", {} left direct", dropped) : std::string());
         (void)total;
         measured.reset();  // freed before the fixed plan is lowered: the two never coexist
