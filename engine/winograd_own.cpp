@@ -98,13 +98,9 @@ std::unique_ptr<WinogradOwn> WinogradOwn::create(const engine& eng, stream& strm
         group = std::min(group, (c.tiles_ + c.threads_ - 1) / c.threads_);
     }
     group = std::clamp<int64_t>(group, 1, c.tiles_);
-    int64_t groups = (c.tiles_ + group - 1) / group;
-    c.private_groups_ = groups > 1 && c.threads_ > 1;
-    if (c.private_groups_) groups = (groups + c.threads_ - 1) / c.threads_ * c.threads_;
-    group = (c.tiles_ + groups - 1) / groups;
-    groups = (c.tiles_ + group - 1) / group;
-    c.group_ = group;
-    const int64_t rest = c.tiles_ - (groups - 1) * group;
+    c.private_groups_ = c.tiles_ > group && c.threads_ > 1;
+    int64_t rest = 0;
+    c.group_ = group = even_groups(c.tiles_, group, c.threads_, c.private_groups_, &rest);
 
     primitive_attr attr;
     attr.set_scratchpad_mode(scratchpad_mode::user);

@@ -87,15 +87,8 @@ std::unique_ptr<WinogradOwnBwdWeights> WinogradOwnBwdWeights::create(const engin
         group = std::clamp<int64_t>(std::min<int64_t>(2 * ic * oc / (ic + oc), (int64_t{16} << 20) / bytes_per_tile), 32, 512);
         group = std::min(group, (c.tiles_ + c.threads_ - 1) / c.threads_);
     }
-    group = std::clamp<int64_t>(group, 1, c.tiles_);
-    int64_t groups = (c.tiles_ + group - 1) / group;
-    if (!c.whole_batch_) {
-        groups = (groups + c.threads_ - 1) / c.threads_ * c.threads_;
-        group = (c.tiles_ + groups - 1) / groups;
-        groups = (c.tiles_ + group - 1) / group;
-    }
-    c.group_ = group;
-    const int64_t rest = c.tiles_ - (groups - 1) * group;
+    int64_t rest = 0;
+    c.group_ = group = even_groups(c.tiles_, group, c.threads_, !c.whole_batch_, &rest);
 
     primitive_attr attr;
     attr.set_scratchpad_mode(scratchpad_mode::user);

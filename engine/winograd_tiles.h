@@ -20,6 +20,19 @@ inline constexpr double kG43[6][3] = {{1.0 / 4, 0, 0},
                                {0, 0, 1}};
 inline constexpr double kG23[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
 
+// Tiles per group evened out: groups of at most `group` tiles (at least 1, at most `tiles`), all equal
+// but the last; with `per_thread`, as many groups as a multiple of `threads`. Returns the group size and
+// puts the last group's in `rest`.
+inline int64_t even_groups(int64_t tiles, int64_t group, int threads, bool per_thread, int64_t* rest) {
+    group = std::clamp<int64_t>(group, 1, tiles);
+    int64_t groups = (tiles + group - 1) / group;
+    if (per_thread) groups = (groups + threads - 1) / threads * threads;
+    group = (tiles + groups - 1) / groups;
+    groups = (tiles + group - 1) / group;
+    *rest = tiles - (groups - 1) * group;
+    return group;
+}
+
 // One-dimensional B^T: d[0..alpha) -> r[0..alpha).
 template <int Tile>
 __attribute__((target("avx2,fma"), always_inline)) inline void input_1d(const __m256* d, __m256* r) {
