@@ -1,6 +1,8 @@
 // bench_resunet: the paper's Table 1 on this machine, with how every figure was measured.
 //
-//   bench_resunet                         # width 64, 224x224, batch 16, fp32/int8/int8-static, random weights
+//   bench_resunet                         # width 64, 224x224, batch 16, fp32/int8/int8-static, with the trained
+//                                         # models/resunet-w64-s224 and its test-split Dice (random weights
+//                                         # until that model exists, or with --random-weights)
 //   bench_resunet --runs 20 --layers      # plus the per-layer table (time, GFLOP/s, oneDNN kernel)
 //   bench_resunet --json out/table.json --csv out/table.csv
 //
@@ -52,6 +54,11 @@ struct Options {
     int warmup = 1;
     std::string precision = "all";
     std::string model;
+    // The trained paper network Table 1 uses by default (its model.safetensors and split.json), and the
+    // data it is scored on; --random-weights times random weights instead (choose_default_model).
+    std::string model_dir = RESUNET_DEFAULT_MODEL_DIR;
+    std::string default_data = RESUNET_DEFAULT_DATA;
+    bool random_weights = false;
     bool layers = false;
     std::string json_path;
     std::string csv_path;
@@ -69,6 +76,39 @@ struct Options {
     std::string plan_cache = resunet::default_plan_cache();  // "" or "none": measure every time
     double memory_budget_mb = 0;  // EngineOptions::memory_budget_mb
 };
+
+// Without --model: the trained width-64 network of models/resunet-w64-s224 (or --model-dir), scored on
+// the test split of its split.json in ../shared/data/kvasir-seg, when that model exists and has --width.
+// Random weights when --random-weights says so, or (with a note) when there is no such model; a
+// --model-dir the user named must hold one.
+// Returns why the weights are what they are, for the report ("" when --model named them).
+std::string choose_default_model(Options& o, bool dir_given) {
+    if (o.random_weights) {
+        if (!o.model.empty()) throw resunet::Error("--random-weights and --model exclude each other");
+        if (dir_given) throw resunet::Error("--random-weights and --model-dir exclude each other");
+        return "--random-weights";
+    }
+    if (!o.model.empty()) return "";
+    const fs::path file = fs::path(o.model_dir) / "model.safetensors";
+    if (!fs::exists(file)) {
+        if (dir_given) throw resunet::Error(fmt::format("--model-dir {}: no model.safetensors there", o.model_dir));
+        return fmt::format("no trained model at {}", file.string());
+    }
+    const resunet::SafetensorsFile loaded = resunet::load_safetensors(file.string());
+    const resunet::ResUNetConfig found = resunet::infer_resunet_config(loaded.tensors, loaded.metadata, o.size);
+    if (found.width != o.width) {
+        if (dir_given)
+            throw resunet::Error(fmt::format("{} is a width-{} model but --width is {}", file.string(), found.width, o.width));
+        return fmt::format("{} is a width-{} model and --width is {}", file.string(), found.width, o.width);
+    }
+    o.model = file.string();
+    const fs::path split = fs::path(o.model_dir) / "split.json";
+    if (o.data.empty() && fs::is_directory(fs::path(o.default_data) / "images")) {
+        o.data = o.default_data;
+        if (o.split.empty() && fs::exists(split)) o.split = split.string();
+    }
+    return "the default model (--model-dir)";
+}
 
 std::string plan_cache_of(const Options& o) { return o.plan_cache == "none" ? std::string() : o.plan_cache; }
 
@@ -357,8 +397,9 @@ std::string markdown(const json& report) {
                           report.contains("model_file_bytes") && r["weights"] == "model" ? fmt::format("{:.1f}", report["model_file_bytes"].get<double>() / 1e6) : "n/a");
     }
     md += "\nHow each figure was measured:\n";
-    md += fmt::format("- Weights: {}.\n",
-                      report["model"].get<std::string>().empty() ? "RANDOM (Kaiming, seed 1): speed and memory only, no accuracy" : report["model"].get<std::string>());
+    md += fmt::format("- Weights: {}{}.\n",
+                      report["model"].get<std::string>().empty() ? "RANDOM (Kaiming, seed 1): speed and memory only, no accuracy" : report["model"].get<std::string>(),
+                      report.contains("weights_note") ? fmt::format(" ({})", report["weights_note"].get<std::string>()) : "");
     if (report.contains("eval_images"))
         md += fmt::format("- Dice, IoU (fg), mIoU (2-class): per-image mean ± sample std over {} test-split images of {}, at each "
                           "image's original resolution (logits resized bilinearly, threshold 0.5); IoU (fg) is the polyp class's, "
@@ -528,7 +569,15 @@ int main(int argc, char** argv) {
                    "rows to run: all (default: the Table 1 comparison), or one of fp32, int8 (dynamic scales, the "
                    "default precision of `resunet predict` and `resunet eval`), int8-static (calibrated)")
         ->check(CLI::IsMember({"fp32", "int8", "int8-static", "all"}));
-    app.add_option("--model", o.model, "weights (.safetensors); random weights when absent")->check(CLI::ExistingFile);
+    app.add_option("--model", o.model,
+                   "weights (.safetensors); without it, the trained model of --model-dir when it has --width, else random "
+                   "weights")
+        ->check(CLI::ExistingFile);
+    app.add_option("--model-dir", o.model_dir,
+                   "folder of the default model (model.safetensors, split.json), scored on the test split of "
+                   "../shared/data/kvasir-seg")
+        ->capture_default_str();
+    app.add_flag("--random-weights", o.random_weights, "time random weights (Kaiming, seed 1) instead of the default model");
     app.add_flag("--layers", o.layers, "add the per-layer table: time, GFLOP/s, oneDNN kernel, algorithm candidates tried");
     app.add_option("--tune", o.tune,
                    "fp32 plan: off (direct convolutions, oneDNN's layout), fast (each 3x3 convolution's algorithms and the "
@@ -569,6 +618,7 @@ int main(int argc, char** argv) {
             std::ofstream(o.row_out) << row.dump();
             return 0;
         }
+        const std::string weights_note = choose_default_model(o, app.count("--model-dir") > 0);
         // Check everything that can fail before the long work starts.
         if (!o.data.empty() && o.model.empty()) throw resunet::Error("--data needs --model: accuracy of random weights means nothing");
         if (!o.examples.empty() && (o.data.empty() || o.model.empty())) throw resunet::Error("--examples needs --model and --data");
@@ -602,6 +652,7 @@ int main(int argc, char** argv) {
         json report = {{"width", o.width}, {"size", o.size}, {"batch", o.batch}, {"micro_batch", o.micro_batch},
                        {"runs", o.runs}, {"warmup", o.warmup}, {"model", o.model}};
         if (!o.model.empty()) report["model_file_bytes"] = static_cast<double>(fs::file_size(o.model));
+        if (!weights_note.empty()) report["weights_note"] = weights_note;
         const std::time_t now = std::time(nullptr);
         char date[64];
         std::strftime(date, sizeof(date), "%Y-%m-%d %H:%M UTC", std::gmtime(&now));

@@ -147,6 +147,39 @@ TEST(BenchResunet, ScoresAModelOnKvasirAtItsOwnSize) {
     EXPECT_NE(r.out.find("Scores use the model's own input size, 32x32"), std::string::npos) << r.out;
 }
 
+// Without --model, Table 1 uses the trained model of --model-dir (default models/resunet-w64-s224) when it
+// has --width, scored on Kvasir-SEG's test split of its split.json; --random-weights, another width, or no
+// such model give random weights, and the report says why.
+TEST(BenchResunet, DefaultModelFolderIsUsedUnlessRandomWeightsAreAsked) {
+    TempDir dir;
+    fs::create_directories(dir / "shipped");
+    fs::copy_file(tiny_model(dir, 4), dir / "shipped/model.safetensors");
+    const std::string common = " --width 4 --size 32 --batch 2 --runs 1 --threads 1 --precision fp32 --eval-limit 2 --json " + (dir / "t.json");
+    Result r = bench(dir, "--model-dir " + (dir / "shipped") + common);
+    ASSERT_EQ(r.code, 0) << r.err;
+    json report = json::parse(read_text(dir / "t.json"));
+    EXPECT_EQ(report["model"], dir / "shipped/model.safetensors");
+    EXPECT_EQ(report["rows"][0]["weights"], "model");
+    if (fs::is_directory(kKvasirRoot + "/images")) {
+        EXPECT_EQ(report["data"], kKvasirRoot);
+        EXPECT_EQ(report["rows"][0]["eval"]["images"], 2);
+    }
+    EXPECT_NE(r.out.find("the default model"), std::string::npos) << r.out;
+
+    r = bench(dir, "--random-weights" + common);
+    ASSERT_EQ(r.code, 0) << r.err;
+    report = json::parse(read_text(dir / "t.json"));
+    EXPECT_EQ(report["rows"][0]["weights"], "random");
+    EXPECT_EQ(report["weights_note"], "--random-weights");
+
+    // Without --model-dir: the repository's folder has no width-8 model (nor, before it ships, any).
+    r = bench(dir, "--width 8 --size 32 --batch 2 --runs 1 --threads 1 --precision fp32 --json " + (dir / "t.json"));
+    ASSERT_EQ(r.code, 0) << r.err;
+    report = json::parse(read_text(dir / "t.json"));
+    EXPECT_EQ(report["rows"][0]["weights"], "random");
+    EXPECT_TRUE(report.contains("weights_note"));
+}
+
 TEST(BenchResunet, BadInputIsOneLineErrorBeforeAnyWork) {
     TempDir dir;
     const std::string model = tiny_model(dir, 4);
@@ -164,6 +197,11 @@ TEST(BenchResunet, BadInputIsOneLineErrorBeforeAnyWork) {
     expect_error("--width 4 --size 32 --data " + kKvasirRoot, "--data needs --model");
     expect_error("--model " + model + " --width 4 --size 32 --data " + (dir / "no-data"), "no-data");
     expect_error("--width 4 --size 32 --batch 3 --micro-batch 2", "multiple of --micro-batch");
+    expect_error("--width 4 --size 32 --model-dir " + (dir / "no-model-here"), "no model.safetensors there");
+    expect_error("--width 4 --size 32 --random-weights --model " + model, "exclude each other");
+    fs::create_directories(dir / "w4");
+    fs::copy_file(model, dir / "w4/model.safetensors");
+    expect_error("--width 8 --size 32 --model-dir " + (dir / "w4"), "is a width-4 model but --width is 8");
     // A truncated model file.
     const std::string bytes = read_text(model);
     std::ofstream(dir / "cut.safetensors", std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size() / 2));
