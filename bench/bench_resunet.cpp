@@ -21,6 +21,7 @@
 #include <filesystem>
 #include <fstream>
 #include <numeric>
+#include <optional>
 #include <thread>
 
 #include <opencv2/imgcodecs.hpp>
@@ -81,8 +82,9 @@ struct Options {
 // the test split of its split.json in ../shared/data/kvasir-seg, when that model exists and has --width.
 // Random weights when --random-weights says so, or (with a note) when there is no such model; a
 // --model-dir the user named must hold one.
-// Returns why the weights are what they are, for the report ("" when --model named them).
-std::string choose_default_model(Options& o, bool dir_given) {
+// Returns why the weights are what they are, for the report ("" when --model named them). `kept` receives
+// the file it read when it chooses it, so the caller reads the 130 MB once.
+std::string choose_default_model(Options& o, bool dir_given, std::optional<resunet::SafetensorsFile>& kept) {
     if (o.random_weights) {
         if (!o.model.empty()) throw resunet::Error("--random-weights and --model exclude each other");
         if (dir_given) throw resunet::Error("--random-weights and --model-dir exclude each other");
@@ -94,7 +96,7 @@ std::string choose_default_model(Options& o, bool dir_given) {
         if (dir_given) throw resunet::Error(fmt::format("--model-dir {}: no model.safetensors there", o.model_dir));
         return fmt::format("no trained model at {}", file.string());
     }
-    const resunet::SafetensorsFile loaded = resunet::load_safetensors(file.string());
+    resunet::SafetensorsFile loaded = resunet::load_safetensors(file.string());
     const resunet::ResUNetConfig found = resunet::infer_resunet_config(loaded.tensors, loaded.metadata, o.size);
     if (found.width != o.width) {
         if (dir_given)
@@ -102,6 +104,7 @@ std::string choose_default_model(Options& o, bool dir_given) {
         return fmt::format("{} is a width-{} model and --width is {}", file.string(), found.width, o.width);
     }
     o.model = file.string();
+    kept = std::move(loaded);
     const fs::path split = fs::path(o.model_dir) / "split.json";
     if (o.data.empty() && fs::is_directory(fs::path(o.default_data) / "images")) {
         o.data = o.default_data;
@@ -618,7 +621,8 @@ int main(int argc, char** argv) {
             std::ofstream(o.row_out) << row.dump();
             return 0;
         }
-        const std::string weights_note = choose_default_model(o, app.count("--model-dir") > 0);
+        std::optional<resunet::SafetensorsFile> default_file;
+        const std::string weights_note = choose_default_model(o, app.count("--model-dir") > 0, default_file);
         // Check everything that can fail before the long work starts.
         if (!o.data.empty() && o.model.empty()) throw resunet::Error("--data needs --model: accuracy of random weights means nothing");
         if (!o.examples.empty() && (o.data.empty() || o.model.empty())) throw resunet::Error("--examples needs --model and --data");
@@ -628,7 +632,8 @@ int main(int argc, char** argv) {
             test_indices(o, dataset);
         }
         if (!o.model.empty()) {
-            resunet::SafetensorsFile file = resunet::load_safetensors(o.model);
+            const resunet::SafetensorsFile file = default_file ? std::move(*default_file) : resunet::load_safetensors(o.model);
+            default_file.reset();
             const resunet::ResUNetConfig found = resunet::infer_resunet_config(file.tensors, file.metadata, o.size);
             if (found.width != o.width)
                 throw resunet::Error(fmt::format("{} is a width-{} model but --width is {}", o.model, found.width, o.width));

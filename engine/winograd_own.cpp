@@ -36,13 +36,8 @@ bool WinogradOwn::applies(int tile, const WinogradOwnShape& shape, std::string* 
     };
     if (tile != 4 && tile != 2) return refuse(fmt::format("tile {} (4 or 2)", tile));
     if (!winograd_own_supported()) return refuse("CPU without AVX2 and FMA");
-    int block = 0;
-    if (shape.layout == tag::nChw8c)
-        block = 8;
-    else if (shape.layout == tag::nChw16c)
-        block = 16;
-    else if (shape.layout != tag::nhwc)
-        return refuse("activation layout is not nChw8c, nChw16c or nhwc");
+    const int block = shape.channel_block();
+    if (block == 0 && shape.layout != tag::nhwc) return refuse("activation layout is not nChw8c, nChw16c or nhwc");
     const int64_t channel_multiple = std::max(block, 8);
     if (shape.in_channels <= 0 || shape.out_channels <= 0 || shape.in_channels % channel_multiple != 0 ||
         shape.out_channels % channel_multiple != 0)
@@ -64,7 +59,7 @@ std::unique_ptr<WinogradOwn> WinogradOwn::create(const engine& eng, stream& strm
                                                  const float* weights, const float* bias, std::string* why,
                                                  int64_t tiles_per_group) {
     if (!applies(tile, shape, why)) return nullptr;
-    const int block = shape.layout == tag::nChw8c ? 8 : shape.layout == tag::nChw16c ? 16 : 0;
+    const int block = shape.channel_block();
     const int64_t image_elements_in = shape.in_channels * shape.height * shape.width;
     const int64_t image_elements_out = shape.out_channels * shape.height * shape.width;
     std::unique_ptr<WinogradOwn> conv(new WinogradOwn());

@@ -46,6 +46,11 @@ struct WinogradOwnShape {
     // of Ctotal channels has Ctotal * H * W.
     int64_t src_batch_stride = 0;
     int64_t dst_batch_stride = 0;
+
+    // Channels per block of `layout`: 8 (nChw8c), 16 (nChw16c), 0 (nhwc and anything else).
+    int channel_block() const {
+        return layout == dnnl::memory::format_tag::nChw8c ? 8 : layout == dnnl::memory::format_tag::nChw16c ? 16 : 0;
+    }
 };
 
 // Whether this CPU runs the transforms (AVX2 and FMA).

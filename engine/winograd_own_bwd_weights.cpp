@@ -24,8 +24,6 @@ namespace {
 
 size_t align64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
-int layout_block(tag layout) { return layout == tag::nChw8c ? 8 : layout == tag::nChw16c ? 16 : 0; }
-
 // The whole-batch mode's buffers (V and Z of every tile, one set of accumulators) at most this.
 constexpr int64_t kWholeBatchLimit = int64_t{512} << 20;
 
@@ -67,7 +65,7 @@ std::unique_ptr<WinogradOwnBwdWeights> WinogradOwnBwdWeights::create(const engin
     c.eng_ = eng;
     c.tile_ = tile;
     c.alpha_ = tile + 2;
-    c.block_ = layout_block(shape.layout);
+    c.block_ = shape.channel_block();
     c.tiles_y_ = (shape.height + tile - 1) / tile;
     c.tiles_x_ = (shape.width + tile - 1) / tile;
     c.tiles_ = shape.batch * c.tiles_y_ * c.tiles_x_;

@@ -10,6 +10,7 @@
 #      no bench/) and its ctest suite, with the sanitizer options below;
 #   3. the libFuzzer targets, built with clang in build-fuzz/, each run for RESUNET_FUZZ_SECONDS
 #      (default 20) on its committed seed corpus fuzz/corpus/<target>/.
+# The test and apps/ sources build at -O1 (Release) and -O0 (sanitizers): RESUNET_DRIVER_OPT in CMakeLists.txt.
 # Each stage runs even when an earlier one failed. The last line is "N passed, M failed", counting
 # the ctest tests of both suites plus the fuzz targets (a stage that does not build counts as one
 # failure); the exit status is non-zero when M > 0.
@@ -87,7 +88,7 @@ count_ctest() {
 # ---------------------------------------------------------------------------------------------- Release
 if [[ " $skip " != *" release "* ]]; then
   begin_stage "Release build and tests (build/)"
-  if run_logged "$logs/release-configure.log" cmake -S . -B build -G Ninja &&
+  if run_logged "$logs/release-configure.log" cmake -S . -B build -G Ninja -DRESUNET_DRIVER_OPT=-O1 &&
      run_logged "$logs/release-build.log" cmake --build build -j"$jobs" --target resunet_tests; then
     ctest --test-dir build --output-on-failure -j"$jobs" 2>&1 | tee "$logs/release-ctest.log"
     count_ctest "$logs/release-ctest.log"
@@ -121,7 +122,7 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 if [[ " $skip " != *" asan "* ]]; then
   begin_stage "AddressSanitizer + UndefinedBehaviorSanitizer build and tests (build-asan/)"
   if run_logged "$logs/asan-configure.log" cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug \
-       -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" -DRESUNET_SANITIZE=ON -DRESUNET_BENCH=OFF &&
+       -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" -DRESUNET_SANITIZE=ON -DRESUNET_BENCH=OFF -DRESUNET_DRIVER_OPT=-O0 &&
      run_logged "$logs/asan-build.log" cmake --build build-asan -j"$jobs"; then
     # -LE mpi: Open MPI's own MPI_Init allocations are reported by LeakSanitizer (121 kB in 3347
     # allocations for a bare MPI_Init/MPI_Finalize under mpirun), so the tests that run under mpirun

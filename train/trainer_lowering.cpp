@@ -156,6 +156,7 @@ void Trainer::Impl::lower_forward(int node_index) {
             }
             const memory::desc weights_any({out[1], in[1], k, k}, dt::f32, tag::any);
             const memory::desc bias_desc({out[1]}, dt::f32, tag::x);
+            const memory::desc bias_or_none = node.bias ? bias_desc : memory::desc();  // oneDNN: an empty desc is no bias
             // PyTorch layouts: Conv2d [O, I, k, k] is oneDNN's oihw; ConvTranspose2d [I, O, k, k] is oneDNN's
             // deconvolution weights {O, I, k, k} stored as iohw. So the host tensors are used as they are.
             const memory::desc plain({out[1], in[1], k, k}, dt::f32, is_conv ? tag::oihw : tag::iohw);
@@ -163,23 +164,17 @@ void Trainer::Impl::lower_forward(int node_index) {
             size_t scratch = 0;
             primitive prim;
             if (is_conv) {
-                auto desc = node.bias ? convolution_forward::desc(prop_kind::forward_training, algorithm::convolution_direct,
-                                                                   value_desc[index(src)], weights_any, bias_desc, dst_desc,
-                                                                   strides, plan.padding_l, plan.padding_r)
-                                      : convolution_forward::desc(prop_kind::forward_training, algorithm::convolution_direct,
-                                                                   value_desc[index(src)], weights_any, dst_desc, strides,
-                                                                   plan.padding_l, plan.padding_r);
+                const convolution_forward::desc desc(prop_kind::forward_training, algorithm::convolution_direct,
+                                                     value_desc[index(src)], weights_any, bias_or_none, dst_desc, strides,
+                                                     plan.padding_l, plan.padding_r);
                 plan.conv = convolution_forward::primitive_desc(desc, attr, eng);
                 weights_memory = weights_for(node.name + ".weight", plain, plan.conv.weights_desc());
                 scratch = plan.conv.scratchpad_desc().get_size();
                 prim = convolution_forward(plan.conv);
             } else {
-                auto desc = node.bias ? deconvolution_forward::desc(prop_kind::forward_training, algorithm::deconvolution_direct,
-                                                                     value_desc[index(src)], weights_any, bias_desc, dst_desc,
-                                                                     strides, plan.padding_l, plan.padding_r)
-                                      : deconvolution_forward::desc(prop_kind::forward_training, algorithm::deconvolution_direct,
-                                                                     value_desc[index(src)], weights_any, dst_desc, strides,
-                                                                     plan.padding_l, plan.padding_r);
+                const deconvolution_forward::desc desc(prop_kind::forward_training, algorithm::deconvolution_direct,
+                                                       value_desc[index(src)], weights_any, bias_or_none, dst_desc, strides,
+                                                       plan.padding_l, plan.padding_r);
                 plan.deconv = deconvolution_forward::primitive_desc(desc, attr, eng);
                 weights_memory = weights_for(node.name + ".weight", plain, plan.deconv.weights_desc());
                 scratch = plan.deconv.scratchpad_desc().get_size();
@@ -333,6 +328,7 @@ void Trainer::Impl::lower_backward(int node_index) {
             const memory::dims strides = {s, s};
             const memory::desc weights_any({out[1], in[1], k, k}, dt::f32, tag::any);
             const memory::desc bias_desc({out[1]}, dt::f32, tag::x);
+            const memory::desc bias_or_none = node.bias ? bias_desc : memory::desc();  // oneDNN: an empty desc is no bias
             const memory::desc plain({out[1], in[1], k, k}, dt::f32, is_conv ? tag::oihw : tag::iohw);
             const memory::desc& src_desc = value_desc[index(src)];
             const memory::desc& dst_desc = value_desc[index(dst)];
@@ -342,23 +338,16 @@ void Trainer::Impl::lower_backward(int node_index) {
             memory::desc diff_weights_desc, diff_bias_desc;
             size_t scratch = 0;
             if (is_conv) {
-                auto desc = node.bias ? convolution_backward_weights::desc(algorithm::convolution_direct, src_desc, weights_any,
-                                                                            bias_desc, dst_desc, strides, plan.padding_l,
-                                                                            plan.padding_r)
-                                      : convolution_backward_weights::desc(algorithm::convolution_direct, src_desc, weights_any,
-                                                                            dst_desc, strides, plan.padding_l, plan.padding_r);
+                const convolution_backward_weights::desc desc(algorithm::convolution_direct, src_desc, weights_any, bias_or_none,
+                                                              dst_desc, strides, plan.padding_l, plan.padding_r);
                 convolution_backward_weights::primitive_desc pd(desc, attr, eng, plan.conv);
                 diff_weights_desc = pd.diff_weights_desc();
                 diff_bias_desc = pd.diff_bias_desc();
                 scratch = pd.scratchpad_desc().get_size();
                 weights_prim = convolution_backward_weights(pd);
             } else {
-                auto desc = node.bias ? deconvolution_backward_weights::desc(algorithm::deconvolution_direct, src_desc,
-                                                                              weights_any, bias_desc, dst_desc, strides,
-                                                                              plan.padding_l, plan.padding_r)
-                                      : deconvolution_backward_weights::desc(algorithm::deconvolution_direct, src_desc,
-                                                                              weights_any, dst_desc, strides, plan.padding_l,
-                                                                              plan.padding_r);
+                const deconvolution_backward_weights::desc desc(algorithm::deconvolution_direct, src_desc, weights_any,
+                                                                bias_or_none, dst_desc, strides, plan.padding_l, plan.padding_r);
                 deconvolution_backward_weights::primitive_desc pd(desc, attr, eng, plan.deconv);
                 diff_weights_desc = pd.diff_weights_desc();
                 diff_bias_desc = pd.diff_bias_desc();
