@@ -1,5 +1,5 @@
-// Fault tests (issue 8): a training process killed with SIGKILL and resumed ends with the weights of an
-// uninterrupted run; a checkpoint write cut at any byte, or killed at a random moment, leaves the previous
+// Fault tests (issue 8): a training process killed with SIGKILL, or stopped by Ctrl-C after its epoch, and
+// resumed ends with the weights of an uninterrupted run; a checkpoint write cut at any byte, or killed at a random moment, leaves the previous
 // checkpoint loadable; a full disk (a file-size limit) or an unwritable folder during a checkpoint or a report
 // gives a clear error and keeps the previous file; stale temp files of a killed writer are cleaned up.
 //
@@ -249,6 +249,57 @@ TEST(KillNine, TrainingKilledTwiceThenResumedEqualsAnUninterruptedRun) {
     EXPECT_TRUE(temp_files(run).empty()) << "temp files of the killed writers were not cleaned up";
     const std::string log = read_text(run / "train.log");
     EXPECT_NE(log.find("resumed from last.safetensors"), std::string::npos) << log;
+}
+
+// ------------------------------------------------------------------------------------------------ Ctrl-C
+
+// The first SIGINT (sent by the program itself just before step 2, through RESUNET_TEST_INTERRUPT_AT_STEPS)
+// lets epoch 1 finish and write its checkpoint, then the run stops with status 130; --resume continues and
+// ends with the weights of an uninterrupted run. A second SIGINT (before step 3) stops it at once: the
+// signal's default action, nothing written.
+TEST(CtrlC, FirstSignalFinishesTheEpochThenResumeEqualsAnUninterruptedRun) {
+    ASSERT_TRUE(fs::exists(resunet_binary())) << resunet_binary();
+    TempDir dir;
+    {
+        Program full(train_arguments(dir / "full", 3, false), dir / "full-log");
+        ASSERT_EQ(full.wait(), 0) << full.stderr_text();
+    }
+    const fs::path run = dir / "stopped";
+    {
+        Program first(train_arguments(run, 3, false), dir / "first",
+                      [] { ::setenv("RESUNET_TEST_INTERRUPT_AT_STEPS", "2", 1); });
+        EXPECT_EQ(first.wait(), 128 + SIGINT) << first.stderr_text();
+    }
+    EXPECT_EQ(count_lines(run / "metrics.csv"), 2u) << "header and epoch 1";
+    ASSERT_TRUE(fs::exists(run / "last.safetensors"));
+    EXPECT_EQ(load_checkpoint((run / "last.safetensors").string()).state.epoch, 1);
+    const std::string log = read_text(run / "train.log");
+    EXPECT_NE(log.find("SIGINT received: finishing epoch 1/3 (batch 2 of"), std::string::npos) << log;
+    EXPECT_NE(log.find("stopped on SIGINT after epoch 1/3"), std::string::npos) << log;
+    {
+        Program rest(train_arguments(run, 3, true), dir / "rest");
+        ASSERT_EQ(rest.wait(), 0) << rest.stderr_text();
+    }
+    const Checkpoint a = load_checkpoint((dir / "full" / "last.safetensors").string());
+    const Checkpoint b = load_checkpoint((run / "last.safetensors").string());
+    EXPECT_EQ(b.state.epoch, 3);
+    EXPECT_EQ(a.state.step, b.state.step);
+    EXPECT_LE(max_difference(a.state.weights, b.state.weights), 1e-6);
+    EXPECT_LE(max_difference(a.state.adam_second_moment, b.state.adam_second_moment), 1e-6);
+}
+
+TEST(CtrlC, SecondSignalStopsAtOnce) {
+    ASSERT_TRUE(fs::exists(resunet_binary())) << resunet_binary();
+    TempDir dir;
+    const fs::path run = dir / "run";
+    Program program(train_arguments(run, 3, false), dir / "log",
+                    [] { ::setenv("RESUNET_TEST_INTERRUPT_AT_STEPS", "2,3", 1); });
+    EXPECT_EQ(program.wait(), 128 + SIGINT) << program.stderr_text();
+    EXPECT_FALSE(fs::exists(run / "last.safetensors")) << "epoch 1 did not end: nothing to keep";
+    const std::string log = read_text(run / "train.log");
+    EXPECT_NE(log.find("SIGINT received"), std::string::npos) << log;
+    EXPECT_EQ(log.find("stopped on"), std::string::npos) << log;
+    EXPECT_NE(program.stderr_text().find("interrupt again to stop now"), std::string::npos) << program.stderr_text();
 }
 
 // ------------------------------------------------------------------------------------- interrupted writes

@@ -20,6 +20,7 @@
 
 #include "apps/lib/curves.h"
 #include "apps/lib/evaluate.h"
+#include "apps/lib/interrupt.h"
 #include "data/loader.h"
 #include "data/split.h"
 #include "dist/comm.h"
@@ -350,7 +351,15 @@ TrainReport run_job(TrainJob& job) {
     size_t batches_done = 0;
     const size_t batches_total = batches * static_cast<size_t>(o.epochs - start_epoch);
     double last_bar = -1.0;
+    bool stop_noted = false;
     for (int epoch = start_epoch; epoch < o.epochs; ++epoch) {
+        if (job.stop && job.stop->requested()) {  // it came while the trainer was being built
+            report.stopped_by = job.stop->requested();
+            note(fmt::format("stopped on {} before epoch {}/{}: {}", signal_name(report.stopped_by), epoch + 1, o.epochs,
+                             epoch > 0 ? fmt::format("{} keeps epoch {}; --resume continues", (job.run_dir / kLastName).string(), epoch)
+                                       : std::string("nothing was trained")));
+            return report;
+        }
         const auto epoch_start = Clock::now();
         const double learning_rate = trainer.learning_rate();
         double loss_sum = 0;
@@ -361,6 +370,17 @@ TrainReport run_job(TrainJob& job) {
             Batch batch;
             while (loader.next(batch)) {
                 maybe_kill_for_test(rank, trainer.step_count() + 1);
+                if (job.stop) {
+                    maybe_interrupt_for_test(trainer.step_count() + 1);
+                    if (job.stop->requested() && !stop_noted) {
+                        stop_noted = true;
+                        note(fmt::format("{} received: finishing epoch {}/{} (batch {} of {}) and its checkpoint, then stopping; "
+                                         "a second signal stops at once, {}",
+                                         signal_name(job.stop->requested()), epoch + 1, o.epochs, steps + 1, batches,
+                                         epoch > 0 ? fmt::format("and last.safetensors keeps epoch {}", epoch)
+                                                   : std::string("with nothing saved yet")));
+                    }
+                }
                 loss_sum += parallel.step(batch.images.f32() + share_begin * image_floats, batch.masks.f32() + share_begin * mask_floats);
                 ++steps;
                 ++batches_done;
@@ -432,6 +452,13 @@ TrainReport run_job(TrainJob& job) {
                              row.epoch, o.epochs, row.learning_rate, row.train_loss, row.val_dice, row.val_iou, row.val_miou,
                              improved ? " (best so far)" : "", row.epoch_seconds, row.loader_wait_seconds,
                              100.0 * row.loader_wait_share));
+            if (job.stop && job.stop->requested() && row.epoch < o.epochs) {
+                report.stopped_by = job.stop->requested();
+                note(fmt::format("stopped on {} after epoch {}/{}: {} keeps it; --resume continues with epoch {}",
+                                 signal_name(report.stopped_by), row.epoch, o.epochs, (job.run_dir / kLastName).string(),
+                                 row.epoch + 1));
+                return report;
+            }
         } catch (const UsageError&) {
             throw;
         } catch (const std::exception& e) {
@@ -546,13 +573,17 @@ TrainReport run_train(const TrainCommandOptions& options) {
         for (const SkippedFile& skipped : dataset.skipped)
             append_log(run_dir / kLogName, fmt::format("skipped {}: {}", skipped.file, skipped.reason));
     }
+    // Alone, the first SIGINT or SIGTERM ends the run at the end of the epoch, its checkpoint written (under
+    // mpirun the signal reaches every rank at its own moment, and a rank's share of an epoch is not a checkpoint).
+    std::optional<StopOnSignal> stop;
+    if (!comm.distributed()) job.stop = &stop.emplace();
     TrainReport report = run_job(job);
     if (options.out && writer) {
         if (const EpochRecord* r = report.last())
             fmt::print(options.out,
-                       "resunet train: {} epochs in {}; final val Dice {:.4f}, IoU {:.4f}, mIoU {:.4f}; best val Dice {:.4f} "
+                       "resunet train: {} epoch{} in {}; final val Dice {:.4f}, IoU {:.4f}, mIoU {:.4f}; best val Dice {:.4f} "
                        "(epoch {}, {}); loader wait {:.1f}% of the training loop\n",
-                       r->epoch, report.run_dir, r->val_dice, r->val_iou, r->val_miou, report.best_val_dice, report.best_epoch,
+                       r->epoch, r->epoch == 1 ? "" : "s", report.run_dir, r->val_dice, r->val_iou, r->val_miou, report.best_val_dice, report.best_epoch,
                        (run_dir / kBestName).string(), 100.0 * report.loader_wait_share());
     }
     return report;
@@ -560,8 +591,8 @@ TrainReport run_train(const TrainCommandOptions& options) {
 
 int train_command(const TrainCommandOptions& options) {
     return run_command("train", [&] {
-        run_train(options);
-        return 0;
+        const TrainReport report = run_train(options);
+        return report.stopped_by ? 128 + report.stopped_by : 0;  // the shell's convention for a run a signal ended
     });
 }
 
@@ -570,6 +601,8 @@ void add_train_command(CLI::App& app) {
     auto force_progress = std::make_shared<bool>(false);
     CLI::App* command = app.add_subcommand("train", "Train a ResUNet (fp32, oneDNN) with per-epoch validation; resumable run folder");
     add_train_flags(*command, *options);
+    command->footer("Ctrl-C (SIGINT) or SIGTERM stops the run at the end of the current epoch, once its checkpoint is written "
+                    "(exit status 130 or 143; --resume continues); a second one stops it at once.");
     command->add_flag("--progress", *force_progress, "Show the progress bar even when stderr is not a terminal")->configurable(false);
     command->callback([command, options, force_progress] {
         apply_config_file(*command);

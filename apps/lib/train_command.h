@@ -55,6 +55,8 @@ class App;
 
 namespace resunet {
 
+class StopOnSignal;  // apps/lib/interrupt.h
+
 inline constexpr const char* kLastName = "last.safetensors";
 inline constexpr const char* kBestName = "best.safetensors";
 // Which algorithm each 3x3 convolution pass runs ("layer pass algorithm" per line): measured when the run
@@ -90,6 +92,7 @@ struct TrainReport {
     // Summed loader waits over summed training-loop seconds of this call (0 when nothing was trained).
     double loader_wait_share() const { return train_seconds > 0 ? loader_wait_seconds / train_seconds : 0.0; }
     const EpochRecord* last() const { return epochs.empty() ? nullptr : &epochs.back(); }
+    int stopped_by = 0;  // the signal that stopped the run at the end of an epoch (TrainJob::stop); 0: ran to --epochs
 };
 
 // Runs the whole command. Problems found before training starts (missing data, unwritable or mismatching run
@@ -125,6 +128,8 @@ struct TrainJob {
     // Data-parallel over every rank of the mpirun job (train only): this rank trains on its share of each
     // batch; rank 0 alone writes, validates and prints. A failure ends the job with Comm::abort.
     bool data_parallel = false;
+    // `train` alone: on SIGINT or SIGTERM, finish the epoch, write its checkpoint and stop (TrainReport::stopped_by).
+    const StopOnSignal* stop = nullptr;
 };
 
 // Trains job.run_dir from its checkpoint (or the start) to options->epochs, writing the run folder's files after
