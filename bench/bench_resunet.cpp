@@ -28,6 +28,7 @@
 #include <opencv2/imgproc.hpp>
 
 #include "apps/lib/evaluate.h"
+#include "apps/lib/flag_basics.h"
 #include "data/dataset.h"
 #include "data/postprocess.h"
 #include "data/split.h"
@@ -561,13 +562,13 @@ void write_examples(const Options& timed, const std::string& path) {
 int main(int argc, char** argv) {
     Options o;
     CLI::App app{"bench_resunet: ResUNet fp32 vs int8 latency, memory and accuracy on this CPU (the paper's Table 1)"};
-    app.add_option("--width", o.width, "network width (channels of the first stage)")->check(CLI::PositiveNumber);
-    app.add_option("--size", o.size, "input height and width in pixels (divisible by 16)")->check(CLI::PositiveNumber);
-    app.add_option("--batch", o.batch, "images per timed run")->check(CLI::PositiveNumber);
-    app.add_option("--micro-batch", o.micro_batch, "images per pass through the compiled plan")->check(CLI::PositiveNumber);
-    app.add_option("--threads", o.threads, "oneDNN (OpenMP) threads; 0 = all cores")->check(CLI::NonNegativeNumber);
-    app.add_option("--runs", o.runs, "timed runs per row (after warm-up)")->check(CLI::PositiveNumber);
-    app.add_option("--warmup", o.warmup, "warm-up runs (the first is reported separately)")->check(CLI::PositiveNumber);
+    app.add_option("--width", o.width, "network width (channels of the first stage)")->check(resunet::positive_number());
+    app.add_option("--size", o.size, "input height and width in pixels (divisible by 16)")->check(resunet::positive_number());
+    app.add_option("--batch", o.batch, "images per timed run")->check(resunet::positive_number());
+    app.add_option("--micro-batch", o.micro_batch, "images per pass through the compiled plan")->check(resunet::positive_number());
+    app.add_option("--threads", o.threads, "oneDNN (OpenMP) threads; 0 = all cores")->check(resunet::non_negative_number());
+    app.add_option("--runs", o.runs, "timed runs per row (after warm-up)")->check(resunet::positive_number());
+    app.add_option("--warmup", o.warmup, "warm-up runs (the first is reported separately)")->check(resunet::positive_number());
     app.add_option("--precision", o.precision,
                    "rows to run: all (default: the Table 1 comparison), or one of fp32, int8 (dynamic scales, the "
                    "default precision of `resunet predict` and `resunet eval`), int8-static (calibrated)")
@@ -598,12 +599,12 @@ int main(int argc, char** argv) {
     app.add_option("--csv", o.csv_path, "also write the table as CSV here");
     app.add_option("--data", o.data, "Kvasir-SEG style folder (images/, masks/): adds Dice/IoU on its test split (needs --model)");
     app.add_option("--split", o.split, "split JSON to use; made with seed 42 and written here if it does not exist");
-    app.add_option("--eval-limit", o.eval_limit, "score only the first N test images (0 = all)")->check(CLI::NonNegativeNumber);
+    app.add_option("--eval-limit", o.eval_limit, "score only the first N test images (0 = all)")->check(resunet::non_negative_number());
     app.add_option("--eval-size", o.eval_size, "input size for Dice/IoU and --examples (0 = the model file's resunet.size, else --size)")
-        ->check(CLI::NonNegativeNumber);
+        ->check(resunet::non_negative_number());
     app.add_option("--also-width", o.also_width,
                    "also time every row at this width with random weights, e.g. 64 (the paper's 32.5 M network); 0 = no")
-        ->check(CLI::NonNegativeNumber);
+        ->check(resunet::non_negative_number());
     app.add_option("--chart", o.chart, "write a PNG chart of latency, memory and Dice per row");
     app.add_option("--examples", o.examples, "write a PNG grid of example predictions (needs --model and --data)");
     app.add_flag("--eval-row", o.eval_row, "internal: score instead of timing")->group("");

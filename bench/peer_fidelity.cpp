@@ -17,6 +17,7 @@
 #include <memory>
 #include <vector>
 
+#include "apps/lib/flag_basics.h"
 #include "engine/engine.h"
 #include "engine/plan_cache.h"
 #include "graph/atomic_file.h"
@@ -97,10 +98,10 @@ int main(int argc, char** argv) {
     app.add_option("--tune", tune, "fp32 plan: off | fast | full")->check(CLI::IsMember({"off", "fast", "full"}));
     app.add_option("--plan-cache", plan_cache, "folder of tuned plans; 'none' to measure every time");
     app.add_option("--memory-budget", memory_budget_mb, "fp32 plan: engine bytes in MB; 0 = 1.75x direct, -1 = no limit");
-    app.add_option("--runs", runs, "timed runs of the whole batch")->check(CLI::PositiveNumber);
-    app.add_option("--batch", batch, "images in input.bin")->check(CLI::PositiveNumber);
-    app.add_option("--size", size, "image height and width")->check(CLI::PositiveNumber);
-    app.add_option("--threads", threads, "OpenMP threads")->check(CLI::PositiveNumber);
+    app.add_option("--runs", runs, "timed runs of the whole batch")->check(resunet::positive_number());
+    app.add_option("--batch", batch, "images in input.bin")->check(resunet::positive_number());
+    app.add_option("--size", size, "image height and width")->check(resunet::positive_number());
+    app.add_option("--threads", threads, "OpenMP threads")->check(resunet::positive_number());
     app.add_option("--json", json_path, "also write the row as JSON here");
     CLI11_PARSE(app, argc, argv);
     try {

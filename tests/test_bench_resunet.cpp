@@ -199,6 +199,8 @@ TEST(BenchResunet, BadInputIsOneLineErrorBeforeAnyWork) {
     expect_error("--width 4 --size 32 --batch 3 --micro-batch 2", "multiple of --micro-batch");
     expect_error("--width 4 --size 32 --model-dir " + (dir / "no-model-here"), "no model.safetensors there");
     expect_error("--width 4 --size 32 --random-weights --model " + model, "exclude each other");
+    expect_error("--width 4 --size 32 --warmup 0", "--warmup: must be greater than 0, not 0 (see --help)");
+    expect_error("--width 4 --size 32 --threads -2", "--threads: must be 0 or more, not -2 (see --help)");
     fs::create_directories(dir / "w4");
     fs::copy_file(model, dir / "w4/model.safetensors");
     expect_error("--width 8 --size 32 --model-dir " + (dir / "w4"), "is a width-4 model but --width is 8");

@@ -612,6 +612,20 @@ TEST(TrainCliConfig, DepthAndSizeRangesAndTheDefaultPrecision) {
         EXPECT_NO_THROW(build_resunet({.width = 1, .depth = depth, .height = 1 << depth, .width_px = 1 << depth})) << depth;
     }
 
+    // Number checks name the flag and the rule in a short line.
+    for (const auto& [flags, message] : std::vector<std::pair<std::string, std::string>>{
+             {"--lr 0", "--lr: must be greater than 0, not 0"}, {"--lr-gamma -0.5", "--lr-gamma: must be greater than 0, not -0.5"},
+             {"--lr abc", "--lr: 'abc' is not a number"}}) {
+        TrainCommandOptions o;
+        try {
+            parse_train(flags, o);
+            ADD_FAILURE() << flags << " was accepted";
+        } catch (const CLI::ValidationError& e) {
+            EXPECT_NE(std::string(e.what()).find(message), std::string::npos) << e.what();
+            EXPECT_LT(std::string(e.what()).size(), 100u) << e.what();
+        }
+    }
+
     auto eval_app = [](CLI::App& app, EvalCommandOptions& o) { add_eval_flags(*app.add_subcommand("eval"), o); };
     {
         CLI::App app;

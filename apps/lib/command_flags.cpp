@@ -22,9 +22,9 @@ void register_train_flags(CLI::App& app, TrainCommandOptions& o, bool actions, b
     bind_option(app, "--size", o.size, "Model input size in pixels (square), divisible by 2^depth")->check(CLI::Range(1, 65536));
     bind_option(app, "--batch", o.batch, "Images per training step")->check(CLI::Range(1, 4096));
     bind_option(app, "--epochs", o.epochs, "Epochs of the whole run")->check(CLI::Range(1, 1000000));
-    bind_option(app, "--lr", o.learning_rate, "Adam learning rate of epoch 1")->check(CLI::PositiveNumber);
+    bind_option(app, "--lr", o.learning_rate, "Adam learning rate of epoch 1")->check(positive_number());
     bind_option(app, "--lr-step", o.lr_step, "StepLR: epochs between decays")->check(CLI::Range(1, 1000000));
-    bind_option(app, "--lr-gamma", o.lr_gamma, "StepLR: factor per decay")->check(CLI::PositiveNumber);
+    bind_option(app, "--lr-gamma", o.lr_gamma, "StepLR: factor per decay")->check(positive_number());
     bind_option(app, "--loss", o.loss, "Training loss")->check(CLI::IsMember({"dice+bce", "dice", "bce"}));
     bind_option(app, "--seed", o.seed, "Seed of split, folds, initial weights, shuffle and augmentation");
     bind_option(app, "--max-angle", o.max_angle, "Augmentation: largest rotation in degrees (p 0.5; flips p 0.5)")

@@ -1,6 +1,7 @@
 // The light part of the command line: see flag_basics.h.
 #include "apps/lib/flag_basics.h"
 
+#include <cmath>
 #include <cstdint>
 #include <sstream>
 #include <vector>
@@ -102,6 +103,24 @@ std::string render_config(const std::function<void(CLI::App&)>& add_flags, const
     }
     return text;
 }
+
+namespace {
+
+CLI::Validator number_at_least(bool zero_allowed) {
+    return CLI::Validator(
+        [zero_allowed](std::string& text) -> std::string {
+            double value = 0;
+            if (!CLI::detail::lexical_cast(text, value) || std::isnan(value)) return fmt::format("'{}' is not a number", text);
+            if (zero_allowed ? value >= 0 : value > 0) return std::string();
+            return fmt::format("must be {}, not {}", zero_allowed ? "0 or more" : "greater than 0", text);
+        },
+        zero_allowed ? "NONNEGATIVE" : "POSITIVE");
+}
+
+}  // namespace
+
+CLI::Validator positive_number() { return number_at_least(false); }
+CLI::Validator non_negative_number() { return number_at_least(true); }
 
 std::string one_line(std::string text) {
     for (char& c : text)

@@ -13,6 +13,7 @@
 namespace CLI {
 class App;
 class Option;
+class Validator;
 }  // namespace CLI
 
 namespace resunet {
@@ -50,6 +51,11 @@ std::string render_config(const std::function<void(CLI::App&)>& add_flags, const
 
 // Key -> value text of a CLI11 config (comments and sections dropped); UsageError naming `what` if unparsable.
 std::map<std::string, std::string> parse_config_text(const std::string& text, const std::string& what);
+
+// Number checks with a readable message ("--lr: must be greater than 0, not 0"), for numeric options of any
+// type; CLI11's PositiveNumber and NonNegativeNumber print their range's upper end as a 309-digit number.
+CLI::Validator positive_number();
+CLI::Validator non_negative_number();
 
 // Exception text as one line (OpenCV's messages span several).
 std::string one_line(std::string text);
