@@ -257,6 +257,13 @@ TEST(KillNine, TrainingKilledTwiceThenResumedEqualsAnUninterruptedRun) {
 // lets epoch 1 finish and write its checkpoint, then the run stops with status 130; --resume continues and
 // ends with the weights of an uninterrupted run. A second SIGINT (before step 3) stops it at once: the
 // signal's default action, nothing written.
+// In the child before exec: the test hook, and SIGINT's default action (a test run started in the background
+// of a script inherits SIGINT ignored, which `resunet train` keeps ignored).
+void interrupt_at_steps(const char* steps) {
+    ::setenv("RESUNET_TEST_INTERRUPT_AT_STEPS", steps, 1);
+    ::signal(SIGINT, SIG_DFL);
+}
+
 TEST(CtrlC, FirstSignalFinishesTheEpochThenResumeEqualsAnUninterruptedRun) {
     ASSERT_TRUE(fs::exists(resunet_binary())) << resunet_binary();
     TempDir dir;
@@ -267,7 +274,7 @@ TEST(CtrlC, FirstSignalFinishesTheEpochThenResumeEqualsAnUninterruptedRun) {
     const fs::path run = dir / "stopped";
     {
         Program first(train_arguments(run, 3, false), dir / "first",
-                      [] { ::setenv("RESUNET_TEST_INTERRUPT_AT_STEPS", "2", 1); });
+                      [] { interrupt_at_steps("2"); });
         EXPECT_EQ(first.wait(), 128 + SIGINT) << first.stderr_text();
     }
     EXPECT_EQ(count_lines(run / "metrics.csv"), 2u) << "header and epoch 1";
@@ -293,13 +300,26 @@ TEST(CtrlC, SecondSignalStopsAtOnce) {
     TempDir dir;
     const fs::path run = dir / "run";
     Program program(train_arguments(run, 3, false), dir / "log",
-                    [] { ::setenv("RESUNET_TEST_INTERRUPT_AT_STEPS", "2,3", 1); });
+                    [] { interrupt_at_steps("2,3"); });
     EXPECT_EQ(program.wait(), 128 + SIGINT) << program.stderr_text();
     EXPECT_FALSE(fs::exists(run / "last.safetensors")) << "epoch 1 did not end: nothing to keep";
     const std::string log = read_text(run / "train.log");
     EXPECT_NE(log.find("SIGINT received"), std::string::npos) << log;
     EXPECT_EQ(log.find("stopped on"), std::string::npos) << log;
     EXPECT_NE(program.stderr_text().find("interrupt again to stop now"), std::string::npos) << program.stderr_text();
+}
+
+TEST(CtrlC, AnIgnoredSignalStaysIgnored) {
+    ASSERT_TRUE(fs::exists(resunet_binary())) << resunet_binary();
+    TempDir dir;
+    const fs::path run = dir / "run";
+    Program program(train_arguments(run, 2, false), dir / "log", [] {
+        ::setenv("RESUNET_TEST_INTERRUPT_AT_STEPS", "2", 1);
+        ::signal(SIGINT, SIG_IGN);  // as `resunet train ... &` in a script
+    });
+    EXPECT_EQ(program.wait(), 0) << program.stderr_text();
+    EXPECT_EQ(count_lines(run / "metrics.csv"), 3u) << "both epochs ran";
+    EXPECT_EQ(read_text(run / "train.log").find("SIGINT"), std::string::npos);
 }
 
 // ------------------------------------------------------------------------------------- interrupted writes

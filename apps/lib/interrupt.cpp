@@ -44,6 +44,10 @@ StopOnSignal::StopOnSignal() {
     action.sa_flags = SA_RESTART;  // reads and writes in flight carry on
     sigaction(SIGINT, &action, &g_old_int);
     sigaction(SIGTERM, &action, &g_old_term);
+    // A signal ignored when the program started stays ignored: a shell script's `resunet train ... &` ignores
+    // SIGINT so that Ctrl-C on the script leaves it running, as it always did.
+    if (g_old_int.sa_handler == SIG_IGN) sigaction(SIGINT, &g_old_int, nullptr);
+    if (g_old_term.sa_handler == SIG_IGN) sigaction(SIGTERM, &g_old_term, nullptr);
 }
 
 StopOnSignal::~StopOnSignal() {

@@ -1,6 +1,7 @@
 // A graceful stop for long commands (`resunet train`): the first SIGINT or SIGTERM asks the command to
 // stop at its next safe point (the end of the current epoch, once its checkpoint is written); a second
-// one stops the process at once, as the signal's default action would have.
+// one stops the process at once, as the signal's default action would have. A signal the process started
+// with ignored (SIG_IGN: a background job of a shell script, nohup) stays ignored.
 //
 //   resunet::StopOnSignal stop;              // installs the handlers; the destructor restores the old ones
 //   while (...) { ... if (stop.requested()) break; }
