@@ -28,11 +28,13 @@
 #include <opencv2/imgproc.hpp>
 
 #include "apps/lib/evaluate.h"
+#include "bench/resunet_report.h"
 #include "apps/lib/flag_basics.h"
 #include "data/dataset.h"
 #include "data/postprocess.h"
 #include "data/split.h"
 #include "engine/engine.h"
+#include "engine/micro_batch.h"
 #include "engine/plan_cache.h"
 #include "graph/atomic_file.h"
 #include "graph/model_config.h"
@@ -51,6 +53,7 @@ struct Options {
     int size = 224;
     int batch = 16;
     int micro_batch = 1;
+    std::string micro_batch_text = "1";  // --micro-batch: a count, or "auto" (measured per row, engine/micro_batch.h)
     int threads = 0;
     int runs = 10;
     int warmup = 1;
@@ -74,6 +77,7 @@ struct Options {
     std::string row;          // internal: measure one row and write JSON to row_out
     std::string row_out;
     bool eval_row = false;    // internal: score instead of timing
+    bool choose_row = false;  // internal: measure the micro-batch candidates instead of timing
     std::string tune = "fast";  // fp32 engine: off | fast | full (EngineOptions::tune)
     std::string plan_cache = resunet::default_plan_cache();  // "" or "none": measure every time
     double memory_budget_mb = 0;  // EngineOptions::memory_budget_mb
@@ -206,8 +210,20 @@ json evaluate_row(const Options& timed) {
     const int calibration_count = 4 * o.micro_batch;
     std::vector<float> calibration = calibration_images(o, calibration_count);
     return with_engine(o, graph, weights, o.row, calibration.data(), calibration_count, [&](auto& engine) {
-        resunet::EvalResult r = resunet::evaluate_split(
-            dataset, indices, prep, [&](const float* x, int n, float* y) { engine.run(x, n, y); }, o.batch, 1);
+        // A last batch that is not a multiple of the micro-batch is padded with copies of its last image,
+        // which leave a pass's dynamic scales (min and max over the pass) as they were.
+        const int64_t in = 3LL * o.size * o.size, out = static_cast<int64_t>(o.size) * o.size;
+        std::vector<float> padded_x, padded_y;
+        auto run = [&](const float* x, int n, float* y) {
+            const int whole = (n + o.micro_batch - 1) / o.micro_batch * o.micro_batch;
+            if (whole == n) return engine.run(x, n, y);
+            padded_x.assign(x, x + n * in);
+            for (int i = n; i < whole; ++i) padded_x.insert(padded_x.end(), x + (n - 1) * in, x + n * in);
+            padded_y.resize(static_cast<size_t>(whole * out));
+            engine.run(padded_x.data(), whole, padded_y.data());
+            std::copy(padded_y.begin(), padded_y.begin() + n * out, y);
+        };
+        resunet::EvalResult r = resunet::evaluate_split(dataset, indices, prep, run, o.batch, 1);
         fmt::print(stderr, "  {} scored {} test images in {:.0f} s\n", o.row, r.images, r.seconds);
         return json{{"precision", o.row}, {"images", r.images}, {"size", o.size}, {"model_size", scores_json(r.model_size)},
                     {"original_size", scores_json(r.original)}};
@@ -229,6 +245,55 @@ double percentile(std::vector<double> v, double p) {
     const size_t lo = static_cast<size_t>(std::floor(pos));
     const size_t hi = std::min(lo + 1, v.size() - 1);
     return v[lo] + (v[hi] - v[lo]) * (pos - static_cast<double>(lo));
+}
+
+// --micro-batch auto: times each micro-batch candidate of one row on the whole batch, each checked against
+// micro-batch 1's logits (fp32: max abs diff <= kMicroBatchFp32Bound x max|logit|; int8, whose dynamic
+// scales follow the pass: SQNR >= kMicroBatchInt8Db; bench/resunet_report.h), in this process; the timed
+// row then runs the choice.
+
+json choose_micro_batch_row(const Options& o) {
+    resunet::Graph graph = graph_for(o);
+    const resunet::TensorMap weights = o.model.empty() ? resunet::init_weights(graph, 1) : resunet::load_safetensors(o.model).tensors;
+    std::vector<float> src(static_cast<size_t>(3LL * o.size * o.size * o.batch));
+    resunet::fill_uniform(src.data(), static_cast<int64_t>(src.size()), 7, -2.0f, 2.0f);
+    resunet::MicroBatchSearch search;
+    search.runs = std::min(o.runs, 3);
+    search.memory_budget_mb = o.memory_budget_mb > 0 ? o.memory_budget_mb : -1.0;
+    const size_t out_floats = static_cast<size_t>(o.size) * static_cast<size_t>(o.size);
+    auto progress = [&](int mb) { fmt::print(stderr, "\r  {} micro-batch candidate {}   ", o.row, mb); };
+    resunet::MicroBatchChoice choice;
+    if (o.row == "fp32") {
+        choice = resunet::choose_micro_batch(src.data(), o.batch, out_floats, search, [&](int mb) {
+            progress(mb);
+            resunet::EngineOptions options;
+            options.micro_batch = mb;
+            options.threads = o.threads;
+            options.tune = tuning_of(o.tune);
+            options.plan_cache = plan_cache_of(o);
+            options.memory_budget_mb = o.memory_budget_mb;
+            return std::make_unique<resunet::Engine>(graph, weights, options);
+        }, resunet::logits_within(resunet::bench::kMicroBatchFp32Bound));
+    } else {
+        // int8-static: the same calibration images for every candidate, one batch (a multiple of each)
+        const std::vector<float> calibration = o.row == "int8-static" ? calibration_images(o, o.batch) : std::vector<float>();
+        choice = resunet::choose_micro_batch(src.data(), o.batch, out_floats, search, [&](int mb) {
+            progress(mb);
+            resunet::QuantOptions options;
+            options.micro_batch = mb;
+            options.threads = o.threads;
+            auto engine = std::make_unique<resunet::QuantEngine>(graph, weights, options);
+            if (o.row == "int8-static" && engine->mode() != resunet::ScaleMode::static_calibrated)
+                engine->calibrate(calibration.data(), o.batch);
+            return engine;
+        }, resunet::sqnr_at_least(resunet::bench::kMicroBatchInt8Db));
+    }
+    fmt::print(stderr, "\r  {}: {}\n", o.row, choice.summary());
+    json trials = json::array();
+    for (const resunet::MicroBatchTrial& t : choice.trials)
+        trials.push_back({{"micro_batch", t.micro_batch}, {"median_ms", t.median_ms}, {"engine_mb", t.engine_mb},
+                          {"max_abs_diff", t.max_abs_diff}, {"verdict", t.verdict}});
+    return {{"micro_batch", choice.micro_batch}, {"summary", choice.summary()}, {"trials", trials}};
 }
 
 // Measures one precision row in this process and returns it as JSON.
@@ -299,6 +364,7 @@ json measure_engine(const Options& o, const resunet::Graph& graph, AnyEngine& en
     const resunet::EngineMemory mem = engine.memory_usage();
     json row = {
         {"precision", o.row},
+        {"micro_batch", o.micro_batch},
         {"width", o.width},
         {"weights", o.model.empty() ? "random" : "model"},
         {"first_run_ms", first_ms},
@@ -335,8 +401,10 @@ json measure_engine(const Options& o, const resunet::Graph& graph, AnyEngine& en
 }
 
 // Runs one row in a child process so that its peak RSS is its own.
-json run_row_in_child(const Options& o, const std::string& precision, const fs::path& tmp, bool eval) {
-    const fs::path out = tmp / fmt::format("{}_{}.json", eval ? "eval" : "row", precision);
+// mode: "row" (timed), "eval" (scored) or "choose" (--micro-batch auto's candidates).
+json run_row_in_child(const Options& o, const std::string& precision, const fs::path& tmp, const std::string& mode) {
+    const bool eval = mode == "eval";
+    const fs::path out = tmp / fmt::format("{}_{}.json", mode, precision);
     std::vector<std::string> args = {"/proc/self/exe", "--row", precision, "--row-out", out.string(),
                                      "--width", std::to_string(o.width), "--size", std::to_string(o.size),
                                      "--batch", std::to_string(o.batch), "--micro-batch", std::to_string(o.micro_batch),
@@ -349,8 +417,9 @@ json run_row_in_child(const Options& o, const std::string& precision, const fs::
     if (!o.split.empty()) args.insert(args.end(), {"--split", o.split});
     if (o.eval_limit > 0) args.insert(args.end(), {"--eval-limit", std::to_string(o.eval_limit)});
     if (o.eval_size > 0) args.insert(args.end(), {"--eval-size", std::to_string(o.eval_size)});
-    if (o.layers && !eval) args.push_back("--layers");
+    if (o.layers && mode == "row") args.push_back("--layers");
     if (eval) args.push_back("--eval-row");
+    if (mode == "choose") args.push_back("--choose-micro-batch");
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -363,140 +432,23 @@ json run_row_in_child(const Options& o, const std::string& precision, const fs::
     int status = 0;
     waitpid(pid, &status, 0);
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        throw resunet::Error(fmt::format("bench_resunet: the {} row failed (exit status {})", precision, status));
+        throw resunet::Error(fmt::format("bench_resunet: the {} {} failed (exit status {})", precision,
+                                         mode == "choose" ? "micro-batch search" : "row", status));
     std::ifstream in(out);
     return json::parse(in);
 }
 
-// "0.8162 ± 0.0058" from an evaluated row (per-image mean ± std at the original resolution), else n/a.
-std::string score(const json& row, const std::string& key) {
-    if (!row.contains("eval")) return "n/a";
-    const json& s = row["eval"]["original_size"];
-    return fmt::format("{:.4f} ± {:.4f}", s[key + "_mean"].get<double>(), s[key + "_std"].get<double>());
-}
-
-std::string markdown(const json& report) {
-    std::string md;
-    const json& p = report["provenance"];
-    md += fmt::format("## ResUNet on {} — batch {}, {}x{}, width {}{}\n\n", p["cpu"].get<std::string>(),
-                      report["batch"].get<int>(), report["size"].get<int>(), report["size"].get<int>(),
-                      report["width"].get<int>(),
-                      report.contains("also_width") ? fmt::format(" and {} (random weights)", report["also_width"].get<int>()) : "");
-    md += "| precision | width | Dice | IoU (fg) | mIoU (2-class) | latency median (ms) | P90 | P99 | min | max | std | first run (ms) | images/s | GFLOP/s | speed-up vs fp32 | latency reduction | parameters | peak RSS (MB) | memory improvement rate | engine bytes (MB) | model file (MB) |\n";
-    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
-    for (const json& r : report["rows"]) {
-        auto pct = [&](const char* key) { return r.contains(key) ? fmt::format("{:+.1f}%", r[key].get<double>()) : std::string("n/a"); };
-        md += fmt::format("| {} | {} | {} | {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.2f} | {:.1f} | {} | {} | {} | {:.1f} | {} | {:.1f} | {} |\n",
-                          r["precision"].get<std::string>(),
-                          fmt::format("{}{}", r["width"].get<int>(), r["weights"] == "random" ? " (random)" : ""), score(r, "dice"), score(r, "iou"), score(r, "miou"),
-                          r["latency_median_ms"].get<double>(),
-                          r["latency_p90_ms"].get<double>(), r["latency_p99_ms"].get<double>(),
-                          r["latency_min_ms"].get<double>(), r["latency_max_ms"].get<double>(),
-                          r["latency_std_ms"].get<double>(), r["first_run_ms"].get<double>(),
-                          r["images_per_s"].get<double>(), r["gflops"].get<double>(),
-                          r.contains("speedup_vs_fp32") ? fmt::format("{:.2f}x", r["speedup_vs_fp32"].get<double>()) : "n/a",
-                          pct("latency_reduction_vs_fp32_pct"),
-                          r["parameters"].get<int64_t>(), r["peak_rss_bytes"].get<double>() / 1e6, pct("memory_improvement_rate_pct"),
-                          r["engine_total_bytes"].get<double>() / 1e6,
-                          report.contains("model_file_bytes") && r["weights"] == "model" ? fmt::format("{:.1f}", report["model_file_bytes"].get<double>() / 1e6) : "n/a");
+// One timed row; with --micro-batch auto its candidates are measured first (another child) and `o` takes
+// the chosen micro-batch, which the row's scoring then uses too.
+json timed_row(Options& o, const std::string& precision, const fs::path& tmp, bool micro_batch_auto) {
+    json search;
+    if (micro_batch_auto) {
+        search = run_row_in_child(o, precision, tmp, "choose");
+        o.micro_batch = search["micro_batch"].get<int>();
     }
-    md += "\nHow each figure was measured:\n";
-    md += fmt::format("- Weights: {}{}.\n",
-                      report["model"].get<std::string>().empty() ? "RANDOM (Kaiming, seed 1): speed and memory only, no accuracy" : report["model"].get<std::string>(),
-                      report.contains("weights_note") ? fmt::format(" ({})", report["weights_note"].get<std::string>()) : "");
-    if (report.contains("eval_images"))
-        md += fmt::format("- Dice, IoU (fg), mIoU (2-class): per-image mean ± sample std over {} test-split images of {}, at each "
-                          "image's original resolution (logits resized bilinearly, threshold 0.5); IoU (fg) is the polyp class's, "
-                          "mIoU the mean of background and polyp IoU (most likely the paper's \"IoU\"). Scored in a separate "
-                          "process from the timed one. Pooled and model-size scores are in the JSON.\n",
-                          report["eval_images"].get<int>(), report["data"].get<std::string>());
-    if (report.contains("eval_size"))
-        md += fmt::format("- Scores use the model's own input size, {0}x{0} (images resized with INTER_AREA); latency and memory "
-                          "use {1}x{1}.\n",
-                          report["eval_size"].get<int>(), report["size"].get<int>());
-    else
-        md += "- Dice/IoU: n/a — they need --model and --data.\n";
-    md += fmt::format("- Latency: wall time of one engine.run() on a batch of {} images (input NCHW fp32 in memory, logits out), "
-                      "{} timed runs after {} warm-up run(s); the first run (cold caches, first touch) is reported separately. "
-                      "Micro-batch {} (the batch runs as {} passes of the same compiled plan).\n",
-                      report["batch"].get<int>(), report["runs"].get<int>(), report["warmup"].get<int>(),
-                      report["micro_batch"].get<int>(), report["batch"].get<int>() / report["micro_batch"].get<int>());
-    md += "- Peak RSS: VmHWM of a separate process per row (this program re-executed), after all runs: weights, "
-          "engine, input and output buffers, code and libraries.\n";
-    md += "- Engine bytes: what the engine holds: reordered BN-folded weights + the planned activation arena + "
-          "oneDNN's shared user scratchpad.\n";
-    md += "- GFLOP/s: 2 x MACs of the graph x batch / median latency (int8 rows: the same MAC count).\n";
-    md += "- Latency reduction: (fp32 - row) / fp32 median latency. Memory improvement rate: the paper's definition, "
-          "(fp32 - row) / row peak RSS (so 208% means fp32 needs 3.08x the memory).\n";
-    md += "- int8: u8 activations x s8 per-output-channel weights through oneDNN; dynamic rows compute each int8 layer's "
-          "input scale and zero point from that pass's values (per image at micro-batch 1); int8-static uses scales "
-          "calibrated once (on the benchmark's input distribution without --data). The RGB stem and the 1-channel head stay fp32.\n";
-    md += fmt::format("\nProvenance: {} | ISA {} | threads {} | {} | git {} | {}\n", p["cpu"].get<std::string>(),
-                      p["isa"].get<std::string>(), p["threads"].get<std::string>(), p["onednn"].get<std::string>(),
-                      p["git_commit"].get<std::string>(), p["date"].get<std::string>());
-    for (const json& r : report["rows"]) {
-        if (!r.contains("layers")) continue;
-        md += fmt::format("\n### Per-layer profile, {} (one profiled run; waits after each primitive)\n\n", r["precision"].get<std::string>());
-        if (r.contains("plan"))
-            md += fmt::format("Plan (--tune {}): {}\n\n", r["tune"].get<std::string>(), r["plan"].get<std::string>());
-        md += "| layer | op | kernel | precision | time (ms) | GFLOP/s | candidates tried at compile time (* chosen) |\n"
-              "|---|---|---|---|---|---|---|\n";
-        for (const json& l : r["layers"])
-            md += fmt::format("| {} | {} | {} | {} | {:.2f} | {:.1f} | {} |\n", l["name"].get<std::string>(),
-                              l["op"].get<std::string>(), l["kernel"].get<std::string>(),
-                              l["precision"].get<std::string>(), l["time_ms"].get<double>(), l["gflops"].get<double>(),
-                              l.value("candidates", std::string()));
-    }
-    return md;
-}
-
-// A bar panel per figure (latency, peak RSS, Dice), one bar per row, in the spirit of the paper's figure 3.
-void write_chart(const json& report, const std::string& path) {
-    struct Panel {
-        std::string title, key, unit;
-        double scale;
-    };
-    std::vector<Panel> panels = {{"latency, batch " + std::to_string(report["batch"].get<int>()), "latency_median_ms", "ms", 1.0},
-                                 {"peak RSS", "peak_rss_bytes", "MB", 1e-6}};
-    const bool has_dice = !report["rows"].empty() && report["rows"][0].contains("eval");
-    if (has_dice) panels.push_back({"Dice (test split)", "dice", "", 1.0});
-    const int rows = static_cast<int>(report["rows"].size());
-    const int panel_w = std::max(360, 80 + 100 * rows), h = 420, margin = 40;
-    cv::Mat canvas(h, panel_w * static_cast<int>(panels.size()), CV_8UC3, cv::Scalar(255, 255, 255));
-    const cv::Scalar colors[] = {{180, 119, 31}, {14, 127, 255}, {44, 160, 44}, {40, 39, 214}};
-    for (size_t p = 0; p < panels.size(); ++p) {
-        const int x0 = static_cast<int>(p) * panel_w;
-        std::vector<double> values;
-        for (const json& r : report["rows"])
-            values.push_back(panels[p].key != "dice" ? r[panels[p].key].get<double>() * panels[p].scale
-                             : r.contains("eval")   ? r["eval"]["original_size"]["dice_mean"].get<double>()
-                                                    : 0.0);
-        const double top = std::max(1e-9, *std::max_element(values.begin(), values.end())) * 1.15;
-        cv::putText(canvas, panels[p].title, {x0 + margin, 28}, cv::FONT_HERSHEY_SIMPLEX, 0.6, {0, 0, 0}, 1, cv::LINE_AA);
-        const int bar_w = (panel_w - 2 * margin) / static_cast<int>(std::max<size_t>(values.size(), 1));
-        const int base = h - 60;
-        cv::line(canvas, {x0 + margin, base}, {x0 + panel_w - margin, base}, {0, 0, 0});
-        for (size_t i = 0; i < values.size(); ++i) {
-            const int bh = static_cast<int>((base - 60) * values[i] / top);
-            const int bx = x0 + margin + static_cast<int>(i) * bar_w + 8;
-            const std::string precision = report["rows"][i]["precision"].get<std::string>();
-            const cv::Scalar color = colors[precision == "fp32" ? 0 : precision == "int8" ? 1 : precision == "int8-static" ? 2 : 3];
-            cv::rectangle(canvas, {bx, base - bh}, {bx + bar_w - 16, base}, color, cv::FILLED);
-            const bool scored = panels[p].key != "dice" || report["rows"][i].contains("eval");
-            const std::string label = !scored ? std::string("n/a")
-                                      : panels[p].key == "dice" ? fmt::format("{:.4f}", values[i])
-                                                                : fmt::format("{:.0f} {}", values[i], panels[p].unit);
-            cv::putText(canvas, label, {bx, base - bh - 6}, cv::FONT_HERSHEY_SIMPLEX, 0.45, {0, 0, 0}, 1, cv::LINE_AA);
-            const json& row = report["rows"][i];
-            cv::putText(canvas, row["precision"].get<std::string>(), {bx, base + 20}, cv::FONT_HERSHEY_SIMPLEX, 0.45, {0, 0, 0}, 1,
-                        cv::LINE_AA);
-            cv::putText(canvas, fmt::format("w{}{}", row["width"].get<int>(), row["weights"] == "random" ? " rnd" : ""),
-                        {bx, base + 38}, cv::FONT_HERSHEY_SIMPLEX, 0.4, {80, 80, 80}, 1, cv::LINE_AA);
-        }
-    }
-    std::vector<uint8_t> png;
-    cv::imencode(".png", canvas, png);
-    resunet::write_file_atomic(path, std::string_view(reinterpret_cast<const char*>(png.data()), png.size()));
+    json row = run_row_in_child(o, precision, tmp, "row");
+    if (micro_batch_auto) row["micro_batch_search"] = search;
+    return row;
 }
 
 // Overlays a {0, 1} mask on an image: tinted area and a contour.
@@ -565,7 +517,22 @@ int main(int argc, char** argv) {
     app.add_option("--width", o.width, "network width (channels of the first stage)")->check(resunet::positive_number());
     app.add_option("--size", o.size, "input height and width in pixels (divisible by 16)")->check(resunet::positive_number());
     app.add_option("--batch", o.batch, "images per timed run")->check(resunet::positive_number());
-    app.add_option("--micro-batch", o.micro_batch, "images per pass through the compiled plan")->check(resunet::positive_number());
+    app.add_option("--micro-batch", o.micro_batch_text,
+                   "images per pass through the compiled plan, or auto: each row's candidates (1, 2, 4, ... dividing "
+                   "--batch) timed on the whole batch, checked against micro-batch 1, the fastest kept")
+        ->capture_default_str()
+        ->check(CLI::Validator(
+            [](std::string& v) -> std::string {
+                if (v == "auto") return "";
+                size_t used = 0;
+                try {
+                    const long n = std::stol(v, &used);
+                    if (used == v.size() && n > 0 && n <= 4096) return "";
+                } catch (const std::exception&) {
+                }
+                return "must be a whole number from 1 to 4096 or auto, not " + v;
+            },
+            "N|auto"));
     app.add_option("--threads", o.threads, "oneDNN (OpenMP) threads; 0 = all cores")->check(resunet::non_negative_number());
     app.add_option("--runs", o.runs, "timed runs per row (after warm-up)")->check(resunet::positive_number());
     app.add_option("--warmup", o.warmup, "warm-up runs (the first is reported separately)")->check(resunet::positive_number());
@@ -593,7 +560,8 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     app.add_option("--memory-budget", o.memory_budget_mb,
                    "fp32 plan: largest engine bytes in MB (Winograd kept where it saves the most time per byte); "
-                   "0 = 1.75x the all-direct plan, -1 = no limit")
+                   "0 = 1.75x the all-direct plan, -1 = no limit; with --micro-batch auto, a positive budget also bounds "
+                   "every row's micro-batch candidates")
         ->capture_default_str();
     app.add_option("--json", o.json_path, "also write the report as JSON here");
     app.add_option("--csv", o.csv_path, "also write the table as CSV here");
@@ -608,6 +576,7 @@ int main(int argc, char** argv) {
     app.add_option("--chart", o.chart, "write a PNG chart of latency, memory and Dice per row");
     app.add_option("--examples", o.examples, "write a PNG grid of example predictions (needs --model and --data)");
     app.add_flag("--eval-row", o.eval_row, "internal: score instead of timing")->group("");
+    app.add_flag("--choose-micro-batch", o.choose_row, "internal: measure the micro-batch candidates")->group("");
     app.add_option("--row", o.row, "internal: measure one row in this process")->group("");
     app.add_option("--row-out", o.row_out, "internal: where --row writes its JSON")->group("");
     app.failure_message([](const CLI::App*, const CLI::Error& e) {
@@ -615,10 +584,12 @@ int main(int argc, char** argv) {
     });
     CLI11_PARSE(app, argc, argv);
     try {
+        const bool micro_batch_auto = o.micro_batch_text == "auto";
+        if (!micro_batch_auto) o.micro_batch = std::stoi(o.micro_batch_text);
         if (o.batch % o.micro_batch != 0)
             throw resunet::Error(fmt::format("--batch {} must be a multiple of --micro-batch {}", o.batch, o.micro_batch));
         if (!o.row.empty()) {
-            json row = o.eval_row ? evaluate_row(o) : measure_row(o);
+            json row = o.eval_row ? evaluate_row(o) : o.choose_row ? choose_micro_batch_row(o) : measure_row(o);
             std::ofstream(o.row_out) << row.dump();
             return 0;
         }
@@ -655,7 +626,7 @@ int main(int argc, char** argv) {
         }
         const fs::path tmp = fs::temp_directory_path() / fmt::format("bench_resunet.{}", getpid());
         fs::create_directories(tmp);
-        json report = {{"width", o.width}, {"size", o.size}, {"batch", o.batch}, {"micro_batch", o.micro_batch},
+        json report = {{"width", o.width}, {"size", o.size}, {"batch", o.batch}, {"micro_batch", micro_batch_auto ? json("auto") : json(o.micro_batch)},
                        {"runs", o.runs}, {"warmup", o.warmup}, {"model", o.model}};
         if (!o.model.empty()) report["model_file_bytes"] = static_cast<double>(fs::file_size(o.model));
         if (!weights_note.empty()) report["weights_note"] = weights_note;
@@ -670,9 +641,10 @@ int main(int argc, char** argv) {
         std::vector<std::string> rows = {"fp32", "int8", "int8-static"};
         if (o.precision != "all") rows = {o.precision};
         for (const std::string& precision : rows) {
-            json row = run_row_in_child(o, precision, tmp, false);
+            Options row_options = o;
+            json row = timed_row(row_options, precision, tmp, micro_batch_auto);
             if (!o.data.empty()) {
-                row["eval"] = run_row_in_child(o, precision, tmp, true);
+                row["eval"] = run_row_in_child(row_options, precision, tmp, "eval");
                 report["eval_images"] = row["eval"]["images"];
                 report["eval_size"] = row["eval"]["size"];
                 report["data"] = o.data;
@@ -685,7 +657,7 @@ int main(int argc, char** argv) {
             wide.model.clear();
             wide.data.clear();
             report["also_width"] = o.also_width;
-            for (const std::string& precision : rows) report["rows"].push_back(run_row_in_child(wide, precision, tmp, false));
+            for (const std::string& precision : rows) report["rows"].push_back(timed_row(wide, precision, tmp, micro_batch_auto));
         }
         // The paper's "improvement rate": (fp32 - int8) / int8 for memory, (fp32 - int8) / fp32 for latency;
         // each row against the fp32 row of its own width.
@@ -701,9 +673,9 @@ int main(int argc, char** argv) {
             }
         }
         fs::remove_all(tmp);
-        if (!o.chart.empty()) write_chart(report, o.chart);
+        if (!o.chart.empty()) resunet::bench::write_chart(report, o.chart);
         if (!o.examples.empty()) write_examples(o, o.examples);
-        const std::string md = markdown(report);
+        const std::string md = resunet::bench::markdown(report);
         fmt::print("{}", md);
         if (!o.json_path.empty()) resunet::write_file_atomic(o.json_path, report.dump(2));
         if (!o.csv_path.empty()) {

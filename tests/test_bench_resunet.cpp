@@ -125,10 +125,11 @@ TEST(BenchResunet, RandomWeightsReportEveryRowWithOrderedStatistics) {
     EXPECT_FALSE(cv::imread(dir / "c.png").empty());
 }
 
+// Three test images at batch 2 and micro-batch 2: the last batch of one image runs padded.
 TEST(BenchResunet, ScoresAModelOnKvasirAtItsOwnSize) {
     TempDir dir;
     const std::string model = tiny_model(dir, 4);
-    const Result r = bench(dir, "--model " + model + " --width 4 --size 64 --batch 2 --runs 2 --threads 1 --precision int8 --data " +
+    const Result r = bench(dir, "--model " + model + " --width 4 --size 64 --batch 2 --micro-batch 2 --runs 2 --threads 1 --precision int8 --data " +
                                     kKvasirRoot + " --split " + (dir / "split.json") + " --eval-limit 3 --json " + (dir / "t.json") +
                                     " --examples " + (dir / "e.png"));
     ASSERT_EQ(r.code, 0) << r.err;
@@ -145,6 +146,45 @@ TEST(BenchResunet, ScoresAModelOnKvasirAtItsOwnSize) {
     EXPECT_TRUE(fs::exists(dir / "split.json"));
     EXPECT_FALSE(cv::imread(dir / "e.png").empty());
     EXPECT_NE(r.out.find("Scores use the model's own input size, 32x32"), std::string::npos) << r.out;
+}
+
+// --micro-batch auto: each row measures its candidates (powers of two dividing the batch) in a child of its
+// own, each checked against micro-batch 1, and is then timed and scored at the one it chose.
+TEST(BenchResunet, MicroBatchAutoMeasuresEachRowsCandidates) {
+    TempDir dir;
+    const std::string model = tiny_model(dir, 4);
+    const Result r = bench(dir, "--model " + model + " --width 4 --size 32 --batch 4 --runs 2 --threads 1 --micro-batch auto "
+                                "--plan-cache none --data " + kKvasirRoot + " --split " + (dir / "split.json") +
+                                " --eval-limit 3 --json " + (dir / "t.json"));
+    ASSERT_EQ(r.code, 0) << r.err;
+    const json report = json::parse(read_text(dir / "t.json"));
+    EXPECT_EQ(report["micro_batch"], "auto");
+    ASSERT_EQ(report["rows"].size(), 3u);
+    for (const json& row : report["rows"]) {
+        SCOPED_TRACE(row.dump().substr(0, 300));
+        ASSERT_TRUE(row.contains("micro_batch_search"));
+        const json& search = row["micro_batch_search"];
+        const int chosen = search["micro_batch"];
+        EXPECT_EQ(row["micro_batch"], chosen);  // the timed row ran the choice
+        ASSERT_GE(search["trials"].size(), 2u);  // 1 and 2 at least (4 unless 2 was slower)
+        EXPECT_EQ(search["trials"][0]["micro_batch"], 1);
+        bool found = false;
+        for (const json& t : search["trials"]) {
+            EXPECT_EQ(4 % t["micro_batch"].get<int>(), 0);
+            EXPECT_GT(t["median_ms"].get<double>(), 0);
+            if (t["micro_batch"] == chosen) {
+                found = true;
+                EXPECT_EQ(t["verdict"], "ok");
+            }
+        }
+        EXPECT_TRUE(found);
+        EXPECT_EQ(row["eval"]["images"], 3);  // a last batch of 3 runs padded to the micro-batch
+        EXPECT_NE(r.out.find(fmt::format("  - {} (width 4): {}", row["precision"].get<std::string>(),
+                                         search["summary"].get<std::string>())),
+                  std::string::npos)
+            << r.out;
+    }
+    EXPECT_NE(r.out.find("Micro-batch measured per row (--micro-batch auto)"), std::string::npos) << r.out;
 }
 
 // Without --model, Table 1 uses the trained model of --model-dir (default models/resunet-w64-s224) when it
@@ -197,6 +237,8 @@ TEST(BenchResunet, BadInputIsOneLineErrorBeforeAnyWork) {
     expect_error("--width 4 --size 32 --data " + kKvasirRoot, "--data needs --model");
     expect_error("--model " + model + " --width 4 --size 32 --data " + (dir / "no-data"), "no-data");
     expect_error("--width 4 --size 32 --batch 3 --micro-batch 2", "multiple of --micro-batch");
+    expect_error("--width 4 --size 32 --micro-batch 0", "--micro-batch: must be a whole number from 1 to 4096 or auto, not 0");
+    expect_error("--width 4 --size 32 --micro-batch fast", "--micro-batch: must be a whole number from 1 to 4096 or auto, not fast");
     expect_error("--width 4 --size 32 --model-dir " + (dir / "no-model-here"), "no model.safetensors there");
     expect_error("--width 4 --size 32 --random-weights --model " + model, "exclude each other");
     expect_error("--width 4 --size 32 --warmup 0", "--warmup: must be greater than 0, not 0 (see --help)");
