@@ -1,0 +1,147 @@
+// The int8 engine's compiled state (QuantEngine::Impl), shared by its two sources: quant/quant_engine.cpp
+// (the lowering: value forms, quantize and gather passes, arena, primitives) and quant/quant_engine_run.cpp
+// (construction, a pass, run, profile, calibrate, accessors). Internal to quant/.
+#pragma once
+
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <cmath>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "engine/onednn_util.h"
+#include "graph/fusion.h"
+#include "quant/quant_engine.h"
+#include "quant/quant_layers.h"
+#include "quant/quantize.h"
+#include "quant/quantize_kernels.h"
+
+namespace resunet {
+
+using namespace dnnl;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+namespace quant_detail {
+
+using Clock = std::chrono::steady_clock;
+
+// A buffer in the arena.
+struct Buffer {
+    size_t bytes = 0;
+    int first_step = INT_MAX;
+    int last_step = -1;
+    size_t offset = 0;
+};
+
+enum class StepKind { input_reorder, quantize, gather, conv, residual_copy, pool, output_reorder };
+
+// A step of the schedule before any oneDNN object exists: what it reads and writes.
+struct PlannedStep {
+    StepKind kind;
+    int op = -1;     // fused op index (conv, pool, residual_copy)
+    int value = -1;  // value quantized or gathered
+    std::vector<int> reads;
+    std::vector<int> writes;
+};
+
+struct Step {
+    std::function<void()> before;  // per-pass preparation (scales into bias and multiplier)
+    std::function<void()> custom;  // a pass of our own (quantize, gather) instead of a primitive
+    primitive prim;
+    std::unordered_map<int, memory> args;
+    std::string name;
+    std::string op;
+    std::string kernel;
+    std::string precision;
+    double macs = 0;
+};
+
+// The values one quantize pass covers, and the u8 buffers (one per padding) it writes.
+struct QuantGroup {
+    int value = -1;
+    std::vector<std::pair<int, int>> outputs;  // (padding, buffer)
+    ActivationQuant current;
+    float calibrated_min = INFINITY;
+    float calibrated_max = -INFINITY;
+    bool have_static = false;
+    ActivationQuant static_quant;
+    int64_t saturated = 0;
+    int64_t counted = 0;
+};
+
+}  // namespace quant_detail
+
+using namespace quant_detail;
+
+struct QuantEngine::Impl {
+    dnnl::engine eng{dnnl::engine::kind::cpu, 0};
+    stream strm{eng};
+    QuantOptions options;
+    Graph graph;
+    std::vector<FusedOp> ops;
+    std::vector<bool> int8_op;
+    int levels = 63;
+
+    // Per value: its raw buffer (fp32 NHWC, or the packed 1x1 output of a transposed conv), whether it
+    // is packed, whether it is a concat that exists only inside quantize/gather passes, and a buffer
+    // with its plain fp32 NHWC form when one is needed.
+    std::vector<int> raw_buffer;
+    std::vector<bool> packed;
+    std::vector<bool> virtual_concat;
+    std::vector<int> fp32_buffer;
+    std::vector<int> group_of;  // value -> quant group
+    std::vector<QuantGroup> groups;
+    std::vector<Buffer> buffers;
+    std::vector<PlannedStep> plan;
+    std::vector<bool> copy_residual;
+
+    std::unique_ptr<char, decltype(&std::free)> arena{nullptr, &std::free};
+    size_t arena_bytes = 0;
+    size_t arena_naive_bytes = 0;
+    memory scratchpad;
+    size_t scratchpad_bytes = 0;
+    size_t weights_bytes = 0;
+    std::vector<memory> weight_memories;
+    std::vector<std::vector<float>> host_vectors;  // per-layer scale/bias sources kept for `before`
+
+    std::vector<Step> steps;
+    std::vector<float> input_nhwc_dummy;
+    memory user_src;
+    memory user_dst;
+    Dims input_dims;
+    Dims output_dims;
+    double compile_ms = 0;
+    bool calibrating = false;
+    std::atomic<bool> running{false};  // a run()/profile()/calibrate() is in progress (checked without NDEBUG)
+
+    const Dims& dims(int value) const { return graph.value(value).dims; }
+    char* ptr(int buffer) const { return arena.get() + buffers[static_cast<size_t>(buffer)].offset; }
+    int new_buffer(size_t bytes) {
+        buffers.push_back(Buffer{bytes, INT_MAX, -1, 0});
+        return static_cast<int>(buffers.size()) - 1;
+    }
+    size_t f32_bytes(const Dims& d) const { return static_cast<size_t>(num_elements(d)) * sizeof(float); }
+
+    void plan_values(const TensorMap& weights_for_checks);
+    int ensure_fp32(int value);
+    int ensure_group(int value);
+    void collect_sources(int value, int64_t channel_offset, std::vector<KernelSource>& out) const;
+    void allocate();
+    void lower(const TensorMap& weights, bool from_int8_file);
+    void lower_conv(const PlannedStep& planned, const PreparedLayer& layer);
+    void run_pass(const float* src, float* dst, std::vector<double>* step_ms);
+    memory f32_memory(int buffer, const Dims& d, tag layout) {
+        return memory({to_dnnl_dims(d), dt::f32, layout}, eng, ptr(buffer));
+    }
+};
+
+}  // namespace resunet

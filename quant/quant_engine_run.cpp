@@ -1,0 +1,233 @@
+// The int8 engine's construction (checks, then the lowering of quant/quant_engine.cpp, then the scales an
+// int8 file stores) and its run time: one pass, run, profile, calibrate and the accessors.
+#include "quant/quant_engine_impl.h"
+
+#include <fmt/format.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "engine/run_guards.h"
+#include "graph/safetensors.h"
+
+namespace resunet {
+
+void QuantEngine::Impl::run_pass(const float* src, float* dst, std::vector<double>* step_ms) {
+    user_src.set_data_handle(const_cast<float*>(src));
+    user_dst.set_data_handle(dst);
+    for (size_t i = 0; i < steps.size(); ++i) {
+        Step& s = steps[i];
+        const auto start = Clock::now();
+        if (s.before) s.before();
+        if (s.custom) {
+            s.custom();
+        } else {
+            s.prim.execute(strm, s.args);
+            // Our own passes read what primitives wrote; with an in-order CPU stream that is already done.
+            if (step_ms) strm.wait();
+        }
+        if (step_ms) (*step_ms)[i] += std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    }
+    strm.wait();
+}
+
+QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const QuantOptions& options)
+    : impl_(std::make_unique<Impl>()) {
+    const auto start = Clock::now();
+    if (options.micro_batch <= 0) throw Error(fmt::format("int8 engine: micro_batch must be positive, got {}", options.micro_batch));
+    if (options.threads < 0) throw Error(fmt::format("int8 engine: threads must be >= 0, got {}", options.threads));
+    Impl& m = *impl_;
+    m.options = options;
+    m.graph = graph.with_batch(options.micro_batch);
+    m.ops = fuse(m.graph);
+    m.levels = resunet::weight_levels();
+    for (const std::string& name : options.keep_fp32)
+        if (!graph.find_node(name)) throw Error(fmt::format("int8 engine: --keep-fp32 names '{}', which is not a layer", name));
+    const bool from_int8_file = is_int8_weights(weights);
+    if (!from_int8_file) {
+        std::vector<std::pair<std::string, Dims>> expected;
+        for (const ParamInfo& p : graph.parameters()) expected.emplace_back(p.name, p.dims);
+        check_tensors(weights, expected, "weights");
+    }
+    for (const FusedOp& op : m.ops) {
+        bool int8 = runs_int8(m.graph, op, options);
+        // An int8 file decides by itself which layers are int8.
+        if (from_int8_file && is_weighted(op)) int8 = weights.count(m.graph.node(op.node).name + ".weight_q") > 0;
+        m.int8_op.push_back(int8);
+    }
+    const ThreadSetting thread_setting(options.threads);
+    try {
+        m.plan_values(weights);
+        m.allocate();
+        m.lower(weights, from_int8_file);
+    } catch (const dnnl::error& e) {
+        throw Error(fmt::format("int8 engine: oneDNN could not compile the graph: {} (status {})", e.what(), static_cast<int>(e.status)));
+    }
+    if (from_int8_file) {  // static scales stored with the model switch the engine to static mode
+        for (QuantGroup& g : m.groups) {
+            const std::string base = m.graph.value(g.value).name;
+            const bool has_scale = weights.count(base + ".input_scale") > 0;
+            const bool has_zero = weights.count(base + ".input_zero_point") > 0;
+            if (has_scale != has_zero)
+                throw Error(fmt::format("int8 weights: '{}.input_scale' and '{}.input_zero_point' must come together", base, base));
+            if (!has_scale) continue;
+            const float scale = int8_tensor(weights, base + ".input_scale", DType::f32, {1}).f32()[0];
+            int32_t zero = 0;
+            std::memcpy(&zero, int8_tensor(weights, base + ".input_zero_point", DType::s32, {1}).bytes.data(), sizeof(zero));
+            if (!(scale >= kMinActivationScale) || !std::isfinite(scale) || zero < 0 || zero > 255)
+                throw Error(fmt::format("int8 weights: '{}.input_scale' = {} / zero point {} is invalid (the scale must "
+                                        "be finite and at least {:g})",
+                                        base, scale, zero, kMinActivationScale));
+            g.static_quant = {scale, zero};
+            g.have_static = true;
+        }
+    }
+    // Static scales need one per quantized input: from the file (which then implies static mode), or
+    // from calibrate() later; until then the engine runs dynamic.
+    const bool all_static = !m.groups.empty() &&
+                            std::all_of(m.groups.begin(), m.groups.end(), [](const QuantGroup& g) { return g.have_static; });
+    m.options.mode = all_static ? ScaleMode::static_calibrated : ScaleMode::dynamic;
+    m.compile_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+}
+
+QuantEngine::~QuantEngine() = default;
+
+namespace {
+void check_batch(const float* src, int batch, const float* dst, int micro_batch) {
+    if (!src || !dst) throw Error("int8 engine: run() needs non-null input and output buffers");
+    if (batch <= 0 || batch % micro_batch != 0)
+        throw Error(fmt::format("int8 engine: batch {} is not a positive multiple of the micro-batch {}", batch, micro_batch));
+}
+}  // namespace
+
+void QuantEngine::run(const float* src, int batch, float* dst) {
+    Impl& m = *impl_;
+    const ConcurrentRunCheck busy(m.running, "int8 engine");
+    const ThreadSetting thread_setting(m.options.threads);
+    check_batch(src, batch, dst, m.options.micro_batch);
+    // The first layers run in fp32 and ReLU turns NaN into 0, so bad input is caught here, before it
+    // can turn silently into a plausible mask.
+    check_finite_input(src, batch * num_elements(m.input_dims), "int8 engine");
+    const int64_t in = num_elements(m.input_dims), out = num_elements(m.output_dims);
+    for (int b = 0; b < batch; b += m.options.micro_batch) m.run_pass(src + b * in, dst + b * out, nullptr);
+}
+
+std::vector<LayerProfile> QuantEngine::profile(const float* src, int batch, float* dst) {
+    Impl& m = *impl_;
+    const ConcurrentRunCheck busy(m.running, "int8 engine");
+    const ThreadSetting thread_setting(m.options.threads);
+    check_batch(src, batch, dst, m.options.micro_batch);
+    check_finite_input(src, batch * num_elements(m.input_dims), "int8 engine");
+    std::vector<double> ms(m.steps.size(), 0.0);
+    const int64_t in = num_elements(m.input_dims), out = num_elements(m.output_dims);
+    for (int b = 0; b < batch; b += m.options.micro_batch) m.run_pass(src + b * in, dst + b * out, &ms);
+    std::vector<LayerProfile> rows;
+    const double passes = static_cast<double>(batch / m.options.micro_batch);
+    for (size_t i = 0; i < m.steps.size(); ++i)
+        rows.push_back({m.steps[i].name, m.steps[i].op, m.steps[i].kernel, m.steps[i].precision, ms[i],
+                        2.0 * m.steps[i].macs * passes / 1e9, {}, {}});
+    return rows;
+}
+
+void QuantEngine::calibrate(const float* src, int batch) {
+    Impl& m = *impl_;
+    const ConcurrentRunCheck busy(m.running, "int8 engine");
+    const ThreadSetting thread_setting(m.options.threads);
+    check_batch(src, batch, src, m.options.micro_batch);
+    check_finite_input(src, batch * num_elements(m.input_dims), "int8 engine");
+    std::vector<float> scratch(static_cast<size_t>(num_elements(m.output_dims) * m.options.micro_batch));
+    for (QuantGroup& g : m.groups) {
+        g.calibrated_min = INFINITY;
+        g.calibrated_max = -INFINITY;
+        g.have_static = false;
+    }
+    m.calibrating = true;
+    try {
+        const int64_t in = num_elements(m.input_dims);
+        for (int b = 0; b < batch; b += m.options.micro_batch) m.run_pass(src + b * in, scratch.data(), nullptr);
+    } catch (...) {
+        m.calibrating = false;
+        throw;
+    }
+    m.calibrating = false;
+    for (QuantGroup& g : m.groups) {
+        g.static_quant = choose_activation_quant(g.calibrated_min, g.calibrated_max);
+        g.have_static = true;
+    }
+    m.options.mode = ScaleMode::static_calibrated;
+}
+
+ScaleMode QuantEngine::mode() const { return impl_->options.mode; }
+
+std::vector<LayerQuantInfo> QuantEngine::layer_info() const {
+    const Impl& m = *impl_;
+    std::vector<LayerQuantInfo> rows;
+    for (size_t k = 0; k < m.ops.size(); ++k) {
+        if (!is_weighted(m.ops[k])) continue;
+        LayerQuantInfo info;
+        info.name = m.graph.node(m.ops[k].node).name;
+        info.precision = m.int8_op[k] ? "u8s8" : "f32";
+        if (m.int8_op[k]) {
+            const QuantGroup& g = m.groups[static_cast<size_t>(m.group_of[static_cast<size_t>(m.ops[k].srcs[0])])];
+            info.input_scale = g.current.scale;
+            info.input_zero_point = g.current.zero_point;
+            info.saturated_share = g.counted > 0 ? static_cast<double>(g.saturated) / static_cast<double>(g.counted) : 0.0;
+        }
+        rows.push_back(info);
+    }
+    return rows;
+}
+
+std::vector<std::string> QuantEngine::materialized_values() const {
+    std::vector<std::string> names;
+    for (const FusedOp& op : impl_->ops)
+        if (is_weighted(op) || op.kind == OpKind::max_pool) names.push_back(impl_->graph.value(op.dst).name);
+    return names;
+}
+
+std::vector<float> QuantEngine::read_value(const std::string& name) {
+    Impl& m = *impl_;
+    if (!m.options.keep_values) throw Error("int8 engine: read_value() needs QuantOptions::keep_values");
+    for (size_t v = 0; v < m.graph.values().size(); ++v) {
+        if (m.graph.value(static_cast<int>(v)).name != name) continue;
+        if (m.raw_buffer[v] < 0 && !m.virtual_concat[v])
+            throw Error(fmt::format("int8 engine: value '{}' is fused inside an op and never stored", name));
+        const Dims& d = m.graph.value(static_cast<int>(v)).dims;
+        std::vector<KernelSource> sources;
+        m.collect_sources(static_cast<int>(v), 0, sources);
+        std::vector<float> nhwc(static_cast<size_t>(num_elements(d)));
+        gather_f32(sources, {d[0], d[1], d[2], d[3]}, nhwc.data());
+        std::vector<float> nchw(nhwc.size());
+        for (int64_t n = 0; n < d[0]; ++n)
+            for (int64_t c = 0; c < d[1]; ++c)
+                for (int64_t i = 0; i < d[2] * d[3]; ++i)
+                    nchw[static_cast<size_t>((n * d[1] + c) * d[2] * d[3] + i)] = nhwc[static_cast<size_t>((n * d[2] * d[3] + i) * d[1] + c)];
+        return nchw;
+    }
+    throw Error(fmt::format("int8 engine: no value named '{}'", name));
+}
+
+TensorMap QuantEngine::static_scales() const {
+    TensorMap out;
+    for (const QuantGroup& g : impl_->groups) {
+        if (!g.have_static) continue;
+        const std::string base = impl_->graph.value(g.value).name;
+        HostTensor s = HostTensor::zeros({1});
+        s.f32()[0] = g.static_quant.scale;
+        HostTensor z = HostTensor::zeros({1}, DType::s32);
+        std::memcpy(z.bytes.data(), &g.static_quant.zero_point, sizeof(int32_t));
+        out[base + ".input_scale"] = std::move(s);
+        out[base + ".input_zero_point"] = std::move(z);
+    }
+    return out;
+}
+
+EngineMemory QuantEngine::memory_usage() const {
+    return {impl_->weights_bytes, impl_->arena_bytes, impl_->arena_naive_bytes, impl_->scratchpad_bytes};
+}
+double QuantEngine::compile_ms() const { return impl_->compile_ms; }
+int QuantEngine::num_primitives() const { return static_cast<int>(impl_->steps.size()); }
+int QuantEngine::weight_levels() const { return impl_->levels; }
+
+}  // namespace resunet
