@@ -6,7 +6,6 @@
 
 #include <atomic>
 #include <cstdlib>
-#include <cstring>
 #include <set>
 #include <sstream>
 #include <string>
@@ -58,12 +57,10 @@ StopOnSignal::~StopOnSignal() {
 
 int StopOnSignal::requested() const { return g_requested.load(); }
 
-const char* signal_name(int signal_number) {
+std::string signal_name(int signal_number) {
     if (signal_number == SIGINT) return "SIGINT";
     if (signal_number == SIGTERM) return "SIGTERM";
-    static thread_local std::string other;
-    other = "signal " + std::to_string(signal_number);
-    return other.c_str();
+    return "signal " + std::to_string(signal_number);
 }
 
 void maybe_interrupt_for_test(long long next_step) {

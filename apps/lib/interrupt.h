@@ -8,6 +8,8 @@
 //   return stop.requested() ? 128 + stop.requested() : 0;
 #pragma once
 
+#include <string>
+
 namespace resunet {
 
 class StopOnSignal {
@@ -22,7 +24,7 @@ class StopOnSignal {
 };
 
 // "SIGINT", "SIGTERM", else "signal N".
-const char* signal_name(int signal_number);
+std::string signal_name(int signal_number);
 
 // Test hook of `resunet train`: with RESUNET_TEST_INTERRUPT_AT_STEPS="2,3" the process sends itself SIGINT
 // just before those training steps (1-based, counted over the whole run).
