@@ -521,18 +521,7 @@ int main(int argc, char** argv) {
                    "images per pass through the compiled plan, or auto: each row's candidates (1, 2, 4, ... dividing "
                    "--batch) timed on the whole batch, checked against micro-batch 1, the fastest kept")
         ->capture_default_str()
-        ->check(CLI::Validator(
-            [](std::string& v) -> std::string {
-                if (v == "auto") return "";
-                size_t used = 0;
-                try {
-                    const long n = std::stol(v, &used);
-                    if (used == v.size() && n > 0 && n <= 4096) return "";
-                } catch (const std::exception&) {
-                }
-                return "must be a whole number from 1 to 4096 or auto, not " + v;
-            },
-            "N|auto"));
+        ->check(resunet::count_or_auto(4096));
     app.add_option("--threads", o.threads, "oneDNN (OpenMP) threads; 0 = all cores")->check(resunet::non_negative_number());
     app.add_option("--runs", o.runs, "timed runs per row (after warm-up)")->check(resunet::positive_number());
     app.add_option("--warmup", o.warmup, "warm-up runs (the first is reported separately)")->check(resunet::positive_number());

@@ -106,7 +106,6 @@ inline MicroBatchCheck sqnr_at_least(double db) {
 template <typename Make>
 MicroBatchChoice choose_micro_batch(const float* src, int batch, size_t out_floats, const MicroBatchSearch& search,
                                     Make&& make, const MicroBatchCheck& check) {
-    using Clock = std::chrono::steady_clock;
     MicroBatchChoice choice;
     std::vector<float> reference(out_floats * static_cast<size_t>(batch)), out(reference.size());
     double best_ms = 0;
@@ -125,9 +124,9 @@ MicroBatchChoice choose_micro_batch(const float* src, int batch, size_t out_floa
         engine->run(src, batch, target);  // warm-up, and the output checked
         std::vector<double> ms;
         for (int r = 0; r < std::max(1, search.runs); ++r) {
-            const auto start = Clock::now();
+            const auto start = std::chrono::steady_clock::now();
             engine->run(src, batch, target);
-            ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - start).count());
+            ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
         }
         std::sort(ms.begin(), ms.end());
         trial.median_ms = ms[ms.size() / 2];

@@ -446,8 +446,23 @@ TEST(PlanCommand, PrintsThePlanAndUsesTheCache) {
     EXPECT_NE(out.find("measured: no cached plan"), std::string::npos) << out;
     ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --tune off --plan-cache none", &out, &err), 0) << err;
     EXPECT_NE(out.find("convolutions: 0 winograd"), std::string::npos) << out;
+    // --micro-batch auto: the candidates dividing --batch, each timed and checked; the plan runs the choice.
+    ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --plan-cache " + cache + " --micro-batch auto --batch 4",
+                  &out, &err), 0) << err;
+    const size_t line = out.find("micro-batch: ");
+    ASSERT_NE(line, std::string::npos) << out;
+    const int chosen = std::atoi(out.c_str() + line + 13);
+    EXPECT_TRUE(chosen == 1 || chosen == 2 || chosen == 4) << out;
+    EXPECT_NE(out.find("(measured on a batch of 4: micro-batch 1 "), std::string::npos) << out;
+    EXPECT_NE(out.find(fmt::format("{} ", chosen), line + 13), std::string::npos) << out;
+    EXPECT_NE(out.find(" *"), std::string::npos) << out;
+    ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --plan-cache none --micro-batch 2", &out, &err), 0) << err;
+    EXPECT_NE(out.find("micro-batch: 2\n"), std::string::npos) << out;
     for (const std::string& bad : {"plan --model " + (dir / "missing.safetensors").string(), std::string("plan"),
-                                   "plan --model " + model.string() + " --tune fastest"}) {
+                                   "plan --model " + model.string() + " --tune fastest",
+                                   "plan --model " + model.string() + " --micro-batch 0",
+                                   "plan --model " + model.string() + " --micro-batch some",
+                                   "plan --model " + model.string() + " --batch 4"}) {
         EXPECT_EQ(run(bad, &out, &err), 2) << bad;
         EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << bad << ": " << err;
     }

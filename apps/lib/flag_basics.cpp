@@ -122,6 +122,21 @@ CLI::Validator number_at_least(bool zero_allowed) {
 CLI::Validator positive_number() { return number_at_least(false); }
 CLI::Validator non_negative_number() { return number_at_least(true); }
 
+CLI::Validator count_or_auto(int largest) {
+    return CLI::Validator(
+        [largest](std::string& v) -> std::string {
+            if (v == "auto") return "";
+            size_t used = 0;
+            try {
+                const long n = std::stol(v, &used);
+                if (used == v.size() && n > 0 && n <= largest) return "";
+            } catch (const std::exception&) {
+            }
+            return fmt::format("must be a whole number from 1 to {} or auto, not {}", largest, v);
+        },
+        "N|auto");
+}
+
 std::string one_line(std::string text) {
     for (char& c : text)
         if (c == '\n' || c == '\r' || c == '\t') c = ' ';

@@ -56,6 +56,8 @@ std::map<std::string, std::string> parse_config_text(const std::string& text, co
 // type; CLI11's PositiveNumber and NonNegativeNumber print their range's upper end as a 309-digit number.
 CLI::Validator positive_number();
 CLI::Validator non_negative_number();
+// A whole number from 1 to `largest`, or the word auto (--micro-batch).
+CLI::Validator count_or_auto(int largest);
 
 // Exception text as one line (OpenCV's messages span several).
 std::string one_line(std::string text);

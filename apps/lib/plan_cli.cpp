@@ -10,9 +10,12 @@
 #include <string>
 #include <vector>
 
+#include "apps/lib/flag_basics.h"
 #include "engine/engine.h"
+#include "engine/micro_batch.h"
 #include "engine/plan_cache.h"
 #include "graph/graph.h"
+#include "graph/init.h"
 #include "graph/model_config.h"
 #include "graph/safetensors.h"
 
@@ -24,7 +27,8 @@ struct PlanOptions {
     std::string model;
     int size = 0;
     int threads = 0;
-    int micro_batch = 1;
+    std::string micro_batch = "1";  // a count, or auto
+    int batch = 16;                 // with --micro-batch auto: the batch the candidates are timed on
     EngineTuningFlags tuning;
     bool retune = false;
 };
@@ -36,7 +40,6 @@ void print_plan(const PlanOptions& o) {
     const Graph graph = build_resunet(config);
     EngineOptions options;
     options.threads = o.threads;
-    options.micro_batch = o.micro_batch;
     apply_engine_tuning(o.tuning, true, options);
     if (o.retune && !options.plan_cache.empty()) {
         // Measure again: the cached fp32 plans are removed first (they are the engine's own files).
@@ -45,25 +48,49 @@ void print_plan(const PlanOptions& o) {
             for (const auto& entry : std::filesystem::directory_iterator(options.plan_cache, ec))
                 if (entry.path().filename().string().starts_with("plan-f32-")) std::filesystem::remove(entry.path(), ec);
     }
+    std::string micro_batch_line;
+    if (o.micro_batch == "auto") {
+        // Random images in the model's input range: the candidates' speed does not depend on the values.
+        std::vector<float> images(static_cast<size_t>(3LL * config.height * config.width_px * o.batch));
+        fill_uniform(images.data(), static_cast<int64_t>(images.size()), 7, -2.0f, 2.0f);
+        MicroBatchSearch search;
+        search.memory_budget_mb = options.memory_budget_mb > 0 ? options.memory_budget_mb : -1.0;
+        const MicroBatchChoice choice = choose_micro_batch(
+            images.data(), o.batch, static_cast<size_t>(config.out_channels) * config.height * config.width_px, search,
+            [&](int mb) {
+                EngineOptions candidate = options;
+                candidate.micro_batch = mb;
+                return std::make_unique<Engine>(graph, file.tensors, candidate);
+            },
+            logits_within(1e-3));
+        options.micro_batch = choice.micro_batch;
+        micro_batch_line = fmt::format("micro-batch: {} (measured on a batch of {}: {})\n", choice.micro_batch, o.batch,
+                                       choice.summary());
+    } else {
+        options.micro_batch = std::stoi(o.micro_batch);
+        micro_batch_line = fmt::format("micro-batch: {}\n", options.micro_batch);
+    }
     Engine engine(graph, file.tensors, options);
     file.tensors.clear();
     fmt::print("model: {} (width {}, depth {}, {}x{})\n", o.model, config.width, config.depth, config.height,
                config.width_px);
     fmt::print("machine: {}\n", onednn_version());
     fmt::print("plan: {}\n", engine.tuning_summary());
+    fmt::print("{}", micro_batch_line);
     fmt::print("compile: {:.0f} ms; activation layout {}; engine bytes {:.1f} MB (weights {:.1f}, arena {:.1f}, "
                "scratchpad {:.1f})\n\n",
                engine.compile_ms(), engine.activation_layout(), engine.memory_usage().total() / 1e6,
                engine.memory_usage().weights_bytes / 1e6, engine.memory_usage().arena_bytes / 1e6,
                engine.memory_usage().scratchpad_bytes / 1e6);
-    std::vector<float> input(static_cast<size_t>(3) * config.height * config.width_px, 0.5f);
-    std::vector<float> output(static_cast<size_t>(config.out_channels) * config.height * config.width_px);
-    const std::vector<LayerProfile> rows = engine.profile(input.data(), 1, output.data());
+    const int images = options.micro_batch;  // one pass of the plan
+    std::vector<float> input(static_cast<size_t>(3) * config.height * config.width_px * images, 0.5f);
+    std::vector<float> output(static_cast<size_t>(config.out_channels) * config.height * config.width_px * images);
+    const std::vector<LayerProfile> rows = engine.profile(input.data(), images, output.data());
     fmt::print("{:<22} {:<22} {:<34} {:<9} {:>9}  {}\n", "layer", "op", "kernel", "algorithm", "ms/image",
                "candidates measured at compile time (* chosen)");
     for (const LayerProfile& row : rows)
         fmt::print("{:<22} {:<22} {:<34} {:<9} {:>9.2f}  {}\n", row.name, row.op, row.kernel, row.algorithm,
-                   row.time_ms, row.candidates);
+                   row.time_ms / images, row.candidates);
 }
 
 }  // namespace
@@ -76,11 +103,21 @@ void add_plan_command(CLI::App& app) {
     command->add_option("--size", options->size, "Input size in pixels (default: the file's resunet.size, else 224)")
         ->check(CLI::Range(1, 65536));
     command->add_option("--threads", options->threads, "OpenMP threads; 0 = all cores")->check(CLI::Range(0, 4096));
-    command->add_option("--micro-batch", options->micro_batch, "Images per pass through the plan")
+    command->add_option("--micro-batch", options->micro_batch,
+                        "Images per pass through the plan, or auto: 1, 2, 4, ... dividing --batch, each timed on that "
+                        "batch and checked against micro-batch 1 (max abs diff <= 1e-3 x max|logit|), the fastest kept")
+        ->capture_default_str()
+        ->check(count_or_auto(4096));
+    command->add_option("--batch", options->batch, "With --micro-batch auto: the batch the candidates are timed on")
+        ->capture_default_str()
         ->check(CLI::Range(1, 4096));
     add_engine_tuning_flags(*command, options->tuning);
     command->add_flag("--retune", options->retune, "Remove the cached fp32 plans first, so the plan is measured again");
-    command->callback([options] { print_plan(*options); });
+    command->callback([options, command] {
+        if (command->count("--batch") && options->micro_batch != "auto")
+            throw UsageError("--batch is the batch --micro-batch auto is timed on; give --micro-batch auto too");
+        print_plan(*options);
+    });
 }
 
 }  // namespace resunet

@@ -2,6 +2,7 @@
 // kernel and algorithm, the candidates measured), and where it is cached.
 //
 //   resunet plan --model m.safetensors [--size 224] [--threads 2] [--tune fast|full|off] [--retune]
+//                [--micro-batch N|auto [--batch 16]]
 #pragma once
 
 #include <CLI/CLI.hpp>
