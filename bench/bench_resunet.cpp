@@ -249,7 +249,7 @@ double percentile(std::vector<double> v, double p) {
 
 // --micro-batch auto: times each micro-batch candidate of one row on the whole batch, each checked against
 // micro-batch 1's logits (fp32: max abs diff <= kMicroBatchFp32Bound x max|logit|; int8, whose dynamic
-// scales follow the pass: SQNR >= kMicroBatchInt8Db; bench/resunet_report.h), in this process; the timed
+// scales follow the pass: SQNR >= kMicroBatchInt8Db; engine/micro_batch.h), in this process; the timed
 // row then runs the choice.
 
 json choose_micro_batch_row(const Options& o) {
@@ -273,7 +273,7 @@ json choose_micro_batch_row(const Options& o) {
             options.plan_cache = plan_cache_of(o);
             options.memory_budget_mb = o.memory_budget_mb;
             return std::make_unique<resunet::Engine>(graph, weights, options);
-        }, resunet::logits_within(resunet::bench::kMicroBatchFp32Bound));
+        }, resunet::logits_within(resunet::kMicroBatchFp32Bound));
     } else {
         // int8-static: the same calibration images for every candidate, one batch (a multiple of each)
         const std::vector<float> calibration = o.row == "int8-static" ? calibration_images(o, o.batch) : std::vector<float>();
@@ -286,7 +286,7 @@ json choose_micro_batch_row(const Options& o) {
             if (o.row == "int8-static" && engine->mode() != resunet::ScaleMode::static_calibrated)
                 engine->calibrate(calibration.data(), o.batch);
             return engine;
-        }, resunet::sqnr_at_least(resunet::bench::kMicroBatchInt8Db));
+        }, resunet::sqnr_at_least(resunet::kMicroBatchInt8Db));
     }
     fmt::print(stderr, "\r  {}: {}\n", o.row, choice.summary());
     json trials = json::array();

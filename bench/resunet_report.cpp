@@ -10,6 +10,7 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
+#include "engine/micro_batch.h"
 #include "graph/atomic_file.h"
 
 namespace resunet::bench {

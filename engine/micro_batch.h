@@ -66,6 +66,12 @@ inline std::vector<int> micro_batch_candidates(int batch, int largest = 0) {
     return out;
 }
 
+// The bounds the programs check candidates by (bench_resunet, resunet plan): fp32 logits_within this
+// fraction of the largest logit; int8, whose dynamic scales follow the pass, sqnr_at_least this many dB
+// (measured 31.6-31.9 dB between micro-batches of a random width-16 network).
+inline constexpr double kMicroBatchFp32Bound = 1e-3;
+inline constexpr double kMicroBatchInt8Db = 20.0;
+
 // A candidate's output check: returns "" when `out` may stand for `reference` (n floats), else why not.
 using MicroBatchCheck = std::function<std::string(const float* reference, const float* out, size_t n)>;
 

@@ -27,8 +27,8 @@ using resunet::TensorMap;
 using resunet::reference::Tensor4;
 
 constexpr double kTolerance = 1e-4;      // fp32 engine against the plain reference, relative (test_engine.cpp)
-constexpr double kFp32Check = 1e-3;      // the fp32 candidates' check against micro-batch 1 (bench_resunet's)
-constexpr double kInt8CheckDb = 20.0;    // the int8 candidates' check (bench_resunet's)
+constexpr double kFp32Check = resunet::kMicroBatchFp32Bound;  // the programs' checks (engine/micro_batch.h)
+constexpr double kInt8CheckDb = resunet::kMicroBatchInt8Db;
 constexpr int kBatch = 4;
 
 struct Net {

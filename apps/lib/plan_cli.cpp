@@ -62,7 +62,7 @@ void print_plan(const PlanOptions& o) {
                 candidate.micro_batch = mb;
                 return std::make_unique<Engine>(graph, file.tensors, candidate);
             },
-            logits_within(1e-3));
+            logits_within(kMicroBatchFp32Bound));
         options.micro_batch = choice.micro_batch;
         micro_batch_line = fmt::format("micro-batch: {} (measured on a batch of {}: {})\n", choice.micro_batch, o.batch,
                                        choice.summary());
