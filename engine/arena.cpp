@@ -1,7 +1,11 @@
 #include "engine/arena.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <numeric>
+
+#include "graph/tensor.h"
 
 namespace resunet {
 
@@ -35,6 +39,15 @@ ArenaPlan plan_arena(const std::vector<ArenaRequest>& requests, size_t alignment
         placed.push_back(index);
     }
     return plan;
+}
+
+std::vector<size_t> ActivationArena::allocate(const std::vector<ArenaRequest>& requests, const std::string& who) {
+    ArenaPlan plan = plan_arena(requests, 64);
+    bytes_ = plan.total_bytes;
+    naive_bytes_ = plan.naive_bytes;
+    block_.reset(static_cast<char*>(std::aligned_alloc(64, std::max<size_t>(64, (bytes_ + 63) / 64 * 64))));
+    if (!block_) throw Error(fmt::format("{}: cannot allocate an activation arena of {} bytes", who, bytes_));
+    return plan.offsets;
 }
 
 }  // namespace resunet

@@ -5,9 +5,15 @@
 //   std::vector<resunet::ArenaRequest> requests = {{bytes, first_step, last_step}, ...};
 //   resunet::ArenaPlan plan = resunet::plan_arena(requests, /*alignment=*/64);
 //   char* base = allocate(plan.total_bytes);  // buffer i lives at base + plan.offsets[i]
+// or, planned and allocated at once (the engines' one arena):
+//   resunet::ActivationArena arena;
+//   std::vector<size_t> offsets = arena.allocate(requests, "engine");  // buffer i at arena.base() + offsets[i]
 #pragma once
 
 #include <cstddef>
+#include <cstdlib>
+#include <memory>
+#include <string>
 #include <vector>
 
 namespace resunet {
@@ -25,5 +31,21 @@ struct ArenaPlan {
 };
 
 ArenaPlan plan_arena(const std::vector<ArenaRequest>& requests, size_t alignment = 64);
+
+// One planned arena, allocated 64-byte aligned: what the fp32 and int8 engines run in.
+class ActivationArena {
+  public:
+    // Plans `requests` (plan_arena, 64-byte alignment), allocates the block and returns each request's
+    // offset. A failed allocation is a resunet::Error naming `who` and the size.
+    std::vector<size_t> allocate(const std::vector<ArenaRequest>& requests, const std::string& who);
+    char* base() const { return block_.get(); }
+    size_t bytes() const { return bytes_; }              // the arena's size
+    size_t naive_bytes() const { return naive_bytes_; }  // one buffer per tensor would take this
+
+  private:
+    std::unique_ptr<char, decltype(&std::free)> block_{nullptr, &std::free};
+    size_t bytes_ = 0;
+    size_t naive_bytes_ = 0;
+};
 
 }  // namespace resunet

@@ -25,12 +25,7 @@ namespace resunet {
 namespace {
 
 std::string activation_label(const FusedOp& op) {
-    std::string label = op.kind == OpKind::conv ? "conv" : "deconv";
-    if (op.batch_norm >= 0) label += "+bn";
-    if (op.residual >= 0) label += "+add";
-    if (op.activation == Activation::relu) label += "+relu";
-    if (op.activation == Activation::sigmoid) label += "+sigmoid";
-    return label;
+    return lowering::fused_op_label(op, op.kind == OpKind::conv ? "conv" : "deconv");
 }
 
 }  // namespace
@@ -198,13 +193,8 @@ void Engine::Impl::allocate_arena() {
         requests.push_back({s.desc.get_size(), s.first_step + 1, s.last_step + 1});
         request_storage.push_back(static_cast<int>(i));
     }
-    ArenaPlan plan = plan_arena(requests, 64);
-    for (size_t i = 0; i < requests.size(); ++i)
-        storages[static_cast<size_t>(request_storage[i])].arena_offset = plan.offsets[i];
-    arena_bytes = plan.total_bytes;
-    arena_naive_bytes = plan.naive_bytes;
-    arena.reset(static_cast<char*>(std::aligned_alloc(64, std::max<size_t>(64, (arena_bytes + 63) / 64 * 64))));
-    if (!arena) throw Error(fmt::format("engine: cannot allocate an activation arena of {} bytes", arena_bytes));
+    const std::vector<size_t> offsets = arena.allocate(requests, "engine");
+    for (size_t i = 0; i < requests.size(); ++i) storages[static_cast<size_t>(request_storage[i])].arena_offset = offsets[i];
 }
 
 memory Engine::Impl::value_memory(int value) {
@@ -214,18 +204,7 @@ memory Engine::Impl::value_memory(int value) {
     const Dims& dims = graph.value(value).dims;
     // N is 1 whenever channel_offset is non-zero, so a channel slice starts at offset * H * W elements.
     const size_t byte_offset = static_cast<size_t>(channel_offset * dims[2] * dims[3]) * sizeof(float);
-    return memory(desc, eng, arena.get() + storages[static_cast<size_t>(root)].arena_offset + byte_offset);
-}
-
-primitive_attr Engine::Impl::make_attr(const FusedOp& op) const {
-    primitive_attr attr;
-    attr.set_scratchpad_mode(scratchpad_mode::user);
-    post_ops post;
-    if (op.residual >= 0) post.append_sum(1.0f);
-    if (op.activation == Activation::relu) post.append_eltwise(1.0f, algorithm::eltwise_relu, 0.0f, 0.0f);
-    if (op.activation == Activation::sigmoid) post.append_eltwise(1.0f, algorithm::eltwise_logistic, 0.0f, 0.0f);
-    attr.set_post_ops(post);
-    return attr;
+    return memory(desc, eng, arena.base() + storages[static_cast<size_t>(root)].arena_offset + byte_offset);
 }
 
 void Engine::Impl::add_step(primitive prim, std::unordered_map<int, memory> args, const std::string& name,
@@ -256,16 +235,12 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
                                 ? value_desc[static_cast<size_t>(src)]
                                 : (from_input ? memory::desc(to_dnnl_dims(in), dt::f32, tag::any)
                                               : value_desc[static_cast<size_t>(src)]);
-    memory::desc weights_any({out_channels, in_channels, k, k}, dt::f32, tag::any);
-    memory::desc bias_desc({out_channels}, dt::f32, tag::x);
     memory::desc dst_desc = value_desc[static_cast<size_t>(op.dst)];
-    const memory::dims strides = {node.stride, node.stride};
-    const memory::dims padding = {node.padding, node.padding};
+    lowering::ConvSpec spec = lowering::ConvSpec::of(op, src_desc, dst_desc, {out_channels, in_channels, k, k}, node.stride,
+                                                     node.padding);
     auto make_pd = [&](algorithm alg) {
-        return convolution_forward::primitive_desc(
-            convolution_forward::desc(prop_kind::forward_inference, alg, src_desc, weights_any, bias_desc, dst_desc,
-                                      strides, padding, padding),
-            make_attr(op), eng);
+        spec.algorithm = alg;
+        return lowering::make_conv(eng, spec);
     };
     convolution_forward::primitive_desc pd = make_pd(algorithm::convolution_direct);
     std::string chosen_algorithm = "direct";
@@ -386,10 +361,14 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
     if (own) {
         // Our kernel holds its transformed weights; the step's arguments give it src, dst and the shared
         // scratchpad (sized by add_step from scratch_bytes()).
-        weights_bytes += own->weight_bytes();
-        add_step(primitive(), {{DNNL_ARG_SRC, value_memory(src)}, {DNNL_ARG_DST, value_memory(op.dst)}}, node.name,
-                 activation_label(op), own->kernel(), static_cast<double>(graph.node_macs(op.node)), own->scratch_bytes());
-        steps.back().own = own;
+        weight_store.count(own->weight_bytes());
+        add_step(primitive(), {}, node.name, activation_label(op), own->kernel(),
+                 static_cast<double>(graph.node_macs(op.node)), own->scratch_bytes());
+        const float* src_data = static_cast<const float*>(value_memory(src).get_data_handle());
+        float* dst_data = static_cast<float*>(value_memory(op.dst).get_data_handle());
+        steps.back().custom = [this, own, src_data, dst_data] {
+            own->execute(strm, src_data, dst_data, scratchpad.get_data_handle());
+        };
     } else {
         auto [conv_weights, conv_bias] = upload_weights(folded, pd.weights_desc());
         std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, value_memory(src)},
@@ -425,16 +404,14 @@ void Engine::Impl::lower_conv_transpose(const FusedOp& op, const TensorMap& weig
         const FoldedConv folded = conv_transpose_as_conv1x1(graph, op, weights);
         const int64_t packed = 4 * out_channels;
         const Storage& temp = storages[static_cast<size_t>(shuffle_temp[static_cast<size_t>(&op - ops.data())])];
-        memory temp_memory(temp.desc, eng, arena.get() + temp.arena_offset);
-        memory::desc weights_any({packed, in_channels, 1, 1}, dt::f32, tag::any);
-        memory::desc bias_desc({packed}, dt::f32, tag::x);
+        memory temp_memory(temp.desc, eng, arena.base() + temp.arena_offset);
+        lowering::ConvSpec spec;
+        spec.src = value_desc[static_cast<size_t>(src)];
+        spec.dst = temp.desc;
+        spec.weight_dims = {packed, in_channels, 1, 1};
+        const convolution_forward::primitive_desc pd = lowering::make_conv(eng, spec);
         primitive_attr attr;
         attr.set_scratchpad_mode(scratchpad_mode::user);
-        convolution_forward::primitive_desc pd(
-            convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct,
-                                      value_desc[static_cast<size_t>(src)], weights_any, bias_desc, temp.desc, {1, 1},
-                                      {0, 0}, {0, 0}),
-            attr, eng);
         auto [conv_weights, conv_bias] = upload_weights(folded, pd.weights_desc());
         add_step(convolution_forward(pd),
                  {{DNNL_ARG_SRC, value_memory(src)}, {DNNL_ARG_WEIGHTS, conv_weights}, {DNNL_ARG_BIAS, conv_bias},
@@ -464,14 +441,11 @@ void Engine::Impl::lower_conv_transpose(const FusedOp& op, const TensorMap& weig
         for (int64_t o = 0; o < out_channels; ++o)
             for (int64_t s = 0; s < k * k; ++s)
                 w_oihw[static_cast<size_t>((o * in_channels + i) * k * k + s)] = pw[(i * out_channels + o) * k * k + s];
-    memory::desc weights_any({out_channels, in_channels, k, k}, dt::f32, tag::any);
-    memory::desc bias_desc({out_channels}, dt::f32, tag::x);
-    deconvolution_forward::primitive_desc pd(
-        deconvolution_forward::desc(prop_kind::forward_inference, algorithm::deconvolution_direct,
-                                    value_desc[static_cast<size_t>(src)], weights_any, bias_desc,
-                                    value_desc[static_cast<size_t>(op.dst)], {node.stride, node.stride}, {0, 0},
-                                    {out[2] - ((in[2] - 1) * node.stride + k), out[3] - ((in[3] - 1) * node.stride + k)}),
-        make_attr(op), eng);
+    lowering::ConvSpec spec = lowering::ConvSpec::of(op, value_desc[static_cast<size_t>(src)],
+                                                     value_desc[static_cast<size_t>(op.dst)], {out_channels, in_channels, k, k},
+                                                     node.stride, 0);
+    spec.padding_r = {out[2] - ((in[2] - 1) * node.stride + k), out[3] - ((in[3] - 1) * node.stride + k)};
+    const deconvolution_forward::primitive_desc pd = lowering::make_deconv(eng, spec);
     auto [deconv_weights, deconv_bias] = upload_weights(folded, pd.weights_desc());
     add_step(deconvolution_forward(pd),
              {{DNNL_ARG_SRC, value_memory(src)}, {DNNL_ARG_WEIGHTS, deconv_weights}, {DNNL_ARG_BIAS, deconv_bias},
@@ -547,11 +521,7 @@ void Engine::Impl::lower(const TensorMap& weights) {
                 const std::pair<int, const char*> params[] = {{DNNL_ARG_SCALE, ".weight"}, {DNNL_ARG_SHIFT, ".bias"},
                                                              {DNNL_ARG_MEAN, ".running_mean"}, {DNNL_ARG_VARIANCE, ".running_var"}};
                 for (auto [arg, suffix] : params) {
-                    memory m({{channels}, dt::f32, tag::x}, eng);
-                    std::memcpy(m.get_data_handle(), find_weight(weights, node.name + suffix).f32(), static_cast<size_t>(channels) * sizeof(float));
-                    weights_bytes += static_cast<size_t>(channels) * sizeof(float);
-                    weight_memories.push_back(m);
-                    args[arg] = m;
+                    args[arg] = weight_store.bias(eng, find_weight(weights, node.name + suffix).f32(), channels);
                 }
                 add_step(batch_normalization_forward(pd), std::move(args), node.name, "batchnorm", pd.impl_info_str(), 0,
                          pd.scratchpad_desc().get_size());
@@ -605,28 +575,11 @@ void Engine::Impl::lower(const TensorMap& weights) {
              out_pd.impl_info_str(), 0, out_pd.scratchpad_desc().get_size());
     scratchpad_bytes = std::max(scratchpad_bytes, in_pd.scratchpad_desc().get_size());
 
-    scratchpad = memory({{static_cast<memory::dim>(std::max<size_t>(scratchpad_bytes, 1))}, dt::u8, tag::x}, eng);
-    for (Step& step : steps) step.args[DNNL_ARG_SCRATCHPAD] = scratchpad;
+    bind_scratchpad();
     input_dims = in_dims;
     input_dims[0] = 1;
     output_dims = out_dims;
     output_dims[0] = 1;
-}
-
-void Engine::Impl::run_chunk(const float* src, float* dst, std::vector<double>* step_ms) {
-    user_src.set_data_handle(const_cast<float*>(src));
-    user_dst.set_data_handle(dst);
-    for (size_t i = 0; i < steps.size(); ++i) {
-        if (!step_ms) {
-            steps[i].execute(strm);
-            continue;
-        }
-        const auto start = Clock::now();
-        steps[i].execute(strm);
-        strm.wait();
-        (*step_ms)[i] += std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-    }
-    strm.wait();
 }
 
 void Engine::Impl::compile(const Graph& full_graph, const TensorMap& weights, const EngineOptions& engine_options) {

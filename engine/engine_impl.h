@@ -15,7 +15,10 @@
 #include <unordered_map>
 #include <vector>
 
+#include "engine/arena.h"
 #include "engine/engine.h"
+#include "engine/lowering.h"
+#include "engine/schedule.h"
 #include "engine/onednn_util.h"
 #include "engine/winograd_own.h"
 #include "graph/fusion.h"
@@ -31,20 +34,9 @@ namespace engine_detail {
 
 using Clock = std::chrono::steady_clock;
 
-struct Step {
-    primitive prim;
-    // Our own kernel instead of `prim` (a convolution on engine/winograd_own.h): it reads its src, dst and
-    // scratchpad pointers from `args` (DNNL_ARG_SRC, DNNL_ARG_DST, DNNL_ARG_SCRATCHPAD) when it runs.
-    std::shared_ptr<WinogradOwn> own;
-    std::unordered_map<int, memory> args;
-    std::string name;
-    std::string op;
-    std::string kernel;
-    double macs = 0;  // per micro-batch
-    // Convolutions: "direct", "winograd" (oneDNN's), "winograd_f43" or "winograd_f23" (ours).
-    std::string algorithm;
-    std::string candidates;  // what tuning tried (ConvTrial::summary)
-    size_t scratch_bytes = 0;  // this primitive's scratchpad
+// A step of the fp32 schedule (engine/lowering.h), with what tuning measured of a convolution. Our own
+// Winograd runs as the step's `custom` pass on the arena's src and dst and the shared scratchpad.
+struct Step : lowering::Step {
     // A measured convolution: {direct, the fastest other candidate that passed its check, `fallback`}
     // best time, weight bytes and scratchpad bytes (the memory budget trades them; engine_run.cpp).
     bool measured = false;
@@ -55,15 +47,6 @@ struct Step {
     double ms[3] = {0, 0, 0};
     size_t weight_bytes[3] = {0, 0, 0};
     size_t scratch[3] = {0, 0, 0};
-
-    void execute(stream& strm) {
-        if (own)
-            own->execute(strm, static_cast<const float*>(args.at(DNNL_ARG_SRC).get_data_handle()),
-                         static_cast<float*>(args.at(DNNL_ARG_DST).get_data_handle()),
-                         args.at(DNNL_ARG_SCRATCHPAD).get_data_handle());
-        else
-            prim.execute(strm, args);
-    }
 };
 
 // The algorithms of our own Winograd (engine/winograd_own.h): name and output tile.
@@ -88,12 +71,10 @@ using engine_detail::Step;
 using engine_detail::Storage;
 using engine_detail::is_own_winograd;
 
-struct Engine::Impl {
-    dnnl::engine eng{dnnl::engine::kind::cpu, 0};
-    stream strm{eng};
+// The fp32 policy over the planner's schedule (engine/schedule.h): one activation layout, in-place
+// storage, each convolution's measured algorithm.
+struct Engine::Impl : lowering::Schedule<Step> {
     EngineOptions options;
-    Graph graph;  // with the micro-batch as N
-    std::vector<FusedOp> ops;
     tag act_tag = tag::nchw;
     int64_t block = 1;  // channel block of the activation layout
 
@@ -105,21 +86,6 @@ struct Engine::Impl {
     std::vector<int> shuffle_temp;             // per op index: storage of a 1x1-conv output to pixel-shuffle, or -1
     bool input_desc_chosen = false;
 
-    std::unique_ptr<char, decltype(&std::free)> arena{nullptr, &std::free};
-    size_t arena_bytes = 0;
-    size_t arena_naive_bytes = 0;
-    memory scratchpad;
-    size_t scratchpad_bytes = 0;
-    size_t weights_bytes = 0;
-    std::vector<memory> weight_memories;  // kept alive for the steps' argument maps
-
-    std::vector<Step> steps;
-    memory user_src;
-    memory user_dst;
-    Dims input_dims;
-    Dims output_dims;
-    double compile_ms = 0;
-    std::atomic<bool> running{false};  // a run()/profile() is in progress (checked without NDEBUG)
     int concat_copies = 0;
     std::string tuning_summary;
     // A plan from the cache: the layout and each convolution's algorithm, applied without measuring.
@@ -152,27 +118,16 @@ struct Engine::Impl {
     void plan_storage();
     void allocate_arena();
     memory value_memory(int value);
-    primitive_attr make_attr(const FusedOp& op) const;
     void add_step(primitive prim, std::unordered_map<int, memory> args, const std::string& name,
                   const std::string& op_label, const std::string& kernel, double macs, size_t scratch);
     void lower(const TensorMap& weights);
     // Reorders OIHW weights once into the layout the primitive asked for; the bias goes as is.
     std::pair<memory, memory> upload_weights(const FoldedConv& folded, const memory::desc& weights_desc) {
-        memory user_weights({to_dnnl_dims(folded.weight_dims), dt::f32, tag::oihw}, eng,
-                            const_cast<float*>(folded.weights.data()));
-        memory prepared(weights_desc, eng);
-        reorder(user_weights, prepared).execute(strm, user_weights, prepared);
-        memory bias({{static_cast<memory::dim>(folded.bias.size())}, dt::f32, tag::x}, eng);
-        std::memcpy(bias.get_data_handle(), folded.bias.data(), folded.bias.size() * sizeof(float));
-        strm.wait();
-        weights_bytes += weights_desc.get_size() + bias.get_desc().get_size();
-        weight_memories.push_back(prepared);
-        weight_memories.push_back(bias);
-        return {prepared, bias};
+        return {weight_store.upload(eng, strm, folded.weights.data(), dt::f32, to_dnnl_dims(folded.weight_dims), weights_desc),
+                weight_store.bias(eng, folded.bias.data(), static_cast<int64_t>(folded.bias.size()))};
     }
     void lower_conv(const FusedOp& op, const TensorMap& weights);
     void lower_conv_transpose(const FusedOp& op, const TensorMap& weights);
-    void run_chunk(const float* src, float* dst, std::vector<double>* step_ms);
     void compile(const Graph& full_graph, const TensorMap& weights, const EngineOptions& engine_options);
     double time_pass(int reps);  // best time of `reps` passes of one micro-batch of synthetic input, ms
 };

@@ -29,11 +29,11 @@ double Engine::Impl::time_pass(int reps) {
         x = x * 1664525u + 1013904223u;
         v = static_cast<float>(x >> 8) * (2.0f / 16777216.0f) - 1.0f;
     }
-    run_chunk(src.data(), dst.data(), nullptr);  // warm-up: first touch of the arena, kernel caches
+    run_pass(src.data(), dst.data(), nullptr);  // warm-up: first touch of the arena, kernel caches
     double best = INFINITY;
     for (int r = 0; r < reps; ++r) {
         const auto start = Clock::now();
-        run_chunk(src.data(), dst.data(), nullptr);
+        run_pass(src.data(), dst.data(), nullptr);
         best = std::min(best, std::chrono::duration<double, std::milli>(Clock::now() - start).count());
     }
     return best;
@@ -124,8 +124,8 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
                 most = std::max(most, slot[k] > 0 ? steps[k].scratch[slot[k]] : steps[k].scratch_bytes);
             return most;
         };
-        size_t weights_now = measured->weights_bytes;  // every convolution direct
-        const double direct_total = static_cast<double>(weights_now + measured->arena_bytes + scratch());
+        size_t weights_now = measured->weight_store.bytes();  // every convolution direct
+        const double direct_total = static_cast<double>(weights_now + measured->arena.bytes() + scratch());
         const double budget = o.memory_budget_mb > 0    ? std::max(o.memory_budget_mb * 1e6, direct_total)
                               : o.memory_budget_mb == 0 ? 1.75 * direct_total
                                                         : INFINITY;
@@ -147,7 +147,7 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
                 if (which == 2 && steps[i].fallback.empty()) break;
                 slot[i] = which;
                 const double with = static_cast<double>(weights_now) + extra(i, which) +
-                                    static_cast<double>(measured->arena_bytes) + static_cast<double>(scratch());
+                                    static_cast<double>(measured->arena.bytes()) + static_cast<double>(scratch());
                 if (with > budget) continue;
                 weights_now = static_cast<size_t>(static_cast<double>(weights_now) + extra(i, which));
                 total = with;
@@ -259,46 +259,28 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
 
 Engine::~Engine() = default;
 
-static void check_run_arguments(const float* src, int batch, const float* dst, int micro_batch) {
-    if (!src || !dst) throw Error("engine: run() needs non-null input and output buffers");
-    if (batch <= 0 || batch % micro_batch != 0)
-        throw Error(fmt::format("engine: batch {} is not a positive multiple of the micro-batch {}", batch, micro_batch));
-}
-
 void Engine::run(const float* src, int batch, float* dst) {
     Impl& m = *impl_;
     const ConcurrentRunCheck busy(m.running, "engine");
     const ThreadSetting thread_setting(m.options.threads);
-    check_run_arguments(src, batch, dst, m.options.micro_batch);
-    const int64_t in_per_image = num_elements(m.input_dims);
-    const int64_t out_per_image = num_elements(m.output_dims);
-    check_finite_input(src, batch * in_per_image, "engine");
-    for (int b = 0; b < batch; b += m.options.micro_batch)
-        m.run_chunk(src + b * in_per_image, dst + b * out_per_image, nullptr);
+    check_run_batch(src, batch, dst, m.options.micro_batch, "engine");
+    check_finite_input(src, batch * num_elements(m.input_dims), "engine");
+    m.run_batch(src, batch, dst, m.options.micro_batch, nullptr);
 }
 
 std::vector<LayerProfile> Engine::profile(const float* src, int batch, float* dst) {
     Impl& m = *impl_;
     const ConcurrentRunCheck busy(m.running, "engine");
     const ThreadSetting thread_setting(m.options.threads);
-    check_run_arguments(src, batch, dst, m.options.micro_batch);
+    check_run_batch(src, batch, dst, m.options.micro_batch, "engine");
+    check_finite_input(src, batch * num_elements(m.input_dims), "engine");
     std::vector<double> step_ms(m.steps.size(), 0.0);
-    const int64_t in_per_image = num_elements(m.input_dims);
-    const int64_t out_per_image = num_elements(m.output_dims);
-    check_finite_input(src, batch * in_per_image, "engine");
-    for (int b = 0; b < batch; b += m.options.micro_batch)
-        m.run_chunk(src + b * in_per_image, dst + b * out_per_image, &step_ms);
-    std::vector<LayerProfile> layers;
-    const double chunks = static_cast<double>(batch / m.options.micro_batch);
-    for (size_t i = 0; i < m.steps.size(); ++i) {
-        const Step& s = m.steps[i];
-        layers.push_back({s.name, s.op, s.kernel, "f32", step_ms[i], 2.0 * s.macs * chunks / 1e9, s.algorithm, s.candidates});
-    }
-    return layers;
+    m.run_batch(src, batch, dst, m.options.micro_batch, &step_ms);
+    return m.profile_rows(step_ms, static_cast<double>(batch / m.options.micro_batch));
 }
 
 EngineMemory Engine::memory_usage() const {
-    return {impl_->weights_bytes, impl_->arena_bytes, impl_->arena_naive_bytes, impl_->scratchpad_bytes};
+    return impl_->memory_usage();
 }
 double Engine::compile_ms() const { return impl_->compile_ms; }
 const Dims& Engine::input_dims() const { return impl_->input_dims; }

@@ -18,6 +18,12 @@ void check_finite_input(const float* data, int64_t count, const char* who) {
     if (!all_finite(data, count)) throw Error(fmt::format("{}: the input images contain NaN or Inf", who));
 }
 
+void check_run_batch(const float* src, int batch, const float* dst, int micro_batch, const char* who) {
+    if (!src || !dst) throw Error(fmt::format("{}: run() needs non-null input and output buffers", who));
+    if (batch <= 0 || batch % micro_batch != 0)
+        throw Error(fmt::format("{}: batch {} is not a positive multiple of the micro-batch {}", who, batch, micro_batch));
+}
+
 ThreadSetting::ThreadSetting(int threads) {
     if (threads <= 0) return;
     previous_ = omp_get_max_threads();

@@ -4,6 +4,7 @@
 //
 // Intended usage, at the top of a run():
 //   ConcurrentRunCheck busy(impl.running, "engine");         // throws if another run() is in progress
+//   check_run_batch(src, batch, dst, micro_batch, "engine");
 //   check_finite_input(src, batch * image_elements, "engine");
 //   ThreadSetting threads(impl.options.threads);           // omp_set_num_threads until the scope ends
 #pragma once
@@ -20,6 +21,10 @@ bool all_finite(const float* data, int64_t count);
 // The first layers may clip or ReLU a NaN away, so bad input is refused before it can turn into a
 // plausible mask.
 void check_finite_input(const float* data, int64_t count, const char* who);
+
+// Throws resunet::Error("<who>: ...") unless src and dst are non-null and batch is a positive multiple of
+// micro_batch.
+void check_run_batch(const float* src, int batch, const float* dst, int micro_batch, const char* who);
 
 // Sets the OpenMP thread count of the calling thread for the scope (threads > 0), and restores the
 // value omp_get_max_threads() had before when the scope ends, also on exceptions. threads == 0 leaves

@@ -190,12 +190,8 @@ void QuantEngine::Impl::allocate() {
         if (options.keep_values) b.last_step = static_cast<int>(plan.size());
         requests.push_back({b.bytes, b.first_step, b.last_step});
     }
-    ArenaPlan arena_plan = plan_arena(requests, 64);
-    for (size_t i = 0; i < buffers.size(); ++i) buffers[i].offset = arena_plan.offsets[i];
-    arena_bytes = arena_plan.total_bytes;
-    arena_naive_bytes = arena_plan.naive_bytes;
-    arena.reset(static_cast<char*>(std::aligned_alloc(64, std::max<size_t>(64, (arena_bytes + 63) / 64 * 64))));
-    if (!arena) throw Error(fmt::format("int8 engine: cannot allocate an arena of {} bytes", arena_bytes));
+    const std::vector<size_t> offsets = arena.allocate(requests, "int8 engine");
+    for (size_t i = 0; i < buffers.size(); ++i) buffers[i].offset = offsets[i];
 }
 
 void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLayer& layer) {
@@ -209,55 +205,31 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
     const int padding = transposed ? 0 : node.padding;
     const int64_t stride = transposed ? 1 : node.stride;
 
-    primitive_attr attr;
-    attr.set_scratchpad_mode(scratchpad_mode::user);
-    post_ops post;
-    memory multiplier;
-    if (layer.int8) post.append_binary(algorithm::binary_mul, memory::desc({1, out_channels, 1, 1}, dt::f32, tag::abcd));
-    if (op.residual >= 0) post.append_sum(1.0f);
-    if (op.activation == Activation::relu) post.append_eltwise(1.0f, algorithm::eltwise_relu, 0.0f, 0.0f);
-    if (op.activation == Activation::sigmoid) post.append_eltwise(1.0f, algorithm::eltwise_logistic, 0.0f, 0.0f);
-    attr.set_post_ops(post);
-
     memory::desc src_desc;
-    memory src_memory;
     if (layer.int8) {
         const Dims padded = {in[0], in[1], in[2] + 2 * padding, in[3] + 2 * padding};
-        src_desc = memory::desc(to_dnnl_dims(padded), dt::u8, tag::nhwc);
-        src_memory = memory(src_desc, eng, ptr(planned.reads[0]));
+        src_desc = memory::desc(to_dnnl_dims(padded), dt::u8, tag::nhwc);  // the quantize pass wrote the padding
     } else {
         src_desc = memory::desc(to_dnnl_dims(in), dt::f32, tag::nhwc);
-        src_memory = memory(src_desc, eng, ptr(planned.reads[0]));
     }
-    const memory::dims conv_padding = layer.int8 ? memory::dims{0, 0} : memory::dims{padding, padding};
-    memory::desc weights_any(to_dnnl_dims(layer.weight_dims), layer.int8 ? dt::s8 : dt::f32, tag::any);
-    memory::desc bias_desc({out_channels}, dt::f32, tag::x);
-    memory::desc dst_desc(to_dnnl_dims(out), dt::f32, tag::nhwc);
-    convolution_forward::primitive_desc pd(
-        convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, src_desc, weights_any,
-                                  bias_desc, dst_desc, {stride, stride}, conv_padding, conv_padding),
-        attr, eng);
-
-    memory user_weights = layer.int8 ? memory({to_dnnl_dims(layer.weight_dims), dt::s8, tag::oihw}, eng,
-                                              const_cast<int8_t*>(layer.quant.q.data()))
-                                     : memory({to_dnnl_dims(layer.weight_dims), dt::f32, tag::oihw}, eng,
-                                              const_cast<float*>(layer.weights.data()));
-    memory weights(pd.weights_desc(), eng);
-    reorder(user_weights, weights).execute(strm, user_weights, weights);
-    strm.wait();
-    memory bias(bias_desc, eng);
-    std::memcpy(bias.get_data_handle(), layer.bias.data(), layer.bias.size() * sizeof(float));
-    weights_bytes += pd.weights_desc().get_size() + bias_desc.get_size();
-    weight_memories.push_back(weights);
+    const memory src_memory(src_desc, eng, ptr(planned.reads[0]));
+    const memory::desc dst_desc(to_dnnl_dims(out), dt::f32, tag::nhwc);
+    lowering::ConvSpec spec = lowering::ConvSpec::of(op, src_desc, dst_desc, to_dnnl_dims(layer.weight_dims), stride,
+                                                     layer.int8 ? 0 : padding);
+    if (layer.int8) spec.precision = lowering::Precision::u8s8;
+    const convolution_forward::primitive_desc pd = lowering::make_conv(eng, spec);
+    const memory weights = layer.int8 ? weight_store.upload(eng, strm, layer.quant.q.data(), dt::s8,
+                                                            to_dnnl_dims(layer.weight_dims), pd.weights_desc())
+                                      : weight_store.upload(eng, strm, layer.weights.data(), dt::f32,
+                                                            to_dnnl_dims(layer.weight_dims), pd.weights_desc());
+    const memory bias = weight_store.bias(eng, layer.bias.data(), out_channels);
 
     Step step;
     step.prim = convolution_forward(pd);
     step.args = {{DNNL_ARG_SRC, src_memory}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_BIAS, bias},
                  {DNNL_ARG_DST, memory(dst_desc, eng, ptr(planned.writes[0]))}};
     step.name = node.name;
-    step.op = std::string(transposed ? "deconv:conv1x1" : "conv") + (op.batch_norm >= 0 ? "+bn" : "") +
-              (op.residual >= 0 ? "+add" : "") + (op.activation == Activation::relu ? "+relu" : "") +
-              (op.activation == Activation::sigmoid ? "+sigmoid" : "");
+    step.op = lowering::fused_op_label(op, transposed ? "deconv:conv1x1" : "conv");
     step.kernel = pd.impl_info_str();
     step.precision = layer.int8 ? "u8s8" : "f32";
     step.macs = static_cast<double>(graph.node_macs(op.node));
@@ -265,9 +237,10 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
     if (layer.int8) {
         // Per pass: multiplier[oc] = s_x * s_w[oc] dequantizes the int32 sum; oneDNN adds the bias to
         // that sum before post-ops, so the bias goes in sum units, minus the zero-point term z * sum(q).
-        multiplier = memory({{1, out_channels, 1, 1}, dt::f32, tag::abcd}, eng);
+        // Counted with the three per-channel host vectors `before` reads.
+        const memory multiplier = weight_store.keep(memory({{1, out_channels, 1, 1}, dt::f32, tag::abcd}, eng),
+                                                    static_cast<size_t>(out_channels) * sizeof(float) * 3);
         step.args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] = multiplier;
-        weights_bytes += static_cast<size_t>(out_channels) * sizeof(float) * 3;
         host_vectors.push_back(layer.quant.scales);
         host_vectors.push_back(layer.bias);
         host_vectors.push_back(std::vector<float>(layer.quant.sums.begin(), layer.quant.sums.end()));
@@ -285,9 +258,7 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
                 bias_q[oc] = fp_bias[oc] / mul[oc] - z * sums[oc];
             }
         };
-        weight_memories.push_back(multiplier);
     }
-    weight_memories.push_back(bias);
     steps.push_back(std::move(step));
 }
 
@@ -419,9 +390,7 @@ void QuantEngine::Impl::lower(const TensorMap& weights, bool from_int8_file) {
             }
         }
     }
-    scratchpad = memory({{static_cast<memory::dim>(std::max<size_t>(scratchpad_bytes, 1))}, dt::u8, tag::x}, eng);
-    for (Step& step : steps)
-        if (!step.custom) step.args[DNNL_ARG_SCRATCHPAD] = scratchpad;
+    bind_scratchpad();
     input_dims = dims(graph.input_value());
     input_dims[0] = 1;
     output_dims = dims(graph.output_value());

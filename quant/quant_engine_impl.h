@@ -17,6 +17,9 @@
 #include <utility>
 #include <vector>
 
+#include "engine/arena.h"
+#include "engine/lowering.h"
+#include "engine/schedule.h"
 #include "engine/onednn_util.h"
 #include "graph/fusion.h"
 #include "quant/quant_engine.h"
@@ -53,17 +56,7 @@ struct PlannedStep {
     std::vector<int> writes;
 };
 
-struct Step {
-    std::function<void()> before;  // per-pass preparation (scales into bias and multiplier)
-    std::function<void()> custom;  // a pass of our own (quantize, gather) instead of a primitive
-    primitive prim;
-    std::unordered_map<int, memory> args;
-    std::string name;
-    std::string op;
-    std::string kernel;
-    std::string precision;
-    double macs = 0;
-};
+using Step = lowering::Step;
 
 // The values one quantize pass covers, and the u8 buffers (one per padding) it writes.
 struct QuantGroup {
@@ -82,12 +75,10 @@ struct QuantGroup {
 
 using namespace quant_detail;
 
-struct QuantEngine::Impl {
-    dnnl::engine eng{dnnl::engine::kind::cpu, 0};
-    stream strm{eng};
+// The int8 policy over the planner's schedule (engine/schedule.h): which layers run int8, the quantize
+// and gather passes between them, and each pass's activation scales.
+struct QuantEngine::Impl : lowering::Schedule<Step> {
     QuantOptions options;
-    Graph graph;
-    std::vector<FusedOp> ops;
     std::vector<bool> int8_op;
     int levels = 63;
 
@@ -104,27 +95,11 @@ struct QuantEngine::Impl {
     std::vector<PlannedStep> plan;
     std::vector<bool> copy_residual;
 
-    std::unique_ptr<char, decltype(&std::free)> arena{nullptr, &std::free};
-    size_t arena_bytes = 0;
-    size_t arena_naive_bytes = 0;
-    memory scratchpad;
-    size_t scratchpad_bytes = 0;
-    size_t weights_bytes = 0;
-    std::vector<memory> weight_memories;
     std::vector<std::vector<float>> host_vectors;  // per-layer scale/bias sources kept for `before`
-
-    std::vector<Step> steps;
-    std::vector<float> input_nhwc_dummy;
-    memory user_src;
-    memory user_dst;
-    Dims input_dims;
-    Dims output_dims;
-    double compile_ms = 0;
     bool calibrating = false;
-    std::atomic<bool> running{false};  // a run()/profile()/calibrate() is in progress (checked without NDEBUG)
 
     const Dims& dims(int value) const { return graph.value(value).dims; }
-    char* ptr(int buffer) const { return arena.get() + buffers[static_cast<size_t>(buffer)].offset; }
+    char* ptr(int buffer) const { return arena.base() + buffers[static_cast<size_t>(buffer)].offset; }
     int new_buffer(size_t bytes) {
         buffers.push_back(Buffer{bytes, INT_MAX, -1, 0});
         return static_cast<int>(buffers.size()) - 1;
@@ -138,7 +113,6 @@ struct QuantEngine::Impl {
     void allocate();
     void lower(const TensorMap& weights, bool from_int8_file);
     void lower_conv(const PlannedStep& planned, const PreparedLayer& layer);
-    void run_pass(const float* src, float* dst, std::vector<double>* step_ms);
     memory f32_memory(int buffer, const Dims& d, tag layout) {
         return memory({to_dnnl_dims(d), dt::f32, layout}, eng, ptr(buffer));
     }

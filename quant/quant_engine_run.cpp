@@ -13,25 +13,6 @@
 
 namespace resunet {
 
-void QuantEngine::Impl::run_pass(const float* src, float* dst, std::vector<double>* step_ms) {
-    user_src.set_data_handle(const_cast<float*>(src));
-    user_dst.set_data_handle(dst);
-    for (size_t i = 0; i < steps.size(); ++i) {
-        Step& s = steps[i];
-        const auto start = Clock::now();
-        if (s.before) s.before();
-        if (s.custom) {
-            s.custom();
-        } else {
-            s.prim.execute(strm, s.args);
-            // Our own passes read what primitives wrote; with an in-order CPU stream that is already done.
-            if (step_ms) strm.wait();
-        }
-        if (step_ms) (*step_ms)[i] += std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-    }
-    strm.wait();
-}
-
 QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const QuantOptions& options)
     : impl_(std::make_unique<Impl>()) {
     const auto start = Clock::now();
@@ -93,48 +74,34 @@ QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const Qua
 
 QuantEngine::~QuantEngine() = default;
 
-namespace {
-void check_batch(const float* src, int batch, const float* dst, int micro_batch) {
-    if (!src || !dst) throw Error("int8 engine: run() needs non-null input and output buffers");
-    if (batch <= 0 || batch % micro_batch != 0)
-        throw Error(fmt::format("int8 engine: batch {} is not a positive multiple of the micro-batch {}", batch, micro_batch));
-}
-}  // namespace
 
 void QuantEngine::run(const float* src, int batch, float* dst) {
     Impl& m = *impl_;
     const ConcurrentRunCheck busy(m.running, "int8 engine");
     const ThreadSetting thread_setting(m.options.threads);
-    check_batch(src, batch, dst, m.options.micro_batch);
+    check_run_batch(src, batch, dst, m.options.micro_batch, "int8 engine");
     // The first layers run in fp32 and ReLU turns NaN into 0, so bad input is caught here, before it
     // can turn silently into a plausible mask.
     check_finite_input(src, batch * num_elements(m.input_dims), "int8 engine");
-    const int64_t in = num_elements(m.input_dims), out = num_elements(m.output_dims);
-    for (int b = 0; b < batch; b += m.options.micro_batch) m.run_pass(src + b * in, dst + b * out, nullptr);
+    m.run_batch(src, batch, dst, m.options.micro_batch, nullptr);
 }
 
 std::vector<LayerProfile> QuantEngine::profile(const float* src, int batch, float* dst) {
     Impl& m = *impl_;
     const ConcurrentRunCheck busy(m.running, "int8 engine");
     const ThreadSetting thread_setting(m.options.threads);
-    check_batch(src, batch, dst, m.options.micro_batch);
+    check_run_batch(src, batch, dst, m.options.micro_batch, "int8 engine");
     check_finite_input(src, batch * num_elements(m.input_dims), "int8 engine");
     std::vector<double> ms(m.steps.size(), 0.0);
-    const int64_t in = num_elements(m.input_dims), out = num_elements(m.output_dims);
-    for (int b = 0; b < batch; b += m.options.micro_batch) m.run_pass(src + b * in, dst + b * out, &ms);
-    std::vector<LayerProfile> rows;
-    const double passes = static_cast<double>(batch / m.options.micro_batch);
-    for (size_t i = 0; i < m.steps.size(); ++i)
-        rows.push_back({m.steps[i].name, m.steps[i].op, m.steps[i].kernel, m.steps[i].precision, ms[i],
-                        2.0 * m.steps[i].macs * passes / 1e9, {}, {}});
-    return rows;
+    m.run_batch(src, batch, dst, m.options.micro_batch, &ms);
+    return m.profile_rows(ms, static_cast<double>(batch / m.options.micro_batch));
 }
 
 void QuantEngine::calibrate(const float* src, int batch) {
     Impl& m = *impl_;
     const ConcurrentRunCheck busy(m.running, "int8 engine");
     const ThreadSetting thread_setting(m.options.threads);
-    check_batch(src, batch, src, m.options.micro_batch);
+    check_run_batch(src, batch, src, m.options.micro_batch, "int8 engine");
     check_finite_input(src, batch * num_elements(m.input_dims), "int8 engine");
     std::vector<float> scratch(static_cast<size_t>(num_elements(m.output_dims) * m.options.micro_batch));
     for (QuantGroup& g : m.groups) {
@@ -144,8 +111,7 @@ void QuantEngine::calibrate(const float* src, int batch) {
     }
     m.calibrating = true;
     try {
-        const int64_t in = num_elements(m.input_dims);
-        for (int b = 0; b < batch; b += m.options.micro_batch) m.run_pass(src + b * in, scratch.data(), nullptr);
+        m.run_batch(src, batch, scratch.data(), m.options.micro_batch, nullptr, /*dst_stride=*/false);
     } catch (...) {
         m.calibrating = false;
         throw;
@@ -224,7 +190,7 @@ TensorMap QuantEngine::static_scales() const {
 }
 
 EngineMemory QuantEngine::memory_usage() const {
-    return {impl_->weights_bytes, impl_->arena_bytes, impl_->arena_naive_bytes, impl_->scratchpad_bytes};
+    return impl_->memory_usage();
 }
 double QuantEngine::compile_ms() const { return impl_->compile_ms; }
 int QuantEngine::num_primitives() const { return static_cast<int>(impl_->steps.size()); }

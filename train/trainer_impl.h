@@ -21,6 +21,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "engine/lowering.h"
 #include "engine/onednn_util.h"
 #include "train/trainer.h"
 
@@ -34,12 +35,9 @@ using dt = memory::data_type;
 
 using Clock = std::chrono::steady_clock;
 
-struct Step {
-    primitive prim;
-    std::unordered_map<int, memory> args;
-    std::string name;  // graph node (or node + ".what") the step belongs to
-    std::function<void()> custom;  // our own kernel, run instead of `prim` when set
-};
+// A step: a primitive with its arguments, or our own kernel (`custom`), named by its graph node (or
+// node + ".what"); the planner's step (engine/lowering.h).
+using Step = lowering::Step;
 
 // Deterministic values in [0, 1), as after a ReLU: what candidates are timed and compared on.
 inline void fill_unit(const memory& m) {
@@ -245,10 +243,7 @@ struct Trainer::Impl {
     const char* profile_phase = "";
     void execute(Step& s) {
         const auto start = profile ? Clock::now() : Clock::time_point{};
-        if (s.custom)
-            s.custom();
-        else
-            s.prim.execute(strm, s.args);
+        s.execute(strm);
         if (profile) {
             strm.wait();
             profile->push_back({s.name, profile_phase, std::chrono::duration<double, std::milli>(Clock::now() - start).count()});

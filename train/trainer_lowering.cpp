@@ -154,9 +154,16 @@ void Trainer::Impl::lower_forward(int node_index) {
                 plan.padding_l = {0, 0};
                 plan.padding_r = {out[2] - ((in[2] - 1) * s + k), out[3] - ((in[3] - 1) * s + k)};
             }
-            const memory::desc weights_any({out[1], in[1], k, k}, dt::f32, tag::any);
             const memory::desc bias_desc({out[1]}, dt::f32, tag::x);
-            const memory::desc bias_or_none = node.bias ? bias_desc : memory::desc();  // oneDNN: an empty desc is no bias
+            lowering::ConvSpec spec;  // direct, no post-ops: the planner's convolution for training
+            spec.prop = prop_kind::forward_training;
+            spec.src = value_desc[index(src)];
+            spec.dst = dst_desc;
+            spec.weight_dims = {out[1], in[1], k, k};
+            spec.bias = node.bias;
+            spec.strides = strides;
+            spec.padding_l = plan.padding_l;
+            spec.padding_r = plan.padding_r;
             // PyTorch layouts: Conv2d [O, I, k, k] is oneDNN's oihw; ConvTranspose2d [I, O, k, k] is oneDNN's
             // deconvolution weights {O, I, k, k} stored as iohw. So the host tensors are used as they are.
             const memory::desc plain({out[1], in[1], k, k}, dt::f32, is_conv ? tag::oihw : tag::iohw);
@@ -164,18 +171,12 @@ void Trainer::Impl::lower_forward(int node_index) {
             size_t scratch = 0;
             primitive prim;
             if (is_conv) {
-                const convolution_forward::desc desc(prop_kind::forward_training, algorithm::convolution_direct,
-                                                     value_desc[index(src)], weights_any, bias_or_none, dst_desc, strides,
-                                                     plan.padding_l, plan.padding_r);
-                plan.conv = convolution_forward::primitive_desc(desc, attr, eng);
+                plan.conv = lowering::make_conv(eng, spec);
                 weights_memory = weights_for(node.name + ".weight", plain, plan.conv.weights_desc());
                 scratch = plan.conv.scratchpad_desc().get_size();
                 prim = convolution_forward(plan.conv);
             } else {
-                const deconvolution_forward::desc desc(prop_kind::forward_training, algorithm::deconvolution_direct,
-                                                       value_desc[index(src)], weights_any, bias_or_none, dst_desc, strides,
-                                                       plan.padding_l, plan.padding_r);
-                plan.deconv = deconvolution_forward::primitive_desc(desc, attr, eng);
+                plan.deconv = lowering::make_deconv(eng, spec);
                 weights_memory = weights_for(node.name + ".weight", plain, plan.deconv.weights_desc());
                 scratch = plan.deconv.scratchpad_desc().get_size();
                 prim = deconvolution_forward(plan.deconv);
