@@ -13,7 +13,7 @@
 #include <optional>
 
 #include "engine/arena.h"
-#include "engine/conv_tuning.h"
+#include "engine/conv_choice.h"
 #include "engine/engine_impl.h"
 #include "engine/onednn_util.h"
 #include "engine/plan_cache.h"
@@ -236,121 +236,37 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
                                 : (from_input ? memory::desc(to_dnnl_dims(in), dt::f32, tag::any)
                                               : value_desc[static_cast<size_t>(src)]);
     memory::desc dst_desc = value_desc[static_cast<size_t>(op.dst)];
-    lowering::ConvSpec spec = lowering::ConvSpec::of(op, src_desc, dst_desc, {out_channels, in_channels, k, k}, node.stride,
-                                                     node.padding);
-    auto make_pd = [&](algorithm alg) {
-        spec.algorithm = alg;
-        return lowering::make_conv(eng, spec);
-    };
-    convolution_forward::primitive_desc pd = make_pd(algorithm::convolution_direct);
-    std::string chosen_algorithm = "direct";
-    std::string candidates;
-    Step measurement;  // the measured figures of direct and the best other candidate, copied to the step below
-    std::shared_ptr<WinogradOwn> own;  // set when our own Winograd runs this layer
-    // Our own Winograd with this layer's weights, post-ops and activation layout, or nullptr where it does
-    // not apply (engine/winograd_own.h says when); `tile` 4 or 2.
-    const bool own_applies = k == 3 && node.stride == 1 && node.padding == 1 && !from_input &&
-                             op.activation != Activation::sigmoid && winograd_own_supported();
+    ConvChoiceRequest request;
+    request.spec = lowering::ConvSpec::of(op, src_desc, dst_desc, {out_channels, in_channels, k, k}, node.stride, node.padding);
+    request.weights = folded.weights.data();
+    request.bias = folded.bias.data();
+    request.winograd_shape = k == 3 && node.stride == 1 && !from_input;
+    // Our own Winograd: 3x3 stride 1 pad 1, not the graph input (whose layout the first conv chooses), on
+    // dense src and dst (a concat slice is one only at micro-batch 1: checked, so that a future strided
+    // slice is refused rather than miswritten).
     const Dims& out = graph.value(op.dst).dims;
     const WinogradOwnShape own_shape{.batch = in[0], .in_channels = in_channels, .out_channels = out_channels,
                                      .height = out[2], .width = out[3], .layout = act_tag, .sum = op.residual >= 0,
                                      .relu = op.activation == Activation::relu};
-    // The engine's src and dst are dense tensors at an offset (a concat slice only at micro-batch 1):
-    // check it, so that a future strided slice is refused rather than miswritten.
-    auto own_offered = [&](int tile) {
+    request.own_offered = [&](int tile) {
         const memory::desc dense_src(to_dnnl_dims(in), dt::f32, act_tag), dense_dst(to_dnnl_dims(out), dt::f32, act_tag);
-        return own_applies && src_desc == dense_src && dst_desc == dense_dst && in[2] == out[2] && in[3] == out[3] &&
-               WinogradOwn::applies(tile, own_shape);
+        return k == 3 && node.stride == 1 && node.padding == 1 && !from_input && op.activation != Activation::sigmoid &&
+               winograd_own_supported() && src_desc == dense_src && dst_desc == dense_dst && in[2] == out[2] &&
+               in[3] == out[3] && WinogradOwn::applies(tile, own_shape);
     };
-    auto make_own = [&](int tile) -> std::shared_ptr<WinogradOwn> {
-        if (!own_offered(tile)) return nullptr;
+    request.make_own = [&](int tile) {
         return WinogradOwn::create(eng, strm, tile, own_shape, folded.weights.data(), folded.bias.data());
     };
-    // Winograd candidates: 3x3 stride 1, not the graph input (whose layout the first conv chooses).
-    const bool wants_winograd = options.conv_algorithm == ConvAlgorithm::winograd ||
-                                (options.conv_algorithm == ConvAlgorithm::tuned && options.tune != Tuning::off);
-    const int forced_own_tile = options.conv_algorithm == ConvAlgorithm::own_winograd_f43   ? 4
-                                : options.conv_algorithm == ConvAlgorithm::own_winograd_f23 ? 2
-                                                                                            : 0;
+    request.algorithm = options.conv_algorithm;
+    request.tune = options.tune;
     if (forced_algorithms) {
         auto it = forced_algorithms->find(node.name);
-        if (it != forced_algorithms->end() && it->second == "winograd") {
-            try {
-                pd = make_pd(algorithm::convolution_winograd);
-                chosen_algorithm = "winograd";
-            } catch (const dnnl::error&) {
-                // the key matched, so this does not happen; direct stays correct if it does
-            }
-        } else if (it != forced_algorithms->end() && is_own_winograd(it->second)) {
-            own = make_own(it->second == "winograd_f43" ? 4 : 2);  // nullptr (direct) does not happen either
-            if (own) chosen_algorithm = own->algorithm();
-        }
-        candidates = chosen_algorithm + " (from the plan cache)";
-    } else if (forced_own_tile) {
-        own = make_own(forced_own_tile);
-        if (own) chosen_algorithm = own->algorithm();
-    } else if (wants_winograd && k == 3 && node.stride == 1 && !from_input) {
-        std::optional<convolution_forward::primitive_desc> winograd;
-        try {
-            winograd = make_pd(algorithm::convolution_winograd);
-        } catch (const dnnl::error&) {
-            // oneDNN has no Winograd kernel for this shape, layout or CPU (none at all on AVX2 in 2.6).
-        }
-        if (options.conv_algorithm == ConvAlgorithm::winograd) {
-            if (winograd) {
-                pd = *winograd;
-                chosen_algorithm = "winograd";
-            }
-        } else {
-            std::vector<ConvCandidate> trial = {{"direct", pd}};
-            if (winograd) trial.push_back({"winograd", *winograd, kWinogradRelativeBound});
-            // Ours built only when measured (ConvCandidate::make_own), kept only while the fastest.
-            for (int tile : {4, 2})
-                if (own_offered(tile))
-                    trial.push_back({tile == 4 ? "winograd_f43" : "winograd_f23", pd, kOwnWinogradRelativeBound, nullptr,
-                                     [&make_own, tile] { return make_own(tile); }});
-            if (trial.size() > 1) {
-                memory user_weights({to_dnnl_dims(folded.weight_dims), dt::f32, tag::oihw}, eng,
-                                    const_cast<float*>(folded.weights.data()));
-                memory bias({{out_channels}, dt::f32, tag::x}, eng);
-                std::memcpy(bias.get_data_handle(), folded.bias.data(), folded.bias.size() * sizeof(float));
-                const ConvTrial result = measure_conv(eng, strm, trial, user_weights, bias, options.tune == Tuning::full ? 7 : 3);
-                const ConvCandidate& chosen = trial[result.chosen];
-                measurement.preferred = chosen.name;
-                if (!measure_only) {
-                    if (chosen.own)
-                        own = chosen.own;
-                    else
-                        pd = chosen.pd;
-                    chosen_algorithm = measurement.preferred;
-                }
-                candidates = result.summary(trial);
-                // Slot 1: the chosen candidate, else the fastest other one that passed (for the record).
-                size_t other = result.chosen;
-                for (size_t i = 1; i < trial.size() && result.chosen == 0; ++i)
-                    if (trial[i].passed && (other == 0 || trial[i].ms < trial[other].ms)) other = i;
-                if (other > 0) {
-                    measurement.measured = true;
-                    // Slot 2: the leaner runner-up of a Winograd choice (fewer weight and scratchpad bytes,
-                    // still faster than direct), for the memory budget.
-                    size_t leaner = 0;
-                    auto bytes = [&](size_t i) { return trial[i].weight_bytes + trial[i].scratch_bytes; };
-                    for (size_t i = 1; i < trial.size() && result.chosen != 0; ++i)
-                        if (i != other && trial[i].passed && trial[i].ms < trial[0].ms && bytes(i) < bytes(other) &&
-                            (leaner == 0 || trial[i].ms < trial[leaner].ms))
-                            leaner = i;
-                    if (leaner > 0) measurement.fallback = trial[leaner].name;
-                    const size_t pick[3] = {0, other, leaner};
-                    for (int i = 0; i < (leaner > 0 ? 3 : 2); ++i) {
-                        const ConvCandidate& c = trial[pick[i]];
-                        measurement.ms[i] = c.ms;
-                        measurement.weight_bytes[i] = c.weight_bytes;
-                        measurement.scratch[i] = c.scratch_bytes;
-                    }
-                }
-            }
-        }
+        request.forced = it != forced_algorithms->end() ? it->second : "direct";
     }
+    request.measure_only = measure_only;
+    ConvChoice choice = choose_conv_algorithm(eng, strm, request);
+    const convolution_forward::primitive_desc& pd = choice.pd;
+    const std::shared_ptr<WinogradOwn>& own = choice.own;
     if (from_input && !input_desc_chosen) {
         // The input buffer takes the layout the first convolution asked for (plain NCHW for 3 channels).
         value_desc[static_cast<size_t>(src)] = pd.src_desc();
@@ -378,15 +294,16 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
         add_step(convolution_forward(pd), std::move(args), node.name, activation_label(op), pd.impl_info_str(),
                  static_cast<double>(graph.node_macs(op.node)), pd.scratchpad_desc().get_size());
     }
-    steps.back().algorithm = chosen_algorithm;
-    steps.back().candidates = std::move(candidates);
-    steps.back().measured = measurement.measured;
-    steps.back().preferred = measurement.preferred;
-    steps.back().fallback = measurement.fallback;
+    Step& step = steps.back();
+    step.algorithm = choice.algorithm;
+    step.candidates = std::move(choice.candidates);
+    step.measured = choice.measured;
+    step.preferred = choice.preferred;
+    step.fallback = choice.fallback;
     for (int i = 0; i < 3; ++i) {
-        steps.back().ms[i] = measurement.ms[i];
-        steps.back().weight_bytes[i] = measurement.weight_bytes[i];
-        steps.back().scratch[i] = measurement.scratch[i];
+        step.ms[i] = choice.ms[i];
+        step.weight_bytes[i] = choice.weight_bytes[i];
+        step.scratch[i] = choice.scratch[i];
     }
 }
 

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "engine/arena.h"
+#include "engine/conv_choice.h"
 #include "engine/engine.h"
 #include "engine/lowering.h"
 #include "engine/schedule.h"
@@ -49,10 +50,6 @@ struct Step : lowering::Step {
     size_t scratch[3] = {0, 0, 0};
 };
 
-// The algorithms of our own Winograd (engine/winograd_own.h): name and output tile.
-inline bool is_own_winograd(const std::string& algorithm) {
-    return algorithm == "winograd_f43" || algorithm == "winograd_f23";
-}
 
 // A buffer in the arena, or a channel slice of another (concat in place).
 struct Storage {
@@ -69,7 +66,6 @@ struct Storage {
 using engine_detail::Clock;
 using engine_detail::Step;
 using engine_detail::Storage;
-using engine_detail::is_own_winograd;
 
 // The fp32 policy over the planner's schedule (engine/schedule.h): one activation layout, in-place
 // storage, each convolution's measured algorithm.

@@ -217,22 +217,71 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
     lowering::ConvSpec spec = lowering::ConvSpec::of(op, src_desc, dst_desc, to_dnnl_dims(layer.weight_dims), stride,
                                                      layer.int8 ? 0 : padding);
     if (layer.int8) spec.precision = lowering::Precision::u8s8;
-    const convolution_forward::primitive_desc pd = lowering::make_conv(eng, spec);
+    const int64_t k = layer.weight_dims[2];
+    const bool winograd_shape = !transposed && k == 3 && stride == 1 && padding == 1 && src != graph.input_value();
+    Step step;
+    step.name = node.name;
+    step.op = lowering::fused_op_label(op, transposed ? "deconv:conv1x1" : "conv");
+    step.precision = layer.int8 ? "u8s8" : "f32";
+    step.macs = static_cast<double>(graph.node_macs(op.node));
+    step.algorithm = "direct";
+    convolution_forward::primitive_desc pd;
+    if (!layer.int8 && winograd_shape) {
+        // An fp32 layer: the planner's candidates, as in the fp32 engine (NHWC, dense src and dst).
+        ConvChoiceRequest request;
+        request.spec = spec;
+        request.weights = layer.weights.data();
+        request.bias = layer.bias.data();
+        request.winograd_shape = true;
+        const WinogradOwnShape own_shape{.batch = in[0], .in_channels = in[1], .out_channels = out_channels,
+                                         .height = out[2], .width = out[3], .layout = tag::nhwc,
+                                         .sum = op.residual >= 0, .relu = op.activation == Activation::relu};
+        request.own_offered = [&](int tile) {
+            return op.activation != Activation::sigmoid && winograd_own_supported() && WinogradOwn::applies(tile, own_shape);
+        };
+        request.make_own = [&](int tile) {
+            return WinogradOwn::create(eng, strm, tile, own_shape, layer.weights.data(), layer.bias.data());
+        };
+        request.tune = options.tune;
+        request.algorithm = options.conv_algorithm;
+        ConvChoice choice = choose_conv_algorithm(eng, strm, request);
+        step.algorithm = choice.algorithm;
+        step.candidates = std::move(choice.candidates);
+        if (choice.own) {
+            std::shared_ptr<WinogradOwn> own = choice.own;
+            weight_store.count(own->weight_bytes());
+            const float* src_data = reinterpret_cast<const float*>(ptr(planned.reads[0]));
+            float* dst_data = reinterpret_cast<float*>(ptr(planned.writes[0]));
+            step.custom = [this, own, src_data, dst_data] { own->execute(strm, src_data, dst_data, scratchpad.get_data_handle()); };
+            step.kernel = own->kernel();
+            scratchpad_bytes = std::max(scratchpad_bytes, own->scratch_bytes());
+            steps.push_back(std::move(step));
+            return;
+        }
+        pd = choice.pd;
+    } else if (layer.int8 && winograd_shape) {
+        // For the plan: whether oneDNN has an int8 Winograd for this layer on this CPU. It is not measured
+        // as a candidate: int8 Winograd would need the dequantization moved into the next quantize pass.
+        lowering::ConvSpec winograd = spec;
+        winograd.algorithm = algorithm::convolution_winograd;
+        bool available = false;
+        try {
+            available = (lowering::make_conv(eng, winograd), true);
+        } catch (const dnnl::error&) {
+        }
+        step.candidates = available ? "direct (oneDNN's u8s8 Winograd also accepts this layer; not a candidate of this lowering)"
+                                    : "direct (oneDNN has no other u8s8 kernel for this layer here)";
+    }
+    if (!pd) pd = lowering::make_conv(eng, spec);
     const memory weights = layer.int8 ? weight_store.upload(eng, strm, layer.quant.q.data(), dt::s8,
                                                             to_dnnl_dims(layer.weight_dims), pd.weights_desc())
                                       : weight_store.upload(eng, strm, layer.weights.data(), dt::f32,
                                                             to_dnnl_dims(layer.weight_dims), pd.weights_desc());
     const memory bias = weight_store.bias(eng, layer.bias.data(), out_channels);
-
-    Step step;
     step.prim = convolution_forward(pd);
     step.args = {{DNNL_ARG_SRC, src_memory}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_BIAS, bias},
                  {DNNL_ARG_DST, memory(dst_desc, eng, ptr(planned.writes[0]))}};
-    step.name = node.name;
-    step.op = lowering::fused_op_label(op, transposed ? "deconv:conv1x1" : "conv");
     step.kernel = pd.impl_info_str();
-    step.precision = layer.int8 ? "u8s8" : "f32";
-    step.macs = static_cast<double>(graph.node_macs(op.node));
     scratchpad_bytes = std::max(scratchpad_bytes, pd.scratchpad_desc().get_size());
     if (layer.int8) {
         // Per pass: multiplier[oc] = s_x * s_w[oc] dequantizes the int32 sum; oneDNN adds the bias to

@@ -35,6 +35,10 @@ struct QuantOptions {
     // Layers (head node names, e.g. "e1.conv_a") kept in fp32. Convolutions with fewer than 8 input or
     // output channels (the RGB stem, the 1-channel head) stay fp32 regardless: they are memory-bound.
     std::set<std::string> keep_fp32;
+    // The fp32 layers' 3x3 convolutions (layers kept fp32 by request): each one's algorithm chosen as the
+    // fp32 engine chooses (EngineOptions::tune, engine/conv_choice.h): direct, oneDNN's Winograd, our own.
+    Tuning tune = Tuning::fast;
+    ConvAlgorithm conv_algorithm = ConvAlgorithm::tuned;  // or one algorithm for them all (tests, comparisons)
     bool keep_values = false;    // keep every activation for read_value() (per-layer reports)
     bool count_saturation = false;  // count clipped values in each quantize pass (report mode; slower)
 };

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "engine/arena.h"
+#include "engine/conv_choice.h"
 #include "engine/lowering.h"
 #include "engine/schedule.h"
 #include "engine/onednn_util.h"

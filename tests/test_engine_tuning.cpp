@@ -458,7 +458,12 @@ TEST(PlanCommand, PrintsThePlanAndUsesTheCache) {
     EXPECT_NE(out.find(" *"), std::string::npos) << out;
     ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --plan-cache none --micro-batch 2", &out, &err), 0) << err;
     EXPECT_NE(out.find("micro-batch: 2\n"), std::string::npos) << out;
-    for (const std::string& bad : {"plan --model " + (dir / "missing.safetensors").string(), std::string("plan"),
+    // The int8 plan: every layer's precision; an fp32 model is quantized with dynamic scales.
+    ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --precision int8", &out, &err), 0) << err;
+    EXPECT_NE(out.find("plan: int8, dynamic (computed per pass) activation scales"), std::string::npos) << out;
+    EXPECT_NE(out.find("u8s8"), std::string::npos) << out;
+    for (const std::string& bad : {"plan --model " + model.string() + " --precision int4",
+                                   "plan --model " + (dir / "missing.safetensors").string(), std::string("plan"),
                                    "plan --model " + model.string() + " --tune fastest",
                                    "plan --model " + model.string() + " --micro-batch 0",
                                    "plan --model " + model.string() + " --micro-batch some",

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/winograd_own.h"
 #include "graph/fusion.h"
 #include "graph/graph.h"
 #include "graph/init.h"
@@ -42,6 +43,8 @@ namespace {
 
 namespace fs = std::filesystem;
 using resunet::ActivationQuant;
+using resunet::ConvAlgorithm;
+using resunet::LayerProfile;
 using resunet::Dims;
 using resunet::Error;
 using resunet::Graph;
@@ -1190,6 +1193,50 @@ TEST(QuantInput, KeepFp32) {
     // d1.conv_a reads a concat with a packed transposed-conv output: gathered for the fp32 layer.
     options.micro_batch = 2;
     check_every_op("resunet w8 keep e2.conv_a d1.conv_a", net.graph, net.weights, net.input, options);
+}
+
+// Layers kept fp32 get the planner's candidates (engine/conv_choice.h) as in the fp32 engine: measured
+// by default, or one algorithm asked for. Each forced algorithm is checked op by op against the
+// fake-quant reference (whose fp32 layers are plain convolutions) within kFakeQuantTolerance.
+TEST(QuantInput, KeptFp32LayersChooseTheirAlgorithm) {
+    const WholeNet& net = whole_net();
+    QuantOptions options = quant_options();
+    options.keep_fp32 = {"e2.conv_a", "d1.conv_b"};
+    auto rows_of = [&](const QuantOptions& o) {
+        QuantEngine engine(net.graph, net.weights, o);
+        std::vector<float> out(static_cast<size_t>(count_of(net.fp32)));
+        std::map<std::string, LayerProfile> rows;
+        for (const LayerProfile& row : engine.profile(net.input.data.data(), static_cast<int>(net.input.dims[0]), out.data()))
+            rows[row.name] = row;
+        return rows;
+    };
+    auto measured = rows_of(options);
+    for (const std::string& name : options.keep_fp32) {
+        EXPECT_EQ(measured.at(name).precision, "f32") << name;
+        EXPECT_NE(measured.at(name).candidates.find("direct"), std::string::npos) << name;
+        if (resunet::winograd_own_supported()) {
+            EXPECT_NE(measured.at(name).candidates.find("winograd_f43"), std::string::npos) << measured.at(name).candidates;
+        }
+        std::cout << "  " << name << ": " << measured.at(name).algorithm << " <- " << measured.at(name).candidates << "\n";
+    }
+    EXPECT_NE(measured.at("e2.conv_b").candidates.find("direct"), std::string::npos);  // int8: direct, and why
+    options.tune = resunet::Tuning::off;
+    auto untuned = rows_of(options);
+    EXPECT_EQ(untuned.at("e2.conv_a").algorithm, "direct");
+    EXPECT_EQ(untuned.at("e2.conv_a").candidates, "");
+    if (!resunet::winograd_own_supported()) return;
+    for (auto [algorithm, name] : {std::pair{ConvAlgorithm::own_winograd_f43, "winograd_f43"},
+                                   std::pair{ConvAlgorithm::own_winograd_f23, "winograd_f23"}}) {
+        options.conv_algorithm = algorithm;
+        options.tune = resunet::Tuning::fast;
+        auto forced = rows_of(options);
+        EXPECT_EQ(forced.at("e2.conv_a").algorithm, name);
+        EXPECT_EQ(forced.at("d1.conv_b").algorithm, name);
+        options.micro_batch = 2;
+        check_every_op(fmt::format("resunet w8 keep e2.conv_a d1.conv_b as {}", name), net.graph, net.weights, net.input,
+                       options);
+        options.micro_batch = 1;
+    }
 }
 
 TEST(QuantInput, BadOptionsAndArguments) {

@@ -21,6 +21,7 @@
 
 #include "apps/lib/predict_command.h"
 #include "apps/lib/quantize_cli.h"
+#include "engine/winograd_own.h"
 #include "apps/lib/eval_command.h"
 #include "apps/lib/train_command.h"
 #include "data/dataset.h"
@@ -265,6 +266,32 @@ TEST(QuantizeBinary, FilesFromEitherIsaRunUnderBoth) {
             }
         }
     }
+}
+
+// `resunet plan` of an int8 file: int8 by default, with the stored static scales; a layer kept fp32 lists the
+// algorithms measured for it; asking for its fp32 plan is a one-line error (an int8 file has no fp32 weights).
+TEST(QuantizeBinary, PlanOfAnInt8File) {
+    if (!fs::exists(resunet_binary())) GTEST_SKIP() << "resunet is not built";
+    const TestModel& model = test_model();
+    TempDir dir;
+    const std::string int8_path = dir / "int8.safetensors";
+    ASSERT_EQ(run_binary(dir, "", "quantize --model " + model.fp32_path + " --out " + int8_path +
+                                      " --calibration-count 1 --threads 1 --keep-fp32 e2.conv_a"),
+              0);
+    std::string out, err;
+    ASSERT_EQ(run_binary(dir, "", "plan --model " + int8_path + " --threads 1", &out, &err), 0) << err;
+    EXPECT_NE(out.find("an int8 file"), std::string::npos) << out;
+    EXPECT_NE(out.find("plan: int8, static (stored in the file)"), std::string::npos) << out;
+    const size_t row = out.find("\ne2.conv_a ");
+    ASSERT_NE(row, std::string::npos) << out;
+    const std::string line = out.substr(row + 1, out.find('\n', row + 1) - row - 1);
+    EXPECT_NE(line.find(" f32 "), std::string::npos) << line;
+    if (resunet::winograd_own_supported()) {
+        EXPECT_NE(line.find("winograd_f43"), std::string::npos) << line;  // measured (chosen or not)
+    }
+    EXPECT_EQ(run_binary(dir, "", "plan --model " + int8_path + " --precision fp32", &out, &err), 2);
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    EXPECT_NE(err.find("int8 file"), std::string::npos) << err;
 }
 
 // Bad input: one line on stderr, exit 2, nothing written.

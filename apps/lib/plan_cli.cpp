@@ -18,6 +18,7 @@
 #include "graph/init.h"
 #include "graph/model_config.h"
 #include "graph/safetensors.h"
+#include "quant/quant_engine.h"
 
 namespace resunet {
 
@@ -31,13 +32,56 @@ struct PlanOptions {
     int batch = 16;                 // with --micro-batch auto: the batch the candidates are timed on
     EngineTuningFlags tuning;
     bool retune = false;
+    std::string precision;  // fp32 | int8; empty: int8 for an int8 file, else fp32
 };
+
+// The int8 plan: which layers run u8s8 and which fp32, each one's kernel and algorithm (the kept fp32
+// layers' measured candidates), and the int8 engine's memory. An fp32 model is quantized here as
+// `resunet quantize` would (dynamic scales); an int8 file is used as it is.
+QuantOptions int8_options(const PlanOptions& o, int micro_batch, Tuning tune) {
+    QuantOptions options;
+    options.threads = o.threads;
+    options.micro_batch = micro_batch;
+    options.tune = tune;
+    return options;
+}
+
+void print_int8_plan(const PlanOptions& o, SafetensorsFile& file, const Graph& graph, const ResUNetConfig& config,
+                     const std::string& micro_batch_line, int micro_batch, Tuning tune) {
+    const bool int8_file = is_int8_weights(file.tensors);
+    QuantEngine engine(graph, file.tensors, int8_options(o, micro_batch, tune));
+    file.tensors.clear();
+    fmt::print("model: {} (width {}, depth {}, {}x{}; {})\n", o.model, config.width, config.depth, config.height,
+               config.width_px, int8_file ? "an int8 file" : "fp32 weights, quantized here");
+    fmt::print("machine: {}\n", onednn_version());
+    fmt::print("plan: int8, {} activation scales; fp32 layers' 3x3 convolutions {}\n",
+               engine.mode() == ScaleMode::static_calibrated ? "static (stored in the file)" : "dynamic (computed per pass)",
+               tune == Tuning::off ? "direct (--tune off)" : "measured");
+    fmt::print("{}", micro_batch_line);
+    const EngineMemory memory = engine.memory_usage();
+    fmt::print("compile: {:.0f} ms; activation layout nhwc; engine bytes {:.1f} MB (weights {:.1f}, arena {:.1f}, "
+               "scratchpad {:.1f})\n\n",
+               engine.compile_ms(), memory.total() / 1e6, memory.weights_bytes / 1e6, memory.arena_bytes / 1e6,
+               memory.scratchpad_bytes / 1e6);
+    std::vector<float> input(static_cast<size_t>(3) * config.height * config.width_px * micro_batch, 0.5f);
+    std::vector<float> output(static_cast<size_t>(config.out_channels) * config.height * config.width_px * micro_batch);
+    const std::vector<LayerProfile> rows = engine.profile(input.data(), micro_batch, output.data());
+    fmt::print("{:<22} {:<30} {:<9} {:<26} {:<12} {:>9}  {}\n", "layer", "op", "precision", "kernel", "algorithm",
+               "ms/image", "candidates (* chosen)");
+    for (const LayerProfile& row : rows)
+        fmt::print("{:<22} {:<30} {:<9} {:<26} {:<12} {:>9.2f}  {}\n", row.name, row.op, row.precision, row.kernel,
+                   row.algorithm, row.time_ms / micro_batch, row.candidates);
+}
 
 void print_plan(const PlanOptions& o) {
     SafetensorsFile file = load_safetensors(o.model);
     ResUNetConfig config = infer_resunet_config(file.tensors, file.metadata, o.size > 0 ? o.size : 224);
     if (o.size > 0) config.height = config.width_px = o.size;
     const Graph graph = build_resunet(config);
+    const bool int8_file = is_int8_weights(file.tensors);
+    const bool int8 = o.precision.empty() ? int8_file : o.precision == "int8";
+    if (!int8 && int8_file)
+        throw UsageError(fmt::format("--model '{}' is an int8 file; --precision fp32 needs fp32 weights", o.model));
     EngineOptions options;
     options.threads = o.threads;
     apply_engine_tuning(o.tuning, true, options);
@@ -55,14 +99,20 @@ void print_plan(const PlanOptions& o) {
         fill_uniform(images.data(), static_cast<int64_t>(images.size()), 7, -2.0f, 2.0f);
         MicroBatchSearch search;
         search.memory_budget_mb = options.memory_budget_mb > 0 ? options.memory_budget_mb : -1.0;
-        const MicroBatchChoice choice = choose_micro_batch(
-            images.data(), o.batch, static_cast<size_t>(config.out_channels) * config.height * config.width_px, search,
-            [&](int mb) {
-                EngineOptions candidate = options;
-                candidate.micro_batch = mb;
-                return std::make_unique<Engine>(graph, file.tensors, candidate);
-            },
-            logits_within(kMicroBatchFp32Bound));
+        const size_t out_floats = static_cast<size_t>(config.out_channels) * config.height * config.width_px;
+        const MicroBatchChoice choice =
+            int8 ? choose_micro_batch(
+                       images.data(), o.batch, out_floats, search,
+                       [&](int mb) { return std::make_unique<QuantEngine>(graph, file.tensors, int8_options(o, mb, options.tune)); },
+                       sqnr_at_least(kMicroBatchInt8Db))
+                 : choose_micro_batch(
+                       images.data(), o.batch, out_floats, search,
+                       [&](int mb) {
+                           EngineOptions candidate = options;
+                           candidate.micro_batch = mb;
+                           return std::make_unique<Engine>(graph, file.tensors, candidate);
+                       },
+                       logits_within(kMicroBatchFp32Bound));
         options.micro_batch = choice.micro_batch;
         micro_batch_line = fmt::format("micro-batch: {} (measured on a batch of {}: {})\n", choice.micro_batch, o.batch,
                                        choice.summary());
@@ -70,6 +120,7 @@ void print_plan(const PlanOptions& o) {
         options.micro_batch = std::stoi(o.micro_batch);
         micro_batch_line = fmt::format("micro-batch: {}\n", options.micro_batch);
     }
+    if (int8) return print_int8_plan(o, file, graph, config, micro_batch_line, options.micro_batch, options.tune);
     Engine engine(graph, file.tensors, options);
     file.tensors.clear();
     fmt::print("model: {} (width {}, depth {}, {}x{})\n", o.model, config.width, config.depth, config.height,
@@ -98,14 +149,18 @@ void print_plan(const PlanOptions& o) {
 void add_plan_command(CLI::App& app) {
     auto options = std::make_shared<PlanOptions>();
     CLI::App* command = app.add_subcommand(
-        "plan", "Print the fp32 plan chosen for a model on this machine: layout, kernels, algorithms, candidates");
-    command->add_option("--model", options->model, "fp32 model .safetensors")->required();
+        "plan", "Print the plan chosen for a model on this machine: layout, precisions, kernels, algorithms, candidates");
+    command->add_option("--model", options->model, "Model .safetensors (fp32, or an int8 file from resunet quantize)")
+        ->required();
+    command->add_option("--precision", options->precision,
+                        "fp32 or int8 (dynamic scales, or the file's static ones); default: int8 for an int8 file, else fp32")
+        ->check(CLI::IsMember({"fp32", "int8"}));
     command->add_option("--size", options->size, "Input size in pixels (default: the file's resunet.size, else 224)")
         ->check(CLI::Range(1, 65536));
     command->add_option("--threads", options->threads, "OpenMP threads; 0 = all cores")->check(CLI::Range(0, 4096));
     command->add_option("--micro-batch", options->micro_batch,
                         "Images per pass through the plan, or auto: 1, 2, 4, ... dividing --batch, each timed on that "
-                        "batch and checked against micro-batch 1 (max abs diff <= 1e-3 x max|logit|), the fastest kept")
+                        "batch and checked against micro-batch 1 (fp32: max abs diff <= 1e-3 x max|logit|; int8: SQNR >= 20 dB), the fastest kept")
         ->capture_default_str()
         ->check(count_or_auto(4096));
     command->add_option("--batch", options->batch, "With --micro-batch auto: the batch the candidates are timed on")
