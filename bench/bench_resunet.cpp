@@ -143,6 +143,7 @@ auto with_engine(const Options& o, const resunet::Graph& graph, const resunet::T
     resunet::QuantOptions options;
     options.micro_batch = o.micro_batch;
     options.threads = o.threads;
+    options.tune = tuning_of(o.tune);
     resunet::QuantEngine engine(graph, weights, options);
     // an int8 file with stored scales (resunet quantize) starts static and keeps them
     if (row == "int8-static" && engine.mode() != resunet::ScaleMode::static_calibrated) engine.calibrate(calibration, calibration_count);
@@ -282,6 +283,7 @@ json choose_micro_batch_row(const Options& o) {
             resunet::QuantOptions options;
             options.micro_batch = mb;
             options.threads = o.threads;
+            options.tune = tuning_of(o.tune);
             auto engine = std::make_unique<resunet::QuantEngine>(graph, weights, options);
             if (o.row == "int8-static" && engine->mode() != resunet::ScaleMode::static_calibrated)
                 engine->calibrate(calibration.data(), o.batch);
@@ -326,6 +328,7 @@ json measure_row(const Options& o) {
     resunet::QuantOptions quant_options;
     quant_options.micro_batch = o.micro_batch;
     quant_options.threads = o.threads;
+    quant_options.tune = tuning_of(o.tune);
     resunet::QuantEngine engine(graph, weights, quant_options);
     weights = resunet::TensorMap();
     if (o.row == "int8-static" && engine.mode() != resunet::ScaleMode::static_calibrated) {  // stored scales win
@@ -541,7 +544,8 @@ int main(int argc, char** argv) {
     app.add_flag("--layers", o.layers, "add the per-layer table: time, GFLOP/s, oneDNN kernel, algorithm candidates tried");
     app.add_option("--tune", o.tune,
                    "fp32 plan: off (direct convolutions, oneDNN's layout), fast (each 3x3 convolution's algorithms and the "
-                   "layout measured on this machine at compile time), full (the same, more runs)")
+                   "layout measured on this machine at compile time), full (the same, more runs); int8 rows: the same for "
+                   "their fp32 layers' 3x3 convolutions")
         ->check(CLI::IsMember({"off", "fast", "full"}));
     app.add_option("--plan-cache", o.plan_cache,
                    "folder of tuned plans reused across runs (keyed by CPU, oneDNN, graph, threads); 'none' to measure "

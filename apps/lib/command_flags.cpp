@@ -95,7 +95,8 @@ void register_eval_flags(CLI::App& app, EvalCommandOptions& o) {
 void add_engine_tuning_flags(CLI::App& command, EngineTuningFlags& flags) {
     command.add_option("--tune", flags.tune,
                        "fp32: off (direct convolutions, oneDNN's layout), fast (each layer's algorithms measured on this "
-                       "machine, once: the plan is cached), full (more runs per candidate)")
+                       "machine, once: the plan is cached), full (more runs per candidate); int8: the same for its fp32 "
+                       "layers' 3x3 convolutions (layers kept fp32), measured at each start")
         ->check(CLI::IsMember({"off", "fast", "full"}))
         ->capture_default_str();
     command.add_option("--plan-cache", flags.plan_cache,
