@@ -673,6 +673,47 @@ TEST(QuantKernels, QuantizeU8RoundsLikeQuantizeValue) {
     EXPECT_GE(expected_clipped, 2);
 }
 
+// NaN and +-Inf inside the 32-value vector bodies and in the tails: the same bytes as quantize_value (NaN
+// to 0, +Inf to 255, -Inf to 0), and the pass reports them; finite data reports finite.
+TEST(QuantKernels, QuantizeU8NonFiniteInVectorBodiesAndTails) {
+    const KernelShape shape{1, 40, 2, 3};  // 32 + 8 channels per pixel
+    const ActivationQuant q{0.05f, 20};
+    std::vector<float> src(static_cast<size_t>(40 * 2 * 3));
+    fill_uniform(src.data(), count_of(src), 11, -1.0f, 2.0f);
+    std::vector<uint8_t> out = padded_buffer(shape, 1);
+    bool finite = false;
+    resunet::quantize_u8({{src.data(), 40, 0, false}}, shape, q, {{out.data(), 1}}, false, &finite);
+    EXPECT_TRUE(finite);
+    EXPECT_EQ(out, expected_u8(src, shape, q, 1));
+    for (size_t i : {size_t{3}, size_t{45}, size_t{120}}) {  // a body, another pixel's body, a body again
+        for (float bad : {std::numeric_limits<float>::quiet_NaN(), INFINITY, -INFINITY}) {
+            std::vector<float> with = src;
+            with[i] = bad;
+            with[35] = -bad;  // a tail too
+            resunet::quantize_u8({{with.data(), 40, 0, false}}, shape, q, {{out.data(), 1}}, false, &finite);
+            EXPECT_FALSE(finite) << i << " " << bad;
+            EXPECT_EQ(out, expected_u8(with, shape, q, 1)) << i << " " << bad;
+        }
+    }
+}
+
+// A wide concat as in the decoder: a packed transposed-conv output (40 channels) and a plain skip (72),
+// quantized into two paddings at once: each the quantize_value image of the gathered tensor.
+TEST(QuantKernels, QuantizeU8WideConcatIntoTwoTargets) {
+    const KernelShape shape{2, 112, 4, 6};
+    std::vector<float> up_packed(static_cast<size_t>(2 * 2 * 3 * 4 * 40)), skip(static_cast<size_t>(2 * 4 * 6 * 72));
+    fill_uniform(up_packed.data(), count_of(up_packed), 12, -3.0f, 3.0f);
+    fill_uniform(skip.data(), count_of(skip), 13, 0.0f, 4.0f);
+    const std::vector<KernelSource> sources = {{up_packed.data(), 40, 0, true}, {skip.data(), 72, 40, false}};
+    std::vector<float> whole(static_cast<size_t>(2 * 4 * 6 * 112));
+    resunet::gather_f32(sources, shape, whole.data());
+    const ActivationQuant q = resunet::choose_activation_quant(-3.0f, 4.0f);
+    std::vector<uint8_t> out1 = padded_buffer(shape, 1), out0 = padded_buffer(shape, 0);
+    resunet::quantize_u8(sources, shape, q, {{out1.data(), 1}, {out0.data(), 0}}, false);
+    EXPECT_EQ(out1, expected_u8(whole, shape, q, 1));
+    EXPECT_EQ(out0, expected_u8(whole, shape, q, 0));
+}
+
 TEST(QuantKernels, QuantizeU8CountsClippedValues) {
     const KernelShape shape{1, 4, 8, 8};
     std::vector<float> src(256);
