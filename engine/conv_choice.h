@@ -16,6 +16,7 @@
 
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -66,5 +67,16 @@ inline bool is_own_winograd(const std::string& algorithm) {
 
 // Chooses the layer's algorithm as the request says; throws dnnl::error only if direct itself has no kernel.
 ConvChoice choose_conv_algorithm(const dnnl::engine& eng, dnnl::stream& strm, const ConvChoiceRequest& request);
+
+// A schedule step's pass for our own kernel on fixed src and dst buffers, with the schedule's shared
+// scratchpad (read when the pass runs: it is allocated after lowering). Its transformed weights go
+// into `weights` (counted); its scratchpad need into `scratchpad_bytes`.
+inline std::function<void()> own_winograd_pass(std::shared_ptr<WinogradOwn> own, dnnl::stream& strm, const float* src,
+                                               float* dst, const dnnl::memory& scratchpad, lowering::WeightStore& weights,
+                                               size_t& scratchpad_bytes) {
+    weights.count(own->weight_bytes());
+    scratchpad_bytes = std::max(scratchpad_bytes, own->scratch_bytes());
+    return [own, &strm, src, dst, &scratchpad] { own->execute(strm, src, dst, scratchpad.get_data_handle()); };
+}
 
 }  // namespace resunet

@@ -277,14 +277,11 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
     if (own) {
         // Our kernel holds its transformed weights; the step's arguments give it src, dst and the shared
         // scratchpad (sized by add_step from scratch_bytes()).
-        weight_store.count(own->weight_bytes());
         add_step(primitive(), {}, node.name, activation_label(op), own->kernel(),
                  static_cast<double>(graph.node_macs(op.node)), own->scratch_bytes());
-        const float* src_data = static_cast<const float*>(value_memory(src).get_data_handle());
-        float* dst_data = static_cast<float*>(value_memory(op.dst).get_data_handle());
-        steps.back().custom = [this, own, src_data, dst_data] {
-            own->execute(strm, src_data, dst_data, scratchpad.get_data_handle());
-        };
+        steps.back().custom = own_winograd_pass(own, strm, static_cast<const float*>(value_memory(src).get_data_handle()),
+                                                static_cast<float*>(value_memory(op.dst).get_data_handle()), scratchpad,
+                                                weight_store, scratchpad_bytes);
     } else {
         auto [conv_weights, conv_bias] = upload_weights(folded, pd.weights_desc());
         std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, value_memory(src)},

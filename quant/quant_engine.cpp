@@ -248,13 +248,10 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
         step.algorithm = choice.algorithm;
         step.candidates = std::move(choice.candidates);
         if (choice.own) {
-            std::shared_ptr<WinogradOwn> own = choice.own;
-            weight_store.count(own->weight_bytes());
-            const float* src_data = reinterpret_cast<const float*>(ptr(planned.reads[0]));
-            float* dst_data = reinterpret_cast<float*>(ptr(planned.writes[0]));
-            step.custom = [this, own, src_data, dst_data] { own->execute(strm, src_data, dst_data, scratchpad.get_data_handle()); };
-            step.kernel = own->kernel();
-            scratchpad_bytes = std::max(scratchpad_bytes, own->scratch_bytes());
+            step.custom = own_winograd_pass(choice.own, strm, reinterpret_cast<const float*>(ptr(planned.reads[0])),
+                                            reinterpret_cast<float*>(ptr(planned.writes[0])), scratchpad, weight_store,
+                                            scratchpad_bytes);
+            step.kernel = choice.own->kernel();
             steps.push_back(std::move(step));
             return;
         }
