@@ -74,13 +74,13 @@ ConvChoice choose_conv_algorithm(const dnnl::engine& eng, dnnl::stream& strm, co
     std::memcpy(bias.get_data_handle(), request.bias, static_cast<size_t>(dims[0]) * sizeof(float));
     const ConvTrial result = measure_conv(eng, strm, trial, user_weights, bias, request.tune == Tuning::full ? 7 : 3);
     const ConvCandidate& chosen = trial[result.chosen];
-    choice.preferred = chosen.name;
+    choice.measurement.preferred = chosen.name;
     if (!request.measure_only) {
         if (chosen.own)
             choice.own = chosen.own;
         else
             choice.pd = chosen.pd;
-        choice.algorithm = choice.preferred;
+        choice.algorithm = choice.measurement.preferred;
     }
     choice.candidates = result.summary(trial);
     // Slot 1: the chosen candidate, else the fastest other one that passed (for the record).
@@ -88,7 +88,7 @@ ConvChoice choose_conv_algorithm(const dnnl::engine& eng, dnnl::stream& strm, co
     for (size_t i = 1; i < trial.size() && result.chosen == 0; ++i)
         if (trial[i].passed && (other == 0 || trial[i].ms < trial[other].ms)) other = i;
     if (other == 0) return choice;
-    choice.measured = true;
+    choice.measurement.measured = true;
     // Slot 2: the leaner runner-up of a Winograd choice, for the memory budget.
     size_t leaner = 0;
     auto bytes = [&](size_t i) { return trial[i].weight_bytes + trial[i].scratch_bytes; };
@@ -96,13 +96,13 @@ ConvChoice choose_conv_algorithm(const dnnl::engine& eng, dnnl::stream& strm, co
         if (i != other && trial[i].passed && trial[i].ms < trial[0].ms && bytes(i) < bytes(other) &&
             (leaner == 0 || trial[i].ms < trial[leaner].ms))
             leaner = i;
-    if (leaner > 0) choice.fallback = trial[leaner].name;
+    if (leaner > 0) choice.measurement.fallback = trial[leaner].name;
     const size_t pick[3] = {0, other, leaner};
     for (int i = 0; i < (leaner > 0 ? 3 : 2); ++i) {
         const ConvCandidate& c = trial[pick[i]];
-        choice.ms[i] = c.ms;
-        choice.weight_bytes[i] = c.weight_bytes;
-        choice.scratch[i] = c.scratch_bytes;
+        choice.measurement.ms[i] = c.ms;
+        choice.measurement.weight_bytes[i] = c.weight_bytes;
+        choice.measurement.scratch[i] = c.scratch_bytes;
     }
     return choice;
 }

@@ -45,19 +45,24 @@ struct ConvChoiceRequest {
     bool measure_only = false;
 };
 
-struct ConvChoice {
-    dnnl::convolution_forward::primitive_desc pd;  // the oneDNN candidate to run (unless `own`)
-    std::shared_ptr<WinogradOwn> own;              // our own kernel to run instead
-    std::string algorithm = "direct";              // "direct", "winograd", "winograd_f43", "winograd_f23"
-    std::string candidates;                        // ConvTrial::summary, or why nothing was measured
-    // When measured: slot 0 direct, 1 the chosen candidate (else the fastest other one that passed), 2 the
-    // leaner runner-up of a Winograd choice (fewer weight and scratchpad bytes, still faster than direct).
-    bool measured = false;
+// What measuring a convolution's candidates found, for the fp32 engine's memory budget (engine_run.cpp):
+// slot 0 direct, 1 the chosen candidate (else the fastest other one that passed), 2 the leaner runner-up of
+// a Winograd choice (fewer weight and scratchpad bytes, still faster than direct).
+struct ConvMeasurement {
+    bool measured = false;  // slot 1 holds a candidate other than direct that passed its check
     std::string preferred;  // the fastest candidate that passed its check
     std::string fallback;   // slot 2's name, or empty
     double ms[3] = {0, 0, 0};
     size_t weight_bytes[3] = {0, 0, 0};
     size_t scratch[3] = {0, 0, 0};
+};
+
+struct ConvChoice {
+    dnnl::convolution_forward::primitive_desc pd;  // the oneDNN candidate to run (unless `own`)
+    std::shared_ptr<WinogradOwn> own;              // our own kernel to run instead
+    std::string algorithm = "direct";              // "direct", "winograd", "winograd_f43", "winograd_f23"
+    std::string candidates;                        // ConvTrial::summary, or why nothing was measured
+    ConvMeasurement measurement;
 };
 
 // The algorithms of our own Winograd (engine/winograd_own.h).

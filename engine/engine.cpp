@@ -294,14 +294,7 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
     Step& step = steps.back();
     step.algorithm = choice.algorithm;
     step.candidates = std::move(choice.candidates);
-    step.measured = choice.measured;
-    step.preferred = choice.preferred;
-    step.fallback = choice.fallback;
-    for (int i = 0; i < 3; ++i) {
-        step.ms[i] = choice.ms[i];
-        step.weight_bytes[i] = choice.weight_bytes[i];
-        step.scratch[i] = choice.scratch[i];
-    }
+    step.tuned = choice.measurement;
 }
 
 void Engine::Impl::lower_conv_transpose(const FusedOp& op, const TensorMap& weights) {

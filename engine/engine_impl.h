@@ -38,18 +38,8 @@ using Clock = std::chrono::steady_clock;
 // A step of the fp32 schedule (engine/lowering.h), with what tuning measured of a convolution. Our own
 // Winograd runs as the step's `custom` pass on the arena's src and dst and the shared scratchpad.
 struct Step : lowering::Step {
-    // A measured convolution: {direct, the fastest other candidate that passed its check, `fallback`}
-    // best time, weight bytes and scratchpad bytes (the memory budget trades them; engine_run.cpp).
-    bool measured = false;
-    std::string preferred;  // measure_only: the fastest algorithm that passed its check
-    // The leaner runner-up: the fastest other candidate that passed, beats direct and takes fewer bytes
-    // than `preferred` (F(2x2) when F(4x4) is preferred); the budget falls back to it before direct.
-    std::string fallback;
-    double ms[3] = {0, 0, 0};
-    size_t weight_bytes[3] = {0, 0, 0};
-    size_t scratch[3] = {0, 0, 0};
+    ConvMeasurement tuned;  // a measured convolution's candidates, for the memory budget (engine_run.cpp)
 };
-
 
 // A buffer in the arena, or a channel slice of another (concat in place).
 struct Storage {

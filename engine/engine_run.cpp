@@ -106,7 +106,7 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
         const std::vector<Step>& steps = measured->steps;
         std::vector<size_t> winograd_steps;
         for (size_t i = 0; i < steps.size(); ++i)
-            if (steps[i].measured && !steps[i].preferred.empty() && steps[i].preferred != "direct")
+            if (steps[i].tuned.measured && !steps[i].tuned.preferred.empty() && steps[i].tuned.preferred != "direct")
                 winograd_steps.push_back(i);
         choice->layout = measured->act_tag;
         for (const Step& step : steps)
@@ -121,7 +121,7 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
         auto scratch = [&] {
             size_t most = 0;
             for (size_t k = 0; k < steps.size(); ++k)
-                most = std::max(most, slot[k] > 0 ? steps[k].scratch[slot[k]] : steps[k].scratch_bytes);
+                most = std::max(most, slot[k] > 0 ? steps[k].tuned.scratch[slot[k]] : steps[k].scratch_bytes);
             return most;
         };
         size_t weights_now = measured->weight_store.bytes();  // every convolution direct
@@ -130,12 +130,12 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
                               : o.memory_budget_mb == 0 ? 1.75 * direct_total
                                                         : INFINITY;
         auto extra = [&](size_t i, int which = 1) {
-            return static_cast<double>(steps[i].weight_bytes[which]) - static_cast<double>(steps[i].weight_bytes[0]);
+            return static_cast<double>(steps[i].tuned.weight_bytes[which]) - static_cast<double>(steps[i].tuned.weight_bytes[0]);
         };
         auto value = [&](size_t i) {  // ms saved per extra byte (weights and scratchpad)
-            const double more = extra(i) + std::max(0.0, static_cast<double>(steps[i].scratch[1]) -
-                                                             static_cast<double>(steps[i].scratch[0]));
-            return (steps[i].ms[0] - steps[i].ms[1]) / std::max(1.0, more);
+            const double more = extra(i) + std::max(0.0, static_cast<double>(steps[i].tuned.scratch[1]) -
+                                                             static_cast<double>(steps[i].tuned.scratch[0]));
+            return (steps[i].tuned.ms[0] - steps[i].tuned.ms[1]) / std::max(1.0, more);
         };
         std::sort(winograd_steps.begin(), winograd_steps.end(), [&](size_t a, size_t b) { return value(a) > value(b); });
         int kept = 0, dropped = 0;
@@ -144,7 +144,7 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
         for (size_t i : winograd_steps) {
             bool fits = false;
             for (int which : {1, 2}) {
-                if (which == 2 && steps[i].fallback.empty()) break;
+                if (which == 2 && steps[i].tuned.fallback.empty()) break;
                 slot[i] = which;
                 const double with = static_cast<double>(weights_now) + extra(i, which) +
                                     static_cast<double>(measured->arena.bytes()) + static_cast<double>(scratch());
@@ -153,10 +153,10 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
                 total = with;
                 fits = true;
                 // oneDNN's Winograd or ours; the runner-up said so in the candidates column
-                choice->algorithms[steps[i].name] = which == 1 ? steps[i].preferred : steps[i].fallback;
+                choice->algorithms[steps[i].name] = which == 1 ? steps[i].tuned.preferred : steps[i].tuned.fallback;
                 if (which == 2) {
                     ++fell_back;
-                    choice->candidates[steps[i].name] += " -> " + steps[i].fallback + " (memory budget)";
+                    choice->candidates[steps[i].name] += " -> " + steps[i].tuned.fallback + " (memory budget)";
                 }
                 break;
             }

@@ -263,8 +263,10 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
         winograd.algorithm = algorithm::convolution_winograd;
         bool available = false;
         try {
-            available = (lowering::make_conv(eng, winograd), true);
+            lowering::make_conv(eng, winograd);
+            available = true;
         } catch (const dnnl::error&) {
+            // no kernel for it here
         }
         step.candidates = available ? "direct (oneDNN's u8s8 Winograd also accepts this layer; not a candidate of this lowering)"
                                     : "direct (oneDNN has no other u8s8 kernel for this layer here)";
