@@ -118,12 +118,23 @@ std::string choose_default_model(Options& o, bool dir_given, std::optional<resun
     return "the default model (--model-dir)";
 }
 
-std::string plan_cache_of(const Options& o) { return o.plan_cache == "none" ? std::string() : o.plan_cache; }
+// The engines' options a row runs with, at `micro_batch` images per pass.
+resunet::EngineOptions engine_options_of(const Options& o, int micro_batch) {
+    resunet::EngineOptions options;
+    options.micro_batch = micro_batch;
+    options.threads = o.threads;
+    options.tune = resunet::tuning_from_name(o.tune);
+    options.plan_cache = o.plan_cache == "none" ? std::string() : o.plan_cache;
+    options.memory_budget_mb = o.memory_budget_mb;
+    return options;
+}
 
-resunet::Tuning tuning_of(const std::string& name) {
-    if (name == "off") return resunet::Tuning::off;
-    if (name == "full") return resunet::Tuning::full;
-    return resunet::Tuning::fast;
+resunet::QuantOptions quant_options_of(const Options& o, int micro_batch) {
+    resunet::QuantOptions options;
+    options.micro_batch = micro_batch;
+    options.threads = o.threads;
+    options.tune = resunet::tuning_from_name(o.tune);  // its fp32 layers
+    return options;
 }
 
 // Builds the engine a row names and hands it to `use` as a LogitsRunner.
@@ -131,20 +142,10 @@ template <typename Use>
 auto with_engine(const Options& o, const resunet::Graph& graph, const resunet::TensorMap& weights, const std::string& row,
                  const float* calibration, int calibration_count, Use&& use) {
     if (row == "fp32") {
-        resunet::EngineOptions options;
-        options.micro_batch = o.micro_batch;
-        options.threads = o.threads;
-        options.tune = tuning_of(o.tune);
-        options.plan_cache = plan_cache_of(o);
-        options.memory_budget_mb = o.memory_budget_mb;
-        resunet::Engine engine(graph, weights, options);
+        resunet::Engine engine(graph, weights, engine_options_of(o, o.micro_batch));
         return use(engine);
     }
-    resunet::QuantOptions options;
-    options.micro_batch = o.micro_batch;
-    options.threads = o.threads;
-    options.tune = tuning_of(o.tune);
-    resunet::QuantEngine engine(graph, weights, options);
+    resunet::QuantEngine engine(graph, weights, quant_options_of(o, o.micro_batch));
     // an int8 file with stored scales (resunet quantize) starts static and keeps them
     if (row == "int8-static" && engine.mode() != resunet::ScaleMode::static_calibrated) engine.calibrate(calibration, calibration_count);
     return use(engine);
@@ -267,24 +268,14 @@ json choose_micro_batch_row(const Options& o) {
     if (o.row == "fp32") {
         choice = resunet::choose_micro_batch(src.data(), o.batch, out_floats, search, [&](int mb) {
             progress(mb);
-            resunet::EngineOptions options;
-            options.micro_batch = mb;
-            options.threads = o.threads;
-            options.tune = tuning_of(o.tune);
-            options.plan_cache = plan_cache_of(o);
-            options.memory_budget_mb = o.memory_budget_mb;
-            return std::make_unique<resunet::Engine>(graph, weights, options);
+            return std::make_unique<resunet::Engine>(graph, weights, engine_options_of(o, mb));
         }, resunet::logits_within(resunet::kMicroBatchFp32Bound));
     } else {
         // int8-static: the same calibration images for every candidate, one batch (a multiple of each)
         const std::vector<float> calibration = o.row == "int8-static" ? calibration_images(o, o.batch) : std::vector<float>();
         choice = resunet::choose_micro_batch(src.data(), o.batch, out_floats, search, [&](int mb) {
             progress(mb);
-            resunet::QuantOptions options;
-            options.micro_batch = mb;
-            options.threads = o.threads;
-            options.tune = tuning_of(o.tune);
-            auto engine = std::make_unique<resunet::QuantEngine>(graph, weights, options);
+            auto engine = std::make_unique<resunet::QuantEngine>(graph, weights, quant_options_of(o, mb));
             if (o.row == "int8-static" && engine->mode() != resunet::ScaleMode::static_calibrated)
                 engine->calibrate(calibration.data(), o.batch);
             return engine;
@@ -311,13 +302,7 @@ json measure_row(const Options& o) {
         weights = resunet::load_safetensors(o.model).tensors;
     }
     if (o.row == "fp32") {
-        resunet::EngineOptions engine_options;
-        engine_options.micro_batch = o.micro_batch;
-        engine_options.threads = o.threads;
-        engine_options.tune = tuning_of(o.tune);
-        engine_options.plan_cache = plan_cache_of(o);
-        engine_options.memory_budget_mb = o.memory_budget_mb;
-        resunet::Engine engine(graph, weights, engine_options);
+        resunet::Engine engine(graph, weights, engine_options_of(o, o.micro_batch));
         weights = resunet::TensorMap();  // the engine holds its own reordered copy
         json row = measure_engine(o, graph, engine, "f32");
         row["tune"] = o.tune;
@@ -325,11 +310,7 @@ json measure_row(const Options& o) {
         row["activation_layout"] = engine.activation_layout();
         return row;
     }
-    resunet::QuantOptions quant_options;
-    quant_options.micro_batch = o.micro_batch;
-    quant_options.threads = o.threads;
-    quant_options.tune = tuning_of(o.tune);
-    resunet::QuantEngine engine(graph, weights, quant_options);
+    resunet::QuantEngine engine(graph, weights, quant_options_of(o, o.micro_batch));
     weights = resunet::TensorMap();
     if (o.row == "int8-static" && engine.mode() != resunet::ScaleMode::static_calibrated) {  // stored scales win
         std::vector<float> calibration = calibration_images(o, 4 * o.micro_batch);

@@ -117,7 +117,7 @@ int main(int argc, char** argv) {
         if (precision == "fp32") {
             resunet::EngineOptions options;
             options.threads = threads;
-            options.tune = tune == "off" ? resunet::Tuning::off : tune == "full" ? resunet::Tuning::full : resunet::Tuning::fast;
+            options.tune = resunet::tuning_from_name(tune);
             options.plan_cache = plan_cache == "none" ? std::string() : plan_cache;
             options.memory_budget_mb = memory_budget_mb;
             auto engine = std::make_unique<resunet::Engine>(graph, file.tensors, options);

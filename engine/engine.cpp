@@ -275,8 +275,8 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
     }
 
     if (own) {
-        // Our kernel holds its transformed weights; the step's arguments give it src, dst and the shared
-        // scratchpad (sized by add_step from scratch_bytes()).
+        // Our kernel holds its transformed weights and runs as the step's own pass on this layer's arena
+        // buffers and the shared scratchpad.
         add_step(primitive(), {}, node.name, activation_label(op), own->kernel(),
                  static_cast<double>(graph.node_macs(op.node)), own->scratch_bytes());
         steps.back().custom = own_winograd_pass(own, strm, static_cast<const float*>(value_memory(src).get_data_handle()),
@@ -428,7 +428,7 @@ void Engine::Impl::lower(const TensorMap& weights) {
                 const std::pair<int, const char*> params[] = {{DNNL_ARG_SCALE, ".weight"}, {DNNL_ARG_SHIFT, ".bias"},
                                                              {DNNL_ARG_MEAN, ".running_mean"}, {DNNL_ARG_VARIANCE, ".running_var"}};
                 for (auto [arg, suffix] : params) {
-                    args[arg] = weight_store.bias(eng, find_weight(weights, node.name + suffix).f32(), channels);
+                    args[arg] = weight_store.floats(eng, find_weight(weights, node.name + suffix).f32(), channels);
                 }
                 add_step(batch_normalization_forward(pd), std::move(args), node.name, "batchnorm", pd.impl_info_str(), 0,
                          pd.scratchpad_desc().get_size());

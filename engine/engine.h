@@ -42,6 +42,10 @@ enum class Tuning {
     full,  // the same with 7 runs per candidate and 3 timed passes per layout
 };
 
+// "off", "fast" or "full" (the words of the programs' --tune flag) as a Tuning; any other word is a
+// resunet::Error naming it.
+Tuning tuning_from_name(const std::string& name);
+
 // One algorithm for every 3x3 stride-1 convolution, for tests and comparisons; `tuned` measures.
 // own_winograd_f43 / own_winograd_f23: our own Winograd F(4x4,3x3) / F(2x2,3x3) (engine/winograd_own.h)
 // wherever it applies (3x3 stride 1 pad 1, channels multiples of 8, nChw8c/nChw16c/nhwc, a CPU with AVX2

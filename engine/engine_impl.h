@@ -110,7 +110,7 @@ struct Engine::Impl : lowering::Schedule<Step> {
     // Reorders OIHW weights once into the layout the primitive asked for; the bias goes as is.
     std::pair<memory, memory> upload_weights(const FoldedConv& folded, const memory::desc& weights_desc) {
         return {weight_store.upload(eng, strm, folded.weights.data(), dt::f32, to_dnnl_dims(folded.weight_dims), weights_desc),
-                weight_store.bias(eng, folded.bias.data(), static_cast<int64_t>(folded.bias.size()))};
+                weight_store.floats(eng, folded.bias.data(), static_cast<int64_t>(folded.bias.size()))};
     }
     void lower_conv(const FusedOp& op, const TensorMap& weights);
     void lower_conv_transpose(const FusedOp& op, const TensorMap& weights);

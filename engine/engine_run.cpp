@@ -333,4 +333,11 @@ std::string onednn_version() {
     return fmt::format("oneDNN {}.{}.{} ({})", v->major, v->minor, v->patch, effective_isa_name());
 }
 
+Tuning tuning_from_name(const std::string& name) {
+    if (name == "off") return Tuning::off;
+    if (name == "fast") return Tuning::fast;
+    if (name == "full") return Tuning::full;
+    throw Error(fmt::format("tuning: '{}' is none of off, fast, full", name));
+}
+
 }  // namespace resunet

@@ -76,7 +76,7 @@ memory WeightStore::upload(const dnnl::engine& eng, dnnl::stream& strm, const vo
     return keep(prepared);
 }
 
-memory WeightStore::bias(const dnnl::engine& eng, const float* data, int64_t count) {
+memory WeightStore::floats(const dnnl::engine& eng, const float* data, int64_t count) {
     memory b({{count}, dt::f32, tag::x}, eng);
     std::memcpy(b.get_data_handle(), data, static_cast<size_t>(count) * sizeof(float));
     return keep(b);

@@ -126,7 +126,8 @@ class WeightStore {
     // `data` holds `dims` in plain OIHW (f32 or s8 as `type` says); the result is in `layout`.
     dnnl::memory upload(const dnnl::engine& eng, dnnl::stream& strm, const void* data, dnnl::memory::data_type type,
                         const dnnl::memory::dims& dims, const dnnl::memory::desc& layout);
-    dnnl::memory bias(const dnnl::engine& eng, const float* data, int64_t count);  // {count} f32 copy
+    // A {count} f32 copy of `data`: a bias, or batch-norm parameters.
+    dnnl::memory floats(const dnnl::engine& eng, const float* data, int64_t count);
     // A memory the store keeps and counts (`bytes`, or its own size when 0): multipliers, per-pass tables.
     dnnl::memory keep(dnnl::memory m, size_t bytes = 0);
     void count(size_t bytes) { bytes_ += bytes; }  // bytes held elsewhere (our own Winograd's U)

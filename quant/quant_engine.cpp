@@ -276,7 +276,7 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
                                                             to_dnnl_dims(layer.weight_dims), pd.weights_desc())
                                       : weight_store.upload(eng, strm, layer.weights.data(), dt::f32,
                                                             to_dnnl_dims(layer.weight_dims), pd.weights_desc());
-    const memory bias = weight_store.bias(eng, layer.bias.data(), out_channels);
+    const memory bias = weight_store.floats(eng, layer.bias.data(), out_channels);
     step.prim = convolution_forward(pd);
     step.args = {{DNNL_ARG_SRC, src_memory}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_BIAS, bias},
                  {DNNL_ARG_DST, memory(dst_desc, eng, ptr(planned.writes[0]))}};

@@ -74,7 +74,6 @@ QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const Qua
 
 QuantEngine::~QuantEngine() = default;
 
-
 void QuantEngine::run(const float* src, int batch, float* dst) {
     Impl& m = *impl_;
     const ConcurrentRunCheck busy(m.running, "int8 engine");

@@ -62,7 +62,7 @@ struct Runner {
         std::unordered_map<int, memory> args = {
             {DNNL_ARG_SRC, src_m},
             {DNNL_ARG_WEIGHTS, store.upload(eng, strm, weights, weight_type, dnnl_dims(weight_dims), pd.weights_desc())},
-            {DNNL_ARG_BIAS, store.bias(eng, bias.data(), static_cast<int64_t>(bias.size()))},
+            {DNNL_ARG_BIAS, store.floats(eng, bias.data(), static_cast<int64_t>(bias.size()))},
             {DNNL_ARG_DST, dst_m},
             {DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), eng)}};
         if (multiplier) args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] = *multiplier;

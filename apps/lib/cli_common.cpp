@@ -122,10 +122,6 @@ fs::path prepare_run_dir(const std::string& out, const char* flag) {
     return dir;
 }
 
-Tuning tuning_of(const EngineTuningFlags& flags) {
-    return flags.tune == "off" ? Tuning::off : flags.tune == "full" ? Tuning::full : Tuning::fast;
-}
-
 void apply_engine_tuning(const EngineTuningFlags& flags, bool precision_is_fp32, EngineOptions& options) {
     if (!precision_is_fp32) {
         if (!flags.plan_cache.empty() || flags.memory_budget_mb != 0)
@@ -133,7 +129,7 @@ void apply_engine_tuning(const EngineTuningFlags& flags, bool precision_is_fp32,
                              "(pass --precision fp32 or drop them)");
         return;
     }
-    options.tune = tuning_of(flags);
+    options.tune = tuning_from_name(flags.tune);
     options.plan_cache = flags.plan_cache == "none" ? std::string() : flags.plan_cache.empty() ? default_plan_cache() : flags.plan_cache;
     options.memory_budget_mb = flags.memory_budget_mb;
 }

@@ -41,14 +41,11 @@
 namespace resunet {
 
 struct EngineOptions;
-enum class Tuning;
 struct EngineTuningFlags;
 
 // Applies --tune, --plan-cache and --memory-budget to `options` (fp32 engine); `precision_is_fp32` false
 // with --plan-cache or --memory-budget given: UsageError (they plan the fp32 engine only).
 void apply_engine_tuning(const EngineTuningFlags& flags, bool precision_is_fp32, EngineOptions& options);
-// --tune as a Tuning: the fp32 engine's convolutions, and the int8 engine's fp32 layers (QuantOptions::tune).
-Tuning tuning_of(const EngineTuningFlags& flags);
 
 // A UsageError every rank of an mpirun job throws together (agree_on_setup): only rank 0 prints it.
 struct AgreedUsageError : UsageError {

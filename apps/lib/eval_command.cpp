@@ -131,7 +131,7 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
             } else {
                 QuantOptions quant_options;
                 quant_options.threads = options.threads;
-                quant_options.tune = tuning_of(options.tuning);
+                quant_options.tune = tuning_from_name(options.tuning.tune);
                 int8 = std::make_unique<QuantEngine>(graph, file.tensors, quant_options);
                 report.engine = stored_scales ? "int8 (static scales stored in the model)" : "int8 (dynamic scales)";
             }

@@ -35,9 +35,6 @@ struct PlanOptions {
     std::string precision;  // fp32 | int8; empty: int8 for an int8 file, else fp32
 };
 
-// The int8 plan: which layers run u8s8 and which fp32, each one's kernel and algorithm (the kept fp32
-// layers' measured candidates), and the int8 engine's memory. An fp32 model is quantized here as
-// `resunet quantize` would (dynamic scales); an int8 file is used as it is.
 QuantOptions int8_options(const PlanOptions& o, int micro_batch, Tuning tune) {
     QuantOptions options;
     options.threads = o.threads;
@@ -46,6 +43,25 @@ QuantOptions int8_options(const PlanOptions& o, int micro_batch, Tuning tune) {
     return options;
 }
 
+// One warm-up pass (first touch of the arena, caches), then one profiled pass of `images` constant images.
+template <typename AnyEngine>
+std::vector<LayerProfile> profile_one_pass(AnyEngine& engine, const ResUNetConfig& config, int images) {
+    std::vector<float> input(static_cast<size_t>(3) * config.height * config.width_px * images, 0.5f);
+    std::vector<float> output(static_cast<size_t>(config.out_channels) * config.height * config.width_px * images);
+    engine.run(input.data(), images, output.data());
+    return engine.profile(input.data(), images, output.data());
+}
+
+void print_compile_line(double compile_ms, const std::string& layout, const EngineMemory& memory) {
+    fmt::print("compile: {:.0f} ms; activation layout {}; engine bytes {:.1f} MB (weights {:.1f}, arena {:.1f}, "
+               "scratchpad {:.1f})\n\n",
+               compile_ms, layout, memory.total() / 1e6, memory.weights_bytes / 1e6, memory.arena_bytes / 1e6,
+               memory.scratchpad_bytes / 1e6);
+}
+
+// The int8 plan: which layers run u8s8 and which fp32, each one's kernel and algorithm (the kept fp32
+// layers' measured candidates), and the int8 engine's memory. An fp32 model is quantized here as
+// `resunet quantize` would (dynamic scales); an int8 file is used as it is.
 void print_int8_plan(const PlanOptions& o, SafetensorsFile& file, const Graph& graph, const ResUNetConfig& config,
                      const std::string& micro_batch_line, int micro_batch, Tuning tune) {
     const bool int8_file = is_int8_weights(file.tensors);
@@ -58,15 +74,8 @@ void print_int8_plan(const PlanOptions& o, SafetensorsFile& file, const Graph& g
                engine.mode() == ScaleMode::static_calibrated ? "static (stored in the file)" : "dynamic (computed per pass)",
                tune == Tuning::off ? "direct (--tune off)" : "measured");
     fmt::print("{}", micro_batch_line);
-    const EngineMemory memory = engine.memory_usage();
-    fmt::print("compile: {:.0f} ms; activation layout nhwc; engine bytes {:.1f} MB (weights {:.1f}, arena {:.1f}, "
-               "scratchpad {:.1f})\n\n",
-               engine.compile_ms(), memory.total() / 1e6, memory.weights_bytes / 1e6, memory.arena_bytes / 1e6,
-               memory.scratchpad_bytes / 1e6);
-    std::vector<float> input(static_cast<size_t>(3) * config.height * config.width_px * micro_batch, 0.5f);
-    std::vector<float> output(static_cast<size_t>(config.out_channels) * config.height * config.width_px * micro_batch);
-    engine.run(input.data(), micro_batch, output.data());  // warm-up: first touch of the arena, caches
-    const std::vector<LayerProfile> rows = engine.profile(input.data(), micro_batch, output.data());
+    print_compile_line(engine.compile_ms(), "nhwc", engine.memory_usage());
+    const std::vector<LayerProfile> rows = profile_one_pass(engine, config, micro_batch);
     fmt::print("{:<22} {:<30} {:<9} {:<26} {:<12} {:>9}  {}\n", "layer", "op", "precision", "kernel", "algorithm",
                "ms/image", "candidates (* chosen)");
     for (const LayerProfile& row : rows)
@@ -129,16 +138,9 @@ void print_plan(const PlanOptions& o) {
     fmt::print("machine: {}\n", onednn_version());
     fmt::print("plan: {}\n", engine.tuning_summary());
     fmt::print("{}", micro_batch_line);
-    fmt::print("compile: {:.0f} ms; activation layout {}; engine bytes {:.1f} MB (weights {:.1f}, arena {:.1f}, "
-               "scratchpad {:.1f})\n\n",
-               engine.compile_ms(), engine.activation_layout(), engine.memory_usage().total() / 1e6,
-               engine.memory_usage().weights_bytes / 1e6, engine.memory_usage().arena_bytes / 1e6,
-               engine.memory_usage().scratchpad_bytes / 1e6);
+    print_compile_line(engine.compile_ms(), engine.activation_layout(), engine.memory_usage());
     const int images = options.micro_batch;  // one pass of the plan
-    std::vector<float> input(static_cast<size_t>(3) * config.height * config.width_px * images, 0.5f);
-    std::vector<float> output(static_cast<size_t>(config.out_channels) * config.height * config.width_px * images);
-    engine.run(input.data(), images, output.data());  // warm-up: first touch of the arena, caches
-    const std::vector<LayerProfile> rows = engine.profile(input.data(), images, output.data());
+    const std::vector<LayerProfile> rows = profile_one_pass(engine, config, images);
     fmt::print("{:<22} {:<22} {:<34} {:<9} {:>9}  {}\n", "layer", "op", "kernel", "algorithm", "ms/image",
                "candidates measured at compile time (* chosen)");
     for (const LayerProfile& row : rows)
