@@ -51,7 +51,7 @@ ours fp32-untuned --precision fp32 --tune off
 ours int8-dynamic --precision int8
 ours int8-static --precision static-int8
 if build/apps/resunet quantize --help > /dev/null 2>&1; then
-  rm -f "$out/peer_w64.int8.safetensors"
+  rm -f "$out/peer_w64.int8.safetensors" "$out/peer_w64.int8.report.md" "$out/peer_w64.int8.report.json"
   if build/apps/resunet quantize --model "$out/peer_w64.safetensors" --out "$out/peer_w64.int8.safetensors" \
        --size 224 > "$out/quantize.log" 2>&1; then
     common[1]="$out/peer_w64.int8.safetensors"
