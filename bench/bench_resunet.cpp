@@ -79,6 +79,7 @@ struct Options {
     bool eval_row = false;    // internal: score instead of timing
     bool choose_row = false;  // internal: measure the micro-batch candidates instead of timing
     std::string tune = "fast";  // fp32 engine: off | fast | full (EngineOptions::tune)
+    std::string int8_conv = "direct";  // int8 rows' 3x3 convolutions: direct | winograd | measured (QuantOptions)
     std::string plan_cache = resunet::default_plan_cache();  // "" or "none": measure every time
     double memory_budget_mb = 0;  // EngineOptions::memory_budget_mb
 };
@@ -134,6 +135,7 @@ resunet::QuantOptions quant_options_of(const Options& o, int micro_batch) {
     options.micro_batch = micro_batch;
     options.threads = o.threads;
     options.tune = resunet::tuning_from_name(o.tune);  // its fp32 layers
+    options.int8_algorithm = resunet::int8_conv_from_name(o.int8_conv);
     return options;
 }
 
@@ -316,7 +318,9 @@ json measure_row(const Options& o) {
         std::vector<float> calibration = calibration_images(o, 4 * o.micro_batch);
         engine.calibrate(calibration.data(), 4 * o.micro_batch);
     }
-    return measure_engine(o, graph, engine, "u8s8");
+    json row = measure_engine(o, graph, engine, "u8s8");
+    row["int8_conv"] = o.int8_conv;
+    return row;
 }
 
 template <typename AnyEngine>
@@ -393,7 +397,7 @@ json run_row_in_child(const Options& o, const std::string& precision, const fs::
                                      "--width", std::to_string(o.width), "--size", std::to_string(o.size),
                                      "--batch", std::to_string(o.batch), "--micro-batch", std::to_string(o.micro_batch),
                                      "--threads", std::to_string(o.threads), "--runs", std::to_string(o.runs),
-                                     "--warmup", std::to_string(o.warmup), "--tune", o.tune,
+                                     "--warmup", std::to_string(o.warmup), "--tune", o.tune, "--int8-conv", o.int8_conv,
                                      "--plan-cache", o.plan_cache.empty() ? std::string("none") : o.plan_cache,
                                      "--memory-budget", fmt::format("{}", o.memory_budget_mb)};
     if (!o.model.empty()) args.insert(args.end(), {"--model", o.model});
@@ -528,6 +532,11 @@ int main(int argc, char** argv) {
                    "layout measured on this machine at compile time), full (the same, more runs); int8 rows: the same for "
                    "their fp32 layers' 3x3 convolutions")
         ->check(CLI::IsMember({"off", "fast", "full"}));
+    app.add_option("--int8-conv", o.int8_conv,
+                   "int8 rows' 3x3 convolutions: direct (oneDNN), winograd (our own int8 Winograd F(2x2,3x3): faster, "
+                   "less exact), measured (each layer timed at compile time)")
+        ->check(CLI::IsMember({"direct", "winograd", "measured"}))
+        ->capture_default_str();
     app.add_option("--plan-cache", o.plan_cache,
                    "folder of tuned plans reused across runs (keyed by CPU, oneDNN, graph, threads); 'none' to measure "
                    "every time")

@@ -87,6 +87,7 @@ nlohmann::json measure(AnyEngine& engine, const std::vector<float>& input, const
 int main(int argc, char** argv) {
     CLI::App app{"Our engines on the peers' network, input and reference logits (../shared/peers)"};
     std::string weights_path, input_path, reference_path, precision = "fp32", tune = "fast", json_path;
+    std::string int8_conv = "direct";
     std::string plan_cache = resunet::default_plan_cache();
     int runs = 5, batch = 16, size = 224, threads = 2;
     double memory_budget_mb = 0;
@@ -97,6 +98,8 @@ int main(int argc, char** argv) {
         ->check(CLI::IsMember({"fp32", "int8", "static-int8"}));
     app.add_option("--tune", tune, "fp32 plan: off | fast | full")->check(CLI::IsMember({"off", "fast", "full"}));
     app.add_option("--plan-cache", plan_cache, "folder of tuned plans; 'none' to measure every time");
+    app.add_option("--int8-conv", int8_conv, "int8: direct | winograd | measured")
+        ->check(CLI::IsMember({"direct", "winograd", "measured"}));
     app.add_option("--memory-budget", memory_budget_mb, "fp32 plan: engine bytes in MB; 0 = 1.75x direct, -1 = no limit");
     app.add_option("--runs", runs, "timed runs of the whole batch")->check(resunet::positive_number());
     app.add_option("--batch", batch, "images in input.bin")->check(resunet::positive_number());
@@ -130,6 +133,8 @@ int main(int argc, char** argv) {
         } else {
             resunet::QuantOptions options;
             options.threads = threads;
+            options.tune = resunet::tuning_from_name(tune);
+            options.int8_algorithm = resunet::int8_conv_from_name(int8_conv);
             auto engine = std::make_unique<resunet::QuantEngine>(graph, file.tensors, options);
             file.tensors.clear();
             if (precision == "static-int8") engine->calibrate(input.data(), 4);  // the first 4 images of the batch
@@ -139,6 +144,7 @@ int main(int argc, char** argv) {
         }
         row["precision"] = precision;
         row["tune"] = tune;
+        if (precision != "fp32") row["int8_conv"] = int8_conv;
         row["plan"] = plan;
         row["threads"] = threads;
         row["peak_rss_mb"] = peak_rss_mb();

@@ -257,8 +257,8 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
         }
         pd = choice.pd;
     } else if (layer.int8 && winograd_shape) {
-        // For the plan: whether oneDNN has an int8 Winograd for this layer on this CPU. It is not measured
-        // as a candidate: int8 Winograd would need the dequantization moved into the next quantize pass.
+        // The planner's int8 candidates: direct, or our own int8 Winograd. oneDNN's int8 Winograd is not one:
+        // it takes no per-channel dequantization post-op; the plan says whether this CPU has it.
         lowering::ConvSpec winograd = spec;
         winograd.algorithm = algorithm::convolution_winograd;
         bool available = false;
@@ -268,8 +268,30 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
         } catch (const dnnl::error&) {
             // no kernel for it here
         }
-        step.candidates = available ? "direct (oneDNN's u8s8 Winograd also accepts this layer; not a candidate of this lowering)"
-                                    : "direct (oneDNN has no other u8s8 kernel for this layer here)";
+        pd = lowering::make_conv(eng, spec);
+        const WinogradInt8Shape own_shape{.batch = in[0], .in_channels = in[1], .out_channels = out_channels,
+                                          .height = out[2], .width = out[3], .sum = op.residual >= 0,
+                                          .relu = op.activation == Activation::relu, .levels = levels};
+        Int8ConvChoice choice = op.activation == Activation::sigmoid
+                                    ? Int8ConvChoice{nullptr, "direct", "direct (sigmoid is not fused into our int8 Winograd)"}
+                                    : choose_int8_conv(eng, strm, pd, layer, own_shape, options.int8_algorithm, options.tune);
+        step.candidates = choice.candidates + (available ? "; oneDNN's u8s8 Winograd also accepts this layer (not a candidate)"
+                                                         : "; oneDNN has no u8s8 Winograd for it here");
+        if (choice.winograd) {
+            std::shared_ptr<WinogradInt8> own = choice.winograd;
+            weight_store.count(own->weight_bytes());
+            scratchpad_bytes = std::max(scratchpad_bytes, own->scratch_bytes());
+            const uint8_t* src_u8 = reinterpret_cast<const uint8_t*>(ptr(planned.reads[0]));
+            float* dst_f32 = reinterpret_cast<float*>(ptr(planned.writes[0]));
+            const QuantGroup* group = &groups[static_cast<size_t>(group_of[static_cast<size_t>(src)])];
+            step.custom = [this, own, src_u8, dst_f32, group] {
+                own->execute(strm, src_u8, group->current, dst_f32, scratchpad.get_data_handle());
+            };
+            step.algorithm = choice.algorithm;
+            step.kernel = own->kernel();
+            steps.push_back(std::move(step));
+            return;
+        }
     }
     if (!pd) pd = lowering::make_conv(eng, spec);
     const memory weights = layer.int8 ? weight_store.upload(eng, strm, layer.quant.q.data(), dt::s8,

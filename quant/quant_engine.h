@@ -24,6 +24,18 @@ namespace resunet {
 
 enum class ScaleMode { dynamic, static_calibrated };
 
+// The int8 layers' 3x3 convolutions. `direct`: oneDNN's u8 x s8 kernel (the default: exact integer
+// arithmetic on the quantized network). `winograd_f23`: our own int8 Winograd F(2x2,3x3) wherever it applies
+// (quant/winograd_int8.h), faster but it requantizes inside the Winograd domain: on the peers' network it
+// moves mask Dice against PyTorch fp32 from 0.986 to 0.983 (README). `tuned`: each layer measured, the
+// Winograd where it passes its check against direct and is faster (quant/int8_conv_choice.h); `tune` off
+// keeps direct.
+enum class Int8ConvAlgorithm { tuned, direct, winograd_f23 };
+
+// "direct", "winograd" or "measured" (the words of the programs' --int8-conv flag); any other word is a
+// resunet::Error.
+Int8ConvAlgorithm int8_conv_from_name(const std::string& name);
+
 struct QuantOptions {
     int micro_batch = 1;  // images per pass; dynamic scales are computed per pass (1 = per image)
     int threads = 0;      // OpenMP threads for oneDNN and the quantize passes (the caller's setting is
@@ -39,6 +51,8 @@ struct QuantOptions {
     // fp32 engine chooses (EngineOptions::tune, engine/conv_choice.h): direct, oneDNN's Winograd, our own.
     Tuning tune = Tuning::fast;
     ConvAlgorithm conv_algorithm = ConvAlgorithm::tuned;  // or one algorithm for them all (tests, comparisons)
+    // The int8 layers' 3x3 convolutions (see Int8ConvAlgorithm).
+    Int8ConvAlgorithm int8_algorithm = Int8ConvAlgorithm::direct;
     bool keep_values = false;    // keep every activation for read_value() (per-layer reports)
     bool count_saturation = false;  // count clipped values in each quantize pass (report mode; slower)
 };

@@ -23,6 +23,7 @@
 #include "engine/schedule.h"
 #include "engine/onednn_util.h"
 #include "graph/fusion.h"
+#include "quant/int8_conv_choice.h"
 #include "quant/quant_engine.h"
 #include "quant/quant_layers.h"
 #include "quant/quantize.h"

@@ -785,6 +785,16 @@ TEST(PredictBinary, HelpUsageErrorsAndExitCodes) {
     EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
     EXPECT_FALSE(fs::exists(dir / "pred-int8"));
     EXPECT_EQ(run("predict " + image + " --model " + model + " --out x --precision fp32 --tune fastest", &out, &err), 2);
+    // --int8-conv: the int8 engine's 3x3 convolutions; refused with fp32 and for an unknown word (one line, exit 2).
+    EXPECT_EQ(run("predict " + image + " --model " + model + " --out " + (dir / "pred-int8-winograd") + " --int8-conv winograd",
+                  &out, &err),
+              0)
+        << err;
+    EXPECT_NE(out.find("1 ok, 0 failed"), std::string::npos) << out;
+    EXPECT_EQ(run("predict " + image + " --model " + model + " --out x --precision fp32 --int8-conv winograd", &out, &err), 2);
+    EXPECT_NE(err.find("--int8-conv"), std::string::npos) << err;
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    EXPECT_EQ(run("predict " + image + " --model " + model + " --out x --int8-conv fastest", &out, &err), 2);
     EXPECT_EQ(run("eval --model " + model + " --data " + kKvasirRoot + " --limit 2 --precision fp32 --tune off --plan-cache none",
                   &out, &err),
               0)

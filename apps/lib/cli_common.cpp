@@ -126,9 +126,11 @@ void apply_engine_tuning(const EngineTuningFlags& flags, bool precision_is_fp32,
     if (!precision_is_fp32) {
         if (!flags.plan_cache.empty() || flags.memory_budget_mb != 0)
             throw UsageError("--plan-cache and --memory-budget plan the fp32 engine; the int8 engine takes only --tune "
-                             "(pass --precision fp32 or drop them)");
+                             "and --int8-conv (pass --precision fp32 or drop them)");
         return;
     }
+    if (flags.int8_conv != "direct")
+        throw UsageError("--int8-conv chooses the int8 engine's convolutions; with --precision fp32 drop it");
     options.tune = tuning_from_name(flags.tune);
     options.plan_cache = flags.plan_cache == "none" ? std::string() : flags.plan_cache.empty() ? default_plan_cache() : flags.plan_cache;
     options.memory_budget_mb = flags.memory_budget_mb;

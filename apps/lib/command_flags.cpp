@@ -108,6 +108,12 @@ void add_engine_tuning_flags(CLI::App& command, EngineTuningFlags& flags) {
                        "limit")
         ->check(CLI::Range(-1.0, 1e9))
         ->capture_default_str();
+    command.add_option("--int8-conv", flags.int8_conv,
+                       "int8: the int8 layers' 3x3 convolutions: direct (oneDNN, exact integer arithmetic), winograd (our "
+                       "own int8 Winograd F(2x2,3x3) wherever it applies: faster, less exact; README), measured (each "
+                       "layer timed at start, Winograd where it passes its check and is faster; --tune off keeps direct)")
+        ->check(CLI::IsMember({"direct", "winograd", "measured"}))
+        ->capture_default_str();
 }
 
 void add_train_flags(CLI::App& command, TrainCommandOptions& options) {

@@ -69,7 +69,10 @@ struct EngineTuningFlags {
     std::string tune = "fast";         // off (direct, oneDNN's layout), fast (measured), full (more runs)
     std::string plan_cache;            // folder of tuned plans; "" = the default folder; "none" = measure every time
     double memory_budget_mb = 0;       // engine bytes in MB; 0 = 1.75x the all-direct plan; -1 = no limit
-    bool is_default() const { return tune == "fast" && plan_cache.empty() && memory_budget_mb == 0; }
+    std::string int8_conv = "direct";  // int8 layers' 3x3 convolutions: direct, winograd, measured (Int8ConvAlgorithm)
+    bool is_default() const {
+        return tune == "fast" && plan_cache.empty() && memory_budget_mb == 0 && int8_conv == "direct";
+    }
 };
 
 // Flags of `resunet eval`.
@@ -95,7 +98,7 @@ struct EvalCommandOptions {
 void add_train_flags(CLI::App& command, TrainCommandOptions& options);
 void add_cv_flags(CLI::App& command, CvCommandOptions& options);
 void add_eval_flags(CLI::App& command, EvalCommandOptions& options);
-// --tune, --plan-cache and --memory-budget bound to `flags`.
+// --tune, --plan-cache, --memory-budget and --int8-conv bound to `flags`.
 void add_engine_tuning_flags(CLI::App& command, EngineTuningFlags& flags);
 
 // The effective configuration as CLI11 config text (what RUN/config.toml holds).

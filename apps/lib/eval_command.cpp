@@ -132,6 +132,7 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
                 QuantOptions quant_options;
                 quant_options.threads = options.threads;
                 quant_options.tune = tuning_from_name(options.tuning.tune);
+                quant_options.int8_algorithm = int8_conv_from_name(options.tuning.int8_conv);
                 int8 = std::make_unique<QuantEngine>(graph, file.tensors, quant_options);
                 report.engine = stored_scales ? "int8 (static scales stored in the model)" : "int8 (dynamic scales)";
             }

@@ -40,6 +40,7 @@ QuantOptions int8_options(const PlanOptions& o, int micro_batch, Tuning tune) {
     options.threads = o.threads;
     options.micro_batch = micro_batch;
     options.tune = tune;
+    options.int8_algorithm = int8_conv_from_name(o.tuning.int8_conv);
     return options;
 }
 
@@ -94,7 +95,9 @@ void print_plan(const PlanOptions& o) {
         throw UsageError(fmt::format("--model '{}' is an int8 file; --precision fp32 needs fp32 weights", o.model));
     EngineOptions options;
     options.threads = o.threads;
-    apply_engine_tuning(o.tuning, true, options);
+    EngineTuningFlags fp32_flags = o.tuning;  // the int8 plan's --int8-conv goes to int8_options()
+    if (int8) fp32_flags.int8_conv = "direct";
+    apply_engine_tuning(fp32_flags, true, options);
     if (o.retune && !options.plan_cache.empty()) {
         // Measure again: the cached fp32 plans are removed first (they are the engine's own files).
         std::error_code ec;

@@ -1,0 +1,150 @@
+// Measuring an int8 layer's candidates (quant/int8_conv_choice.h).
+#include "quant/int8_conv_choice.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <random>
+#include <vector>
+
+namespace resunet::quant_detail {
+
+using namespace dnnl;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+template <typename F>
+double best_ms(F run, int reps) {
+    run();  // warm-up
+    double best = 1e30;
+    for (int r = 0; r < reps; ++r) {
+        const auto start = Clock::now();
+        run();
+        best = std::min(best, std::chrono::duration<double, std::milli>(Clock::now() - start).count());
+    }
+    return best;
+}
+
+std::vector<char> aligned_scratch(size_t bytes, void** aligned) {
+    std::vector<char> buffer(bytes + 64);
+    *aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) / 64 * 64);
+    return buffer;
+}
+
+}  // namespace
+
+}  // namespace resunet::quant_detail
+
+namespace resunet {
+
+Int8ConvAlgorithm int8_conv_from_name(const std::string& name) {
+    if (name == "direct") return Int8ConvAlgorithm::direct;
+    if (name == "winograd") return Int8ConvAlgorithm::winograd_f23;
+    if (name == "measured") return Int8ConvAlgorithm::tuned;
+    throw Error(fmt::format("int8 convolution algorithm: '{}' is none of direct, winograd, measured", name));
+}
+
+}  // namespace resunet
+
+namespace resunet::quant_detail {
+
+Int8ConvChoice choose_int8_conv(const engine& eng, stream& strm, const convolution_forward::primitive_desc& direct_pd,
+                                const PreparedLayer& layer, const WinogradInt8Shape& shape, Int8ConvAlgorithm algorithm,
+                                Tuning tune) {
+    Int8ConvChoice choice;
+    std::string why;
+    const bool offered = WinogradInt8::applies(shape, &why);
+    if (algorithm == Int8ConvAlgorithm::direct || (algorithm == Int8ConvAlgorithm::tuned && tune == Tuning::off)) {
+        choice.candidates = "direct (asked for)";
+        return choice;
+    }
+    if (!offered) {  // asked for or measured: direct where it does not apply
+        choice.candidates = fmt::format("direct (our int8 Winograd does not apply: {})", why);
+        return choice;
+    }
+    auto make = [&] {
+        return std::shared_ptr<WinogradInt8>(WinogradInt8::create(eng, strm, shape, layer.quant.q.data(),
+                                                                  layer.quant.scales.data(), layer.bias.data()));
+    };
+    if (algorithm == Int8ConvAlgorithm::winograd_f23) {
+        choice.winograd = make();
+        choice.algorithm = choice.winograd->algorithm();
+        choice.candidates = "winograd_int8_f23 (asked for)";
+        return choice;
+    }
+
+    // Measured: a synthetic post-ReLU input (half-normal, zero point 0, as most int8 inputs here), the layer's
+    // weights, a zero dst (so a fused residual sum adds nothing), both candidates on the same data.
+    const int64_t n = shape.batch, h = shape.height, w = shape.width, ic = shape.in_channels, oc = shape.out_channels;
+    const ActivationQuant input{0.02f, 0};
+    std::vector<uint8_t> src(static_cast<size_t>(n * (h + 2) * (w + 2) * ic), 0);
+    std::mt19937 rng(12345);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (int64_t b = 0; b < n; ++b)
+        for (int64_t y = 1; y <= h; ++y)
+            for (int64_t x = 1; x <= w; ++x)
+                for (int64_t i = 0; i < ic; ++i)
+                    src[static_cast<size_t>(((b * (h + 2) + y) * (w + 2) + x) * ic + i)] =
+                        static_cast<uint8_t>(std::min(255.0f, std::nearbyint(std::abs(normal(rng)) * 40.0f)));
+    const size_t out_elements = static_cast<size_t>(n * h * w * oc);
+    std::vector<float> direct_out(out_elements, 0.0f), winograd_out(out_elements, 0.0f);
+
+    memory user_weights({{oc, ic, 3, 3}, dt::s8, tag::oihw}, eng, const_cast<int8_t*>(layer.quant.q.data()));
+    memory weights(direct_pd.weights_desc(), eng);
+    reorder(user_weights, weights).execute(strm, user_weights, weights);
+    memory multiplier({{1, oc, 1, 1}, dt::f32, tag::abcd}, eng);
+    memory bias({{oc}, dt::f32, tag::x}, eng);
+    float* mul = static_cast<float*>(multiplier.get_data_handle());
+    float* bias_q = static_cast<float*>(bias.get_data_handle());
+    for (int64_t o = 0; o < oc; ++o) {
+        mul[o] = input.scale * layer.quant.scales[static_cast<size_t>(o)];
+        bias_q[o] = layer.bias[static_cast<size_t>(o)] / mul[o];  // zero point 0: no sum term
+    }
+    void* direct_scratch = nullptr;
+    std::vector<char> direct_scratch_buffer = aligned_scratch(direct_pd.scratchpad_desc().get_size(), &direct_scratch);
+    const convolution_forward direct(direct_pd);
+    const std::unordered_map<int, memory> args = {
+        {DNNL_ARG_SRC, memory(direct_pd.src_desc(), eng, src.data())},
+        {DNNL_ARG_WEIGHTS, weights},
+        {DNNL_ARG_BIAS, bias},
+        {DNNL_ARG_DST, memory(direct_pd.dst_desc(), eng, direct_out.data())},
+        {DNNL_ARG_SCRATCHPAD, memory(direct_pd.scratchpad_desc(), eng, direct_scratch)},
+        {DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, multiplier}};
+    const int reps = tune == Tuning::full ? 7 : 3;
+    const double direct_ms = best_ms([&] {
+        std::fill(direct_out.begin(), direct_out.end(), 0.0f);
+        direct.execute(strm, args);
+        strm.wait();
+    }, reps);
+
+    std::shared_ptr<WinogradInt8> winograd = make();
+    void* scratch = nullptr;
+    std::vector<char> scratch_buffer = aligned_scratch(winograd->scratch_bytes(), &scratch);
+    const double winograd_ms = best_ms([&] {
+        std::fill(winograd_out.begin(), winograd_out.end(), 0.0f);
+        winograd->execute(strm, src.data(), input, winograd_out.data(), scratch);
+    }, reps);
+    double largest = 0, error = 0;
+    for (size_t i = 0; i < out_elements; ++i) {
+        largest = std::max(largest, static_cast<double>(std::abs(direct_out[i])));
+        error = std::max(error, static_cast<double>(std::abs(winograd_out[i] - direct_out[i])));
+    }
+    const double relative = largest > 0 ? error / largest : (error > 0 ? INFINITY : 0.0);
+    const bool passed = relative <= kInt8WinogradBound;
+    const bool wins = passed && winograd_ms < direct_ms * 0.97;  // a few percent: times move on a loaded machine
+    if (wins) {
+        choice.winograd = std::move(winograd);
+        choice.algorithm = choice.winograd->algorithm();
+    }
+    choice.candidates = fmt::format("direct {:.3g} ms{}, winograd_int8_f23 {:.3g} ms ({}err {:.1e}){}", direct_ms,
+                                    wins ? "" : " *", winograd_ms, passed ? "" : "REJECTED: ", relative, wins ? " *" : "");
+    return choice;
+}
+
+}  // namespace resunet::quant_detail

@@ -1,0 +1,36 @@
+// The int8 engine's per-layer algorithm choice for a u8 x s8 3x3 convolution: oneDNN's direct kernel, or our
+// own int8 Winograd F(2x2,3x3) (quant/winograd_int8.h), asked for or measured on the layer's real shape and
+// weights with the Winograd output checked against direct first (kInt8WinogradBound): a kernel that fails
+// its check never wins on speed.
+//
+// Intended usage (quant/quant_engine.cpp, lower_conv):
+//   Int8ConvChoice choice = choose_int8_conv(eng, strm, direct_pd, layer, shape, options.int8_algorithm, options.tune);
+//   if (choice.winograd) ...a custom step running choice.winograd...; else convolution_forward(direct_pd)
+//
+// Internal to quant/ (oneDNN types).
+#pragma once
+
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include <memory>
+#include <string>
+
+#include "quant/quant_engine.h"
+#include "quant/quant_layers.h"
+#include "quant/winograd_int8.h"
+
+namespace resunet::quant_detail {
+
+struct Int8ConvChoice {
+    std::shared_ptr<WinogradInt8> winograd;  // run instead of the direct primitive; null: direct
+    std::string algorithm = "direct";        // "direct" or "winograd_int8_f23"
+    std::string candidates;                  // what was tried, with times and the check's error
+};
+
+// `direct_pd`: the layer's u8 x s8 direct convolution (padded u8 NHWC src, f32 NHWC dst, the dequantization
+// multiplier as binary post-op 0). `shape` is the Winograd's view of the same layer.
+Int8ConvChoice choose_int8_conv(const dnnl::engine& eng, dnnl::stream& strm,
+                                const dnnl::convolution_forward::primitive_desc& direct_pd, const PreparedLayer& layer,
+                                const WinogradInt8Shape& shape, Int8ConvAlgorithm algorithm, Tuning tune);
+
+}  // namespace resunet::quant_detail

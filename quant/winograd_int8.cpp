@@ -1,0 +1,345 @@
+// Our own int8 Winograd F(2x2,3x3): weight transform at build time, per-position dynamic quantization of the
+// transformed input, the 16 GEMMs as one batched u8 x s8 oneDNN matmul per group of tiles (quant/winograd_int8.h).
+#include "quant/winograd_int8.h"
+
+#include <fmt/format.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+
+#include "engine/winograd_tiles.h"
+
+namespace resunet {
+
+using namespace dnnl;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+namespace {
+
+constexpr int P = WinogradInt8::kPositions;
+
+size_t align64(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+bool cpu_has_avx2() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+// V = B^T (d - z) B of one 4x4 tile, 16 channels as int16 lanes; `base` is the tile's top-left padded pixel.
+// Exact: |V| <= 4 * 255.
+__attribute__((target("avx2,fma"), always_inline)) inline void tile_v(const uint8_t* base, int64_t row_stride,
+                                                                      int64_t pixel_stride, __m256i zero, __m256i* v) {
+    __m256i d[4][4];
+    for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c)
+            d[r][c] = _mm256_sub_epi16(
+                _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + r * row_stride + c * pixel_stride))),
+                zero);
+    __m256i t[4][4];
+    for (int c = 0; c < 4; ++c) {
+        t[0][c] = _mm256_sub_epi16(d[0][c], d[2][c]);
+        t[1][c] = _mm256_add_epi16(d[1][c], d[2][c]);
+        t[2][c] = _mm256_sub_epi16(d[2][c], d[1][c]);
+        t[3][c] = _mm256_sub_epi16(d[1][c], d[3][c]);
+    }
+    for (int r = 0; r < 4; ++r) {
+        v[r * 4 + 0] = _mm256_sub_epi16(t[r][0], t[r][2]);
+        v[r * 4 + 1] = _mm256_add_epi16(t[r][1], t[r][2]);
+        v[r * 4 + 2] = _mm256_sub_epi16(t[r][2], t[r][1]);
+        v[r * 4 + 3] = _mm256_sub_epi16(t[r][1], t[r][3]);
+    }
+}
+
+// 16 int16 lanes -> u8 = clamp(round(v * inverse + zero), 0, 255), stored as 16 bytes.
+__attribute__((target("avx2,fma"), always_inline)) inline void store_quantized(__m256i v, __m256 inverse, __m256 zero,
+                                                                               uint8_t* out) {
+    const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v))), inverse, zero);
+    const __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1))), inverse, zero);
+    __m256i s16 = _mm256_packs_epi32(_mm256_cvtps_epi32(lo), _mm256_cvtps_epi32(hi));
+    s16 = _mm256_permute4x64_epi64(s16, 0xD8);
+    __m256i u8 = _mm256_packus_epi16(s16, s16);
+    u8 = _mm256_permute4x64_epi64(u8, 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(u8));
+}
+
+// The smallest of 8 int16 lanes, through phminposuw's unsigned minimum after a bias of 0x8000.
+__attribute__((target("avx2,fma"), always_inline)) inline int32_t lane_min(__m128i x) {
+    const __m128i bias = _mm_set1_epi16(static_cast<int16_t>(0x8000));
+    return static_cast<int16_t>((_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(x, bias))) & 0xFFFF) ^ 0x8000);
+}
+
+}  // namespace
+
+bool WinogradInt8::applies(const WinogradInt8Shape& shape, std::string* why) {
+    auto refuse = [&](std::string reason) {
+        if (why) *why = std::move(reason);
+        return false;
+    };
+    if (!cpu_has_avx2()) return refuse("CPU without AVX2 and FMA");
+    if (shape.in_channels <= 0 || shape.in_channels % 16 != 0 || shape.out_channels <= 0 || shape.out_channels % 8 != 0)
+        return refuse(fmt::format("channels {} -> {} (input a multiple of 16, output of 8)", shape.in_channels,
+                                  shape.out_channels));
+    if (shape.batch <= 0 || shape.height <= 0 || shape.width <= 0 || shape.height % 2 != 0 || shape.width % 2 != 0)
+        return refuse(fmt::format("image {}x{} (even sides)", shape.height, shape.width));
+    if (shape.levels < 1 || shape.levels > 127) return refuse(fmt::format("weight levels {}", shape.levels));
+    return true;
+}
+
+std::unique_ptr<WinogradInt8> WinogradInt8::create(const engine& eng, stream& strm, const WinogradInt8Shape& shape,
+                                                   const int8_t* q, const float* scales, const float* bias, std::string* why,
+                                                   int64_t tiles_per_group) {
+    if (!applies(shape, why)) return nullptr;
+    std::unique_ptr<WinogradInt8> conv(new WinogradInt8());
+    WinogradInt8& c = *conv;
+    c.shape_ = shape;
+    c.eng_ = eng;
+    c.tiles_y_ = shape.height / 2;
+    c.tiles_x_ = shape.width / 2;
+    c.tiles_ = shape.batch * c.tiles_y_ * c.tiles_x_;
+    const int64_t ic = shape.in_channels, oc = shape.out_channels;
+
+    // Threading as in our fp32 Winograd (engine/winograd_own.cpp): each thread runs whole groups of tiles on
+    // its own slot, groups sized so that a group's V and M stay within a few MB.
+    c.threads_ = std::max(1, omp_get_max_threads());
+    const int64_t bytes_per_tile = P * (ic + 4 * oc);
+    int64_t group = tiles_per_group;
+    if (group <= 0) {
+        group = std::clamp<int64_t>((int64_t{4} << 20) / bytes_per_tile, 32, 256);
+        group = std::min(group, (c.tiles_ + c.threads_ - 1) / c.threads_);
+    }
+    group = std::clamp<int64_t>(group, 1, c.tiles_);
+    const bool per_thread = c.threads_ > 1;
+    int64_t rest = 0;
+    c.group_ = group = winograd_tiles::even_groups(c.tiles_, group, c.threads_, per_thread, &rest);
+
+    primitive_attr attr;
+    attr.set_scratchpad_mode(scratchpad_mode::user);
+    auto make = [&](int64_t rows, const memory::desc& weights_desc) {
+        const memory::desc src({P, rows, ic}, dt::u8, tag::abc);
+        const memory::desc dst({P, rows, oc}, dt::s32, tag::abc);
+        return matmul::primitive_desc(matmul::desc(src, weights_desc, dst), attr, eng);
+    };
+    const memory::desc weights_plain({P, ic, oc}, dt::s8, tag::abc);
+    matmul::primitive_desc full_pd, rest_pd;
+    try {
+        full_pd = make(group, memory::desc({P, ic, oc}, dt::s8, tag::any));
+        if (rest != group) rest_pd = make(rest, full_pd.weights_desc());
+    } catch (const dnnl::error&) {
+        full_pd = make(group, weights_plain);
+        if (rest != group) rest_pd = make(rest, weights_plain);
+    }
+    c.full_ = matmul(full_pd);
+    c.full_src_ = full_pd.src_desc();
+    c.full_dst_ = full_pd.dst_desc();
+    c.matmul_scratch_bytes_ = full_pd.scratchpad_desc().get_size();
+    if (rest != group) {
+        c.rest_ = matmul(rest_pd);
+        c.rest_src_ = rest_pd.src_desc();
+        c.rest_dst_ = rest_pd.dst_desc();
+        c.matmul_scratch_bytes_ = std::max(c.matmul_scratch_bytes_, rest_pd.scratchpad_desc().get_size());
+    }
+
+    // U = G g G^T per (oc, ic) in double from g = q * scale[oc]; s8 per (position, oc) with |U_q| <= levels.
+    c.weights_ = memory(full_pd.weights_desc(), eng);
+    const bool direct_into_weights = full_pd.weights_desc() == weights_plain;
+    std::vector<int8_t> plain(direct_into_weights ? 0 : static_cast<size_t>(P * ic * oc));  // transient
+    int8_t* u_out = direct_into_weights ? static_cast<int8_t*>(c.weights_.get_data_handle()) : plain.data();
+    c.u_scale_.assign(static_cast<size_t>(P * oc), 1.0f);
+    c.u_sum_.assign(static_cast<size_t>(P * oc), 0.0f);
+    const auto& G = winograd_tiles::kG23;
+    const int levels = shape.levels;
+#pragma omp parallel
+    {
+        std::vector<double> u(static_cast<size_t>(P * ic));
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < oc; ++o) {
+            double largest[P] = {};
+            for (int64_t i = 0; i < ic; ++i) {
+                double g[3][3];
+                for (int k = 0; k < 9; ++k) g[k / 3][k % 3] = static_cast<double>(q[(o * ic + i) * 9 + k]) * scales[o];
+                for (int a = 0; a < 4; ++a) {
+                    double left[3];
+                    for (int x = 0; x < 3; ++x) left[x] = G[a][0] * g[0][x] + G[a][1] * g[1][x] + G[a][2] * g[2][x];
+                    for (int b = 0; b < 4; ++b) {
+                        const double value = left[0] * G[b][0] + left[1] * G[b][1] + left[2] * G[b][2];
+                        u[static_cast<size_t>((a * 4 + b) * ic + i)] = value;
+                        largest[a * 4 + b] = std::max(largest[a * 4 + b], std::abs(value));
+                    }
+                }
+            }
+            for (int p = 0; p < P; ++p) {
+                const double scale = largest[p] > 0 ? largest[p] / levels : 1.0;
+                float sum = 0;
+                for (int64_t i = 0; i < ic; ++i) {
+                    const double r = std::nearbyint(u[static_cast<size_t>(p * ic + i)] / scale);
+                    const int8_t value = static_cast<int8_t>(std::clamp(r, -static_cast<double>(levels), static_cast<double>(levels)));
+                    u_out[(p * ic + i) * oc + o] = value;
+                    sum += value;
+                }
+                c.u_scale_[static_cast<size_t>(p * oc + o)] = static_cast<float>(scale);
+                c.u_sum_[static_cast<size_t>(p * oc + o)] = sum;
+            }
+        }
+    }
+    if (!direct_into_weights) {
+        memory user(weights_plain, eng, plain.data());
+        reorder(user, c.weights_).execute(strm, user, c.weights_);
+        strm.wait();
+    }
+    c.bias_.assign(static_cast<size_t>(oc), 0.0f);
+    if (bias) c.bias_.assign(bias, bias + oc);
+    c.mul_.assign(static_cast<size_t>(P * oc), 0.0f);
+
+    c.v_bytes_ = align64(static_cast<size_t>(P * group * ic));
+    c.m_bytes_ = align64(static_cast<size_t>(P * group * oc) * sizeof(int32_t));
+    c.matmul_scratch_bytes_aligned_ = align64(std::max<size_t>(c.matmul_scratch_bytes_, 1));
+    c.row_bytes_ = align64(static_cast<size_t>(P * group) * sizeof(RowQuant));
+    c.slot_bytes_ = c.v_bytes_ + c.m_bytes_ + c.matmul_scratch_bytes_aligned_ + c.row_bytes_ +
+                    align64(static_cast<size_t>(P * ic) * sizeof(int16_t));
+    c.scratch_bytes_ = c.slot_bytes_ * static_cast<size_t>(per_thread ? c.threads_ : 1);
+    c.weight_bytes_ = full_pd.weights_desc().get_size() + (c.u_scale_.size() + c.u_sum_.size() + c.bias_.size() +
+                                                           c.mul_.size()) * sizeof(float);
+    c.kernel_ = fmt::format("own_int8_f23:avx2+{}", full_pd.impl_info_str());
+    return conv;
+}
+
+// Per tile: V = B^T (d - z) B into `exact` (int16, [P][IC]), each position's range over the input channels,
+// then V quantized per (position, tile) into v [P, count, IC] with its scale and zero point in `row`.
+__attribute__((target("avx2,fma"))) void WinogradInt8::input_transform(const uint8_t* src, int32_t zero, uint8_t* v,
+                                                                       RowQuant* row, int16_t* exact, int64_t first_tile,
+                                                                       int64_t count) const {
+    const int64_t ic = shape_.in_channels;
+    const int64_t row_stride = (shape_.width + 2) * ic;
+    const int64_t image_stride = (shape_.height + 2) * row_stride;
+    const int64_t per_image = tiles_y_ * tiles_x_;
+    const int64_t p_stride = count * ic;
+    const __m256i z = _mm256_set1_epi16(static_cast<int16_t>(zero));
+    for (int64_t t = 0; t < count; ++t) {
+        const int64_t index = first_tile + t;
+        const int64_t n = index / per_image, ty = (index % per_image) / tiles_x_, tx = index % tiles_x_;
+        const uint8_t* base = src + n * image_stride + 2 * ty * row_stride + 2 * tx * ic;
+        __m256i mn[P], mx[P];
+        for (int64_t k = 0; k < ic; k += 16) {
+            __m256i tv[P];
+            tile_v(base + k, row_stride, ic, z, tv);
+            for (int p = 0; p < P; ++p) {
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(exact + p * ic + k), tv[p]);
+                mn[p] = k == 0 ? tv[p] : _mm256_min_epi16(mn[p], tv[p]);
+                mx[p] = k == 0 ? tv[p] : _mm256_max_epi16(mx[p], tv[p]);
+            }
+        }
+        for (int p = 0; p < P; ++p) {
+            // Horizontal min and max of the 16 int16 lanes.
+            const __m128i lo8 = _mm_min_epi16(_mm256_castsi256_si128(mn[p]), _mm256_extracti128_si256(mn[p], 1));
+            const __m128i hi8 = _mm_max_epi16(_mm256_castsi256_si128(mx[p]), _mm256_extracti128_si256(mx[p], 1));
+            const int32_t lo = lane_min(lo8);
+            const int32_t hi = -lane_min(_mm_sub_epi16(_mm_setzero_si128(), hi8));  // |V| <= 1020: no overflow
+            RowQuant& q = row[p * count + t];
+            float inverse = 1.0f;
+            if (hi - lo <= 255) {  // exact
+                q = {1.0f, -lo};
+            } else {
+                q.scale = static_cast<float>(hi - lo) / 255.0f;
+                inverse = 255.0f / static_cast<float>(hi - lo);
+                q.zero = static_cast<int32_t>(std::lround(-lo * inverse));  // any integer: [lo, hi] -> [0, 255]
+            }
+            const __m256 inv = _mm256_set1_ps(inverse), zp = _mm256_set1_ps(static_cast<float>(q.zero));
+            for (int64_t k = 0; k < ic; k += 16)
+                store_quantized(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(exact + p * ic + k)), inv, zp,
+                                v + p * p_stride + t * ic + k);
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) void WinogradInt8::output_transform(const int32_t* m, const RowQuant* row, float* dst,
+                                                                        int64_t first_tile, int64_t count) const {
+    const int64_t oc = shape_.out_channels;
+    const int64_t width = shape_.width;
+    const int64_t per_image = tiles_y_ * tiles_x_;
+    const int64_t p_stride = count * oc;
+    const bool sum = shape_.sum, relu = shape_.relu;
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t t = 0; t < count; ++t) {
+        const int64_t index = first_tile + t;
+        const int64_t n = index / per_image, ty = (index % per_image) / tiles_x_, tx = index % tiles_x_;
+        float* out = dst + ((n * shape_.height + 2 * ty) * width + 2 * tx) * oc;
+        for (int64_t o = 0; o < oc; o += 8) {
+            // M = s_t * (acc - z_t * sum U_q) * s_x * s_u, per (position, tile) and output channel.
+            __m256 f[4][4];
+            for (int p = 0; p < P; ++p) {
+                const RowQuant& q = row[p * count + t];
+                const __m256 acc = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + p * p_stride + t * oc + o)));
+                const __m256 centred = _mm256_fnmadd_ps(_mm256_set1_ps(static_cast<float>(q.zero)),
+                                                        _mm256_loadu_ps(u_sum_.data() + p * oc + o), acc);
+                f[p / 4][p % 4] = _mm256_mul_ps(centred, _mm256_mul_ps(_mm256_set1_ps(q.scale), _mm256_loadu_ps(mul_.data() + p * oc + o)));
+            }
+            __m256 r[2][4];
+            for (int c = 0; c < 4; ++c) {
+                r[0][c] = _mm256_add_ps(_mm256_add_ps(f[0][c], f[1][c]), f[2][c]);
+                r[1][c] = _mm256_sub_ps(_mm256_sub_ps(f[1][c], f[2][c]), f[3][c]);
+            }
+            const __m256 b = _mm256_loadu_ps(bias_.data() + o);
+            for (int i = 0; i < 2; ++i) {
+                __m256 y[2];
+                y[0] = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(r[i][0], r[i][1]), r[i][2]), b);
+                y[1] = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(r[i][1], r[i][2]), r[i][3]), b);
+                for (int j = 0; j < 2; ++j) {
+                    float* at = out + (i * width + j) * oc + o;
+                    if (sum) y[j] = _mm256_add_ps(y[j], _mm256_loadu_ps(at));
+                    if (relu) y[j] = _mm256_max_ps(y[j], zero);
+                    _mm256_storeu_ps(at, y[j]);
+                }
+            }
+        }
+    }
+}
+
+void WinogradInt8::execute(stream& strm, const uint8_t* src, const ActivationQuant& input, float* dst, void* scratch) {
+    for (size_t at = 0; at < mul_.size(); ++at) mul_[at] = input.scale * u_scale_[at];
+    const memory::desc scratch_desc({static_cast<memory::dim>(std::max<size_t>(matmul_scratch_bytes_, 1))}, dt::u8, tag::x);
+    auto run_group = [&](int64_t first, char* slot, stream& s) {
+        const int64_t count = std::min(group_, tiles_ - first);
+        const bool full = count == group_;
+        uint8_t* v = reinterpret_cast<uint8_t*>(slot);
+        int32_t* m = reinterpret_cast<int32_t*>(slot + v_bytes_);
+        char* after_matmul = slot + v_bytes_ + m_bytes_ + matmul_scratch_bytes_aligned_;
+        RowQuant* row = reinterpret_cast<RowQuant*>(after_matmul);
+        int16_t* exact = reinterpret_cast<int16_t*>(after_matmul + row_bytes_);
+        input_transform(src, input.zero_point, v, row, exact, first, count);
+        const memory v_memory(full ? full_src_ : rest_src_, eng_, v);
+        const memory m_memory(full ? full_dst_ : rest_dst_, eng_, m);
+        const memory scratch_memory(scratch_desc, eng_, slot + v_bytes_ + m_bytes_);
+        (full ? full_ : rest_)
+            .execute(s, {{DNNL_ARG_SRC, v_memory}, {DNNL_ARG_WEIGHTS, weights_}, {DNNL_ARG_DST, m_memory},
+                         {DNNL_ARG_SCRATCHPAD, scratch_memory}});
+        s.wait();
+        output_transform(m, row, dst, first, count);
+    };
+    char* bytes = static_cast<char*>(scratch);
+    const int64_t groups = (tiles_ + group_ - 1) / group_;
+    const int threads = std::min(threads_, std::max(1, omp_get_max_threads()));
+    if (threads_ == 1 || threads == 1) {
+        for (int64_t g = 0; g < groups; ++g) run_group(g * group_, bytes, strm);
+        return;
+    }
+    std::exception_ptr failure;
+#pragma omp parallel num_threads(threads)
+    {
+        const int thread = omp_get_thread_num(), team = omp_get_num_threads();
+        try {
+            stream local(eng_);
+            for (int64_t g = thread; g < groups; g += team)
+                run_group(g * group_, bytes + static_cast<size_t>(thread) * slot_bytes_, local);
+        } catch (...) {
+#pragma omp critical(resunet_winograd_int8_failure)
+            failure = std::current_exception();
+        }
+    }
+    if (failure) std::rethrow_exception(failure);
+}
+
+}  // namespace resunet
