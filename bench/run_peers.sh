@@ -4,8 +4,9 @@
 # process with the same thread count, batch 16 at 224x224, width 64 (32,445,185 parameters):
 #   peers: pt_jit_ob (PyTorch fp32), pt_fx_onednn (PyTorch FX static int8), ort_fp32, ort_qdqfull (ORT QDQ int8);
 #   ours (bench/peer_fidelity): fp32 tuned (cold: measures and saves its plan; warm: from the plan cache),
-#   fp32 untuned (--tune off), int8 dynamic, int8 static, and int8 from an int8 file (resunet quantize) when
-#   the program has that subcommand.
+#   fp32 untuned (--tune off), int8 dynamic, int8 dynamic with our int8 Winograd where measured faster
+#   (--int8-conv measured), int8 static, and int8 from an int8 file (resunet quantize) when the program has
+#   that subcommand.
 # Fidelity: each of our rows against PyTorch's fp32 logits (ref_logits.bin) of the same weights.
 #
 #   bash bench/run_peers.sh [OUT_DIR] [RUNS]      (OUT_DIR default build/peers; RUNS default 5)
@@ -49,6 +50,7 @@ ours fp32-tuned-cold --precision fp32 --plan-cache "$cache"
 ours fp32-tuned-warm --precision fp32 --plan-cache "$cache"
 ours fp32-untuned --precision fp32 --tune off
 ours int8-dynamic --precision int8
+ours int8-dynamic-winograd --precision int8 --int8-conv measured
 ours int8-static --precision static-int8
 if build/apps/resunet quantize --help > /dev/null 2>&1; then
   rm -f "$out/peer_w64.int8.safetensors" "$out/peer_w64.int8.report.md" "$out/peer_w64.int8.report.json"

@@ -54,16 +54,29 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile_v(const uint
     }
 }
 
-// 16 int16 lanes -> u8 = clamp(round(v * inverse + zero), 0, 255), stored as 16 bytes.
-__attribute__((target("avx2,fma"), always_inline)) inline void store_quantized(__m256i v, __m256 inverse, __m256 zero,
-                                                                               uint8_t* out) {
-    const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v))), inverse, zero);
-    const __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1))), inverse, zero);
-    __m256i s16 = _mm256_packs_epi32(_mm256_cvtps_epi32(lo), _mm256_cvtps_epi32(hi));
-    s16 = _mm256_permute4x64_epi64(s16, 0xD8);
-    __m256i u8 = _mm256_packus_epi16(s16, s16);
-    u8 = _mm256_permute4x64_epi64(u8, 0xD8);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(u8));
+// 16 int16 values of a row, scaled (unless lossless) and shifted by the zero point, in int16.
+__attribute__((target("avx2,fma"), always_inline)) inline __m256i scaled_16(const int16_t* v, bool lossless, __m256i multiplier,
+                                                                         __m256i zero) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+    return _mm256_add_epi16(lossless ? x : _mm256_mulhrs_epi16(x, multiplier), zero);
+}
+
+// A row of int16 V -> u8 = clamp(((v * multiplier + 2^14) >> 15) + zero, 0, 255) (pmulhrsw: multiplier is a
+// Q15 fraction), or clamp(v + zero) when `lossless`; `channels` a multiple of 16.
+__attribute__((target("avx2,fma"), always_inline)) inline void quantize_row(const int16_t* v, int64_t channels, bool lossless,
+                                                                            int16_t multiplier, int16_t zero, uint8_t* out) {
+    const __m256i m = _mm256_set1_epi16(multiplier), z = _mm256_set1_epi16(zero);
+    int64_t k = 0;
+    for (; k + 32 <= channels; k += 32) {  // packus interleaves 128-bit lanes; the permute restores the order
+        const __m256i u8 = _mm256_permute4x64_epi64(
+            _mm256_packus_epi16(scaled_16(v + k, lossless, m, z), scaled_16(v + k + 16, lossless, m, z)), 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), u8);
+    }
+    if (k < channels) {
+        const __m256i x = scaled_16(v + k, lossless, m, z);
+        const __m256i u8 = _mm256_permute4x64_epi64(_mm256_packus_epi16(x, x), 0xD8);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm256_castsi256_si128(u8));
+    }
 }
 
 // The smallest of 8 int16 lanes, through phminposuw's unsigned minimum after a bias of 0x8000.
@@ -239,18 +252,18 @@ __attribute__((target("avx2,fma"))) void WinogradInt8::input_transform(const uin
             const int32_t lo = lane_min(lo8);
             const int32_t hi = -lane_min(_mm_sub_epi16(_mm_setzero_si128(), hi8));  // |V| <= 1020: no overflow
             RowQuant& q = row[p * count + t];
-            float inverse = 1.0f;
-            if (hi - lo <= 255) {  // exact
+            const bool lossless = hi - lo <= 255;
+            int16_t multiplier = 0;
+            if (lossless) {
                 q = {1.0f, -lo};
             } else {
-                q.scale = static_cast<float>(hi - lo) / 255.0f;
-                inverse = 255.0f / static_cast<float>(hi - lo);
-                q.zero = static_cast<int32_t>(std::lround(-lo * inverse));  // any integer: [lo, hi] -> [0, 255]
+                // Q15 multiplier, rounded down so that (hi - lo) maps to at most 255; the scale is its exact
+                // inverse. |lo|, |hi| <= 1020 and hi - lo > 255, so 4096 <= multiplier < 32640.
+                multiplier = static_cast<int16_t>(255 * 32768 / (hi - lo));
+                q.scale = 32768.0f / multiplier;
+                q.zero = static_cast<int32_t>(std::lround(-lo * static_cast<double>(multiplier) / 32768.0));
             }
-            const __m256 inv = _mm256_set1_ps(inverse), zp = _mm256_set1_ps(static_cast<float>(q.zero));
-            for (int64_t k = 0; k < ic; k += 16)
-                store_quantized(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(exact + p * ic + k)), inv, zp,
-                                v + p * p_stride + t * ic + k);
+            quantize_row(exact + p * ic, ic, lossless, multiplier, static_cast<int16_t>(q.zero), v + p * p_stride + t * ic);
         }
     }
 }
@@ -267,15 +280,18 @@ __attribute__((target("avx2,fma"))) void WinogradInt8::output_transform(const in
         const int64_t index = first_tile + t;
         const int64_t n = index / per_image, ty = (index % per_image) / tiles_x_, tx = index % tiles_x_;
         float* out = dst + ((n * shape_.height + 2 * ty) * width + 2 * tx) * oc;
+        __m256 row_zero[P], row_scale[P];
+        for (int p = 0; p < P; ++p) {
+            row_zero[p] = _mm256_set1_ps(static_cast<float>(row[p * count + t].zero));
+            row_scale[p] = _mm256_set1_ps(row[p * count + t].scale);
+        }
         for (int64_t o = 0; o < oc; o += 8) {
             // M = s_t * (acc - z_t * sum U_q) * s_x * s_u, per (position, tile) and output channel.
             __m256 f[4][4];
             for (int p = 0; p < P; ++p) {
-                const RowQuant& q = row[p * count + t];
                 const __m256 acc = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + p * p_stride + t * oc + o)));
-                const __m256 centred = _mm256_fnmadd_ps(_mm256_set1_ps(static_cast<float>(q.zero)),
-                                                        _mm256_loadu_ps(u_sum_.data() + p * oc + o), acc);
-                f[p / 4][p % 4] = _mm256_mul_ps(centred, _mm256_mul_ps(_mm256_set1_ps(q.scale), _mm256_loadu_ps(mul_.data() + p * oc + o)));
+                const __m256 centred = _mm256_fnmadd_ps(row_zero[p], _mm256_loadu_ps(u_sum_.data() + p * oc + o), acc);
+                f[p / 4][p % 4] = _mm256_mul_ps(centred, _mm256_mul_ps(row_scale[p], _mm256_loadu_ps(mul_.data() + p * oc + o)));
             }
             __m256 r[2][4];
             for (int c = 0; c < 4; ++c) {
