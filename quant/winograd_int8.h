@@ -26,7 +26,6 @@
 
 #include <oneapi/dnnl/dnnl.hpp>
 
-#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
