@@ -320,6 +320,7 @@ json measure_row(const Options& o) {
     }
     json row = measure_engine(o, graph, engine, "u8s8");
     row["int8_conv"] = o.int8_conv;
+    row["int8_plan"] = engine.conv_summary();
     return row;
 }
 

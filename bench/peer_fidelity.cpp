@@ -138,6 +138,7 @@ int main(int argc, char** argv) {
             auto engine = std::make_unique<resunet::QuantEngine>(graph, file.tensors, options);
             file.tensors.clear();
             if (precision == "static-int8") engine->calibrate(input.data(), 4);  // the first 4 images of the batch
+            plan = engine->conv_summary();
             row = measure(*engine, input, reference, batch, runs);
             row["compile_ms"] = engine->compile_ms();
             row["engine_bytes"] = engine->memory_usage().total();

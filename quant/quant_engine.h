@@ -99,7 +99,10 @@ class QuantEngine {
     EngineMemory memory_usage() const;
     double compile_ms() const;
     int num_primitives() const;
-    int weight_levels() const;  // |q| bound of the weights as this CPU runs them (files store +-127, narrowed to this)
+    int weight_levels() const;
+    // The int8 3x3 convolutions' algorithms, for reports: "int8 3x3 convolutions: 11 winograd_int8_f23
+    // (e2.conv_b, ...), 7 direct" (which layers `measured` chose depends on the timings of that start).
+    std::string conv_summary() const;  // |q| bound of the weights as this CPU runs them (files store +-127, narrowed to this)
 
     struct Impl;
 

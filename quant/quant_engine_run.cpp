@@ -195,4 +195,19 @@ double QuantEngine::compile_ms() const { return impl_->compile_ms; }
 int QuantEngine::num_primitives() const { return static_cast<int>(impl_->steps.size()); }
 int QuantEngine::weight_levels() const { return impl_->levels; }
 
+std::string QuantEngine::conv_summary() const {
+    std::vector<std::string> winograd;
+    int direct = 0;
+    for (const Step& step : impl_->steps) {
+        if (step.precision != "u8s8" || step.candidates.empty()) continue;  // the int8 3x3 convolutions carry candidates
+        if (step.algorithm == "direct")
+            ++direct;
+        else
+            winograd.push_back(step.name);
+    }
+    std::string text = fmt::format("int8 3x3 convolutions: {} winograd_int8_f23", winograd.size());
+    if (!winograd.empty()) text += " (" + fmt::format("{}", fmt::join(winograd, ", ")) + ")";
+    return text + fmt::format(", {} direct", direct);
+}
+
 }  // namespace resunet

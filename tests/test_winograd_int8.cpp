@@ -244,6 +244,9 @@ TEST(WinogradInt8Engine, ForcedMeasuredAndOff) {
     }
     EXPECT_GE(forced, 6);
     EXPECT_EQ(off, direct);  // --tune off is the direct plan, bit for bit
+    QuantOptions plain;
+    plain.threads = 2;
+    EXPECT_EQ(QuantEngine(net.graph, net.weights, plain).conv_summary(), "int8 3x3 convolutions: 0 winograd_int8_f23, 9 direct");
     // The network with the Winograd everywhere against direct and fp32: the bound is per network (each
     // layer's requantization adds to the next one's input), measured 2-3e-2 here.
     const resunet::reference::ErrorStats e =
@@ -275,6 +278,10 @@ TEST(WinogradInt8Engine, MicroBatchStaticAndInt8File) {
     QuantEngine(net.graph, net.weights, options).run(net.input.data(), 2, pair.data());
     options.micro_batch = 1;
     QuantEngine engine(net.graph, net.weights, options);
+    // 9 int8 3x3 layers (e1.conv_a reads the 3 RGB channels and stays fp32), all of them Winograd
+    EXPECT_EQ(engine.conv_summary().rfind("int8 3x3 convolutions: 9 winograd_int8_f23 (e1.conv_b, e2.conv_a, ", 0), 0)
+        << engine.conv_summary();
+    EXPECT_TRUE(engine.conv_summary().ends_with("d1.conv_b), 0 direct")) << engine.conv_summary();
     engine.calibrate(net.input.data(), 2);
     engine.run(net.input.data(), 2, calibrated.data());
     const double single_db = resunet::reference::sqnr_db(single.data(), net.fp32.data(), count);
