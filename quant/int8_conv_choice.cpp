@@ -137,7 +137,7 @@ Int8ConvChoice choose_int8_conv(const engine& eng, stream& strm, const convoluti
     }
     const double relative = largest > 0 ? error / largest : (error > 0 ? INFINITY : 0.0);
     const bool passed = relative <= kInt8WinogradBound;
-    const bool wins = passed && winograd_ms < direct_ms * 0.97;  // a few percent: times move on a loaded machine
+    const bool wins = passed && winograd_ms < direct_ms * (1.0 - kInt8WinogradMargin);
     if (wins) {
         choice.winograd = std::move(winograd);
         choice.algorithm = choice.winograd->algorithm();

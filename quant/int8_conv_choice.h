@@ -21,6 +21,11 @@
 
 namespace resunet::quant_detail {
 
+// How much faster than direct the Winograd must measure to be chosen: each layer it takes costs accuracy
+// (its requantization), and one-shot timings on a shared 2-core machine move by about 10%, so a layer only
+// a little faster would flip between starts for no real gain.
+inline constexpr double kInt8WinogradMargin = 0.15;
+
 struct Int8ConvChoice {
     std::shared_ptr<WinogradInt8> winograd;  // run instead of the direct primitive; null: direct
     std::string algorithm = "direct";        // "direct" or "winograd_int8_f23"
