@@ -1,6 +1,8 @@
 // Google Benchmark: every distinct convolution shape of the width-64 ResUNet at 224x224, alone, in fp32
-// and int8, so a performance engineer can profile one kernel at a time.
+// and int8 (oneDNN's direct u8 x s8 kernel; for the 3x3 shapes also our own int8 Winograd F(2x2,3x3),
+// quant/winograd_int8.h, as `int8-winograd/`), so a performance engineer can profile one kernel at a time.
 //   build/bench/bench_layers --benchmark_filter='int8/conv3x3_128to64_224'
+//   build/bench/bench_layers --benchmark_filter='int8.*/conv3x3_512to512_28'   (direct beside Winograd)
 //   ONEDNN_VERBOSE=1 build/bench/bench_layers --benchmark_filter=... --benchmark_min_time=0.1
 // A layer graph is input -> conv (+BN +ReLU, as in the network) for convolutions, input -> ConvTranspose
 // 2x2/2 for the up-sampling layers. int8 timings include the layer's quantize pass (range + u8), as in
@@ -55,7 +57,9 @@ resunet::Graph layer_graph(const LayerShape& s) {
     return g;
 }
 
-template <bool int8>
+enum class Mode { fp32, int8, int8_winograd };
+
+template <Mode mode>
 void run_layer(benchmark::State& state, LayerShape shape) {
     const resunet::Graph graph = layer_graph(shape);
     resunet::TensorMap weights = resunet::init_weights(graph, 1);
@@ -66,8 +70,10 @@ void run_layer(benchmark::State& state, LayerShape shape) {
         engine.run(src.data(), 1, dst.data());
         for (auto _ : state) engine.run(src.data(), 1, dst.data());
     };
-    if constexpr (int8) {
-        resunet::QuantEngine engine(graph, weights, {});
+    if constexpr (mode != Mode::fp32) {
+        resunet::QuantOptions options;
+        options.int8_algorithm = mode == Mode::int8 ? resunet::Int8ConvAlgorithm::direct : resunet::Int8ConvAlgorithm::winograd_f23;
+        resunet::QuantEngine engine(graph, weights, options);
         measure(engine);
     } else {
         resunet::Engine engine(graph, weights, {});
@@ -79,10 +85,14 @@ void run_layer(benchmark::State& state, LayerShape shape) {
 
 const bool registered = [] {
     for (const LayerShape& s : distinct_shapes()) {
-        benchmark::RegisterBenchmark(("fp32/" + s.name()).c_str(), run_layer<false>, s)->Unit(benchmark::kMillisecond)->UseRealTime();
+        benchmark::RegisterBenchmark(("fp32/" + s.name()).c_str(), run_layer<Mode::fp32>, s)->Unit(benchmark::kMillisecond)->UseRealTime();
         // The int8 engine keeps layers with fewer than 8 input or output channels in fp32.
-        if (s.in_channels >= 8 && s.out_channels >= 8)
-            benchmark::RegisterBenchmark(("int8/" + s.name()).c_str(), run_layer<true>, s)->Unit(benchmark::kMillisecond)->UseRealTime();
+        if (s.in_channels < 8 || s.out_channels < 8) continue;
+        benchmark::RegisterBenchmark(("int8/" + s.name()).c_str(), run_layer<Mode::int8>, s)->Unit(benchmark::kMillisecond)->UseRealTime();
+        if (s.kind == resunet::OpKind::conv && s.kernel == 3)
+            benchmark::RegisterBenchmark(("int8-winograd/" + s.name()).c_str(), run_layer<Mode::int8_winograd>, s)
+                ->Unit(benchmark::kMillisecond)
+                ->UseRealTime();
     }
     return true;
 }();

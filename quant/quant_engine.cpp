@@ -218,7 +218,8 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
                                                      layer.int8 ? 0 : padding);
     if (layer.int8) spec.precision = lowering::Precision::u8s8;
     const int64_t k = layer.weight_dims[2];
-    const bool winograd_shape = !transposed && k == 3 && stride == 1 && padding == 1 && src != graph.input_value();
+    // (an int8 layer reads the quantize pass's padded u8 copy, so one reading the graph input qualifies too)
+    const bool winograd_shape = !transposed && k == 3 && stride == 1 && padding == 1 && (layer.int8 || src != graph.input_value());
     Step step;
     step.name = node.name;
     step.op = lowering::fused_op_label(op, transposed ? "deconv:conv1x1" : "conv");
