@@ -1,6 +1,7 @@
 // Our own fp32 Winograd F(4x4,3x3) / F(2x2,3x3): weight transform at build time, AVX2 input and output
 // transforms, the GEMMs as one batched oneDNN matmul per group of tiles (engine/winograd_own.h).
 #include "engine/winograd_own.h"
+#include "engine/tile_group_matmul.h"
 #include "engine/winograd_tiles.h"
 
 #include <fmt/format.h>
@@ -97,44 +98,18 @@ std::unique_ptr<WinogradOwn> WinogradOwn::create(const engine& eng, stream& strm
     int64_t rest = 0;
     c.group_ = group = even_groups(c.tiles_, group, c.threads_, c.private_groups_, &rest);
 
-    primitive_attr attr;
-    attr.set_scratchpad_mode(scratchpad_mode::user);
-    auto make = [&](int64_t rows, const memory::desc& weights_desc) {
-        const memory::desc src({positions, rows, ic}, dt::f32, tag::abc);
-        const memory::desc dst({positions, rows, oc}, dt::f32, tag::abc);
-        return matmul::primitive_desc(matmul::desc(src, weights_desc, dst), attr, eng);
-    };
-    const memory::desc weights_plain({positions, ic, oc}, dt::f32, tag::abc);
-    matmul::primitive_desc full_pd, rest_pd;
-    try {
-        full_pd = make(group, memory::desc({positions, ic, oc}, dt::f32, tag::any));
-        if (rest != group) rest_pd = make(rest, full_pd.weights_desc());
-    } catch (const dnnl::error&) {
-        // the remainder refused the packed weights: both on plain ones
-        full_pd = make(group, weights_plain);
-        if (rest != group) rest_pd = make(rest, weights_plain);
-    }
-    c.full_ = matmul(full_pd);
-    c.full_src_ = full_pd.src_desc();
-    c.full_dst_ = full_pd.dst_desc();
-    c.matmul_scratch_bytes_ = full_pd.scratchpad_desc().get_size();
-    if (rest != group) {
-        c.rest_ = matmul(rest_pd);
-        c.rest_src_ = rest_pd.src_desc();
-        c.rest_dst_ = rest_pd.dst_desc();
-        c.matmul_scratch_bytes_ = std::max(c.matmul_scratch_bytes_, rest_pd.scratchpad_desc().get_size());
-    }
-    c.weights_ = memory(full_pd.weights_desc(), eng);
-    c.direct_into_weights_ = full_pd.weights_desc() == weights_plain;
+    c.gemm_ = TileGroupMatmul::create(eng, positions, group, rest, ic, oc, dt::f32, dt::f32, dt::f32);
+    c.weights_ = memory(c.gemm_.weights, eng);
+    c.direct_into_weights_ = c.gemm_.weights_plain;
     c.bias_.assign(static_cast<size_t>(oc), 0.0f);
     c.set_weights(strm, weights, bias);
 
     c.v_bytes_ = align64(static_cast<size_t>(positions * group * ic) * sizeof(float));
     c.m_bytes_ = align64(static_cast<size_t>(positions * group * oc) * sizeof(float));
-    c.slot_bytes_ = c.v_bytes_ + c.m_bytes_ + align64(std::max<size_t>(c.matmul_scratch_bytes_, 1));
+    c.slot_bytes_ = c.v_bytes_ + c.m_bytes_ + align64(std::max<size_t>(c.gemm_.scratch_bytes, 1));
     c.scratch_bytes_ = c.slot_bytes_ * static_cast<size_t>(c.private_groups_ ? c.threads_ : 1);
-    c.weight_bytes_ = full_pd.weights_desc().get_size() + c.bias_.size() * sizeof(float);
-    c.kernel_ = fmt::format("own_f{}3:avx2+{}", tile, full_pd.impl_info_str());
+    c.weight_bytes_ = c.gemm_.weights.get_size() + c.bias_.size() * sizeof(float);
+    c.kernel_ = fmt::format("own_f{}3:avx2+{}", tile, c.gemm_.impl);
     return conv;
 }
 
@@ -266,21 +241,13 @@ void WinogradOwn::output_transform(const float* m, float* dst, int64_t first_til
 }
 
 void WinogradOwn::execute(stream& strm, const float* src, float* dst, void* scratch) {
-    const memory::desc scratch_desc({static_cast<memory::dim>(std::max<size_t>(matmul_scratch_bytes_, 1))}, dt::u8, tag::x);
     // One group of tiles with the scratch slot at `slot`: transforms threaded or not, matmul on `s`.
     auto run_group = [&](int64_t first, char* slot, stream& s, bool parallel) {
         const int64_t count = std::min(group_, tiles_ - first);
-        const bool full = count == group_;
         float* v = reinterpret_cast<float*>(slot);
         float* m = reinterpret_cast<float*>(slot + v_bytes_);
         input_transform(src, v, first, count, parallel);
-        const memory v_memory(full ? full_src_ : rest_src_, eng_, v);
-        const memory m_memory(full ? full_dst_ : rest_dst_, eng_, m);
-        const memory scratch_memory(scratch_desc, eng_, slot + v_bytes_ + m_bytes_);
-        (full ? full_ : rest_)
-            .execute(s, {{DNNL_ARG_SRC, v_memory}, {DNNL_ARG_WEIGHTS, weights_}, {DNNL_ARG_DST, m_memory},
-                         {DNNL_ARG_SCRATCHPAD, scratch_memory}});
-        s.wait();
+        gemm_.run(eng_, s, count, v, weights_, m, slot + v_bytes_ + m_bytes_);
         output_transform(m, dst, first, count, parallel);
     };
     char* bytes = static_cast<char*>(scratch);

@@ -30,6 +30,8 @@
 #include <string>
 #include <vector>
 
+#include "engine/tile_group_matmul.h"
+
 namespace resunet {
 
 // The layer a WinogradOwn computes: 3x3, stride 1, padding 1, same H and W in and out.
@@ -110,10 +112,8 @@ class WinogradOwn {
     std::vector<float> bias_;
     bool direct_into_weights_ = true;  // U written straight into weights_ (else through a plain copy and a reorder)
     dnnl::memory weights_;   // U, [P, IC, OC] in the matmul's layout
-    dnnl::matmul full_;      // a group of group_ tiles
-    dnnl::matmul rest_;      // the last group, when tiles_ % group_ != 0
-    dnnl::memory::desc full_src_, full_dst_, rest_src_, rest_dst_;
-    size_t v_bytes_ = 0, m_bytes_ = 0, matmul_scratch_bytes_ = 0, slot_bytes_ = 0;
+    TileGroupMatmul gemm_;   // the P GEMMs of a group of group_ tiles (and of a shorter last group)
+    size_t v_bytes_ = 0, m_bytes_ = 0, slot_bytes_ = 0;
     size_t scratch_bytes_ = 0;
     size_t weight_bytes_ = 0;
     std::string kernel_;

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <exception>
 
+#include "engine/tile_group_matmul.h"
 #include "engine/winograd_tiles.h"
 
 namespace resunet {
@@ -129,36 +130,11 @@ std::unique_ptr<WinogradInt8> WinogradInt8::create(const engine& eng, stream& st
     int64_t rest = 0;
     c.group_ = group = winograd_tiles::even_groups(c.tiles_, group, c.threads_, per_thread, &rest);
 
-    primitive_attr attr;
-    attr.set_scratchpad_mode(scratchpad_mode::user);
-    auto make = [&](int64_t rows, const memory::desc& weights_desc) {
-        const memory::desc src({P, rows, ic}, dt::u8, tag::abc);
-        const memory::desc dst({P, rows, oc}, dt::s32, tag::abc);
-        return matmul::primitive_desc(matmul::desc(src, weights_desc, dst), attr, eng);
-    };
-    const memory::desc weights_plain({P, ic, oc}, dt::s8, tag::abc);
-    matmul::primitive_desc full_pd, rest_pd;
-    try {
-        full_pd = make(group, memory::desc({P, ic, oc}, dt::s8, tag::any));
-        if (rest != group) rest_pd = make(rest, full_pd.weights_desc());
-    } catch (const dnnl::error&) {
-        full_pd = make(group, weights_plain);
-        if (rest != group) rest_pd = make(rest, weights_plain);
-    }
-    c.full_ = matmul(full_pd);
-    c.full_src_ = full_pd.src_desc();
-    c.full_dst_ = full_pd.dst_desc();
-    c.matmul_scratch_bytes_ = full_pd.scratchpad_desc().get_size();
-    if (rest != group) {
-        c.rest_ = matmul(rest_pd);
-        c.rest_src_ = rest_pd.src_desc();
-        c.rest_dst_ = rest_pd.dst_desc();
-        c.matmul_scratch_bytes_ = std::max(c.matmul_scratch_bytes_, rest_pd.scratchpad_desc().get_size());
-    }
+    c.gemm_ = TileGroupMatmul::create(eng, P, group, rest, ic, oc, dt::u8, dt::s8, dt::s32);
 
     // U = G g G^T per (oc, ic) in double from g = q * scale[oc]; s8 per (position, oc) with |U_q| <= levels.
-    c.weights_ = memory(full_pd.weights_desc(), eng);
-    const bool direct_into_weights = full_pd.weights_desc() == weights_plain;
+    c.weights_ = memory(c.gemm_.weights, eng);
+    const bool direct_into_weights = c.gemm_.weights_plain;
     std::vector<int8_t> plain(direct_into_weights ? 0 : static_cast<size_t>(P * ic * oc));  // transient
     int8_t* u_out = direct_into_weights ? static_cast<int8_t*>(c.weights_.get_data_handle()) : plain.data();
     c.u_scale_.assign(static_cast<size_t>(P * oc), 1.0f);
@@ -199,7 +175,7 @@ std::unique_ptr<WinogradInt8> WinogradInt8::create(const engine& eng, stream& st
         }
     }
     if (!direct_into_weights) {
-        memory user(weights_plain, eng, plain.data());
+        memory user(memory::desc({P, ic, oc}, dt::s8, tag::abc), eng, plain.data());
         reorder(user, c.weights_).execute(strm, user, c.weights_);
         strm.wait();
     }
@@ -209,14 +185,14 @@ std::unique_ptr<WinogradInt8> WinogradInt8::create(const engine& eng, stream& st
 
     c.v_bytes_ = align64(static_cast<size_t>(P * group * ic));
     c.m_bytes_ = align64(static_cast<size_t>(P * group * oc) * sizeof(int32_t));
-    c.matmul_scratch_bytes_aligned_ = align64(std::max<size_t>(c.matmul_scratch_bytes_, 1));
+    c.matmul_scratch_bytes_aligned_ = align64(std::max<size_t>(c.gemm_.scratch_bytes, 1));
     c.row_bytes_ = align64(static_cast<size_t>(P * group) * sizeof(RowQuant));
     c.slot_bytes_ = c.v_bytes_ + c.m_bytes_ + c.matmul_scratch_bytes_aligned_ + c.row_bytes_ +
                     align64(static_cast<size_t>(P * ic) * sizeof(int16_t));
     c.scratch_bytes_ = c.slot_bytes_ * static_cast<size_t>(per_thread ? c.threads_ : 1);
-    c.weight_bytes_ = full_pd.weights_desc().get_size() + (c.u_scale_.size() + c.u_sum_.size() + c.bias_.size() +
+    c.weight_bytes_ = c.gemm_.weights.get_size() + (c.u_scale_.size() + c.u_sum_.size() + c.bias_.size() +
                                                            c.mul_.size()) * sizeof(float);
-    c.kernel_ = fmt::format("own_int8_f23:avx2+{}", full_pd.impl_info_str());
+    c.kernel_ = fmt::format("own_int8_f23:avx2+{}", c.gemm_.impl);
     return conv;
 }
 
@@ -316,23 +292,15 @@ __attribute__((target("avx2,fma"))) void WinogradInt8::output_transform(const in
 
 void WinogradInt8::execute(stream& strm, const uint8_t* src, const ActivationQuant& input, float* dst, void* scratch) {
     for (size_t at = 0; at < mul_.size(); ++at) mul_[at] = input.scale * u_scale_[at];
-    const memory::desc scratch_desc({static_cast<memory::dim>(std::max<size_t>(matmul_scratch_bytes_, 1))}, dt::u8, tag::x);
     auto run_group = [&](int64_t first, char* slot, stream& s) {
         const int64_t count = std::min(group_, tiles_ - first);
-        const bool full = count == group_;
         uint8_t* v = reinterpret_cast<uint8_t*>(slot);
         int32_t* m = reinterpret_cast<int32_t*>(slot + v_bytes_);
         char* after_matmul = slot + v_bytes_ + m_bytes_ + matmul_scratch_bytes_aligned_;
         RowQuant* row = reinterpret_cast<RowQuant*>(after_matmul);
         int16_t* exact = reinterpret_cast<int16_t*>(after_matmul + row_bytes_);
         input_transform(src, input.zero_point, v, row, exact, first, count);
-        const memory v_memory(full ? full_src_ : rest_src_, eng_, v);
-        const memory m_memory(full ? full_dst_ : rest_dst_, eng_, m);
-        const memory scratch_memory(scratch_desc, eng_, slot + v_bytes_ + m_bytes_);
-        (full ? full_ : rest_)
-            .execute(s, {{DNNL_ARG_SRC, v_memory}, {DNNL_ARG_WEIGHTS, weights_}, {DNNL_ARG_DST, m_memory},
-                         {DNNL_ARG_SCRATCHPAD, scratch_memory}});
-        s.wait();
+        gemm_.run(eng_, s, count, v, weights_, m, slot + v_bytes_ + m_bytes_);
         output_transform(m, row, dst, first, count);
     };
     char* bytes = static_cast<char*>(scratch);

@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/tile_group_matmul.h"
 #include "quant/quantize.h"
 
 namespace resunet {
@@ -95,9 +96,8 @@ class WinogradInt8 {
     std::vector<float> u_sum_;     // [P][OC]: sum over input channels of U_q (exact in float: |sum| < 2^24)
     std::vector<float> mul_;       // [P][OC] per run: s_x * s_u
     dnnl::memory weights_;
-    dnnl::matmul full_, rest_;
-    dnnl::memory::desc full_src_, full_dst_, rest_src_, rest_dst_;
-    size_t v_bytes_ = 0, m_bytes_ = 0, matmul_scratch_bytes_ = 0, matmul_scratch_bytes_aligned_ = 0, row_bytes_ = 0;
+    TileGroupMatmul gemm_;  // the 16 GEMMs of a group (and of a shorter last group)
+    size_t v_bytes_ = 0, m_bytes_ = 0, matmul_scratch_bytes_aligned_ = 0, row_bytes_ = 0;
     size_t slot_bytes_ = 0, scratch_bytes_ = 0, weight_bytes_ = 0;
     std::string kernel_;
 };

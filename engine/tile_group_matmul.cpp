@@ -1,0 +1,61 @@
+// One group of tiles' batched GEMMs on oneDNN matmul (engine/tile_group_matmul.h).
+#include "engine/tile_group_matmul.h"
+
+#include <algorithm>
+
+namespace resunet {
+
+using namespace dnnl;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+TileGroupMatmul TileGroupMatmul::create(const engine& eng, int64_t positions, int64_t group, int64_t rest, int64_t k,
+                                        int64_t n, dt src_type, dt weights_type, dt dst_type) {
+    primitive_attr attr;
+    attr.set_scratchpad_mode(scratchpad_mode::user);
+    auto make = [&](int64_t rows, const memory::desc& weights_desc) {
+        const memory::desc src({positions, rows, k}, src_type, tag::abc);
+        const memory::desc dst({positions, rows, n}, dst_type, tag::abc);
+        return matmul::primitive_desc(matmul::desc(src, weights_desc, dst), attr, eng);
+    };
+    const memory::desc plain({positions, k, n}, weights_type, tag::abc);
+    matmul::primitive_desc full_pd, rest_pd;
+    try {
+        full_pd = make(group, memory::desc({positions, k, n}, weights_type, tag::any));
+        if (rest != group) rest_pd = make(rest, full_pd.weights_desc());
+    } catch (const dnnl::error&) {
+        // the remainder refused the packed weights: both on plain ones
+        full_pd = make(group, plain);
+        if (rest != group) rest_pd = make(rest, plain);
+    }
+    TileGroupMatmul m;
+    m.group = group;
+    m.impl = full_pd.impl_info_str();
+    m.full = matmul(full_pd);
+    m.full_src = full_pd.src_desc();
+    m.full_dst = full_pd.dst_desc();
+    m.weights = full_pd.weights_desc();
+    m.weights_plain = m.weights == plain;
+    m.scratch_bytes = full_pd.scratchpad_desc().get_size();
+    if (rest != group) {
+        m.rest = matmul(rest_pd);
+        m.rest_src = rest_pd.src_desc();
+        m.rest_dst = rest_pd.dst_desc();
+        m.scratch_bytes = std::max(m.scratch_bytes, rest_pd.scratchpad_desc().get_size());
+    }
+    return m;
+}
+
+void TileGroupMatmul::run(const engine& eng, stream& s, int64_t rows, void* src, const memory& weights_memory, void* dst,
+                          void* scratch) const {
+    const bool is_full = rows == group;
+    const memory::desc scratch_desc({static_cast<memory::dim>(std::max<size_t>(scratch_bytes, 1))}, dt::u8, tag::x);
+    (is_full ? full : rest)
+        .execute(s, {{DNNL_ARG_SRC, memory(is_full ? full_src : rest_src, eng, src)},
+                     {DNNL_ARG_WEIGHTS, weights_memory},
+                     {DNNL_ARG_DST, memory(is_full ? full_dst : rest_dst, eng, dst)},
+                     {DNNL_ARG_SCRATCHPAD, memory(scratch_desc, eng, scratch)}});
+    s.wait();
+}
+
+}  // namespace resunet
