@@ -50,4 +50,22 @@ std::vector<size_t> ActivationArena::allocate(const std::vector<ArenaRequest>& r
     return plan.offsets;
 }
 
+std::vector<int> last_uses(const Graph& graph, const std::vector<FusedOp>& ops) {
+    std::vector<int> last_use(graph.values().size(), -1);
+    for (size_t k = 0; k < ops.size(); ++k) {
+        for (int src : ops[k].srcs) last_use[static_cast<size_t>(src)] = static_cast<int>(k);
+        if (ops[k].residual >= 0) last_use[static_cast<size_t>(ops[k].residual)] = static_cast<int>(k);
+    }
+    return last_use;
+}
+
+bool residual_in_place(const Graph& graph, const std::vector<FusedOp>& ops, size_t k, const std::vector<int>& last_use,
+                       bool keep_values) {
+    const FusedOp& op = ops[k];
+    const int r = op.residual;
+    return r >= 0 && !keep_values && r != graph.input_value() && r != graph.output_value() &&
+           last_use[static_cast<size_t>(r)] == static_cast<int>(k) &&
+           std::find(op.srcs.begin(), op.srcs.end(), r) == op.srcs.end();
+}
+
 }  // namespace resunet

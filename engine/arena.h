@@ -8,6 +8,9 @@
 // or, planned and allocated at once (the engines' one arena):
 //   resunet::ActivationArena arena;
 //   std::vector<size_t> offsets = arena.allocate(requests, "engine");  // buffer i at arena.base() + offsets[i]
+// Which values may share a buffer is decided first, by rules every policy shares (below):
+//   std::vector<int> last_use = resunet::last_uses(graph, ops);
+//   if (resunet::residual_in_place(graph, ops, k, last_use, keep_values) && ...policy's own storage rule...)
 #pragma once
 
 #include <cstddef>
@@ -15,6 +18,9 @@
 #include <memory>
 #include <string>
 #include <vector>
+
+#include "graph/fusion.h"
+#include "graph/graph.h"
 
 namespace resunet {
 
@@ -47,5 +53,18 @@ class ActivationArena {
     size_t bytes_ = 0;
     size_t naive_bytes_ = 0;
 };
+
+// ---- Value lifetimes and the in-place rule, one for the fp32 engine, the int8 engine and what comes next.
+
+// last_use[v]: the index of the last fused op reading value v (as a source or as its residual), or -1.
+std::vector<int> last_uses(const Graph& graph, const std::vector<FusedOp>& ops);
+
+// Whether fused op k may accumulate its residual add in place: its output takes the residual operand's
+// buffer. Only when the operand is neither the graph's input nor its output (the caller's buffers), the op
+// does not also read it as a source, no op after k reads it, and the caller keeps every value readable
+// (`keep_values`, for inspection). A policy adds what its own storage needs (a whole buffer rather than a
+// concat slice, an unpacked one).
+bool residual_in_place(const Graph& graph, const std::vector<FusedOp>& ops, size_t k, const std::vector<int>& last_use,
+                       bool keep_values);
 
 }  // namespace resunet

@@ -1,6 +1,7 @@
-// Choosing a convolution's algorithm by measuring it, like cuDNN's benchmark mode: every candidate
+// Choosing an fp32 convolution's algorithm by measuring it, like cuDNN's benchmark mode: every candidate
 // primitive runs on the layer's real shape with the layer's real weights, is checked against the direct
 // algorithm's output, and the fastest one that passes the check wins. A wrong kernel never wins on speed.
+// The rules are the tuner's one protocol (engine/candidate_trial.h); this file gives it convolutions.
 //
 // A candidate may also be our own kernel (engine/winograd_own.h): it then carries the direct pd for its
 // src and dst layouts, and runs through `own` (or `make_own`) on the same data, checked and timed the
@@ -22,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/candidate_trial.h"
 #include "engine/winograd_own.h"
 
 namespace resunet {
@@ -49,20 +51,18 @@ struct ConvCandidate {
     std::function<std::shared_ptr<WinogradOwn>()> make_own = nullptr;
     size_t weight_bytes = 0;   // set by measure_conv: weights in the candidate's layout (own: U + bias)
     size_t scratch_bytes = 0;  // set by measure_conv: scratchpad of one run
-    double ms = -1;       // best time of one run; -1 when not measured
-    double error = 0;     // measured max|candidate - direct| / max|direct|
-    bool passed = false;  // within `bound`
+    double ms = -1;       // set by measure_conv: best time of one run; -1 when not measured
+    double error = 0;     // set by measure_conv: max|candidate - direct| / max|direct|
+    bool passed = false;  // set by measure_conv: within `bound`
 };
 
-struct ConvTrial {
-    size_t chosen = 0;  // index of the fastest candidate that passed; 0 (direct) when none beats it
-    // "direct 12.9 ms, winograd 8.5 ms (err 3e-07)": what was tried, for the profile and the report.
-    std::string summary(const std::vector<ConvCandidate>& candidates) const;
-};
+// The choice (index into the candidates) and the summary line: "direct 12.9 ms, winograd 8.5 ms (err 3.0e-07) *".
+using ConvTrial = TrialResult;
 
-// Runs each candidate `reps` times (after one warm-up) on a synthetic input (uniform [0, 1), as after a
-// ReLU) and a dst prefilled with the same values (so a fused residual sum sees data), with the weights
-// given in OIHW (`weights`, f32) reordered into each candidate's layout. candidates[0] must be the direct
+// The tuner's protocol (engine/candidate_trial.h) for convolutions: each candidate is checked, then timed
+// `reps` times, on a synthetic input (uniform [0, 1), as after a ReLU) and a dst prefilled with the same
+// values (so a fused residual sum sees data), with the weights given in OIHW (`weights`, f32) reordered
+// into each candidate's layout; a `make_own` that builds nothing leaves its candidate unavailable. candidates[0] must be the direct
 // algorithm: its output is the reference of the others. A candidate must be at least `margin` faster
 // than the best so far to win (times on a loaded machine move by a few percent).
 ConvTrial measure_conv(const dnnl::engine& eng, dnnl::stream& strm, std::vector<ConvCandidate>& candidates,

@@ -89,11 +89,7 @@ void Engine::Impl::plan_storage() {
     concat_in_place.assign(ops.size(), false);
     copy_residual.assign(ops.size(), 0);
     shuffle_temp.assign(ops.size(), -1);
-    std::vector<int> last_use(num_values, -1);
-    for (size_t k = 0; k < ops.size(); ++k) {
-        for (int src : ops[k].srcs) last_use[static_cast<size_t>(src)] = static_cast<int>(k);
-        if (ops[k].residual >= 0) last_use[static_cast<size_t>(ops[k].residual)] = static_cast<int>(k);
-    }
+    const std::vector<int> last_use = last_uses(graph, ops);
     auto new_storage = [&](int value, const memory::desc& desc) {
         storages.push_back(Storage{-1, 0, desc, INT_MAX, -1, 0});
         value_storage[static_cast<size_t>(value)] = static_cast<int>(storages.size()) - 1;
@@ -109,11 +105,10 @@ void Engine::Impl::plan_storage() {
             const int r = op.residual;
             int64_t offset = 0;
             const int root = root_of(value_storage[static_cast<size_t>(r)], &offset);
-            // In place only if the conv does not read the operand, nobody reads it later, and no other
-            // value sharing its buffer (a concat slice, an earlier residual) is read from here on.
-            bool reusable = r != input && r != graph.output_value() && last_use[static_cast<size_t>(r)] == static_cast<int>(k) &&
-                            storages[static_cast<size_t>(root)].parent < 0 && root == value_storage[static_cast<size_t>(r)] &&
-                            std::find(op.srcs.begin(), op.srcs.end(), r) == op.srcs.end() && !options.keep_values;
+            // The shared rule (engine/arena.h), and this policy's storage: the operand owns a whole buffer (not a
+            // concat slice), and no other value sharing it (an earlier residual) is read from here on.
+            bool reusable = residual_in_place(graph, ops, k, last_use, options.keep_values) &&
+                            storages[static_cast<size_t>(root)].parent < 0 && root == value_storage[static_cast<size_t>(r)];
             for (size_t v = 0; v < num_values && reusable; ++v) {
                 if (static_cast<int>(v) == r || value_storage[v] < 0 || root_of(value_storage[v], nullptr) != root) continue;
                 if (last_use[v] >= static_cast<int>(k) || static_cast<int>(v) == graph.output_value()) reusable = false;

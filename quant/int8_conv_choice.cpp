@@ -4,10 +4,11 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <chrono>
-#include <cmath>
+#include <optional>
 #include <random>
 #include <vector>
+
+#include "engine/candidate_trial.h"
 
 namespace resunet::quant_detail {
 
@@ -16,20 +17,6 @@ using tag = memory::format_tag;
 using dt = memory::data_type;
 
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-template <typename F>
-double best_ms(F run, int reps) {
-    run();  // warm-up
-    double best = 1e30;
-    for (int r = 0; r < reps; ++r) {
-        const auto start = Clock::now();
-        run();
-        best = std::min(best, std::chrono::duration<double, std::milli>(Clock::now() - start).count());
-    }
-    return best;
-}
 
 std::vector<char> aligned_scratch(size_t bytes, void** aligned) {
     std::vector<char> buffer(bytes + 64);
@@ -116,34 +103,38 @@ Int8ConvChoice choose_int8_conv(const engine& eng, stream& strm, const convoluti
         {DNNL_ARG_DST, memory(direct_pd.dst_desc(), eng, direct_out.data())},
         {DNNL_ARG_SCRATCHPAD, memory(direct_pd.scratchpad_desc(), eng, direct_scratch)},
         {DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, multiplier}};
-    const int reps = tune == Tuning::full ? 7 : 3;
-    const double direct_ms = best_ms([&] {
-        std::fill(direct_out.begin(), direct_out.end(), 0.0f);
-        direct.execute(strm, args);
-        strm.wait();
-    }, reps);
 
-    std::shared_ptr<WinogradInt8> winograd = make();
-    void* scratch = nullptr;
-    std::vector<char> scratch_buffer = aligned_scratch(winograd->scratch_bytes(), &scratch);
-    const double winograd_ms = best_ms([&] {
-        std::fill(winograd_out.begin(), winograd_out.end(), 0.0f);
-        winograd->execute(strm, src.data(), input, winograd_out.data(), scratch);
-    }, reps);
-    double largest = 0, error = 0;
-    for (size_t i = 0; i < out_elements; ++i) {
-        largest = std::max(largest, static_cast<double>(std::abs(direct_out[i])));
-        error = std::max(error, static_cast<double>(std::abs(winograd_out[i] - direct_out[i])));
-    }
-    const double relative = largest > 0 ? error / largest : (error > 0 ? INFINITY : 0.0);
-    const bool passed = relative <= kInt8WinogradBound;
-    const bool wins = passed && winograd_ms < direct_ms * (1.0 - kInt8WinogradMargin);
-    if (wins) {
+    // The tuner's protocol (engine/candidate_trial.h): direct is the reference, the Winograd is checked
+    // against it before it is timed, and wins only when kInt8WinogradMargin faster.
+    std::shared_ptr<WinogradInt8> winograd;
+    std::vector<char> scratch_buffer;
+    std::vector<TrialCandidate> trial(2);
+    trial[0].name = "direct";
+    trial[0].prepare = [&]() -> std::optional<TrialRun> {
+        return TrialRun{[&] { std::fill(direct_out.begin(), direct_out.end(), 0.0f); },
+                        [&] {
+                            direct.execute(strm, args);
+                            strm.wait();
+                        },
+                        [&] { return direct_out; }};
+    };
+    trial[1].name = "winograd_int8_f23";
+    trial[1].bound = kInt8WinogradBound;
+    trial[1].drop = [&] { winograd.reset(); };
+    trial[1].prepare = [&]() -> std::optional<TrialRun> {
+        winograd = make();
+        void* scratch = nullptr;
+        scratch_buffer = aligned_scratch(winograd->scratch_bytes(), &scratch);
+        return TrialRun{[&] { std::fill(winograd_out.begin(), winograd_out.end(), 0.0f); },
+                        [&, scratch] { winograd->execute(strm, src.data(), input, winograd_out.data(), scratch); },
+                        [&] { return winograd_out; }};
+    };
+    const TrialResult result = run_trial(trial, {.reps = tune == Tuning::full ? 7 : 3, .margin = kInt8WinogradMargin});
+    if (result.chosen == 1) {
         choice.winograd = std::move(winograd);
         choice.algorithm = choice.winograd->algorithm();
     }
-    choice.candidates = fmt::format("direct {:.3g} ms{}, winograd_int8_f23 {:.3g} ms ({}err {:.1e}){}", direct_ms,
-                                    wins ? "" : " *", winograd_ms, passed ? "" : "REJECTED: ", relative, wins ? " *" : "");
+    choice.candidates = result.summary;
     return choice;
 }
 

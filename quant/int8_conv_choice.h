@@ -1,7 +1,7 @@
 // The int8 engine's per-layer algorithm choice for a u8 x s8 3x3 convolution: oneDNN's direct kernel, or our
 // own int8 Winograd F(2x2,3x3) (quant/winograd_int8.h), asked for or measured on the layer's real shape and
 // weights with the Winograd output checked against direct first (kInt8WinogradBound): a kernel that fails
-// its check never wins on speed.
+// its check never wins on speed (the tuner's one protocol: engine/candidate_trial.h).
 //
 // Intended usage (quant/quant_engine.cpp, lower_conv):
 //   Int8ConvChoice choice = choose_int8_conv(eng, strm, direct_pd, layer, shape, options.int8_algorithm, options.tune);

@@ -25,6 +25,7 @@ void QuantEngine::Impl::plan_values(const TensorMap&) {
     group_of.assign(num_values, -1);
     copy_residual.assign(ops.size(), false);
     const int input = graph.input_value();
+    const std::vector<int> last_use = last_uses(graph, ops);
     raw_buffer[static_cast<size_t>(input)] = new_buffer(f32_bytes(dims(input)));
     fp32_buffer[static_cast<size_t>(input)] = raw_buffer[static_cast<size_t>(input)];
     plan.push_back({StepKind::input_reorder, -1, input, {}, {raw_buffer[static_cast<size_t>(input)]}});
@@ -61,9 +62,9 @@ void QuantEngine::Impl::plan_values(const TensorMap&) {
                         new_buffer(f32_bytes({in[0], 4 * node.out_channels, in[2], in[3]}));
                 } else if (op.residual >= 0) {
                     const int r = op.residual;
-                    const bool in_place = r != input && r != graph.output_value() && !packed[static_cast<size_t>(r)] &&
-                                          !virtual_concat[static_cast<size_t>(r)] && graph.value(r).consumers.size() == 1 &&
-                                          !options.keep_values;  // keep_values must keep the operand readable
+                    // The shared rule (engine/arena.h), and this policy's storage: a plain fp32 buffer of its own.
+                    const bool in_place = residual_in_place(graph, ops, k, last_use, options.keep_values) &&
+                                          !packed[static_cast<size_t>(r)] && !virtual_concat[static_cast<size_t>(r)];
                     if (in_place) {
                         raw_buffer[static_cast<size_t>(op.dst)] = raw_buffer[static_cast<size_t>(r)];
                         step.reads.push_back(raw_buffer[static_cast<size_t>(r)]);

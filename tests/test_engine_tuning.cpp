@@ -1,6 +1,7 @@
 // The fp32 engine's measured choices (engine/conv_tuning.h, EngineOptions::tune): every algorithm the
 // engine may choose against the plain reference, per op and for the whole network; plan against plan;
-// the candidates a tuned plan records; and a wrong candidate that must never win on speed.
+// the candidates a tuned plan records; a wrong candidate that must never win on speed; and the tuner's
+// protocol itself (engine/candidate_trial.h), which the int8 engine and the trainer measure with too.
 //
 // Where oneDNN has no Winograd kernel (AVX2, or ONEDNN_MAX_CPU_ISA=AVX2), the Winograd plans fall back to
 // direct convolutions; the tests then check that fallback instead, so they hold on every CPU class.
@@ -17,9 +18,11 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "engine/candidate_trial.h"
 #include "engine/conv_tuning.h"
 #include "engine/engine.h"
 #include "graph/graph.h"
@@ -265,7 +268,7 @@ TEST(EngineTuning, AWrongCandidateNeverWins) {
     std::vector<resunet::ConvCandidate> candidates = {
         {"direct", make(1.0f)}, {"wrong", make(1.01f), resunet::kWinogradRelativeBound}, {"same", make(1.0f), 1e-6}};
     const resunet::ConvTrial trial = resunet::measure_conv(eng, strm, candidates, weights, bias, 2, /*margin=*/-1e9);
-    std::cout << "  " << trial.summary(candidates) << "\n";
+    std::cout << "  " << trial.summary << "\n";
     EXPECT_FALSE(candidates[1].passed);
     EXPECT_NEAR(candidates[1].error, 0.01, 0.002);  // the 1% scale, measured
     EXPECT_EQ(candidates[1].ms, -1) << "a rejected candidate is never timed";
@@ -273,7 +276,98 @@ TEST(EngineTuning, AWrongCandidateNeverWins) {
     EXPECT_EQ(candidates[2].error, 0);
     // A margin of -1e9: any passed candidate after direct wins, so the choice shows that only passed ones compete.
     EXPECT_EQ(trial.chosen, 2u);
-    EXPECT_NE(trial.summary(candidates).find("wrong (REJECTED"), std::string::npos);
+    EXPECT_NE(trial.summary.find("wrong (REJECTED"), std::string::npos);
+}
+
+// The tuner's one protocol (engine/candidate_trial.h), which the fp32 engine, the int8 engine and the trainer
+// all measure with, on synthetic candidates whose outputs and run counts are known: a wrong or NaN candidate
+// is never timed and never chosen even when any passed one would win; the margin, the forced candidate, the
+// number of runs, an unavailable candidate, and that only the winner keeps its kernel.
+TEST(EngineTuning, TrialProtocol) {
+    using resunet::TrialCandidate;
+    using resunet::TrialRun;
+    const std::vector<float> truth = {1.0f, -2.0f, 4.0f};
+    struct Probe {
+        std::vector<float> out;
+        int runs = 0, resets = 0;
+        bool alive = false;  // its "kernel", built by prepare, released by drop
+    };
+    auto make = [&](std::vector<Probe>& probes, const std::vector<std::vector<float>>& outputs,
+                    const std::vector<double>& bounds) {
+        probes.assign(outputs.size(), Probe{});
+        std::vector<TrialCandidate> c(outputs.size());
+        for (size_t i = 0; i < outputs.size(); ++i) {
+            probes[i].out = outputs[i];
+            c[i].name = "c" + std::to_string(i);
+            c[i].bound = bounds[i];
+            c[i].drop = [&probes, i] { probes[i].alive = false; };
+            c[i].prepare = [&probes, i]() -> std::optional<TrialRun> {
+                Probe& p = probes[i];
+                if (p.out.empty()) return std::nullopt;  // unavailable here
+                p.alive = true;
+                return TrialRun{[&p] { ++p.resets; }, [&p] { ++p.runs; }, [&p] { return p.out; }};
+            };
+        }
+        return c;
+    };
+    const std::vector<float> off = {1.0f, -2.0f, 4.04f};  // 1% of the range off
+    const std::vector<float> nan = {1.0f, std::nanf(""), 4.0f};
+    std::vector<Probe> p;
+
+    // Any passed candidate after the reference wins with a margin of -1e9, so the choice is the last passed one.
+    auto c = make(p, {truth, truth, off, nan}, {0, 1e-6, 1e-3, 1.0});
+    resunet::TrialResult r = resunet::run_trial(c, {.reps = 3, .margin = -1e9});
+    std::cout << "  " << r.summary << "\n";
+    EXPECT_EQ(r.chosen, 1u);
+    EXPECT_TRUE(c[1].passed);
+    EXPECT_EQ(c[1].error, 0);
+    EXPECT_FALSE(c[2].passed);
+    EXPECT_NEAR(c[2].error, 0.01, 1e-6);
+    EXPECT_EQ(c[2].ms, -1) << "a rejected candidate is never timed";
+    EXPECT_FALSE(c[3].passed) << "NaN passes no bound";
+    EXPECT_EQ(p[2].runs, 1);  // the check run only
+    EXPECT_EQ(p[0].runs, 4);  // the check run and 3 timed runs, each after a reset
+    EXPECT_EQ(p[0].resets, 4);
+    EXPECT_TRUE(p[1].alive);
+    EXPECT_FALSE(p[2].alive);
+    EXPECT_FALSE(p[3].alive);
+    EXPECT_NE(r.summary.find("c2 (REJECTED: err 1.0e-02)"), std::string::npos) << r.summary;
+    EXPECT_NE(r.summary.find("(err 0.0e+00) *"), std::string::npos) << r.summary;
+
+    // Later winners supersede earlier ones, whose kernels are dropped; an unavailable one is skipped.
+    c = make(p, {truth, truth, {}, truth}, {0, 1e-6, 1e-6, 1e-6});
+    r = resunet::run_trial(c, {.reps = 1, .margin = -1e9});
+    EXPECT_EQ(r.chosen, 3u);
+    EXPECT_FALSE(p[1].alive) << "superseded";
+    EXPECT_TRUE(p[3].alive);
+    EXPECT_FALSE(c[2].available);
+    EXPECT_NE(r.summary.find("c2 (unavailable)"), std::string::npos) << r.summary;
+
+    // A margin of 100%: nothing can be that much faster, so the reference stays, unless a candidate is forced.
+    c = make(p, {truth, truth, truth}, {0, 1e-6, 1e-6});
+    EXPECT_EQ(resunet::run_trial(c, {.reps = 2, .margin = 1.0}).chosen, 0u);
+    EXPECT_FALSE(p[1].alive);
+    EXPECT_FALSE(p[2].alive);
+    c = make(p, {truth, truth, truth}, {0, 1e-6, 1e-6});
+    EXPECT_EQ(resunet::run_trial(c, {.reps = 2, .margin = 1.0, .forced = 2}).chosen, 2u);
+    EXPECT_FALSE(p[1].alive) << "not the forced one";
+    c = make(p, {truth, off}, {0, 1e-6});
+    EXPECT_EQ(resunet::run_trial(c, {.reps = 2, .margin = 1.0, .forced = 1}).chosen, 0u) << "a forced wrong kernel";
+
+    // reps 0: the check run's own time; slow_ms: one timed run after a check run slower than it.
+    c = make(p, {truth, truth}, {0, 1e-6});
+    r = resunet::run_trial(c, {.reps = 0});
+    EXPECT_EQ(p[0].runs, 1);
+    EXPECT_GE(c[0].ms, 0);
+    c = make(p, {truth, truth}, {0, 1e-6});
+    resunet::run_trial(c, {.reps = 5, .slow_ms = 1e-12});
+    EXPECT_EQ(p[0].runs, 2);
+
+    // The reference must exist; the error measure itself.
+    c = make(p, {{}, truth}, {0, 1e-6});
+    EXPECT_THROW(resunet::run_trial(c, {}), resunet::Error);
+    EXPECT_TRUE(std::isinf(resunet::trial_relative_error({1.0f}, truth)));
+    EXPECT_FLOAT_EQ(resunet::trial_relative_error({0.5f, 0.0f}, {0.0f, 0.0f}), 0.5f);
 }
 
 // The memory budget: a plan never exceeds it (unless the all-direct plan alone does, which is the floor),

@@ -28,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/arena.h"
 #include "engine/engine.h"
 #include "engine/winograd_own.h"
 #include "graph/fusion.h"
@@ -184,25 +185,6 @@ void expect_same_layers(const std::vector<LayerQuantInfo>& engine_rows, const st
     }
 }
 
-// Values a fused residual add accumulates into in place (the int8 engine's rule in plan_values): after a
-// pass their buffer holds the sum, so read_value() of them returns the later value (see
-// QuantLayerInfo.ReadValueOfResidualOperand). check_every_op neither substitutes nor compares them; the
-// reference computes them itself (they are only added in fp32, never requantized). Drop this filter once
-// read_value() returns them.
-std::set<std::string> in_place_residuals(const Graph& graph) {
-    std::set<std::string> names;
-    for (const resunet::FusedOp& op : resunet::fuse(graph)) {
-        if (op.residual < 0) continue;
-        const int r = op.residual;
-        const resunet::Value& v = graph.value(r);
-        const resunet::OpKind producer = v.producer >= 0 ? graph.node(v.producer).kind : resunet::OpKind::input;
-        if (r != graph.input_value() && r != graph.output_value() && producer != resunet::OpKind::conv_transpose &&
-            producer != resunet::OpKind::concat && v.consumers.size() == 1)
-            names.insert(v.name);
-    }
-    return names;
-}
-
 // Runs the int8 engine pass by pass with keep_values and checks every materialized value (and the
 // output) against the fake-quant reference fed the engine's own values of that pass, so every op is
 // compared on exactly the inputs it saw. Returns the largest relative error.
@@ -222,10 +204,8 @@ double check_every_op(const std::string& label, const Graph& graph, const Tensor
     fq.levels = engine.weight_levels();
     fq.keep_fp32 = options.keep_fp32;
     if (engine.mode() == ScaleMode::static_calibrated) fq.static_quant = to_static_quant(engine.static_scales());
-    const std::set<std::string> overwritten = in_place_residuals(graph);
-    std::vector<std::string> names;
-    for (const std::string& name : engine.materialized_values())
-        if (!overwritten.count(name)) names.push_back(name);
+    // keep_values: no value is overwritten in place (a residual operand is copied), so every one is compared.
+    const std::vector<std::string> names = engine.materialized_values();
     double largest = 0;
     for (int64_t first = 0; first < batch; first += micro) {
         Tensor4 slice = Tensor4::zeros({micro, input.dims[1], input.dims[2], input.dims[3]});
@@ -798,6 +778,32 @@ TEST(QuantOps, ResidualBlocks) {
         g.set_output(residual_block(g, "rb", g.input("input", {1, 8, 12, 12}), 8));
         check_graph("RB(8, 8) identity shortcut", g, 710);
     }
+}
+
+// A residual operand that an earlier conv also reads ("relu_a", read by conv_b, then added after conv_c):
+// nothing reads it after the add, so the shared in-place rule (engine/arena.h) lets the add accumulate into its
+// buffer, as in the fp32 engine; with keep_values it is copied instead. Same output either way.
+TEST(QuantOps, ResidualOperandReadEarlierAccumulatesInPlace) {
+    Graph g;
+    const int x = g.input("input", {1, 8, 12, 12});
+    const int a = g.relu("relu_a", g.batch_norm("bn_a", g.conv("conv_a", x, 8, 3, 1, 1)));
+    const int b = g.relu("relu_b", g.batch_norm("bn_b", g.conv("conv_b", a, 8, 3, 1, 1)));
+    const int c = g.batch_norm("bn_c", g.conv("conv_c", b, 8, 3, 1, 1));
+    g.set_output(g.relu("relu", g.add("add", c, a)));
+    const std::vector<resunet::FusedOp> ops = resunet::fuse(g);
+    ASSERT_EQ(ops.size(), 3u);
+    ASSERT_EQ(ops[2].residual, a);
+    EXPECT_TRUE(resunet::residual_in_place(g, ops, 2, resunet::last_uses(g, ops), false));
+    check_graph("conv, conv, conv+add(first conv's output)+relu", g, 1300);
+
+    const TensorMap weights = model_weights(g, 1310);
+    const Tensor4 input = random_tensor({2, 8, 12, 12}, 1311, -2.0f, 2.0f);
+    QuantOptions options = quant_options();
+    QuantEngine in_place(g, weights, options);
+    options.keep_values = true;
+    QuantEngine copied(g, weights, options);
+    EXPECT_EQ(copied.num_primitives(), in_place.num_primitives() + 1) << "keep_values adds the residual copy";
+    EXPECT_EQ(run_quant(in_place, g, input), run_quant(copied, g, input));
 }
 
 TEST(QuantOps, ConvTranspose2x2) {

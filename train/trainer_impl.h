@@ -150,9 +150,10 @@ struct Trainer::Impl {
     };
     // Our own kernel for one pass (forward, backward_data, backward_weights) of a 3x3 convolution, or
     // nothing for oneDNN's direct kernel (see TrainConvAlgorithm). `direct`: the direct pass's steps (the
-    // primitive, and any reorder of its result into `outputs`) and their largest scratchpad; `inputs` are filled with test values for the
-    // measurement and restored after; `outputs` are compared; `make(tile)` builds a candidate (nothing where
-    // `applies` refuses it). A candidate's time includes its per-step work (the weights transform).
+    // primitive, and any reorder of its result into `outputs`) and their largest scratchpad; `inputs` are filled
+    // with test values for the measurement and restored after; `outputs` are compared; `make(tile)` builds a
+    // candidate (nothing where `applies` refuses it). Measured by the tuner's protocol (engine/candidate_trial.h);
+    // a candidate's time includes its per-step work (the weights transform).
     std::optional<OwnPass> choose_conv(const std::string& layer, const std::string& pass,
                                        const std::function<bool(int tile, std::string* why)>& applies,
                                        const std::vector<Step>& direct, size_t direct_scratch, const std::vector<memory>& inputs,

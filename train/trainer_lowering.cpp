@@ -5,10 +5,10 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 
+#include "engine/candidate_trial.h"
 #include "engine/conv_tuning.h"
 #include "engine/winograd_own.h"
 #include "engine/winograd_own_bwd_weights.h"
@@ -41,53 +41,40 @@ std::optional<Trainer::Impl::OwnPass> Trainer::Impl::choose_conv(const std::stri
         conv_choices.push_back(choice);
         return std::nullopt;
     }
-    using Ms = std::chrono::duration<double, std::milli>;
-    // The inputs get test values, and their contents back after: a diff buffer may hold the zeros of a
-    // gradient that no step ever writes.
+    // The tuner's protocol (engine/candidate_trial.h): direct is the reference; each of our kernels is checked
+    // against it on the same inputs before it is timed. The inputs get test values, and their contents back
+    // after: a diff buffer may hold the zeros of a gradient that no step ever writes.
     std::vector<std::vector<char>> saved;
     for (const memory& m : inputs) {
         const char* data = static_cast<const char*>(m.get_data_handle());
         saved.emplace_back(data, data + m.get_desc().get_size());
         fill_unit(m);
     }
-    const memory direct_scratchpad({{static_cast<memory::dim>(std::max<size_t>(direct_scratch, 1))}, dt::u8, tag::x}, eng);
-    // Warm-up (first touch, caches), then the best of two runs, or of one when a run takes over 50 ms (a
-    // width-64 224x224 batch-16 layer: the noise is small against it, and building stays near a minute).
-    // A pass the plan names runs once, for the check only.
-    const bool from_plan = planned != options.conv_plan.end();
-    auto time_best = [&](const std::function<void()>& run) {
-        auto start = Clock::now();
-        run();
-        double best = Ms(Clock::now() - start).count();
-        if (from_plan) return best;
-        const int reps = best > 50 ? 1 : 2;
-        best = 1e300;
-        for (int rep = 0; rep < reps; ++rep) {
-            start = Clock::now();
-            run();
-            best = std::min(best, Ms(Clock::now() - start).count());
+    auto read_outputs = [&outputs] {
+        std::vector<float> all;
+        for (const memory& m : outputs) {
+            const float* out = static_cast<const float*>(m.get_data_handle());
+            all.insert(all.end(), out, out + m.get_desc().get_size() / sizeof(float));
         }
-        return best;
+        return all;
     };
-    const double direct_ms = time_best([&] {
-        for (const Step& pass_step : direct) {
-            std::unordered_map<int, memory> args = pass_step.args;
-            args[DNNL_ARG_SCRATCHPAD] = direct_scratchpad;
-            pass_step.prim.execute(strm, args);
-        }
-        strm.wait();
-    });
-    std::vector<std::vector<float>> reference;
-    double range = 0;
-    for (const memory& m : outputs) {
-        const float* out = static_cast<const float*>(m.get_data_handle());
-        reference.emplace_back(out, out + m.get_desc().get_size() / sizeof(float));
-        for (float v : reference.back()) range = std::max(range, static_cast<double>(std::abs(v)));
-    }
-    choice.summary = fmt::format("direct {:.2f} ms", direct_ms);
-    std::optional<OwnPass> chosen;
-    double chosen_ms = direct_ms;
+    const memory direct_scratchpad({{static_cast<memory::dim>(std::max<size_t>(direct_scratch, 1))}, dt::u8, tag::x}, eng);
+    std::vector<TrialCandidate> trial(1);
+    trial[0].name = "direct";
+    trial[0].prepare = [&]() -> std::optional<TrialRun> {
+        return TrialRun{nullptr,
+                        [&] {
+                            for (const Step& pass_step : direct) {
+                                std::unordered_map<int, memory> args = pass_step.args;
+                                args[DNNL_ARG_SCRATCHPAD] = direct_scratchpad;
+                                pass_step.prim.execute(strm, args);
+                            }
+                            strm.wait();
+                        },
+                        read_outputs};
+    };
     // The plan's tile; under `winograd` F(4x4), or F(2x2) where only that applies (it has more tiles); else both.
+    const bool from_plan = planned != options.conv_plan.end();
     std::vector<int> tiles;
     if (from_plan)
         tiles = {planned->second == "winograd_f43" ? 4 : 2};
@@ -95,35 +82,44 @@ std::optional<Trainer::Impl::OwnPass> Trainer::Impl::choose_conv(const std::stri
         tiles = {applies(4, nullptr) ? 4 : 2};
     else
         tiles = {4, 2};
+    std::vector<std::optional<OwnPass>> built(1);  // per candidate: our kernel while it is measured or chosen
     for (int tile : tiles) {
         if (!applies(tile, nullptr)) continue;
-        std::optional<OwnPass> own = make(tile);
-        if (!own) continue;
-        const memory scratch({{static_cast<memory::dim>(std::max<size_t>(own->scratch_bytes, 1))}, dt::u8, tag::x}, eng);
-        const double ms = time_best([&] {
-            if (own->per_step) own->per_step();
-            own->run(scratch.get_data_handle());
-        });
-        double worst = 0;
-        for (size_t k = 0; k < outputs.size(); ++k) {
-            const float* out = static_cast<const float*>(outputs[k].get_data_handle());
-            for (size_t i = 0; i < reference[k].size(); ++i)
-                worst = std::max(worst, static_cast<double>(std::abs(out[i] - reference[k][i])));
-        }
-        const double error = range > 0 ? worst / range : worst;
-        const bool passed = error <= kOwnWinogradRelativeBound;
-        choice.summary += fmt::format(", {} {:.2f} ms (err {:.1e}{})", own->algorithm, ms, error, passed ? "" : ", refused");
-        if (from_plan && !passed)
-            throw Error(fmt::format("trainer: conv plan's {} for {}/{} is {:.1e} of the range off the direct result (bound {:.0e})",
-                                    own->algorithm, layer, pass, error, kOwnWinogradRelativeBound));
-        const bool wins = from_plan || options.conv_algorithm == TrainConvAlgorithm::winograd || ms < chosen_ms * 0.97;
-        if (passed && wins) {
-            chosen = std::move(own);
-            chosen_ms = ms;
-            choice.algorithm = chosen->algorithm;
-        }
+        const size_t slot = trial.size();
+        built.emplace_back();
+        TrialCandidate& c = trial.emplace_back();
+        c.name = tile == 4 ? "winograd_f43" : "winograd_f23";
+        c.bound = kOwnWinogradRelativeBound;
+        c.drop = [&built, slot] { built[slot].reset(); };
+        c.prepare = [&, tile, slot]() -> std::optional<TrialRun> {
+            built[slot] = make(tile);
+            if (!built[slot]) return std::nullopt;
+            const memory scratch({{static_cast<memory::dim>(std::max<size_t>(built[slot]->scratch_bytes, 1))}, dt::u8, tag::x}, eng);
+            // Its time includes its per-step work (the weights transform).
+            return TrialRun{nullptr,
+                            [own = &*built[slot], scratch] {
+                                if (own->per_step) own->per_step();
+                                own->run(scratch.get_data_handle());
+                            },
+                            read_outputs};
+        };
     }
+    // A pass the plan names runs once, for the check only; one asked for wins if it passes. Else the best of
+    // two runs, or of one when a run takes over 50 ms (a width-64 224x224 batch-16 layer: the noise is small
+    // against it, and building stays near a minute).
+    const bool forced = from_plan || options.conv_algorithm == TrainConvAlgorithm::winograd;
+    const TrialResult result =
+        run_trial(trial, {.reps = from_plan ? 0 : 2, .slow_ms = 50, .margin = 0.03, .forced = forced && trial.size() > 1 ? 1 : -1});
     for (size_t k = 0; k < inputs.size(); ++k) std::memcpy(inputs[k].get_data_handle(), saved[k].data(), saved[k].size());
+    choice.summary = result.summary;
+    if (from_plan && trial.size() > 1 && trial[1].available && !trial[1].passed)
+        throw Error(fmt::format("trainer: conv plan's {} for {}/{} is {:.1e} of the range off the direct result (bound {:.0e})",
+                                trial[1].name, layer, pass, trial[1].error, kOwnWinogradRelativeBound));
+    std::optional<OwnPass> chosen;
+    if (result.chosen > 0) {
+        chosen = std::move(built[result.chosen]);
+        choice.algorithm = chosen->algorithm;
+    }
     conv_choices.push_back(choice);
     return chosen;
 }
