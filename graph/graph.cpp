@@ -242,8 +242,6 @@ Graph Graph::with_batch(int64_t batch) const {
     return g;
 }
 
-namespace {
-
 // RB(cin, cout) of MODEL.md: y = ReLU(BN2(conv_b(ReLU(BN1(conv_a(x))))) + S(x)).
 int residual_block(Graph& g, const std::string& stage, int x, int out_channels) {
     const int64_t in_channels = g.value(x).dims[1];
@@ -260,8 +258,6 @@ int residual_block(Graph& g, const std::string& stage, int x, int out_channels) 
     y = g.add(stage + ".add", y, shortcut);
     return g.relu(stage + ".relu", y);
 }
-
-}  // namespace
 
 Graph build_resunet(const ResUNetConfig& config) {
     if (config.width <= 0) throw Error(fmt::format("model: width must be positive, got {}", config.width));

@@ -107,4 +107,9 @@ struct ResUNetConfig {
 inline constexpr int kMaxResUNetDepth = 8;
 Graph build_resunet(const ResUNetConfig& config);
 
+// Adds RB(cin, cout) of MODEL.md after value `x`, as build_resunet does: conv_a, bn_a, relu_a, conv_b, bn_b;
+// a 1x1 conv + bn shortcut where the channels change (else the identity); add; relu. Nodes are named
+// "<stage>.conv_a" and so on; returns the block's output value.
+int residual_block(Graph& g, const std::string& stage, int x, int out_channels);
+
 }  // namespace resunet

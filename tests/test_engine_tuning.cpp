@@ -298,7 +298,7 @@ TEST(EngineTuning, TrialProtocol) {
         std::vector<TrialCandidate> c(outputs.size());
         for (size_t i = 0; i < outputs.size(); ++i) {
             probes[i].out = outputs[i];
-            c[i].name = "c" + std::to_string(i);
+            c[i].name = fmt::format("c{}", i);
             c[i].bound = bounds[i];
             c[i].drop = [&probes, i] { probes[i].alive = false; };
             c[i].prepare = [&probes, i]() -> std::optional<TrialRun> {
