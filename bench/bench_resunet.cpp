@@ -79,7 +79,7 @@ struct Options {
     bool eval_row = false;    // internal: score instead of timing
     bool choose_row = false;  // internal: measure the micro-batch candidates instead of timing
     std::string tune = "fast";  // fp32 engine: off | fast | full (EngineOptions::tune)
-    std::string int8_conv = "direct";  // int8 rows' 3x3 convolutions: direct | winograd | measured (QuantOptions)
+    std::string int8_conv = "direct";  // int8 rows' 3x3 convolutions: direct | winograd | measured | mixed (QuantOptions)
     std::string plan_cache = resunet::default_plan_cache();  // "" or "none": measure every time
     double memory_budget_mb = 0;  // EngineOptions::memory_budget_mb
 };
@@ -535,8 +535,9 @@ int main(int argc, char** argv) {
         ->check(CLI::IsMember({"off", "fast", "full"}));
     app.add_option("--int8-conv", o.int8_conv,
                    "int8 rows' 3x3 convolutions: direct (oneDNN), winograd (our own int8 Winograd F(2x2,3x3): faster, "
-                   "less exact), measured (each layer timed at compile time)")
-        ->check(CLI::IsMember({"direct", "winograd", "measured"}))
+                   "less exact), measured (each layer timed at compile time), mixed (each layer timed in int8 and in fp32 at "
+                   "compile time, fp32 where faster: never less exact)")
+        ->check(CLI::IsMember({"direct", "winograd", "measured", "mixed"}))
         ->capture_default_str();
     app.add_option("--plan-cache", o.plan_cache,
                    "folder of tuned plans reused across runs (keyed by CPU, oneDNN, graph, threads); 'none' to measure "

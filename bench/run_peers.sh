@@ -5,7 +5,7 @@
 #   peers: pt_jit_ob (PyTorch fp32), pt_fx_onednn (PyTorch FX static int8), ort_fp32, ort_qdqfull (ORT QDQ int8);
 #   ours (bench/peer_fidelity): fp32 tuned (cold: measures and saves its plan; warm: from the plan cache),
 #   fp32 untuned (--tune off), int8 dynamic, int8 dynamic with our int8 Winograd where measured faster
-#   (--int8-conv measured), int8 static, and int8 from an int8 file (resunet quantize) when the program has
+#   (--int8-conv measured), int8 dynamic mixed precision (--int8-conv mixed: fp32 where measured faster), int8 static, and int8 from an int8 file (resunet quantize) when the program has
 #   that subcommand.
 # Fidelity: each of our rows against PyTorch's fp32 logits (ref_logits.bin) of the same weights.
 #
@@ -51,6 +51,7 @@ ours fp32-tuned-warm --precision fp32 --plan-cache "$cache"
 ours fp32-untuned --precision fp32 --tune off
 ours int8-dynamic --precision int8
 ours int8-dynamic-winograd --precision int8 --int8-conv measured
+ours int8-dynamic-mixed --precision int8 --int8-conv mixed
 ours int8-static --precision static-int8
 if build/apps/resunet quantize --help > /dev/null 2>&1; then
   rm -f "$out/peer_w64.int8.safetensors" "$out/peer_w64.int8.report.md" "$out/peer_w64.int8.report.json"

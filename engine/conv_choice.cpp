@@ -83,6 +83,7 @@ ConvChoice choose_conv_algorithm(const dnnl::engine& eng, dnnl::stream& strm, co
         choice.algorithm = choice.measurement.preferred;
     }
     choice.candidates = result.summary;
+    choice.ms = trial[request.measure_only ? 0 : result.chosen].ms;
     // Slot 1: the chosen candidate, else the fastest other one that passed (for the record).
     size_t other = result.chosen;
     for (size_t i = 1; i < trial.size() && result.chosen == 0; ++i)

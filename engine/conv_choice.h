@@ -62,6 +62,7 @@ struct ConvChoice {
     std::shared_ptr<WinogradOwn> own;              // our own kernel to run instead
     std::string algorithm = "direct";              // "direct", "winograd", "winograd_f43", "winograd_f23"
     std::string candidates;                        // ConvTrial::summary, or why nothing was measured
+    double ms = -1;                                // the measured time of the candidate it holds; -1: not measured
     ConvMeasurement measurement;
 };
 

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <functional>
 #include <optional>
 #include <random>
 #include <vector>
@@ -24,49 +25,18 @@ std::vector<char> aligned_scratch(size_t bytes, void** aligned) {
     return buffer;
 }
 
-}  // namespace
+// The layer's direct kernel, and the Winograd when `make` is given, measured by the tuner's protocol on the
+// same data: the summary, the direct kernel's time, and the Winograd when it won.
+struct Int8Trial {
+    std::string summary;
+    double direct_ms = -1;
+    std::shared_ptr<WinogradInt8> winograd;
+};
 
-}  // namespace resunet::quant_detail
-
-namespace resunet {
-
-Int8ConvAlgorithm int8_conv_from_name(const std::string& name) {
-    if (name == "direct") return Int8ConvAlgorithm::direct;
-    if (name == "winograd") return Int8ConvAlgorithm::winograd_f23;
-    if (name == "measured") return Int8ConvAlgorithm::tuned;
-    throw Error(fmt::format("int8 convolution algorithm: '{}' is none of direct, winograd, measured", name));
-}
-
-}  // namespace resunet
-
-namespace resunet::quant_detail {
-
-Int8ConvChoice choose_int8_conv(const engine& eng, stream& strm, const convolution_forward::primitive_desc& direct_pd,
-                                const PreparedLayer& layer, const WinogradInt8Shape& shape, Int8ConvAlgorithm algorithm,
-                                Tuning tune) {
-    Int8ConvChoice choice;
-    std::string why;
-    const bool offered = WinogradInt8::applies(shape, &why);
-    if (algorithm == Int8ConvAlgorithm::direct || (algorithm == Int8ConvAlgorithm::tuned && tune == Tuning::off)) {
-        choice.candidates = "direct (asked for)";
-        return choice;
-    }
-    if (!offered) {  // asked for or measured: direct where it does not apply
-        choice.candidates = fmt::format("direct (our int8 Winograd does not apply: {})", why);
-        return choice;
-    }
-    auto make = [&] {
-        return std::shared_ptr<WinogradInt8>(WinogradInt8::create(eng, strm, shape, layer.quant.q.data(),
-                                                                  layer.quant.scales.data(), layer.bias.data()));
-    };
-    if (algorithm == Int8ConvAlgorithm::winograd_f23) {
-        choice.winograd = make();
-        choice.algorithm = choice.winograd->algorithm();
-        choice.candidates = "winograd_int8_f23 (asked for)";
-        return choice;
-    }
-
-    // Measured: a synthetic post-ReLU input (half-normal, zero point 0, as most int8 inputs here), the layer's
+Int8Trial measure_int8(const engine& eng, stream& strm, const convolution_forward::primitive_desc& direct_pd,
+                       const PreparedLayer& layer, const WinogradInt8Shape& shape, Tuning tune,
+                       const std::function<std::shared_ptr<WinogradInt8>()>* make) {
+    // A synthetic post-ReLU input (half-normal, zero point 0, as most int8 inputs here), the layer's
     // weights, a zero dst (so a fused residual sum adds nothing), both candidates on the same data.
     const int64_t n = shape.batch, h = shape.height, w = shape.width, ic = shape.in_channels, oc = shape.out_channels;
     const ActivationQuant input{0.02f, 0};
@@ -122,19 +92,78 @@ Int8ConvChoice choose_int8_conv(const engine& eng, stream& strm, const convoluti
     trial[1].bound = kInt8WinogradBound;
     trial[1].drop = [&] { winograd.reset(); };
     trial[1].prepare = [&]() -> std::optional<TrialRun> {
-        winograd = make();
+        winograd = (*make)();
         void* scratch = nullptr;
         scratch_buffer = aligned_scratch(winograd->scratch_bytes(), &scratch);
         return TrialRun{[&] { std::fill(winograd_out.begin(), winograd_out.end(), 0.0f); },
                         [&, scratch] { winograd->execute(strm, src.data(), input, winograd_out.data(), scratch); },
                         [&] { return winograd_out; }};
     };
+    if (!make) trial.pop_back();
     const TrialResult result = run_trial(trial, {.reps = tune == Tuning::full ? 7 : 3, .margin = kInt8WinogradMargin});
-    if (result.chosen == 1) {
-        choice.winograd = std::move(winograd);
+    Int8Trial out{result.summary, trial[0].ms, nullptr};
+    if (result.chosen == 1) out.winograd = std::move(winograd);
+    return out;
+}
+
+}  // namespace
+
+}  // namespace resunet::quant_detail
+
+namespace resunet {
+
+Int8ConvAlgorithm int8_conv_from_name(const std::string& name) {
+    if (name == "direct") return Int8ConvAlgorithm::direct;
+    if (name == "winograd") return Int8ConvAlgorithm::winograd_f23;
+    if (name == "measured") return Int8ConvAlgorithm::tuned;
+    if (name == "mixed") return Int8ConvAlgorithm::mixed;
+    throw Error(fmt::format("int8 convolution algorithm: '{}' is none of direct, winograd, measured, mixed", name));
+}
+
+}  // namespace resunet
+
+namespace resunet::quant_detail {
+
+double time_int8_direct(const engine& eng, stream& strm, const convolution_forward::primitive_desc& direct_pd,
+                        const PreparedLayer& layer, const WinogradInt8Shape& shape, Tuning tune) {
+    return measure_int8(eng, strm, direct_pd, layer, shape, tune, nullptr).direct_ms;
+}
+
+Int8ConvChoice choose_int8_conv(const engine& eng, stream& strm, const convolution_forward::primitive_desc& direct_pd,
+                                const PreparedLayer& layer, const WinogradInt8Shape& shape, Int8ConvAlgorithm algorithm,
+                                Tuning tune) {
+    Int8ConvChoice choice;
+    std::string why;
+    const bool offered = WinogradInt8::applies(shape, &why);
+    if (algorithm == Int8ConvAlgorithm::direct || (algorithm == Int8ConvAlgorithm::tuned && tune == Tuning::off)) {
+        choice.candidates = "direct (asked for)";
+        return choice;
+    }
+    if (algorithm == Int8ConvAlgorithm::mixed) {  // its int8 layers run direct: the exact integer kernel
+        choice.candidates = "direct (mixed precision: int8 layers run direct)";
+        return choice;
+    }
+    if (!offered) {  // asked for or measured: direct where it does not apply
+        choice.candidates = fmt::format("direct (our int8 Winograd does not apply: {})", why);
+        return choice;
+    }
+    const std::function<std::shared_ptr<WinogradInt8>()> make = [&] {
+        return std::shared_ptr<WinogradInt8>(WinogradInt8::create(eng, strm, shape, layer.quant.q.data(),
+                                                                  layer.quant.scales.data(), layer.bias.data()));
+    };
+    if (algorithm == Int8ConvAlgorithm::winograd_f23) {
+        choice.winograd = make();
+        choice.algorithm = choice.winograd->algorithm();
+        choice.candidates = "winograd_int8_f23 (asked for)";
+        return choice;
+    }
+
+    const Int8Trial trial = measure_int8(eng, strm, direct_pd, layer, shape, tune, &make);
+    if (trial.winograd) {
+        choice.winograd = trial.winograd;
         choice.algorithm = choice.winograd->algorithm();
     }
-    choice.candidates = result.summary;
+    choice.candidates = trial.summary;
     return choice;
 }
 

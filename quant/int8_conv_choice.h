@@ -26,6 +26,11 @@ namespace resunet::quant_detail {
 // a little faster would flip between starts for no real gain.
 inline constexpr double kInt8WinogradMargin = 0.15;
 
+// Mixed precision (Int8ConvAlgorithm::mixed): how much faster than its u8 x s8 direct kernel a layer's fastest fp32
+// candidate must measure for the layer to run fp32. fp32 is never less exact, so the margin only guards against
+// timing noise (one-shot timings on a shared 2-core machine move by about 10%) and the fp32 weights' memory.
+inline constexpr double kMixedPrecisionMargin = 0.10;
+
 struct Int8ConvChoice {
     std::shared_ptr<WinogradInt8> winograd;  // run instead of the direct primitive; null: direct
     std::string algorithm = "direct";        // "direct" or "winograd_int8_f23"
@@ -34,6 +39,10 @@ struct Int8ConvChoice {
 
 // `direct_pd`: the layer's u8 x s8 direct convolution (padded u8 NHWC src, f32 NHWC dst, the dequantization
 // multiplier as binary post-op 0). `shape` is the Winograd's view of the same layer.
+// The layer's u8 x s8 direct kernel alone, timed as choose_int8_conv times it (ms per pass).
+double time_int8_direct(const dnnl::engine& eng, dnnl::stream& strm, const dnnl::convolution_forward::primitive_desc& direct_pd,
+                        const PreparedLayer& layer, const WinogradInt8Shape& shape, Tuning tune);
+
 Int8ConvChoice choose_int8_conv(const dnnl::engine& eng, dnnl::stream& strm,
                                 const dnnl::convolution_forward::primitive_desc& direct_pd, const PreparedLayer& layer,
                                 const WinogradInt8Shape& shape, Int8ConvAlgorithm algorithm, Tuning tune);

@@ -195,8 +195,52 @@ void QuantEngine::Impl::allocate() {
     for (size_t i = 0; i < buffers.size(); ++i) buffers[i].offset = offsets[i];
 }
 
+lowering::ConvSpec QuantEngine::Impl::conv_spec(const FusedOp& op, const PreparedLayer& layer, memory::desc& src_desc) const {
+    const Node& node = graph.node(op.node);
+    const Dims& in = dims(op.srcs[0]);
+    const bool transposed = node.kind == OpKind::conv_transpose;
+    const Dims out = transposed ? Dims{in[0], layer.weight_dims[0], in[2], in[3]} : dims(op.dst);
+    const int padding = transposed ? 0 : node.padding;
+    if (layer.int8) {
+        const Dims padded = {in[0], in[1], in[2] + 2 * padding, in[3] + 2 * padding};
+        src_desc = memory::desc(to_dnnl_dims(padded), dt::u8, tag::nhwc);  // the quantize pass wrote the padding
+    } else {
+        src_desc = memory::desc(to_dnnl_dims(in), dt::f32, tag::nhwc);
+    }
+    const memory::desc dst_desc(to_dnnl_dims(out), dt::f32, tag::nhwc);
+    lowering::ConvSpec spec = lowering::ConvSpec::of(op, src_desc, dst_desc, to_dnnl_dims(layer.weight_dims),
+                                                     transposed ? 1 : node.stride, layer.int8 ? 0 : padding);
+    if (layer.int8) spec.precision = lowering::Precision::u8s8;
+    return spec;
+}
+
+ConvChoiceRequest QuantEngine::Impl::fp32_conv_request(const FusedOp& op, const PreparedLayer& layer,
+                                                       const lowering::ConvSpec& spec) {
+    const Dims& in = dims(op.srcs[0]);
+    const Dims& out = dims(op.dst);
+    ConvChoiceRequest request;
+    request.spec = spec;
+    request.weights = layer.weights.data();
+    request.bias = layer.bias.data();
+    request.winograd_shape = true;
+    const WinogradOwnShape own_shape{.batch = in[0], .in_channels = in[1], .out_channels = layer.weight_dims[0],
+                                     .height = out[2], .width = out[3], .layout = tag::nhwc,
+                                     .sum = op.residual >= 0, .relu = op.activation == Activation::relu};
+    const bool sigmoid = op.activation == Activation::sigmoid;
+    request.own_offered = [own_shape, sigmoid](int tile) {
+        return !sigmoid && winograd_own_supported() && WinogradOwn::applies(tile, own_shape);
+    };
+    request.make_own = [this, own_shape, &layer](int tile) {
+        return WinogradOwn::create(eng, strm, tile, own_shape, layer.weights.data(), layer.bias.data());
+    };
+    request.tune = options.tune;
+    request.algorithm = options.conv_algorithm;
+    return request;
+}
+
 void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLayer& layer) {
-    const FusedOp& op = ops[static_cast<size_t>(planned.op)];
+    const size_t k_op = static_cast<size_t>(planned.op);
+    const FusedOp& op = ops[k_op];
     const Node& node = graph.node(op.node);
     const int src = op.srcs[0];
     const Dims& in = dims(src);
@@ -207,20 +251,15 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
     const int64_t stride = transposed ? 1 : node.stride;
 
     memory::desc src_desc;
-    if (layer.int8) {
-        const Dims padded = {in[0], in[1], in[2] + 2 * padding, in[3] + 2 * padding};
-        src_desc = memory::desc(to_dnnl_dims(padded), dt::u8, tag::nhwc);  // the quantize pass wrote the padding
-    } else {
-        src_desc = memory::desc(to_dnnl_dims(in), dt::f32, tag::nhwc);
-    }
+    const lowering::ConvSpec spec = conv_spec(op, layer, src_desc);
     const memory src_memory(src_desc, eng, ptr(planned.reads[0]));
-    const memory::desc dst_desc(to_dnnl_dims(out), dt::f32, tag::nhwc);
-    lowering::ConvSpec spec = lowering::ConvSpec::of(op, src_desc, dst_desc, to_dnnl_dims(layer.weight_dims), stride,
-                                                     layer.int8 ? 0 : padding);
-    if (layer.int8) spec.precision = lowering::Precision::u8s8;
+    const memory::desc dst_desc = spec.dst;
     const int64_t k = layer.weight_dims[2];
     // (an int8 layer reads the quantize pass's padded u8 copy, so one reading the graph input qualifies too)
     const bool winograd_shape = !transposed && k == 3 && stride == 1 && padding == 1 && (layer.int8 || src != graph.input_value());
+    // Mixed precision: what measuring both precisions found (choose_precisions).
+    const std::string note = k_op < precision_note.size() ? precision_note[k_op] : std::string();
+    auto with_note = [&](std::string candidates) { return note.empty() ? candidates : note + "; " + candidates; };
     Step step;
     step.name = node.name;
     step.op = lowering::fused_op_label(op, transposed ? "deconv:conv1x1" : "conv");
@@ -229,26 +268,13 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
     step.algorithm = "direct";
     convolution_forward::primitive_desc pd;
     if (!layer.int8 && winograd_shape) {
-        // An fp32 layer: the planner's candidates, as in the fp32 engine (NHWC, dense src and dst).
-        ConvChoiceRequest request;
-        request.spec = spec;
-        request.weights = layer.weights.data();
-        request.bias = layer.bias.data();
-        request.winograd_shape = true;
-        const WinogradOwnShape own_shape{.batch = in[0], .in_channels = in[1], .out_channels = out_channels,
-                                         .height = out[2], .width = out[3], .layout = tag::nhwc,
-                                         .sum = op.residual >= 0, .relu = op.activation == Activation::relu};
-        request.own_offered = [&](int tile) {
-            return op.activation != Activation::sigmoid && winograd_own_supported() && WinogradOwn::applies(tile, own_shape);
-        };
-        request.make_own = [&](int tile) {
-            return WinogradOwn::create(eng, strm, tile, own_shape, layer.weights.data(), layer.bias.data());
-        };
-        request.tune = options.tune;
-        request.algorithm = options.conv_algorithm;
+        // An fp32 layer: the planner's candidates, as in the fp32 engine (NHWC, dense src and dst); a layer mixed
+        // precision moved to fp32 runs the algorithm that measurement chose.
+        ConvChoiceRequest request = fp32_conv_request(op, layer, spec);
+        if (k_op < fp32_forced.size() && !fp32_forced[k_op].empty()) request.forced = fp32_forced[k_op];
         ConvChoice choice = choose_conv_algorithm(eng, strm, request);
         step.algorithm = choice.algorithm;
-        step.candidates = std::move(choice.candidates);
+        step.candidates = with_note(std::move(choice.candidates));
         if (choice.own) {
             step.custom = own_winograd_pass(choice.own, strm, reinterpret_cast<const float*>(ptr(planned.reads[0])),
                                             reinterpret_cast<float*>(ptr(planned.writes[0])), scratchpad, weight_store,
@@ -277,8 +303,8 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
         Int8ConvChoice choice = op.activation == Activation::sigmoid
                                     ? Int8ConvChoice{nullptr, "direct", "direct (sigmoid is not fused into our int8 Winograd)"}
                                     : choose_int8_conv(eng, strm, pd, layer, own_shape, options.int8_algorithm, options.tune);
-        step.candidates = choice.candidates + (available ? "; oneDNN's u8s8 Winograd also accepts this layer (not a candidate)"
-                                                         : "; oneDNN has no u8s8 Winograd for it here");
+        step.candidates = with_note(choice.candidates + (available ? "; oneDNN's u8s8 Winograd also accepts this layer (not a candidate)"
+                                                                   : "; oneDNN has no u8s8 Winograd for it here"));
         if (choice.winograd) {
             std::shared_ptr<WinogradInt8> own = choice.winograd;
             weight_store.count(own->weight_bytes());

@@ -29,11 +29,15 @@ enum class ScaleMode { dynamic, static_calibrated };
 // (quant/winograd_int8.h), faster but it requantizes inside the Winograd domain: on the peers' network it
 // moves mask Dice against PyTorch fp32 from 0.986 to 0.983 (README). `tuned`: each layer measured, the
 // Winograd where it passes its check against direct and is faster (quant/int8_conv_choice.h); `tune` off
-// keeps direct.
-enum class Int8ConvAlgorithm { tuned, direct, winograd_f23 };
+// keeps direct. `mixed`: mixed precision, each layer measured: oneDNN's u8 x s8 direct kernel against the
+// fastest fp32 candidate of the planner (engine/conv_choice.h, e.g. our own fp32 Winograd), and the layer runs
+// fp32 where that is at least kMixedPrecisionMargin faster (quant/int8_conv_choice.h): never less exact than
+// direct, and on CPUs without VNNI faster (README). An int8 file still decides its own layers; `tune` off keeps
+// every layer int8.
+enum class Int8ConvAlgorithm { tuned, direct, winograd_f23, mixed };
 
-// "direct", "winograd" or "measured" (the words of the programs' --int8-conv flag); any other word is a
-// resunet::Error.
+// "direct", "winograd", "measured" or "mixed" (the words of the programs' --int8-conv flag); any other word is
+// a resunet::Error.
 Int8ConvAlgorithm int8_conv_from_name(const std::string& name);
 
 struct QuantOptions {
@@ -99,10 +103,11 @@ class QuantEngine {
     EngineMemory memory_usage() const;
     double compile_ms() const;
     int num_primitives() const;
-    int weight_levels() const;
+    int weight_levels() const;  // |q| bound of the weights as this CPU runs them (files store +-127, narrowed to this)
     // The int8 3x3 convolutions' algorithms, for reports: "int8 3x3 convolutions: 11 winograd_int8_f23
-    // (e2.conv_b, ...), 7 direct" (which layers `measured` chose depends on the timings of that start).
-    std::string conv_summary() const;  // |q| bound of the weights as this CPU runs them (files store +-127, narrowed to this)
+    // (e2.conv_b, ...), 7 direct", and under `mixed` "; 4 run fp32, measured faster here (e1.conv_b, ...)"
+    // (which layers `measured` and `mixed` choose depends on the timings of that start).
+    std::string conv_summary() const;
 
     struct Impl;
 

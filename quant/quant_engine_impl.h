@@ -97,6 +97,11 @@ struct QuantEngine::Impl : lowering::Schedule<Step> {
     std::vector<PlannedStep> plan;
     std::vector<bool> copy_residual;
 
+    // Int8ConvAlgorithm::mixed, per op: the fp32 algorithm a layer measured faster than its int8 kernel runs
+    // (given to the planner as its choice, not measured again), and what the measurement found.
+    std::vector<std::string> fp32_forced;
+    std::vector<std::string> precision_note;
+
     std::vector<std::vector<float>> host_vectors;  // per-layer scale/bias sources kept for `before`
     bool calibrating = false;
 
@@ -115,6 +120,15 @@ struct QuantEngine::Impl : lowering::Schedule<Step> {
     void allocate();
     void lower(const TensorMap& weights, bool from_int8_file);
     void lower_conv(const PlannedStep& planned, const PreparedLayer& layer);
+    // The layer's convolution as this engine runs it: an int8 layer reads the quantize pass's padded u8 NHWC
+    // copy, an fp32 one the fp32 NHWC buffer; the dst is fp32 NHWC. `src_desc` is set to the src's layout.
+    lowering::ConvSpec conv_spec(const FusedOp& op, const PreparedLayer& layer, memory::desc& src_desc) const;
+    // The planner's request for an fp32 3x3 layer (our own Winograd over NHWC with the op's sum and ReLU);
+    // `layer` must outlive the request.
+    ConvChoiceRequest fp32_conv_request(const FusedOp& op, const PreparedLayer& layer, const lowering::ConvSpec& spec);
+    // Int8ConvAlgorithm::mixed: measures each int8 3x3 layer in both precisions and moves the ones faster in
+    // fp32 out of int8_op (quant/mixed_precision.cpp).
+    void choose_precisions(const TensorMap& weights);
     memory f32_memory(int buffer, const Dims& d, tag layout) {
         return memory({to_dnnl_dims(d), dt::f32, layout}, eng, ptr(buffer));
     }

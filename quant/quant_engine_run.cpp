@@ -39,6 +39,9 @@ QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const Qua
     }
     const ThreadSetting thread_setting(options.threads);
     try {
+        // Mixed precision measures each int8 3x3 layer in both precisions; an int8 file decides its own layers.
+        if (options.int8_algorithm == Int8ConvAlgorithm::mixed && options.tune != Tuning::off && !from_int8_file)
+            m.choose_precisions(weights);
         m.plan_values(weights);
         m.allocate();
         m.lower(weights, from_int8_file);
@@ -196,9 +199,10 @@ int QuantEngine::num_primitives() const { return static_cast<int>(impl_->steps.s
 int QuantEngine::weight_levels() const { return impl_->levels; }
 
 std::string QuantEngine::conv_summary() const {
-    std::vector<std::string> winograd;
+    std::vector<std::string> winograd, fp32;
     int direct = 0;
     for (const Step& step : impl_->steps) {
+        if (step.precision == "f32" && step.candidates.starts_with("precision (mixed)")) fp32.push_back(step.name);
         if (step.precision != "u8s8" || step.candidates.empty()) continue;  // the int8 3x3 convolutions carry candidates
         if (step.algorithm == "direct")
             ++direct;
@@ -207,7 +211,10 @@ std::string QuantEngine::conv_summary() const {
     }
     std::string text = fmt::format("int8 3x3 convolutions: {} winograd_int8_f23", winograd.size());
     if (!winograd.empty()) text += " (" + fmt::format("{}", fmt::join(winograd, ", ")) + ")";
-    return text + fmt::format(", {} direct", direct);
+    text += fmt::format(", {} direct", direct);
+    if (!fp32.empty())
+        text += fmt::format("; {} run fp32, measured faster here ({})", fp32.size(), fmt::format("{}", fmt::join(fp32, ", ")));
+    return text;
 }
 
 }  // namespace resunet

@@ -795,6 +795,14 @@ TEST(PredictBinary, HelpUsageErrorsAndExitCodes) {
     EXPECT_NE(err.find("--int8-conv"), std::string::npos) << err;
     EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
     EXPECT_EQ(run("predict " + image + " --model " + model + " --out x --int8-conv fastest", &out, &err), 2);
+    // mixed: each int8 3x3 layer timed in both precisions; the plan says what each measured.
+    EXPECT_EQ(run("predict " + image + " --model " + model + " --out " + (dir / "pred-int8-mixed") + " --int8-conv mixed",
+                  &out, &err),
+              0)
+        << err;
+    EXPECT_NE(out.find("1 ok, 0 failed"), std::string::npos) << out;
+    EXPECT_EQ(run("plan --model " + model + " --precision int8 --int8-conv mixed", &out, &err), 0) << err;
+    EXPECT_NE(out.find("precision (mixed): u8s8 direct"), std::string::npos) << out;
     EXPECT_EQ(run("eval --model " + model + " --data " + kKvasirRoot + " --limit 2 --precision fp32 --tune off --plan-cache none",
                   &out, &err),
               0)

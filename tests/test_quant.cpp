@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <iostream>
 #include <limits>
 #include <set>
@@ -16,6 +17,7 @@
 #include "engine/arena.h"
 #include "graph/fusion.h"
 #include "graph/init.h"
+#include "quant/int8_conv_choice.h"
 #include "tests/support/quant_checks.h"
 
 namespace {
@@ -211,6 +213,66 @@ TEST(QuantNetwork, ThreadCountDoesNotChangeResults) {
     two.calibrate(net.calibration.data.data(), 4);
     one.calibrate(net.calibration.data.data(), 4);
     EXPECT_EQ(run_quant(two, net.graph, net.input), run_quant(one, net.graph, net.input)) << "static";
+}
+
+// Mixed precision (Int8ConvAlgorithm::mixed, quant/mixed_precision.cpp): each int8 3x3 layer measured in both
+// precisions. Whatever this CPU's timings chose: every eligible layer says what it measured, runs the precision
+// its times call for (fp32 only when at least kMixedPrecisionMargin faster) with the fp32 algorithm it measured,
+// every op matches the fake-quant reference that keeps the same layers fp32, and the logits are no further
+// from fp32 than the all-int8 engine's (fp32 layers add no quantization noise). --tune off and an int8 file
+// keep every layer int8.
+TEST(QuantNetwork, MixedPrecisionRunsEachLayerInItsFasterPrecision) {
+    const WholeNet& net = whole_net();
+    QuantOptions options = quant_options();
+    options.int8_algorithm = resunet::Int8ConvAlgorithm::mixed;
+    QuantEngine mixed(net.graph, net.weights, options);
+    std::vector<float> out(static_cast<size_t>(count_of(net.fp32)));
+    int measured = 0, fp32 = 0;
+    for (const LayerProfile& row : mixed.profile(net.input.data.data(), static_cast<int>(net.input.dims[0]), out.data())) {
+        const resunet::Node* node = net.graph.find_node(row.name);
+        if (!node || node->kind != resunet::OpKind::conv || node->kernel != 3 || net.graph.value(node->inputs[0]).dims[1] < 8)
+            continue;
+        ++measured;
+        SCOPED_TRACE(row.name + ": " + row.candidates);
+        double int8_ms = 0, fp32_ms = 0;
+        char algorithm[32] = {0};
+        ASSERT_EQ(std::sscanf(row.candidates.c_str(), "precision (mixed): u8s8 direct %lf ms", &int8_ms), 1);
+        const size_t f32_at = row.candidates.find(", f32 ");
+        ASSERT_NE(f32_at, std::string::npos);
+        ASSERT_EQ(std::sscanf(row.candidates.c_str() + f32_at, ", f32 %31s %lf ms", algorithm, &fp32_ms), 2);
+        // The times are printed to 3 digits: within 1.5% of the threshold either precision is consistent.
+        const double threshold = int8_ms * (1.0 - resunet::quant_detail::kMixedPrecisionMargin);
+        const bool fp32_faster = row.precision == "f32";
+        if (std::abs(fp32_ms - threshold) > 0.015 * threshold) {
+            EXPECT_EQ(fp32_faster, fp32_ms < threshold);
+        }
+        if (fp32_faster) {
+            ++fp32;
+            EXPECT_EQ(row.algorithm, algorithm) << "the fp32 algorithm it measured, not measured again";
+        }
+    }
+    EXPECT_EQ(measured, 17) << "e1.conv_b and the two 3x3 layers of each of e2-e4, b and d4-d1 (depth 4)";
+    std::cout << fmt::format("  {} of {} 3x3 layers run fp32 here; {}\n", fp32, measured, mixed.conv_summary());
+    check_every_op("resunet w8 mixed precision", net.graph, net.weights, net.input, options);
+
+    QuantEngine all_int8(net.graph, net.weights, quant_options());
+    const std::vector<float> mixed_logits = run_quant(mixed, net.graph, net.input);
+    const std::vector<float> int8_logits = run_quant(all_int8, net.graph, net.input);
+    const double mixed_sqnr = resunet::reference::sqnr_db(mixed_logits.data(), net.fp32.data(), count_of(mixed_logits));
+    const double int8_sqnr = resunet::reference::sqnr_db(int8_logits.data(), net.fp32.data(), count_of(int8_logits));
+    std::cout << fmt::format("  logit SQNR vs fp32: mixed {:.1f} dB, all int8 {:.1f} dB\n", mixed_sqnr, int8_sqnr);
+    EXPECT_GE(mixed_sqnr, int8_sqnr - 1.0);
+
+    options.tune = resunet::Tuning::off;
+    QuantEngine untuned(net.graph, net.weights, options);
+    const std::vector<LayerQuantInfo> untuned_rows = untuned.layer_info(), int8_rows = all_int8.layer_info();
+    ASSERT_EQ(untuned_rows.size(), int8_rows.size());
+    for (size_t i = 0; i < int8_rows.size(); ++i) EXPECT_EQ(untuned_rows[i].precision, int8_rows[i].precision) << int8_rows[i].name;
+    EXPECT_EQ(run_quant(untuned, net.graph, net.input), int8_logits);
+    options.tune = resunet::Tuning::fast;
+    QuantEngine from_file(net.graph, resunet::quantize_model_weights(net.graph, net.weights), options);
+    EXPECT_EQ(from_file.conv_summary().find("run fp32"), std::string::npos) << "an int8 file decides its own layers";
+    EXPECT_EQ(resunet::int8_conv_from_name("mixed"), resunet::Int8ConvAlgorithm::mixed);
 }
 
 TEST(QuantNetwork, StaticAfterCalibration) {

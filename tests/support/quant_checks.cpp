@@ -152,6 +152,9 @@ double check_every_op(const std::string& label, const Graph& graph, const Tensor
     fq.micro_batch = static_cast<int>(micro);
     fq.levels = engine.weight_levels();
     fq.keep_fp32 = options.keep_fp32;
+    // Mixed precision measured which layers run fp32: the reference keeps the same ones in fp32.
+    for (const LayerQuantInfo& row : engine.layer_info())
+        if (options.int8_algorithm == resunet::Int8ConvAlgorithm::mixed && row.precision == "f32") fq.keep_fp32.insert(row.name);
     if (engine.mode() == ScaleMode::static_calibrated) fq.static_quant = to_static_quant(engine.static_scales());
     // keep_values: no value is overwritten in place (a residual operand is copied), so every one is compared.
     const std::vector<std::string> names = engine.materialized_values();

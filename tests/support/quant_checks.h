@@ -95,7 +95,8 @@ std::map<std::string, ActivationQuant> to_static_quant(const TensorMap& scales);
 // Runs the int8 engine pass by pass with keep_values and checks every materialized value (and the
 // output) against the fake-quant reference fed the engine's own values of that pass, so every op is
 // compared on exactly the inputs it saw. Returns the largest relative error.
-// With `calibration`, the engine is calibrated on it first and the reference uses its static scales.
+// With `calibration`, the engine is calibrated on it first and the reference uses its static scales. Under
+// Int8ConvAlgorithm::mixed the reference keeps in fp32 the layers the engine measured faster in fp32.
 double check_every_op(const std::string& label, const Graph& graph, const TensorMap& weights, const Tensor4& input,
                       QuantOptions options, const Tensor4* calibration = nullptr);
 
