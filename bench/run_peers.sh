@@ -29,7 +29,7 @@ fi
 [ -f "$out/peer_w64.safetensors" ] || /usr/bin/python3 "$work/export_weights.py" "$out/peer_w64.safetensors"
 bin=build/bench/peer_fidelity
 [ -x "$bin" ] || { echo "run_peers: build first (cmake --build build --target peer_fidelity resunet)"; exit 2; }
-echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) cores; $threads threads per row"
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') (family $(grep -m1 'cpu family' /proc/cpuinfo | cut -d: -f2 | tr -d ' ') model $(grep -m1 '^model[[:space:]]*:' /proc/cpuinfo | cut -d: -f2 | tr -d ' ')), $(nproc) cores; $threads threads per row"
 common=(--weights "$out/peer_w64.safetensors" --input "$work/input.bin" --reference "$work/ref_logits.bin"
         --runs "$runs" --threads $threads)
 ours() {  # name, then peer_fidelity flags

@@ -149,7 +149,8 @@ class Engine {
 };
 
 // oneDNN's version and CPU ISA as a string, for reports.
-// The CPU's model name from /proc/cpuinfo ("unknown" when absent), for reports and plan-cache keys.
+// The CPU's model name with its family and model numbers from /proc/cpuinfo, e.g. "AMD EPYC (family 23
+// model 49)" (a Zen 2); "unknown" when absent. For reports and plan-cache keys.
 std::string cpu_model_name();
 std::string onednn_version();
 

@@ -319,13 +319,21 @@ std::string Engine::tuning_summary() const { return impl_->tuning_summary; }
 std::string Engine::activation_layout() const { return layout_name(impl_->act_tag); }
 
 std::string cpu_model_name() {
+    // The first processor's fields: the name alone does not tell apart CPUs that share it ("AMD EPYC" is
+    // Zen 2 as family 23, Zen 3 and Zen 4 as family 25), and their best kernels differ.
     std::ifstream info("/proc/cpuinfo");
-    for (std::string line; std::getline(info, line);)
-        if (line.rfind("model name", 0) == 0) {
-            const size_t colon = line.find(':');
-            return colon == std::string::npos ? line : line.substr(colon + 2);
-        }
-    return "unknown";
+    std::string name, family, model;
+    for (std::string line; std::getline(info, line) && !line.empty();) {
+        const size_t colon = line.find(':');
+        if (colon == std::string::npos) continue;
+        const std::string key = line.substr(0, line.find_last_not_of(" \t", colon - 1) + 1);
+        const std::string value = colon + 2 <= line.size() ? line.substr(colon + 2) : std::string();
+        if (key == "model name") name = value;
+        if (key == "cpu family") family = value;
+        if (key == "model") model = value;
+    }
+    if (name.empty()) return "unknown";
+    return family.empty() || model.empty() ? name : fmt::format("{} (family {} model {})", name, family, model);
 }
 
 std::string onednn_version() {

@@ -27,14 +27,20 @@ const char* isa_name(dnnl_cpu_isa_t isa) {
     }
 }
 
+// "model name (family F model M)" of the first processor: the name alone does not tell Zen 2 from Zen 3.
 std::string cpu_model() {
     std::ifstream in("/proc/cpuinfo");
-    for (std::string line; std::getline(in, line);)
-        if (line.rfind("model name", 0) == 0) {
-            const size_t colon = line.find(':');
-            return colon == std::string::npos ? line : line.substr(colon + 2);
-        }
-    return "unknown";
+    std::string name = "unknown", family, model;
+    for (std::string line; std::getline(in, line) && !line.empty();) {
+        const size_t colon = line.find(':');
+        if (colon == std::string::npos) continue;
+        const std::string key = line.substr(0, line.find_last_not_of(" \t", colon - 1) + 1);
+        const std::string value = colon + 2 <= line.size() ? line.substr(colon + 2) : std::string();
+        if (key == "model name") name = value;
+        if (key == "cpu family") family = value;
+        if (key == "model") model = value;
+    }
+    return family.empty() || model.empty() ? name : name + " (family " + family + " model " + model + ")";
 }
 
 }  // namespace

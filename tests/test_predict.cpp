@@ -801,6 +801,7 @@ TEST(PredictBinary, HelpUsageErrorsAndExitCodes) {
               0)
         << err;
     EXPECT_NE(out.find("1 ok, 0 failed"), std::string::npos) << out;
+    EXPECT_NE(out.find("--int8-conv mixed: int8 3x3 convolutions"), std::string::npos) << out;  // the engine says what it chose
     EXPECT_EQ(run("plan --model " + model + " --precision int8 --int8-conv mixed", &out, &err), 0) << err;
     EXPECT_NE(out.find("precision (mixed): u8s8 direct"), std::string::npos) << out;
     EXPECT_EQ(run("eval --model " + model + " --data " + kKvasirRoot + " --limit 2 --precision fp32 --tune off --plan-cache none",

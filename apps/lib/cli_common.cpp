@@ -2,6 +2,7 @@
 #include "apps/lib/cli_common.h"
 #include "apps/lib/command_flags.h"
 #include "engine/engine.h"
+#include "quant/quant_engine.h"
 #include "engine/plan_cache.h"
 
 #include <sys/stat.h>
@@ -120,6 +121,12 @@ fs::path prepare_run_dir(const std::string& out, const char* flag) {
     ::close(fd);
     ::unlink(probe.c_str());
     return dir;
+}
+
+std::string int8_engine_label(const QuantEngine& engine, bool stored_scales, const EngineTuningFlags& flags) {
+    std::string label = stored_scales ? "int8 (static scales stored in the model)" : "int8 (dynamic scales)";
+    if (flags.int8_conv != "direct") label += fmt::format("; --int8-conv {}: {}", flags.int8_conv, engine.conv_summary());
+    return label;
 }
 
 void apply_engine_tuning(const EngineTuningFlags& flags, bool precision_is_fp32, EngineOptions& options) {

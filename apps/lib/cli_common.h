@@ -42,10 +42,16 @@ namespace resunet {
 
 struct EngineOptions;
 struct EngineTuningFlags;
+class QuantEngine;
 
 // Applies --tune, --plan-cache and --memory-budget to `options` (fp32 engine); `precision_is_fp32` false
 // with --plan-cache or --memory-budget given: UsageError (they plan the fp32 engine only).
 void apply_engine_tuning(const EngineTuningFlags& flags, bool precision_is_fp32, EngineOptions& options);
+
+// The int8 engine as reports name it: "int8 (dynamic scales)" or "int8 (static scales stored in the model)",
+// and with an --int8-conv other than direct what it chose, e.g. "...; --int8-conv mixed: int8 3x3
+// convolutions: 0 winograd_int8_f23, 2 direct; 15 run fp32, measured faster here (e1.conv_b, ...)".
+std::string int8_engine_label(const QuantEngine& engine, bool stored_scales, const EngineTuningFlags& flags);
 
 // A UsageError every rank of an mpirun job throws together (agree_on_setup): only rank 0 prints it.
 struct AgreedUsageError : UsageError {

@@ -134,7 +134,7 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
                 quant_options.tune = tuning_from_name(options.tuning.tune);
                 quant_options.int8_algorithm = int8_conv_from_name(options.tuning.int8_conv);
                 int8 = std::make_unique<QuantEngine>(graph, file.tensors, quant_options);
-                report.engine = stored_scales ? "int8 (static scales stored in the model)" : "int8 (dynamic scales)";
+                report.engine = int8_engine_label(*int8, stored_scales, options.tuning);
             }
         } catch (const UsageError&) {
             throw;

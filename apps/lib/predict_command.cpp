@@ -311,7 +311,7 @@ LoadedModel load_model(const PredictOptions& options, std::FILE* log) {
             quant_options.int8_algorithm = int8_conv_from_name(options.tuning.int8_conv);
             quant_options.mode = options.precision == Precision::static_int8 ? ScaleMode::static_calibrated : ScaleMode::dynamic;
             model.runner.int8 = std::make_unique<QuantEngine>(graph, file.tensors, quant_options);
-            model.engine = model.stored_scales ? "int8 (static scales stored in the model)" : "int8 (dynamic scales)";
+            model.engine = int8_engine_label(*model.runner.int8, model.stored_scales, options.tuning);
         }
     } catch (const UsageError&) {
         throw;
