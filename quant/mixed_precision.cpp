@@ -43,6 +43,7 @@ void QuantEngine::Impl::choose_precisions(const TensorMap& weights) {
         precision_note[k] = fmt::format("precision (mixed): u8s8 direct {:.3g} ms{}, f32 {} {:.3g} ms{}", int8_ms,
                                         to_fp32 ? "" : " *", fp32.algorithm, fp32.ms, to_fp32 ? " *" : "");
         if (!to_fp32) continue;
+        precision_note[k] += "; f32: " + fp32.candidates;  // what the fp32 side measured, shown for the layer
         int8_op[k] = false;
         fp32_forced[k] = fp32.algorithm;
     }

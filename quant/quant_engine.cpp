@@ -271,10 +271,11 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
         // An fp32 layer: the planner's candidates, as in the fp32 engine (NHWC, dense src and dst); a layer mixed
         // precision moved to fp32 runs the algorithm that measurement chose.
         ConvChoiceRequest request = fp32_conv_request(op, layer, spec);
-        if (k_op < fp32_forced.size() && !fp32_forced[k_op].empty()) request.forced = fp32_forced[k_op];
+        const bool from_mixed = k_op < fp32_forced.size() && !fp32_forced[k_op].empty();
+        if (from_mixed) request.forced = fp32_forced[k_op];
         ConvChoice choice = choose_conv_algorithm(eng, strm, request);
         step.algorithm = choice.algorithm;
-        step.candidates = with_note(std::move(choice.candidates));
+        step.candidates = from_mixed ? note : with_note(std::move(choice.candidates));
         if (choice.own) {
             step.custom = own_winograd_pass(choice.own, strm, reinterpret_cast<const float*>(ptr(planned.reads[0])),
                                             reinterpret_cast<float*>(ptr(planned.writes[0])), scratchpad, weight_store,
