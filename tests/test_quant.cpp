@@ -254,6 +254,9 @@ TEST(QuantNetwork, MixedPrecisionRunsEachLayerInItsFasterPrecision) {
     EXPECT_EQ(measured, 17) << "e1.conv_b and the two 3x3 layers of each of e2-e4, b and d4-d1 (depth 4)";
     std::cout << fmt::format("  {} of {} 3x3 layers run fp32 here; {}\n", fp32, measured, mixed.conv_summary());
     check_every_op("resunet w8 mixed precision", net.graph, net.weights, net.input, options);
+    options.micro_batch = 2;  // static scales calibrated on four other images, two per pass
+    check_every_op("resunet w8 mixed precision static", net.graph, net.weights, net.input, options, &net.calibration);
+    options.micro_batch = 1;
 
     QuantEngine all_int8(net.graph, net.weights, quant_options());
     const std::vector<float> mixed_logits = run_quant(mixed, net.graph, net.input);
