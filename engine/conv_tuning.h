@@ -62,9 +62,9 @@ using ConvTrial = TrialResult;
 // The tuner's protocol (engine/candidate_trial.h) for convolutions: each candidate is checked, then timed
 // `reps` times, on a synthetic input (uniform [0, 1), as after a ReLU) and a dst prefilled with the same
 // values (so a fused residual sum sees data), with the weights given in OIHW (`weights`, f32) reordered
-// into each candidate's layout; a `make_own` that builds nothing leaves its candidate unavailable. candidates[0] must be the direct
-// algorithm: its output is the reference of the others. A candidate must be at least `margin` faster
-// than the best so far to win (times on a loaded machine move by a few percent).
+// into each candidate's layout; a `make_own` that builds nothing leaves its candidate unavailable.
+// candidates[0] must be the direct algorithm: its output is the reference of the others. A candidate must be
+// at least `margin` faster than the best so far to win (times on a loaded machine move by a few percent).
 ConvTrial measure_conv(const dnnl::engine& eng, dnnl::stream& strm, std::vector<ConvCandidate>& candidates,
                        const dnnl::memory& weights, const dnnl::memory& bias, int reps, double margin = 0.03);
 

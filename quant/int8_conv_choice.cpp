@@ -50,7 +50,7 @@ Int8Trial measure_int8(const engine& eng, stream& strm, const convolution_forwar
                     src[static_cast<size_t>(((b * (h + 2) + y) * (w + 2) + x) * ic + i)] =
                         static_cast<uint8_t>(std::min(255.0f, std::nearbyint(std::abs(normal(rng)) * 40.0f)));
     const size_t out_elements = static_cast<size_t>(n * h * w * oc);
-    std::vector<float> direct_out(out_elements, 0.0f), winograd_out(out_elements, 0.0f);
+    std::vector<float> direct_out(out_elements, 0.0f), winograd_out;
 
     memory user_weights({{oc, ic, 3, 3}, dt::s8, tag::oihw}, eng, const_cast<int8_t*>(layer.quant.q.data()));
     memory weights(direct_pd.weights_desc(), eng);
@@ -78,7 +78,7 @@ Int8Trial measure_int8(const engine& eng, stream& strm, const convolution_forwar
     // against it before it is timed, and wins only when kInt8WinogradMargin faster.
     std::shared_ptr<WinogradInt8> winograd;
     std::vector<char> scratch_buffer;
-    std::vector<TrialCandidate> trial(2);
+    std::vector<TrialCandidate> trial(make ? 2 : 1);
     trial[0].name = "direct";
     trial[0].prepare = [&]() -> std::optional<TrialRun> {
         return TrialRun{[&] { std::fill(direct_out.begin(), direct_out.end(), 0.0f); },
@@ -88,18 +88,20 @@ Int8Trial measure_int8(const engine& eng, stream& strm, const convolution_forwar
                         },
                         [&] { return direct_out; }};
     };
-    trial[1].name = "winograd_int8_f23";
-    trial[1].bound = kInt8WinogradBound;
-    trial[1].drop = [&] { winograd.reset(); };
-    trial[1].prepare = [&]() -> std::optional<TrialRun> {
-        winograd = (*make)();
-        void* scratch = nullptr;
-        scratch_buffer = aligned_scratch(winograd->scratch_bytes(), &scratch);
-        return TrialRun{[&] { std::fill(winograd_out.begin(), winograd_out.end(), 0.0f); },
-                        [&, scratch] { winograd->execute(strm, src.data(), input, winograd_out.data(), scratch); },
-                        [&] { return winograd_out; }};
-    };
-    if (!make) trial.pop_back();
+    if (make) {
+        trial[1].name = "winograd_int8_f23";
+        trial[1].bound = kInt8WinogradBound;
+        trial[1].drop = [&] { winograd.reset(); };
+        trial[1].prepare = [&]() -> std::optional<TrialRun> {
+            winograd = (*make)();
+            winograd_out.assign(out_elements, 0.0f);
+            void* scratch = nullptr;
+            scratch_buffer = aligned_scratch(winograd->scratch_bytes(), &scratch);
+            return TrialRun{[&] { std::fill(winograd_out.begin(), winograd_out.end(), 0.0f); },
+                            [&, scratch] { winograd->execute(strm, src.data(), input, winograd_out.data(), scratch); },
+                            [&] { return winograd_out; }};
+        };
+    }
     const TrialResult result = run_trial(trial, {.reps = tune == Tuning::full ? 7 : 3, .margin = kInt8WinogradMargin});
     Int8Trial out{result.summary, trial[0].ms, nullptr};
     if (result.chosen == 1) out.winograd = std::move(winograd);

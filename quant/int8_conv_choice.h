@@ -39,12 +39,13 @@ struct Int8ConvChoice {
 
 // `direct_pd`: the layer's u8 x s8 direct convolution (padded u8 NHWC src, f32 NHWC dst, the dequantization
 // multiplier as binary post-op 0). `shape` is the Winograd's view of the same layer.
-// The layer's u8 x s8 direct kernel alone, timed as choose_int8_conv times it (ms per pass).
-double time_int8_direct(const dnnl::engine& eng, dnnl::stream& strm, const dnnl::convolution_forward::primitive_desc& direct_pd,
-                        const PreparedLayer& layer, const WinogradInt8Shape& shape, Tuning tune);
-
 Int8ConvChoice choose_int8_conv(const dnnl::engine& eng, dnnl::stream& strm,
                                 const dnnl::convolution_forward::primitive_desc& direct_pd, const PreparedLayer& layer,
                                 const WinogradInt8Shape& shape, Int8ConvAlgorithm algorithm, Tuning tune);
+
+// The layer's u8 x s8 direct kernel alone (mixed precision's int8 side), timed as choose_int8_conv times it
+// (ms per pass).
+double time_int8_direct(const dnnl::engine& eng, dnnl::stream& strm, const dnnl::convolution_forward::primitive_desc& direct_pd,
+                        const PreparedLayer& layer, const WinogradInt8Shape& shape, Tuning tune);
 
 }  // namespace resunet::quant_detail

@@ -25,8 +25,7 @@ void QuantEngine::Impl::choose_precisions(const TensorMap& weights) {
             continue;
         // int8: the direct kernel as lower_conv builds it, on the quantize pass's padded u8 copy.
         const PreparedLayer int8_layer = prepare_layer(graph, op, weights, /*int8=*/true, /*from_int8_file=*/false, levels);
-        memory::desc src_desc;
-        const lowering::ConvSpec int8_spec = conv_spec(op, int8_layer, src_desc);
+        const lowering::ConvSpec int8_spec = conv_spec(op, int8_layer);
         const Dims& in = dims(op.srcs[0]);
         const Dims& out = dims(op.dst);
         const WinogradInt8Shape shape{.batch = in[0], .in_channels = in[1], .out_channels = out[1], .height = out[2],
@@ -35,8 +34,7 @@ void QuantEngine::Impl::choose_precisions(const TensorMap& weights) {
         const double int8_ms = time_int8_direct(eng, strm, lowering::make_conv(eng, int8_spec), int8_layer, shape, options.tune);
         // fp32: the planner's candidates on the fp32 NHWC buffers.
         const PreparedLayer fp32_layer = prepare_layer(graph, op, weights, /*int8=*/false, /*from_int8_file=*/false, levels);
-        const lowering::ConvSpec fp32_spec = conv_spec(op, fp32_layer, src_desc);
-        ConvChoiceRequest request = fp32_conv_request(op, fp32_layer, fp32_spec);
+        ConvChoiceRequest request = fp32_conv_request(op, fp32_layer, conv_spec(op, fp32_layer));
         request.algorithm = ConvAlgorithm::tuned;  // every fp32 candidate competes for the layer
         const ConvChoice fp32 = choose_conv_algorithm(eng, strm, request);
         const bool to_fp32 = fp32.ms > 0 && int8_ms > 0 && fp32.ms < int8_ms * (1.0 - kMixedPrecisionMargin);

@@ -195,18 +195,16 @@ void QuantEngine::Impl::allocate() {
     for (size_t i = 0; i < buffers.size(); ++i) buffers[i].offset = offsets[i];
 }
 
-lowering::ConvSpec QuantEngine::Impl::conv_spec(const FusedOp& op, const PreparedLayer& layer, memory::desc& src_desc) const {
+lowering::ConvSpec QuantEngine::Impl::conv_spec(const FusedOp& op, const PreparedLayer& layer) const {
     const Node& node = graph.node(op.node);
     const Dims& in = dims(op.srcs[0]);
     const bool transposed = node.kind == OpKind::conv_transpose;
     const Dims out = transposed ? Dims{in[0], layer.weight_dims[0], in[2], in[3]} : dims(op.dst);
     const int padding = transposed ? 0 : node.padding;
-    if (layer.int8) {
-        const Dims padded = {in[0], in[1], in[2] + 2 * padding, in[3] + 2 * padding};
-        src_desc = memory::desc(to_dnnl_dims(padded), dt::u8, tag::nhwc);  // the quantize pass wrote the padding
-    } else {
-        src_desc = memory::desc(to_dnnl_dims(in), dt::f32, tag::nhwc);
-    }
+    // An int8 layer reads the quantize pass's copy, which holds the padding.
+    const Dims padded = {in[0], in[1], in[2] + 2 * padding, in[3] + 2 * padding};
+    const memory::desc src_desc = layer.int8 ? memory::desc(to_dnnl_dims(padded), dt::u8, tag::nhwc)
+                                             : memory::desc(to_dnnl_dims(in), dt::f32, tag::nhwc);
     const memory::desc dst_desc(to_dnnl_dims(out), dt::f32, tag::nhwc);
     lowering::ConvSpec spec = lowering::ConvSpec::of(op, src_desc, dst_desc, to_dnnl_dims(layer.weight_dims),
                                                      transposed ? 1 : node.stride, layer.int8 ? 0 : padding);
@@ -250,9 +248,8 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
     const int padding = transposed ? 0 : node.padding;
     const int64_t stride = transposed ? 1 : node.stride;
 
-    memory::desc src_desc;
-    const lowering::ConvSpec spec = conv_spec(op, layer, src_desc);
-    const memory src_memory(src_desc, eng, ptr(planned.reads[0]));
+    const lowering::ConvSpec spec = conv_spec(op, layer);
+    const memory src_memory(spec.src, eng, ptr(planned.reads[0]));
     const memory::desc dst_desc = spec.dst;
     const int64_t k = layer.weight_dims[2];
     // (an int8 layer reads the quantize pass's padded u8 copy, so one reading the graph input qualifies too)

@@ -121,8 +121,8 @@ struct QuantEngine::Impl : lowering::Schedule<Step> {
     void lower(const TensorMap& weights, bool from_int8_file);
     void lower_conv(const PlannedStep& planned, const PreparedLayer& layer);
     // The layer's convolution as this engine runs it: an int8 layer reads the quantize pass's padded u8 NHWC
-    // copy, an fp32 one the fp32 NHWC buffer; the dst is fp32 NHWC. `src_desc` is set to the src's layout.
-    lowering::ConvSpec conv_spec(const FusedOp& op, const PreparedLayer& layer, memory::desc& src_desc) const;
+    // copy, an fp32 one the fp32 NHWC buffer; the dst is fp32 NHWC.
+    lowering::ConvSpec conv_spec(const FusedOp& op, const PreparedLayer& layer) const;
     // The planner's request for an fp32 3x3 layer (our own Winograd over NHWC with the op's sum and ReLU);
     // `layer` must outlive the request.
     ConvChoiceRequest fp32_conv_request(const FusedOp& op, const PreparedLayer& layer, const lowering::ConvSpec& spec);

@@ -200,9 +200,10 @@ int QuantEngine::weight_levels() const { return impl_->levels; }
 
 std::string QuantEngine::conv_summary() const {
     std::vector<std::string> winograd, fp32;
+    for (size_t k = 0; k < impl_->fp32_forced.size(); ++k)  // layers mixed precision moved to fp32
+        if (!impl_->fp32_forced[k].empty()) fp32.push_back(impl_->graph.node(impl_->ops[k].node).name);
     int direct = 0;
     for (const Step& step : impl_->steps) {
-        if (step.precision == "f32" && step.candidates.starts_with("precision (mixed)")) fp32.push_back(step.name);
         if (step.precision != "u8s8" || step.candidates.empty()) continue;  // the int8 3x3 convolutions carry candidates
         if (step.algorithm == "direct")
             ++direct;
