@@ -4,17 +4,21 @@
 # process with the same thread count, batch 16 at 224x224, width 64 (32,445,185 parameters):
 #   peers: pt_jit_ob (PyTorch fp32), pt_fx_onednn (PyTorch FX static int8), ort_fp32, ort_qdqfull (ORT QDQ int8);
 #   ours (bench/peer_fidelity): fp32 tuned (cold: measures and saves its plan; warm: from the plan cache),
-#   fp32 untuned (--tune off), int8 dynamic, int8 dynamic with our int8 Winograd where measured faster
-#   (--int8-conv measured), int8 dynamic mixed precision (--int8-conv mixed: fp32 where measured faster), int8 static, and int8 from an int8 file (resunet quantize) when the program has
-#   that subcommand.
+#   fp32 untuned (--tune off), fp32 tuned under a lean memory budget and under none (cold and warm each),
+#   int8 dynamic, int8 dynamic with our int8 Winograd where measured faster (--int8-conv measured), int8
+#   dynamic mixed precision (--int8-conv mixed: fp32 where measured faster), int8 static, and int8 from an
+#   int8 file (resunet quantize) when the program has that subcommand; after the peers, the default fp32
+#   and int8 rows once more.
 # Fidelity: each of our rows against PyTorch's fp32 logits (ref_logits.bin) of the same weights.
 #
-#   bash bench/run_peers.sh [OUT_DIR] [RUNS]      (OUT_DIR default build/peers; RUNS default 5)
+#   bash bench/run_peers.sh [OUT_DIR] [RUNS]      (OUT_DIR default build/peers; RUNS default 5;
+#                                                  LEAN_MB=230: the lean fp32 rows' memory budget)
 # Needs the peers installed once: bash ../shared/peers/run.sh --setup (Debian python3-torch, npm ORT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="$(realpath -m "${1:-build/peers}")"
 runs="${2:-5}"
+lean_mb="${LEAN_MB:-230}"  # the lean fp32 rows' --memory-budget
 threads=2
 mkdir -p "$out"
 work="$out/peers"
@@ -49,6 +53,12 @@ rm -rf "$cache"
 ours fp32-tuned-cold --precision fp32 --plan-cache "$cache"
 ours fp32-tuned-warm --precision fp32 --plan-cache "$cache"
 ours fp32-untuned --precision fp32 --tune off
+# The memory budget at both ends: a lean plan (engine bytes at most $lean_mb MB: the issue's 350 MB peak RSS
+# class) and no limit (every layer's measured winner), each tuned cold and then from the plan cache.
+ours fp32-lean-cold --precision fp32 --plan-cache "$cache" --memory-budget "$lean_mb"
+ours fp32-lean-warm --precision fp32 --plan-cache "$cache" --memory-budget "$lean_mb"
+ours fp32-unlimited-cold --precision fp32 --plan-cache "$cache" --memory-budget -1
+ours fp32-unlimited-warm --precision fp32 --plan-cache "$cache" --memory-budget -1
 ours int8-dynamic --precision int8
 ours int8-dynamic-winograd --precision int8 --int8-conv measured
 ours int8-dynamic-mixed --precision int8 --int8-conv mixed
@@ -67,3 +77,7 @@ fi
 echo "== peers (../shared/peers/runner.py)"
 (cd "$work" && /usr/bin/python3 runner.py --suite local --skip-prep --only pt_jit_ob,pt_fx_onednn,ort_fp32,ort_qdqfull \
    --out "$out/peers_local") 2>&1 | tail -20
+# Our default rows once more after the peers, so that a drift of the host's speed during the sitting shows.
+echo "== ours again, after the peers"
+ours fp32-tuned-after --precision fp32 --plan-cache "$cache"
+ours int8-dynamic-after --precision int8

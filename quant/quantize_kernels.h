@@ -37,7 +37,8 @@ struct Range {
 };
 
 Range tensor_range(const std::vector<KernelSource>& sources, const KernelShape& shape);
-// Returns the number of values clipped to 0 or 255 when count_clipped is set (else 0). NaN quantizes
+// The sources cover every channel of `shape`; the first target is written from them and each further one is
+// a copy of it, row by row. Returns the number of values clipped to 0 or 255 when count_clipped is set (else 0). NaN quantizes
 // to 0 and +-Inf to 255 / 0 (never an undefined float-to-integer cast); `finite`, when given, is set
 // to whether every source value was finite (static scales skip tensor_range, so this is their check).
 int64_t quantize_u8(const std::vector<KernelSource>& sources, const KernelShape& shape, const ActivationQuant& quant,
