@@ -7,8 +7,8 @@
 #   fp32 untuned (--tune off), fp32 tuned under a lean memory budget and under none (cold and warm each),
 #   int8 dynamic, int8 dynamic with our int8 Winograd where measured faster (--int8-conv measured), int8
 #   dynamic mixed precision (--int8-conv mixed: fp32 where measured faster), int8 static, and int8 from an
-#   int8 file (resunet quantize) when the program has that subcommand; after the peers, the default fp32
-#   and int8 rows once more.
+#   int8 file (resunet quantize) when the program has that subcommand; then pairs: each peer whose ratio
+#   the issue targets run once more between two runs of our matching row.
 # Fidelity: each of our rows against PyTorch's fp32 logits (ref_logits.bin) of the same weights.
 #
 #   bash bench/run_peers.sh [OUT_DIR] [RUNS]      (OUT_DIR default build/peers; RUNS default 5;
@@ -77,7 +77,25 @@ fi
 echo "== peers (../shared/peers/runner.py)"
 (cd "$work" && /usr/bin/python3 runner.py --suite local --skip-prep --only pt_jit_ob,pt_fx_onednn,ort_fp32,ort_qdqfull \
    --out "$out/peers_local") 2>&1 | tail -20
-# Our default rows once more after the peers, so that a drift of the host's speed during the sitting shows.
-echo "== ours again, after the peers"
-ours fp32-tuned-after --precision fp32 --plan-cache "$cache"
-ours int8-dynamic-after --precision int8
+# Pairs: each peer once more, alone, between two runs of our matching row, so that each ratio compares
+# neighbours in time (this host's speed drifts by tens of percent within minutes).
+echo "== pairs: each peer between two runs of our matching row"
+pair() {  # peer key, our row name, our peer_fidelity flags
+  local key="$1" name="$2"; shift 2
+  ours "$name-before-$key" "$@"
+  (cd "$work" && /usr/bin/python3 runner.py --suite local --skip-prep --only "$key" --out "$out/pair_$key") \
+    > "$out/pair_$key.log" 2>&1 || echo "   $key failed: see $out/pair_$key.log"
+  ours "$name-after-$key" "$@"
+  /usr/bin/python3 - "$out/pair_$key.jsonl" "$out/ours_$name-before-$key.json" "$out/ours_$name-after-$key.json" "$key" "$name" <<'PY' || true
+import json, sys
+peer = [json.loads(line) for line in open(sys.argv[1]) if line.strip()][-1]
+before, after = (json.load(open(p))["latency_median_ms"] for p in sys.argv[2:4])
+print("   pair: %s %.0f ms (min %.0f, max %.0f) between our %s %.0f ms and %.0f ms: ours %.2fx and %.2fx faster" % (
+    sys.argv[4], peer["median_ms"], peer["min_ms"], peer["max_ms"], sys.argv[5], before, after,
+    peer["median_ms"] / before, peer["median_ms"] / after))
+PY
+}
+pair ort_fp32 fp32 --precision fp32 --plan-cache "$cache"
+pair ort_qdqfull int8-dynamic --precision int8
+pair pt_fx_onednn int8-dynamic --precision int8
+pair pt_fx_onednn int8-static --precision static-int8
