@@ -9,7 +9,7 @@
 // the network. fp32 3x3 rows read the input through a ReLU pass (input -> ReLU -> conv), because the fp32
 // engine offers Winograd only to convolutions that read an activation, as every 3x3 layer of the network
 // but the RGB stem does; without it they timed the direct kernel where the network runs our Winograd. They
-// run with no memory budget (the default 1.75x of the direct plan would refuse a lone layer's Winograd weights).
+// run with no memory budget (the default 2.5x of the direct plan would refuse a lone layer's Winograd weights).
 // Counter: GFLOP/s (2 * MACs per second), batch 1.
 #include <benchmark/benchmark.h>
 #include <fmt/format.h>

@@ -545,7 +545,7 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     app.add_option("--memory-budget", o.memory_budget_mb,
                    "fp32 plan: largest engine bytes in MB (Winograd kept where it saves the most time per byte); "
-                   "0 = 1.75x the all-direct plan, -1 = no limit; with --micro-batch auto, a positive budget also bounds "
+                   "0 = 2.5x the all-direct plan, -1 = no limit; with --micro-batch auto, a positive budget also bounds "
                    "every row's micro-batch candidates")
         ->capture_default_str();
     app.add_option("--json", o.json_path, "also write the report as JSON here");

@@ -100,7 +100,7 @@ int main(int argc, char** argv) {
     app.add_option("--plan-cache", plan_cache, "folder of tuned plans; 'none' to measure every time");
     app.add_option("--int8-conv", int8_conv, "int8: direct | winograd | measured | mixed")
         ->check(CLI::IsMember({"direct", "winograd", "measured", "mixed"}));
-    app.add_option("--memory-budget", memory_budget_mb, "fp32 plan: engine bytes in MB; 0 = 1.75x direct, -1 = no limit");
+    app.add_option("--memory-budget", memory_budget_mb, "fp32 plan: engine bytes in MB; 0 = 2.5x direct, -1 = no limit");
     app.add_option("--runs", runs, "timed runs of the whole batch")->check(resunet::positive_number());
     app.add_option("--batch", batch, "images in input.bin")->check(resunet::positive_number());
     app.add_option("--size", size, "image height and width")->check(resunet::positive_number());

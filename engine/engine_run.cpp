@@ -83,8 +83,12 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
         key = plan_key(graph.with_batch(options.micro_batch), "f32", omp_get_max_threads(), options.micro_batch,
                        // The candidate list is part of the key: a plan measured before our own Winograd
                        // existed is stale.
-                       fmt::format("{}, memory budget {} MB, candidates direct/winograd/winograd_f43/winograd_f23",
-                                   options.tune == Tuning::full ? "full" : "fast", options.memory_budget_mb));
+                       // The default budget's factor too: a plan saved under another default is stale.
+                       fmt::format("{}, memory budget {} MB{}, candidates direct/winograd/winograd_f43/winograd_f23",
+                                   options.tune == Tuning::full ? "full" : "fast", options.memory_budget_mb,
+                                   options.memory_budget_mb == 0
+                                       ? fmt::format(" ({}x the direct plan)", kDefaultMemoryBudgetFactor)
+                                       : std::string()));
         if (std::optional<CachedPlan> plan = load_plan(options.plan_cache, key, &cache_note)) {
             const std::map<std::string, tag> tags = {
                 {"nChw16c", tag::nChw16c}, {"nChw8c", tag::nChw8c}, {"nhwc", tag::nhwc}, {"nchw", tag::nchw}};
@@ -144,7 +148,7 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
         size_t weights_now = measured->weight_store.bytes();  // every convolution direct
         const double direct_total = static_cast<double>(weights_now + measured->arena.bytes() + scratch());
         const double budget = o.memory_budget_mb > 0    ? std::max(o.memory_budget_mb * 1e6, direct_total)
-                              : o.memory_budget_mb == 0 ? 1.75 * direct_total
+                              : o.memory_budget_mb == 0 ? kDefaultMemoryBudgetFactor * direct_total
                                                         : INFINITY;
         auto extra = [&](size_t i, int which = 1) {
             return static_cast<double>(steps[i].tuned.weight_bytes[which]) - static_cast<double>(steps[i].tuned.weight_bytes[0]);

@@ -397,7 +397,7 @@ TEST(EngineTuning, MemoryBudgetBoundsThePlan) {
         const Outcome o = run_plan(g, weights, input, options);
         const size_t bytes = engine.memory_usage().total();
         const double limit = budget_mb < 0 ? INFINITY
-                             : budget_mb == 0 ? 1.75 * static_cast<double>(direct_bytes)
+                             : budget_mb == 0 ? resunet::kDefaultMemoryBudgetFactor * static_cast<double>(direct_bytes)
                                               : std::max(budget_mb * 1e6, static_cast<double>(direct_bytes));
         std::cout << fmt::format("  budget {:>8.3f} MB: {:.2f} MB (direct plan {:.2f} MB), {}\n", budget_mb, bytes / 1e6,
                                  direct_bytes / 1e6, engine.tuning_summary());

@@ -104,7 +104,7 @@ void add_engine_tuning_flags(CLI::App& command, EngineTuningFlags& flags) {
                        "'none' to measure every time");
     command.add_option("--memory-budget", flags.memory_budget_mb,
                        "fp32: largest engine bytes (weights + arena + scratchpad) in MB; Winograd layers that save the "
-                       "least time per byte fall back to F(2x2) or to direct until the plan fits. 0 = 1.75x the all-direct plan; -1 = no "
+                       "least time per byte fall back to F(2x2) or to direct until the plan fits. 0 = 2.5x the all-direct plan; -1 = no "
                        "limit")
         ->check(CLI::Range(-1.0, 1e9))
         ->capture_default_str();

@@ -68,7 +68,7 @@ struct CvCommandOptions {
 struct EngineTuningFlags {
     std::string tune = "fast";         // off (direct, oneDNN's layout), fast (measured), full (more runs)
     std::string plan_cache;            // folder of tuned plans; "" = the default folder; "none" = measure every time
-    double memory_budget_mb = 0;       // engine bytes in MB; 0 = 1.75x the all-direct plan; -1 = no limit
+    double memory_budget_mb = 0;       // engine bytes in MB; 0 = 2.5x the all-direct plan; -1 = no limit
     std::string int8_conv = "direct";  // int8 layers' 3x3 convolutions: direct, winograd, measured, mixed (Int8ConvAlgorithm)
     bool is_default() const {
         return tune == "fast" && plan_cache.empty() && memory_budget_mb == 0 && int8_conv == "direct";
