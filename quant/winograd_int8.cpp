@@ -12,12 +12,14 @@
 
 #include "engine/tile_group_matmul.h"
 #include "engine/winograd_tiles.h"
+#include "quant/winograd_int8_tiles.h"
 
 namespace resunet {
 
 using namespace dnnl;
 using tag = memory::format_tag;
 using dt = memory::data_type;
+using namespace winograd_int8_tiles;
 
 namespace {
 
@@ -30,60 +32,19 @@ bool cpu_has_avx2() {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-// V = B^T (d - z) B of one 4x4 tile, 16 channels as int16 lanes; `base` is the tile's top-left padded pixel.
-// Exact: |V| <= 4 * 255.
-__attribute__((target("avx2,fma"), always_inline)) inline void tile_v(const uint8_t* base, int64_t row_stride,
-                                                                      int64_t pixel_stride, __m256i zero, __m256i* v) {
-    __m256i d[4][4];
-    for (int r = 0; r < 4; ++r)
-        for (int c = 0; c < 4; ++c)
-            d[r][c] = _mm256_sub_epi16(
-                _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + r * row_stride + c * pixel_stride))),
-                zero);
-    __m256i t[4][4];
-    for (int c = 0; c < 4; ++c) {
-        t[0][c] = _mm256_sub_epi16(d[0][c], d[2][c]);
-        t[1][c] = _mm256_add_epi16(d[1][c], d[2][c]);
-        t[2][c] = _mm256_sub_epi16(d[2][c], d[1][c]);
-        t[3][c] = _mm256_sub_epi16(d[1][c], d[3][c]);
+// The AVX-512 transforms where oneDNN itself runs AVX-512 (ONEDNN_MAX_CPU_ISA=AVX2 keeps the AVX2 ones, so
+// the capped test runs check them) and the CPU has AVX-512 BW.
+bool avx512_transforms() {
+    using isa = dnnl::cpu_isa;
+    switch (dnnl::get_effective_cpu_isa()) {
+        case isa::avx512_core:
+        case isa::avx512_core_vnni:
+        case isa::avx512_core_bf16:
+        case isa::avx512_core_amx: break;
+        default: return false;
     }
-    for (int r = 0; r < 4; ++r) {
-        v[r * 4 + 0] = _mm256_sub_epi16(t[r][0], t[r][2]);
-        v[r * 4 + 1] = _mm256_add_epi16(t[r][1], t[r][2]);
-        v[r * 4 + 2] = _mm256_sub_epi16(t[r][2], t[r][1]);
-        v[r * 4 + 3] = _mm256_sub_epi16(t[r][1], t[r][3]);
-    }
-}
-
-// 16 int16 values of a row, scaled (unless lossless) and shifted by the zero point, in int16.
-__attribute__((target("avx2,fma"), always_inline)) inline __m256i scaled_16(const int16_t* v, bool lossless, __m256i multiplier,
-                                                                         __m256i zero) {
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
-    return _mm256_add_epi16(lossless ? x : _mm256_mulhrs_epi16(x, multiplier), zero);
-}
-
-// A row of int16 V -> u8 = clamp(((v * multiplier + 2^14) >> 15) + zero, 0, 255) (pmulhrsw: multiplier is a
-// Q15 fraction), or clamp(v + zero) when `lossless`; `channels` a multiple of 16.
-__attribute__((target("avx2,fma"), always_inline)) inline void quantize_row(const int16_t* v, int64_t channels, bool lossless,
-                                                                            int16_t multiplier, int16_t zero, uint8_t* out) {
-    const __m256i m = _mm256_set1_epi16(multiplier), z = _mm256_set1_epi16(zero);
-    int64_t k = 0;
-    for (; k + 32 <= channels; k += 32) {  // packus interleaves 128-bit lanes; the permute restores the order
-        const __m256i u8 = _mm256_permute4x64_epi64(
-            _mm256_packus_epi16(scaled_16(v + k, lossless, m, z), scaled_16(v + k + 16, lossless, m, z)), 0xD8);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), u8);
-    }
-    if (k < channels) {
-        const __m256i x = scaled_16(v + k, lossless, m, z);
-        const __m256i u8 = _mm256_permute4x64_epi64(_mm256_packus_epi16(x, x), 0xD8);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm256_castsi256_si128(u8));
-    }
-}
-
-// The smallest of 8 int16 lanes, through phminposuw's unsigned minimum after a bias of 0x8000.
-__attribute__((target("avx2,fma"), always_inline)) inline int32_t lane_min(__m128i x) {
-    const __m128i bias = _mm_set1_epi16(static_cast<int16_t>(0x8000));
-    return static_cast<int16_t>((_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(x, bias))) & 0xFFFF) ^ 0x8000);
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 }
 
 }  // namespace
@@ -192,7 +153,8 @@ std::unique_ptr<WinogradInt8> WinogradInt8::create(const engine& eng, stream& st
     c.scratch_bytes_ = c.slot_bytes_ * static_cast<size_t>(per_thread ? c.threads_ : 1);
     c.weight_bytes_ = c.gemm_.weights.get_size() + (c.u_scale_.size() + c.u_sum_.size() + c.bias_.size() +
                                                            c.mul_.size()) * sizeof(float);
-    c.kernel_ = fmt::format("own_int8_f23:avx2+{}", c.gemm_.impl);
+    c.avx512_ = avx512_transforms();
+    c.kernel_ = fmt::format("own_int8_f23:{}+{}", c.avx512_ ? "avx512" : "avx2", c.gemm_.impl);
     return conv;
 }
 
@@ -228,18 +190,8 @@ __attribute__((target("avx2,fma"))) void WinogradInt8::input_transform(const uin
             const int32_t lo = lane_min(lo8);
             const int32_t hi = -lane_min(_mm_sub_epi16(_mm_setzero_si128(), hi8));  // |V| <= 1020: no overflow
             RowQuant& q = row[p * count + t];
-            const bool lossless = hi - lo <= 255;
-            int16_t multiplier = 0;
-            if (lossless) {
-                q = {1.0f, -lo};
-            } else {
-                // Q15 multiplier, rounded down so that (hi - lo) maps to at most 255; the scale is its exact
-                // inverse. |lo|, |hi| <= 1020 and hi - lo > 255, so 4096 <= multiplier < 32640.
-                multiplier = static_cast<int16_t>(255 * 32768 / (hi - lo));
-                q.scale = 32768.0f / multiplier;
-                q.zero = static_cast<int32_t>(std::lround(-lo * static_cast<double>(multiplier) / 32768.0));
-            }
-            quantize_row(exact + p * ic, ic, lossless, multiplier, static_cast<int16_t>(q.zero), v + p * p_stride + t * ic);
+            const int16_t multiplier = row_quant(lo, hi, &q.scale, &q.zero);
+            quantize_row(exact + p * ic, ic, multiplier == 0, multiplier, static_cast<int16_t>(q.zero), v + p * p_stride + t * ic);
         }
     }
 }
@@ -251,7 +203,6 @@ __attribute__((target("avx2,fma"))) void WinogradInt8::output_transform(const in
     const int64_t per_image = tiles_y_ * tiles_x_;
     const int64_t p_stride = count * oc;
     const bool sum = shape_.sum, relu = shape_.relu;
-    const __m256 zero = _mm256_setzero_ps();
     for (int64_t t = 0; t < count; ++t) {
         const int64_t index = first_tile + t;
         const int64_t n = index / per_image, ty = (index % per_image) / tiles_x_, tx = index % tiles_x_;
@@ -261,32 +212,9 @@ __attribute__((target("avx2,fma"))) void WinogradInt8::output_transform(const in
             row_zero[p] = _mm256_set1_ps(static_cast<float>(row[p * count + t].zero));
             row_scale[p] = _mm256_set1_ps(row[p * count + t].scale);
         }
-        for (int64_t o = 0; o < oc; o += 8) {
-            // M = s_t * (acc - z_t * sum U_q) * s_x * s_u, per (position, tile) and output channel.
-            __m256 f[4][4];
-            for (int p = 0; p < P; ++p) {
-                const __m256 acc = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + p * p_stride + t * oc + o)));
-                const __m256 centred = _mm256_fnmadd_ps(row_zero[p], _mm256_loadu_ps(u_sum_.data() + p * oc + o), acc);
-                f[p / 4][p % 4] = _mm256_mul_ps(centred, _mm256_mul_ps(row_scale[p], _mm256_loadu_ps(mul_.data() + p * oc + o)));
-            }
-            __m256 r[2][4];
-            for (int c = 0; c < 4; ++c) {
-                r[0][c] = _mm256_add_ps(_mm256_add_ps(f[0][c], f[1][c]), f[2][c]);
-                r[1][c] = _mm256_sub_ps(_mm256_sub_ps(f[1][c], f[2][c]), f[3][c]);
-            }
-            const __m256 b = _mm256_loadu_ps(bias_.data() + o);
-            for (int i = 0; i < 2; ++i) {
-                __m256 y[2];
-                y[0] = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(r[i][0], r[i][1]), r[i][2]), b);
-                y[1] = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(r[i][1], r[i][2]), r[i][3]), b);
-                for (int j = 0; j < 2; ++j) {
-                    float* at = out + (i * width + j) * oc + o;
-                    if (sum) y[j] = _mm256_add_ps(y[j], _mm256_loadu_ps(at));
-                    if (relu) y[j] = _mm256_max_ps(y[j], zero);
-                    _mm256_storeu_ps(at, y[j]);
-                }
-            }
-        }
+        for (int64_t o = 0; o < oc; o += 8)
+            output_chunk8(m + t * oc + o, p_stride, u_sum_.data() + o, mul_.data() + o, bias_.data() + o, oc, row_zero,
+                          row_scale, out + o, width, sum, relu);
     }
 }
 
@@ -299,9 +227,15 @@ void WinogradInt8::execute(stream& strm, const uint8_t* src, const ActivationQua
         char* after_matmul = slot + v_bytes_ + m_bytes_ + matmul_scratch_bytes_aligned_;
         RowQuant* row = reinterpret_cast<RowQuant*>(after_matmul);
         int16_t* exact = reinterpret_cast<int16_t*>(after_matmul + row_bytes_);
-        input_transform(src, input.zero_point, v, row, exact, first, count);
-        gemm_.run(eng_, s, count, v, weights_, m, slot + v_bytes_ + m_bytes_);
-        output_transform(m, row, dst, first, count);
+        if (avx512_) {
+            input_transform_avx512(src, input.zero_point, v, row, exact, first, count);
+            gemm_.run(eng_, s, count, v, weights_, m, slot + v_bytes_ + m_bytes_);
+            output_transform_avx512(m, row, dst, first, count);
+        } else {
+            input_transform(src, input.zero_point, v, row, exact, first, count);
+            gemm_.run(eng_, s, count, v, weights_, m, slot + v_bytes_ + m_bytes_);
+            output_transform(m, row, dst, first, count);
+        }
     };
     char* bytes = static_cast<char*>(scratch);
     const int64_t groups = (tiles_ + group_ - 1) / group_;

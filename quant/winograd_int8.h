@@ -14,8 +14,9 @@
 //   2. the matmul into [16, tiles, OC] s32;
 //   3. the output transform Y = A^T M A of M = s_pt * (acc - z_pt * sum_ic U_q) * s_x * s_u[p][oc], with
 //      the bias, the residual sum (dst += ...) and ReLU, into the dst.
-// Transforms on AVX2 intrinsics, 16 input (8 output) channels per vector, threaded with OpenMP: each
-// thread runs whole groups on its own scratch slot with a single-threaded matmul.
+// Transforms on AVX2 intrinsics, 16 input (8 output) channels per vector, or on AVX-512 where oneDNN runs
+// AVX-512, 32 (16) per vector; threaded with OpenMP: each thread runs whole groups on its own scratch slot
+// with a single-threaded matmul.
 //
 // Intended usage (quant/quant_engine.cpp, lower_conv; internal to quant/):
 //   WinogradInt8Shape shape{.batch = 1, .in_channels = 64, .out_channels = 64, .height = 56, .width = 56,
@@ -75,7 +76,7 @@ class WinogradInt8 {
     size_t weight_bytes() const { return weight_bytes_; }  // U_q + its per-(position, channel) scales and sums + bias
     int64_t tiles_per_group() const { return group_; }
     std::string algorithm() const { return "winograd_int8_f23"; }
-    std::string kernel() const { return kernel_; }  // "own_int8_f23:avx2+gemm:jit"
+    std::string kernel() const { return kernel_; }  // "own_int8_f23:avx512+brg:avx512_core_vnni", "own_int8_f23:avx2+gemm:jit"
 
   private:
     WinogradInt8() = default;
@@ -86,11 +87,19 @@ class WinogradInt8 {
     void input_transform(const uint8_t* src, int32_t zero, uint8_t* v, RowQuant* row, int16_t* exact, int64_t first_tile,
                          int64_t count) const;
     void output_transform(const int32_t* m, const RowQuant* row, float* dst, int64_t first_tile, int64_t count) const;
+    // The same two on AVX-512 (quant/winograd_int8_avx512.cpp): 32 input and 16 output channels per vector,
+    // the last 16 (8) through the AVX2 tile kernels. Chosen when oneDNN's effective ISA is AVX-512 (so
+    // ONEDNN_MAX_CPU_ISA=AVX2 runs the AVX2 ones) and the CPU has AVX-512 BW.
+    void input_transform_avx512(const uint8_t* src, int32_t zero, uint8_t* v, RowQuant* row, int16_t* exact,
+                                int64_t first_tile, int64_t count) const;
+    void output_transform_avx512(const int32_t* m, const RowQuant* row, float* dst, int64_t first_tile,
+                                 int64_t count) const;
 
     WinogradInt8Shape shape_;
     dnnl::engine eng_;
     int64_t tiles_y_ = 0, tiles_x_ = 0, tiles_ = 0, group_ = 0;
     int threads_ = 1;
+    bool avx512_ = false;  // the AVX-512 transforms
     std::vector<float> bias_;
     std::vector<float> u_scale_;   // [P][OC]
     std::vector<float> u_sum_;     // [P][OC]: sum over input channels of U_q (exact in float: |sum| < 2^24)

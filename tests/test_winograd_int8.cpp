@@ -135,9 +135,12 @@ bool offered() { return WinogradInt8::applies({.in_channels = 16, .out_channels 
 // This pins the transforms, indexing, zero-point compensation, bias, residual sum and ReLU.
 TEST(WinogradInt8, ExactWhereTheWinogradDomainIsLossless) {
     if (!offered()) GTEST_SKIP() << "not offered on this CPU (no AVX2 and FMA)";
+    // 16, 32 and 48 input channels and 24 output channels: the AVX-512 transforms' full vectors (32 input,
+    // 16 output channels) and their AVX2 remainders (16, 8), and the AVX2 transforms alone under the ISA cap.
+    for (int64_t channels : {16, 32, 48})
     for (bool sum : {false, true})
         for (bool relu : {false, true}) {
-            WinogradInt8Shape shape{.batch = 2, .in_channels = 32, .out_channels = 24, .height = 6, .width = 10,
+            WinogradInt8Shape shape{.batch = 2, .in_channels = channels, .out_channels = 24, .height = 6, .width = 10,
                                     .sum = sum, .relu = relu, .levels = 63};
             Case c = make_case(shape, 40, 15, 7 + sum * 2 + relu);
             std::mt19937 rng(3);
@@ -151,7 +154,7 @@ TEST(WinogradInt8, ExactWhereTheWinogradDomainIsLossless) {
             }
             for (int64_t group : {0, 4}) {  // 2 x 3 x 5 = 30 tiles: groups of 4 leave a last one of 2
                 const Result r = run(c, group);
-                EXPECT_LE(r.max_relative, 1e-5) << "sum " << sum << " relu " << relu << " group " << group;
+                EXPECT_LE(r.max_relative, 1e-5) << channels << " channels, sum " << sum << " relu " << relu << " group " << group;
             }
         }
 }
