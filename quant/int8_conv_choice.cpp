@@ -102,7 +102,8 @@ Int8Trial measure_int8(const engine& eng, stream& strm, const convolution_forwar
                             [&] { return winograd_out; }};
         };
     }
-    const TrialResult result = run_trial(trial, {.reps = tune == Tuning::full ? 7 : 3, .margin = kInt8WinogradMargin});
+    // Best of 5 (fast) or 9 (full): a layer takes 1-5 ms here, and with 3 the choice flipped between starts.
+    const TrialResult result = run_trial(trial, {.reps = tune == Tuning::full ? 9 : 5, .margin = kInt8WinogradMargin});
     Int8Trial out{result.summary, trial[0].ms, nullptr};
     if (result.chosen == 1) out.winograd = std::move(winograd);
     return out;

@@ -81,13 +81,18 @@ std::unique_ptr<WinogradInt8> WinogradInt8::create(const engine& eng, stream& st
     // its own slot, groups sized so that a group's V and M stay within a few MB.
     c.threads_ = std::max(1, omp_get_max_threads());
     const int64_t bytes_per_tile = P * (ic + 4 * oc);
-    int64_t group = tiles_per_group;
+    // With few tiles per thread (a small image: 14x14 has 49 tiles), per-thread groups would each stream all
+    // of the layer's Winograd-domain weights (16 MB at 1024 channels) for a few dozen GEMM rows; there all tiles
+    // form one shared group: the transforms split across the threads, one matmul threaded by oneDNN.
+    c.shared_ = c.threads_ > 1 &&
+                (tiles_per_group < 0 || (tiles_per_group == 0 && c.tiles_ < kSharedBelowTilesPerThread * c.threads_));
+    int64_t group = c.shared_ ? c.tiles_ : tiles_per_group;
     if (group <= 0) {
         group = std::clamp<int64_t>((int64_t{4} << 20) / bytes_per_tile, 32, 256);
         group = std::min(group, (c.tiles_ + c.threads_ - 1) / c.threads_);
     }
     group = std::clamp<int64_t>(group, 1, c.tiles_);
-    const bool per_thread = c.threads_ > 1;
+    const bool per_thread = c.threads_ > 1 && !c.shared_;
     int64_t rest = 0;
     c.group_ = group = winograd_tiles::even_groups(c.tiles_, group, c.threads_, per_thread, &rest);
 
@@ -148,8 +153,9 @@ std::unique_ptr<WinogradInt8> WinogradInt8::create(const engine& eng, stream& st
     c.m_bytes_ = align64(static_cast<size_t>(P * group * oc) * sizeof(int32_t));
     c.matmul_scratch_bytes_aligned_ = align64(std::max<size_t>(c.gemm_.scratch_bytes, 1));
     c.row_bytes_ = align64(static_cast<size_t>(P * group) * sizeof(RowQuant));
+    c.exact_bytes_ = align64(static_cast<size_t>(P * ic) * sizeof(int16_t));
     c.slot_bytes_ = c.v_bytes_ + c.m_bytes_ + c.matmul_scratch_bytes_aligned_ + c.row_bytes_ +
-                    align64(static_cast<size_t>(P * ic) * sizeof(int16_t));
+                    c.exact_bytes_ * static_cast<size_t>(c.shared_ ? c.threads_ : 1);
     c.scratch_bytes_ = c.slot_bytes_ * static_cast<size_t>(per_thread ? c.threads_ : 1);
     c.weight_bytes_ = c.gemm_.weights.get_size() + (c.u_scale_.size() + c.u_sum_.size() + c.bias_.size() +
                                                            c.mul_.size()) * sizeof(float);
@@ -162,12 +168,12 @@ std::unique_ptr<WinogradInt8> WinogradInt8::create(const engine& eng, stream& st
 // then V quantized per (position, tile) into v [P, count, IC] with its scale and zero point in `row`.
 __attribute__((target("avx2,fma"))) void WinogradInt8::input_transform(const uint8_t* src, int32_t zero, uint8_t* v,
                                                                        RowQuant* row, int16_t* exact, int64_t first_tile,
-                                                                       int64_t count) const {
+                                                                       int64_t count, int64_t stride) const {
     const int64_t ic = shape_.in_channels;
     const int64_t row_stride = (shape_.width + 2) * ic;
     const int64_t image_stride = (shape_.height + 2) * row_stride;
     const int64_t per_image = tiles_y_ * tiles_x_;
-    const int64_t p_stride = count * ic;
+    const int64_t p_stride = stride * ic;
     const __m256i z = _mm256_set1_epi16(static_cast<int16_t>(zero));
     for (int64_t t = 0; t < count; ++t) {
         const int64_t index = first_tile + t;
@@ -189,7 +195,7 @@ __attribute__((target("avx2,fma"))) void WinogradInt8::input_transform(const uin
             const __m128i hi8 = _mm_max_epi16(_mm256_castsi256_si128(mx[p]), _mm256_extracti128_si256(mx[p], 1));
             const int32_t lo = lane_min(lo8);
             const int32_t hi = -lane_min(_mm_sub_epi16(_mm_setzero_si128(), hi8));  // |V| <= 1020: no overflow
-            RowQuant& q = row[p * count + t];
+            RowQuant& q = row[p * stride + t];
             const int16_t multiplier = row_quant(lo, hi, &q.scale, &q.zero);
             quantize_row(exact + p * ic, ic, multiplier == 0, multiplier, static_cast<int16_t>(q.zero), v + p * p_stride + t * ic);
         }
@@ -197,11 +203,11 @@ __attribute__((target("avx2,fma"))) void WinogradInt8::input_transform(const uin
 }
 
 __attribute__((target("avx2,fma"))) void WinogradInt8::output_transform(const int32_t* m, const RowQuant* row, float* dst,
-                                                                        int64_t first_tile, int64_t count) const {
+                                                                        int64_t first_tile, int64_t count, int64_t stride) const {
     const int64_t oc = shape_.out_channels;
     const int64_t width = shape_.width;
     const int64_t per_image = tiles_y_ * tiles_x_;
-    const int64_t p_stride = count * oc;
+    const int64_t p_stride = stride * oc;
     const bool sum = shape_.sum, relu = shape_.relu;
     for (int64_t t = 0; t < count; ++t) {
         const int64_t index = first_tile + t;
@@ -209,8 +215,8 @@ __attribute__((target("avx2,fma"))) void WinogradInt8::output_transform(const in
         float* out = dst + ((n * shape_.height + 2 * ty) * width + 2 * tx) * oc;
         __m256 row_zero[P], row_scale[P];
         for (int p = 0; p < P; ++p) {
-            row_zero[p] = _mm256_set1_ps(static_cast<float>(row[p * count + t].zero));
-            row_scale[p] = _mm256_set1_ps(row[p * count + t].scale);
+            row_zero[p] = _mm256_set1_ps(static_cast<float>(row[p * stride + t].zero));
+            row_scale[p] = _mm256_set1_ps(row[p * stride + t].scale);
         }
         for (int64_t o = 0; o < oc; o += 8)
             output_chunk8(m + t * oc + o, p_stride, u_sum_.data() + o, mul_.data() + o, bias_.data() + o, oc, row_zero,
@@ -228,18 +234,50 @@ void WinogradInt8::execute(stream& strm, const uint8_t* src, const ActivationQua
         RowQuant* row = reinterpret_cast<RowQuant*>(after_matmul);
         int16_t* exact = reinterpret_cast<int16_t*>(after_matmul + row_bytes_);
         if (avx512_) {
-            input_transform_avx512(src, input.zero_point, v, row, exact, first, count);
+            input_transform_avx512(src, input.zero_point, v, row, exact, first, count, count);
             gemm_.run(eng_, s, count, v, weights_, m, slot + v_bytes_ + m_bytes_);
-            output_transform_avx512(m, row, dst, first, count);
+            output_transform_avx512(m, row, dst, first, count, count);
         } else {
-            input_transform(src, input.zero_point, v, row, exact, first, count);
+            input_transform(src, input.zero_point, v, row, exact, first, count, count);
             gemm_.run(eng_, s, count, v, weights_, m, slot + v_bytes_ + m_bytes_);
-            output_transform(m, row, dst, first, count);
+            output_transform(m, row, dst, first, count, count);
         }
     };
     char* bytes = static_cast<char*>(scratch);
     const int64_t groups = (tiles_ + group_ - 1) / group_;
     const int threads = std::min(threads_, std::max(1, omp_get_max_threads()));
+    if (shared_) {  // one group: each thread transforms its share of the tiles, the matmul threads itself
+        uint8_t* v = reinterpret_cast<uint8_t*>(bytes);
+        int32_t* m = reinterpret_cast<int32_t*>(bytes + v_bytes_);
+        char* after_matmul = bytes + v_bytes_ + m_bytes_ + matmul_scratch_bytes_aligned_;
+        RowQuant* row = reinterpret_cast<RowQuant*>(after_matmul);
+        const int64_t ic = shape_.in_channels, oc = shape_.out_channels;
+        auto split = [&](auto&& work) {
+#pragma omp parallel num_threads(threads)
+            {
+                const int thread = omp_get_thread_num(), team = omp_get_num_threads();
+                const int64_t chunk = (tiles_ + team - 1) / team;
+                const int64_t first = std::min<int64_t>(tiles_, thread * chunk);
+                const int64_t count = std::min(chunk, tiles_ - first);
+                if (count > 0) work(thread, first, count);
+            }
+        };
+        split([&](int thread, int64_t first, int64_t count) {
+            int16_t* exact = reinterpret_cast<int16_t*>(after_matmul + row_bytes_ + static_cast<size_t>(thread) * exact_bytes_);
+            if (avx512_)
+                input_transform_avx512(src, input.zero_point, v + first * ic, row + first, exact, first, count, tiles_);
+            else
+                input_transform(src, input.zero_point, v + first * ic, row + first, exact, first, count, tiles_);
+        });
+        gemm_.run(eng_, strm, tiles_, v, weights_, m, bytes + v_bytes_ + m_bytes_);
+        split([&](int, int64_t first, int64_t count) {
+            if (avx512_)
+                output_transform_avx512(m + first * oc, row + first, dst, first, count, tiles_);
+            else
+                output_transform(m + first * oc, row + first, dst, first, count, tiles_);
+        });
+        return;
+    }
     if (threads_ == 1 || threads == 1) {
         for (int64_t g = 0; g < groups; ++g) run_group(g * group_, bytes, strm);
         return;

@@ -58,12 +58,14 @@ inline constexpr double kInt8WinogradBound = 0.05;
 class WinogradInt8 {
   public:
     static constexpr int kPositions = 16;
+    // Fewer tiles per thread than this (tiles_per_group 0): one group of all tiles, shared by the threads.
+    static constexpr int64_t kSharedBelowTilesPerThread = 128;
 
     // Whether create() accepts the shape on this CPU (AVX2 and FMA); the reason in `why` when not.
     static bool applies(const WinogradInt8Shape& shape, std::string* why = nullptr);
 
     // `q` OIHW {OC, IC, 3, 3} s8 and `scales` OC values (w = q * scale[oc]); `bias` OC values (nullptr: 0).
-    // `tiles_per_group` 0 chooses. nullptr (and the reason) where it does not apply.
+    // `tiles_per_group` 0 chooses, < 0 asks for one group shared by the threads. nullptr (and the reason) where it does not apply.
     static std::unique_ptr<WinogradInt8> create(const dnnl::engine& eng, dnnl::stream& strm, const WinogradInt8Shape& shape,
                                                 const int8_t* q, const float* scales, const float* bias,
                                                 std::string* why = nullptr, int64_t tiles_per_group = 0);
@@ -85,21 +87,22 @@ class WinogradInt8 {
         int32_t zero;
     };
     void input_transform(const uint8_t* src, int32_t zero, uint8_t* v, RowQuant* row, int16_t* exact, int64_t first_tile,
-                         int64_t count) const;
-    void output_transform(const int32_t* m, const RowQuant* row, float* dst, int64_t first_tile, int64_t count) const;
+                         int64_t count, int64_t stride) const;
+    void output_transform(const int32_t* m, const RowQuant* row, float* dst, int64_t first_tile, int64_t count, int64_t stride) const;
     // The same two on AVX-512 (quant/winograd_int8_avx512.cpp): 32 input and 16 output channels per vector,
     // the last 16 (8) through the AVX2 tile kernels. Chosen when oneDNN's effective ISA is AVX-512 (so
     // ONEDNN_MAX_CPU_ISA=AVX2 runs the AVX2 ones) and the CPU has AVX-512 BW.
     void input_transform_avx512(const uint8_t* src, int32_t zero, uint8_t* v, RowQuant* row, int16_t* exact,
-                                int64_t first_tile, int64_t count) const;
+                                int64_t first_tile, int64_t count, int64_t stride) const;
     void output_transform_avx512(const int32_t* m, const RowQuant* row, float* dst, int64_t first_tile,
-                                 int64_t count) const;
+                                 int64_t count, int64_t stride) const;
 
     WinogradInt8Shape shape_;
     dnnl::engine eng_;
     int64_t tiles_y_ = 0, tiles_x_ = 0, tiles_ = 0, group_ = 0;
     int threads_ = 1;
     bool avx512_ = false;  // the AVX-512 transforms
+    bool shared_ = false;  // one group of all tiles shared by the threads (see create)
     std::vector<float> bias_;
     std::vector<float> u_scale_;   // [P][OC]
     std::vector<float> u_sum_;     // [P][OC]: sum over input channels of U_q (exact in float: |sum| < 2^24)
@@ -107,7 +110,7 @@ class WinogradInt8 {
     dnnl::memory weights_;
     TileGroupMatmul gemm_;  // the 16 GEMMs of a group (and of a shorter last group)
     size_t v_bytes_ = 0, m_bytes_ = 0, matmul_scratch_bytes_aligned_ = 0, row_bytes_ = 0;
-    size_t slot_bytes_ = 0, scratch_bytes_ = 0, weight_bytes_ = 0;
+    size_t exact_bytes_ = 0, slot_bytes_ = 0, scratch_bytes_ = 0, weight_bytes_ = 0;
     std::string kernel_;
 };
 

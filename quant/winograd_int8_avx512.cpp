@@ -60,13 +60,13 @@ RESUNET_AVX512 inline void quantize_row32(const int16_t* v, int64_t channels, bo
 }  // namespace
 
 RESUNET_AVX512 void WinogradInt8::input_transform_avx512(const uint8_t* src, int32_t zero, uint8_t* v, RowQuant* row,
-                                                         int16_t* exact, int64_t first_tile, int64_t count) const {
+                                                         int16_t* exact, int64_t first_tile, int64_t count, int64_t stride) const {
     const int64_t ic = shape_.in_channels;
     const int64_t wide = ic / 32 * 32;  // the rest (0 or 16) through the AVX2 tile
     const int64_t row_stride = (shape_.width + 2) * ic;
     const int64_t image_stride = (shape_.height + 2) * row_stride;
     const int64_t per_image = tiles_y_ * tiles_x_;
-    const int64_t p_stride = count * ic;
+    const int64_t p_stride = stride * ic;
     const __m512i z = _mm512_set1_epi16(static_cast<int16_t>(zero));
     const __m256i z16 = _mm256_set1_epi16(static_cast<int16_t>(zero));
     for (int64_t t = 0; t < count; ++t) {
@@ -102,7 +102,7 @@ RESUNET_AVX512 void WinogradInt8::input_transform_avx512(const uint8_t* src, int
         for (int p = 0; p < P; ++p) {
             const __m128i lo8 = _mm_min_epi16(_mm256_castsi256_si128(mn[p]), _mm256_extracti128_si256(mn[p], 1));
             const __m128i hi8 = _mm_max_epi16(_mm256_castsi256_si128(mx[p]), _mm256_extracti128_si256(mx[p], 1));
-            RowQuant& q = row[p * count + t];
+            RowQuant& q = row[p * stride + t];
             const int16_t multiplier = row_quant(lane_min(lo8), -lane_min(_mm_sub_epi16(_mm_setzero_si128(), hi8)), &q.scale, &q.zero);
             quantize_row32(exact + p * ic, ic, multiplier == 0, multiplier, static_cast<int16_t>(q.zero),
                            v + p * p_stride + t * ic);
@@ -111,12 +111,12 @@ RESUNET_AVX512 void WinogradInt8::input_transform_avx512(const uint8_t* src, int
 }
 
 RESUNET_AVX512 void WinogradInt8::output_transform_avx512(const int32_t* m, const RowQuant* row, float* dst,
-                                                          int64_t first_tile, int64_t count) const {
+                                                          int64_t first_tile, int64_t count, int64_t stride) const {
     const int64_t oc = shape_.out_channels;
     const int64_t wide = oc / 16 * 16;  // the rest (0 or 8) through the AVX2 chunk
     const int64_t width = shape_.width;
     const int64_t per_image = tiles_y_ * tiles_x_;
-    const int64_t p_stride = count * oc;
+    const int64_t p_stride = stride * oc;
     const bool sum = shape_.sum, relu = shape_.relu;
     const float* u_sum = u_sum_.data();
     const float* mul = mul_.data();
@@ -127,8 +127,8 @@ RESUNET_AVX512 void WinogradInt8::output_transform_avx512(const int32_t* m, cons
         const int32_t* tile = m + t * oc;
         __m512 row_zero[P], row_scale[P];
         for (int p = 0; p < P; ++p) {
-            row_zero[p] = _mm512_set1_ps(static_cast<float>(row[p * count + t].zero));
-            row_scale[p] = _mm512_set1_ps(row[p * count + t].scale);
+            row_zero[p] = _mm512_set1_ps(static_cast<float>(row[p * stride + t].zero));
+            row_scale[p] = _mm512_set1_ps(row[p * stride + t].scale);
         }
         for (int64_t o = 0; o < wide; o += 16) {
             // M = s_t * (acc - z_t * sum U_q) * s_x * s_u, per (position, tile) and output channel.

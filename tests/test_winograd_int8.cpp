@@ -152,7 +152,9 @@ TEST(WinogradInt8, ExactWhereTheWinogradDomainIsLossless) {
                         c.q[static_cast<size_t>((o * shape.in_channels + i) * 9 + k)] =
                             static_cast<int8_t>(k != tap ? 0 : i == 0 ? (o % 2 ? 63 : -63) : weight(rng));
             }
-            for (int64_t group : {0, 4}) {  // 2 x 3 x 5 = 30 tiles: groups of 4 leave a last one of 2
+            // 2 x 3 x 5 = 30 tiles: groups of 4 leave a last one of 2; -1 is one group the threads share (with
+            // more than one thread; 0 also takes it here, 30 tiles being few)
+            for (int64_t group : {0, 4, -1}) {
                 const Result r = run(c, group);
                 EXPECT_LE(r.max_relative, 1e-5) << channels << " channels, sum " << sum << " relu " << relu << " group " << group;
             }
