@@ -99,6 +99,14 @@ void QuantEngine::Impl::plan_values(const TensorMap&) {
 }
 
 // The buffers a value's elements live in, channel range by channel range.
+void QuantEngine::Impl::collect_source_values(int value, std::vector<int>& out) const {
+    if (!virtual_concat[static_cast<size_t>(value)]) {
+        out.push_back(value);
+        return;
+    }
+    for (int src : graph.node(graph.value(value).producer).inputs) collect_source_values(src, out);
+}
+
 void QuantEngine::Impl::collect_sources(int value, int64_t channel_offset, std::vector<KernelSource>& out) const {
     if (virtual_concat[static_cast<size_t>(value)]) {
         int64_t offset = channel_offset;
@@ -358,10 +366,34 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
     steps.push_back(std::move(step));
 }
 
+// Range donors. A value S that comes out of a ReLU (S >= 0, so its range widened to include 0, as
+// choose_activation_quant widens it, is [0, max S]) and feeds a 2x2 stride-2 max-pool covering it exactly has
+// max S = max pool(S); when the pool's output has a quantize pass of its own, that pass's range gives S's, and a
+// later pass that quantizes S (a decoder's concat of the skip tensor) need not read S for it. Per value: the
+// donor's group, or -1.
+std::vector<int> QuantEngine::Impl::range_donors() const {
+    std::vector<int> donor(raw_buffer.size(), -1);  // per value
+    for (const FusedOp& pool : ops) {
+        if (pool.kind != OpKind::max_pool) continue;
+        const Node& node = graph.node(pool.node);
+        const int s = pool.srcs[0], p = pool.dst;
+        const Dims &ds = dims(s), &dp = dims(p);
+        if (node.kernel != 2 || node.stride != 2 || ds[2] != 2 * dp[2] || ds[3] != 2 * dp[3]) continue;
+        const bool after_relu = std::any_of(ops.begin(), ops.end(), [&](const FusedOp& op) {
+            return op.dst == s && op.kind == OpKind::conv && op.activation == Activation::relu;
+        });
+        const int g = group_of[static_cast<size_t>(p)];
+        if (after_relu && g >= 0 && groups[static_cast<size_t>(g)].value == p) donor[static_cast<size_t>(s)] = g;
+    }
+    return donor;
+}
+
 void QuantEngine::Impl::lower(const TensorMap& weights, bool from_int8_file) {
     primitive_attr attr;
     attr.set_scratchpad_mode(scratchpad_mode::user);
     const int threads = options.threads;
+    const std::vector<int> donor_of = range_donors();
+    std::vector<bool> group_lowered(groups.size(), false);
     for (const PlannedStep& planned : plan) {
         switch (planned.kind) {
             case StepKind::input_reorder:
@@ -387,18 +419,42 @@ void QuantEngine::Impl::lower(const TensorMap& weights, bool from_int8_file) {
             }
             case StepKind::quantize: {
                 QuantGroup* group = &groups[static_cast<size_t>(group_of[static_cast<size_t>(planned.value)])];
+                group_lowered[static_cast<size_t>(group_of[static_cast<size_t>(planned.value)])] = true;
                 std::vector<KernelSource> sources;
                 collect_sources(planned.value, 0, sources);
+                // The sources whose range an earlier pass has found (range_donors): the range pass reads the rest.
+                std::vector<int> source_values;
+                collect_source_values(planned.value, source_values);
+                std::vector<KernelSource> range_sources;
+                std::vector<const QuantGroup*> donors;
+                for (size_t i = 0; i < sources.size(); ++i) {
+                    const int d = donor_of[static_cast<size_t>(source_values[i])];
+                    if (d >= 0 && sources.size() > 1 && group_lowered[static_cast<size_t>(d)] && &groups[static_cast<size_t>(d)] != group)
+                        donors.push_back(&groups[static_cast<size_t>(d)]);
+                    else
+                        range_sources.push_back(sources[i]);
+                }
                 std::vector<KernelTarget> targets;
                 for (auto [padding, buffer] : group->outputs)
                     targets.push_back({reinterpret_cast<uint8_t*>(ptr(buffer)), padding});
                 const KernelShape shape{dims(planned.value)[0], dims(planned.value)[1], dims(planned.value)[2], dims(planned.value)[3]};
                 const std::string name = graph.value(planned.value).name;
                 Step step;
-                step.custom = [this, group, sources, targets, shape, name, threads] {
+                step.custom = [this, group, sources, range_sources, donors, targets, shape, name, threads] {
                     if (threads > 0) omp_set_num_threads(threads);
                     if (options.mode != ScaleMode::static_calibrated || !group->have_static || calibrating) {
-                        const Range r = tensor_range(sources, shape);
+                        // The donors' range passes ran earlier in this pass when every group runs one (dynamic
+                        // scales, or calibrating); a static plan's group without a scale reads all its sources.
+                        const bool use_donors = !donors.empty() && (options.mode != ScaleMode::static_calibrated || calibrating);
+                        Range r = !use_donors ? tensor_range(sources, shape)
+                                  : range_sources.empty() ? Range{INFINITY, -INFINITY, true}
+                                                          : tensor_range(range_sources, shape);
+                        if (use_donors)
+                            for (const QuantGroup* d : donors) {  // [0, the donor's max]: the skipped sources' range
+                                r.min = std::min(r.min, 0.0f);
+                                r.max = std::max(r.max, d->last_max);
+                            }
+                        group->last_max = r.max;
                         if (!r.finite)
                             throw Error(fmt::format("int8 engine: NaN or Inf in '{}' (the input of an int8 layer)", name));
                         if (calibrating) {
@@ -421,6 +477,7 @@ void QuantEngine::Impl::lower(const TensorMap& weights, bool from_int8_file) {
                 };
                 step.name = name + ".quantize";
                 step.op = sources.size() > 1 ? "range+quantize (concat fused)" : "range+quantize";
+                if (!donors.empty()) step.op += fmt::format(" ({} of {} sources' range from an earlier pass)", donors.size(), sources.size());
                 step.kernel = "resunet:omp";
                 step.precision = "f32->u8";
                 steps.push_back(std::move(step));

@@ -71,6 +71,7 @@ struct QuantGroup {
     ActivationQuant static_quant;
     int64_t saturated = 0;
     int64_t counted = 0;
+    float last_max = 0;  // the largest value its last range pass found (the range_donors of later passes)
 };
 
 }  // namespace quant_detail
@@ -117,6 +118,9 @@ struct QuantEngine::Impl : lowering::Schedule<Step> {
     int ensure_fp32(int value);
     int ensure_group(int value);
     void collect_sources(int value, int64_t channel_offset, std::vector<KernelSource>& out) const;
+    // The values behind collect_sources' sources, in the same order.
+    void collect_source_values(int value, std::vector<int>& out) const;
+    std::vector<int> range_donors() const;
     void allocate();
     void lower(const TensorMap& weights, bool from_int8_file);
     void lower_conv(const PlannedStep& planned, const PreparedLayer& layer);
