@@ -22,9 +22,10 @@
 namespace resunet::quant_detail {
 
 // How much faster than direct the Winograd must measure to be chosen: each layer it takes costs accuracy
-// (its requantization), and one-shot timings on a shared 2-core machine move by about 10%, so a layer only
-// a little faster would flip between starts for no real gain.
-inline constexpr double kInt8WinogradMargin = 0.15;
+// (its requantization), and timings on a shared 2-core machine move by several percent even as the best of 5
+// runs, so a layer only a little faster would flip between starts for no real gain. (15% before the best of
+// 5: it left out layers measured 13-14% faster on a Zen 5, e.g. d2.conv_a 4.1 against 4.7 ms.)
+inline constexpr double kInt8WinogradMargin = 0.10;
 
 // Mixed precision (Int8ConvAlgorithm::mixed): how much faster than its u8 x s8 direct kernel a layer's fastest fp32
 // candidate must measure for the layer to run fp32. fp32 is never less exact, so the margin only guards against
