@@ -8,7 +8,8 @@
 #   int8 dynamic, int8 dynamic with our int8 Winograd where measured faster (--int8-conv measured), int8
 #   dynamic mixed precision (--int8-conv mixed: fp32 where measured faster), int8 static, and int8 from an
 #   int8 file (resunet quantize) when the program has that subcommand; then pairs: each peer whose ratio
-#   the issue targets run once more between two runs of our matching row.
+#   the issue targets run once more between two runs of our matching row (int8 dynamic both as oneDNN direct
+#   and with --int8-conv measured).
 # Fidelity: each of our rows against PyTorch's fp32 logits (ref_logits.bin) of the same weights.
 #
 #   bash bench/run_peers.sh [OUT_DIR] [RUNS]      (OUT_DIR default build/peers; RUNS default 5;
@@ -99,3 +100,6 @@ pair ort_fp32 fp32 --precision fp32 --plan-cache "$cache"
 pair ort_qdqfull int8-dynamic --precision int8
 pair pt_fx_onednn int8-dynamic --precision int8
 pair pt_fx_onednn int8-static --precision static-int8
+# Our int8 Winograd where measured faster (--int8-conv measured): the planner's int8 plan, against the same peers.
+pair ort_qdqfull int8-measured --precision int8 --int8-conv measured
+pair pt_fx_onednn int8-measured --precision int8 --int8-conv measured
