@@ -136,6 +136,7 @@ resunet::QuantOptions quant_options_of(const Options& o, int micro_batch) {
     options.threads = o.threads;
     options.tune = resunet::tuning_from_name(o.tune);  // its fp32 layers
     options.int8_algorithm = resunet::int8_conv_from_name(o.int8_conv);
+    if (o.int8_conv == "measured") options.plan_cache = o.plan_cache == "none" ? std::string() : o.plan_cache;
     return options;
 }
 

@@ -135,6 +135,7 @@ int main(int argc, char** argv) {
             options.threads = threads;
             options.tune = resunet::tuning_from_name(tune);
             options.int8_algorithm = resunet::int8_conv_from_name(int8_conv);
+            if (int8_conv == "measured") options.plan_cache = plan_cache == "none" ? std::string() : plan_cache;
             auto engine = std::make_unique<resunet::QuantEngine>(graph, file.tensors, options);
             file.tensors.clear();
             if (precision == "static-int8") engine->calibrate(input.data(), 4);  // the first 4 images of the batch

@@ -61,7 +61,7 @@ ours fp32-lean-warm --precision fp32 --plan-cache "$cache" --memory-budget "$lea
 ours fp32-unlimited-cold --precision fp32 --plan-cache "$cache" --memory-budget -1
 ours fp32-unlimited-warm --precision fp32 --plan-cache "$cache" --memory-budget -1
 ours int8-dynamic --precision int8
-ours int8-dynamic-winograd --precision int8 --int8-conv measured
+ours int8-dynamic-winograd --precision int8 --int8-conv measured --plan-cache "$cache"
 ours int8-dynamic-mixed --precision int8 --int8-conv mixed
 ours int8-static --precision static-int8
 if build/apps/resunet quantize --help > /dev/null 2>&1; then
@@ -101,5 +101,5 @@ pair ort_qdqfull int8-dynamic --precision int8
 pair pt_fx_onednn int8-dynamic --precision int8
 pair pt_fx_onednn int8-static --precision static-int8
 # Our int8 Winograd where measured faster (--int8-conv measured): the planner's int8 plan, against the same peers.
-pair ort_qdqfull int8-measured --precision int8 --int8-conv measured
-pair pt_fx_onednn int8-measured --precision int8 --int8-conv measured
+pair ort_qdqfull int8-measured --precision int8 --int8-conv measured --plan-cache "$cache"
+pair pt_fx_onednn int8-measured --precision int8 --int8-conv measured --plan-cache "$cache"

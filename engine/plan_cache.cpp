@@ -80,7 +80,7 @@ std::optional<CachedPlan> load_plan(const std::string& folder, const PlanKey& ke
         plan.summary = p.at("summary").get<std::string>();
         for (const auto& [name, algorithm] : p.at("algorithms").items()) {
             const std::string a = algorithm.get<std::string>();
-            if (a != "direct" && a != "winograd" && a != "winograd_f43" && a != "winograd_f23") {
+            if (a != "direct" && a != "winograd" && a != "winograd_f43" && a != "winograd_f23" && a != "winograd_int8_f23") {
                 *why = fmt::format("damaged: unknown algorithm '{}'", a);
                 return std::nullopt;
             }

@@ -1,5 +1,5 @@
-// The tuned fp32 plan, saved so that the next engine built for the same machine and graph compiles
-// without measuring again.
+// The tuned fp32 plan (and the int8 engine's measured int8 3x3 choices), saved so that the next engine built
+// for the same machine and graph compiles without measuring again.
 //
 // Intended usage (the Engine does this when EngineOptions::plan_cache names a folder):
 //   resunet::PlanKey key = resunet::plan_key(graph, "f32", threads, micro_batch, "fast");
@@ -32,7 +32,8 @@ struct PlanKey {
 
 struct CachedPlan {
     std::string layout;                             // "nChw16c", "nChw8c", "nhwc", "nchw"
-    // convolution node name -> "direct" | "winograd" (oneDNN's) | "winograd_f43" | "winograd_f23" (ours)
+    // convolution node name -> "direct" | "winograd" (oneDNN's) | "winograd_f43" | "winograd_f23" (ours), or for
+    // the int8 engine's plans (quant/quant_engine.h, QuantOptions::plan_cache) "direct" | "winograd_int8_f23"
     std::map<std::string, std::string> algorithms;
     std::string summary;                            // the tuning summary when it was measured
 };

@@ -306,9 +306,15 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
         const WinogradInt8Shape own_shape{.batch = in[0], .in_channels = in[1], .out_channels = out_channels,
                                           .height = out[2], .width = out[3], .sum = op.residual >= 0,
                                           .relu = op.activation == Activation::relu, .levels = levels};
+        // A cached plan's choice is taken as asked for (it was checked and measured when the plan was made).
+        Int8ConvAlgorithm algorithm = options.int8_algorithm;
+        const auto cached = cached_int8 ? cached_int8->find(graph.node(op.node).name) : std::map<std::string, std::string>::const_iterator{};
+        const bool from_cache = cached_int8 && cached != cached_int8->end();
+        if (from_cache) algorithm = cached->second == "winograd_int8_f23" ? Int8ConvAlgorithm::winograd_f23 : Int8ConvAlgorithm::direct;
         Int8ConvChoice choice = op.activation == Activation::sigmoid
                                     ? Int8ConvChoice{nullptr, "direct", "direct (sigmoid is not fused into our int8 Winograd)"}
-                                    : choose_int8_conv(eng, strm, pd, layer, own_shape, options.int8_algorithm, options.tune);
+                                    : choose_int8_conv(eng, strm, pd, layer, own_shape, algorithm, options.tune);
+        if (from_cache) choice.candidates = choice.algorithm + " (from the plan cache)";
         step.candidates = with_note(choice.candidates + (available ? "; oneDNN's u8s8 Winograd also accepts this layer (not a candidate)"
                                                                    : "; oneDNN has no u8s8 Winograd for it here"));
         if (choice.winograd) {

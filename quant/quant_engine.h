@@ -59,6 +59,11 @@ struct QuantOptions {
     Int8ConvAlgorithm int8_algorithm = Int8ConvAlgorithm::direct;
     bool keep_values = false;    // keep every activation for read_value() (per-layer reports)
     bool count_saturation = false;  // count clipped values in each quantize pass (report mode; slower)
+    // With int8_algorithm tuned (measured) and tune on: a folder of int8 plans (engine/plan_cache.h: each int8
+    // 3x3 layer's choice, keyed by CPU, ISA, oneDNN, graph shapes, threads, micro-batch and the measuring
+    // rules), reused by the next engine instead of measuring again; a stale or damaged file is measured again
+    // and replaced. Empty: measured at each start.
+    std::string plan_cache;
 };
 
 // One int8 layer's input quantization as last used.

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -103,6 +104,11 @@ struct QuantEngine::Impl : lowering::Schedule<Step> {
     std::vector<std::string> fp32_forced;
     std::vector<std::string> precision_note;
 
+    // The int8 3x3 layers' choices from the plan cache (node name -> "direct" | "winograd_int8_f23"), while
+    // lowering a cached plan; null: measured (QuantOptions::plan_cache).
+    const std::map<std::string, std::string>* cached_int8 = nullptr;
+    std::string plan_note;  // where the int8 3x3 choices came from, for conv_summary (empty: not cached)
+
     std::vector<std::vector<float>> host_vectors;  // per-layer scale/bias sources kept for `before`
     bool calibrating = false;
 
@@ -133,6 +139,8 @@ struct QuantEngine::Impl : lowering::Schedule<Step> {
     // Int8ConvAlgorithm::mixed: measures each int8 3x3 layer in both precisions and moves the ones faster in
     // fp32 out of int8_op (quant/mixed_precision.cpp).
     void choose_precisions(const TensorMap& weights);
+    // QuantEngine::conv_summary without the plan cache's note.
+    std::string conv_summary_text() const;
     memory f32_memory(int buffer, const Dims& d, tag layout) {
         return memory({to_dnnl_dims(d), dt::f32, layout}, eng, ptr(buffer));
     }

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "engine/plan_cache.h"
 #include "engine/run_guards.h"
 #include "graph/safetensors.h"
 
@@ -44,7 +45,37 @@ QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const Qua
             m.choose_precisions(weights);
         m.plan_values(weights);
         m.allocate();
+        // The measured int8 3x3 choices, from the plan cache when it has them for this machine and graph.
+        const bool cached = options.int8_algorithm == Int8ConvAlgorithm::tuned && options.tune != Tuning::off &&
+                            !options.plan_cache.empty();
+        PlanKey key;
+        std::optional<CachedPlan> plan;
+        std::string cache_note;
+        if (cached) {
+            key = plan_key(m.graph, "u8s8", omp_get_max_threads(), options.micro_batch,
+                           fmt::format("int8 3x3 {}: direct/winograd_int8_f23, weight levels {}, margin {}, bound {}",
+                                       options.tune == Tuning::full ? "full" : "fast", m.levels, kInt8WinogradMargin,
+                                       kInt8WinogradBound));
+            plan = load_plan(options.plan_cache, key, &cache_note);
+            if (plan) m.cached_int8 = &plan->algorithms;
+        }
         m.lower(weights, from_int8_file);
+        m.cached_int8 = nullptr;
+        if (cached && plan) {
+            m.plan_note = fmt::format("from the plan cache ({})", key.filename);
+        } else if (cached) {
+            CachedPlan made;
+            made.layout = "nhwc";
+            for (const Step& step : m.steps)
+                if (step.precision == "u8s8" && !step.candidates.empty()) made.algorithms[step.name] = step.algorithm;
+            made.summary = m.conv_summary_text();
+            try {
+                save_plan(options.plan_cache, key, made);
+                m.plan_note = fmt::format("measured: {}; saved as {}", cache_note, key.filename);
+            } catch (const Error& e) {
+                m.plan_note = fmt::format("measured: {}; not saved: {}", cache_note, e.what());
+            }
+        }
     } catch (const dnnl::error& e) {
         throw Error(fmt::format("int8 engine: oneDNN could not compile the graph: {} (status {})", e.what(), static_cast<int>(e.status)));
     }
@@ -199,11 +230,17 @@ int QuantEngine::num_primitives() const { return static_cast<int>(impl_->steps.s
 int QuantEngine::weight_levels() const { return impl_->levels; }
 
 std::string QuantEngine::conv_summary() const {
+    std::string text = impl_->conv_summary_text();
+    if (!impl_->plan_note.empty()) text += " (" + impl_->plan_note + ")";
+    return text;
+}
+
+std::string QuantEngine::Impl::conv_summary_text() const {
     std::vector<std::string> winograd, fp32;
-    for (size_t k = 0; k < impl_->fp32_forced.size(); ++k)  // layers mixed precision moved to fp32
-        if (!impl_->fp32_forced[k].empty()) fp32.push_back(impl_->graph.node(impl_->ops[k].node).name);
+    for (size_t k = 0; k < fp32_forced.size(); ++k)  // layers mixed precision moved to fp32
+        if (!fp32_forced[k].empty()) fp32.push_back(graph.node(ops[k].node).name);
     int direct = 0;
-    for (const Step& step : impl_->steps) {
+    for (const Step& step : steps) {
         if (step.precision != "u8s8" || step.candidates.empty()) continue;  // the int8 3x3 convolutions carry candidates
         if (step.algorithm == "direct")
             ++direct;

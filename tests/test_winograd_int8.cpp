@@ -9,6 +9,9 @@
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <cmath>
 #include <random>
@@ -263,6 +266,57 @@ TEST(WinogradInt8Engine, ForcedMeasuredAndOff) {
                 e.to_string().c_str(), sqnr_winograd, sqnr_direct, dice);
     EXPECT_GE(sqnr_winograd, sqnr_direct - 8.0);
     EXPECT_GE(dice, 0.95);
+}
+
+// The measured choices through the plan cache (QuantOptions::plan_cache): the first engine measures and saves
+// them, the next one takes them without measuring (the same layers, the same output bit for bit), and a
+// damaged file is measured again and replaced.
+TEST(WinogradInt8Engine, MeasuredChoicesComeBackFromThePlanCache) {
+    if (!offered()) GTEST_SKIP() << "not offered on this CPU (no AVX2 and FMA)";
+    const SmallNet net;
+    const std::filesystem::path folder = std::filesystem::path(::testing::TempDir()) / "int8_plan_cache_test";
+    std::filesystem::remove_all(folder);
+    auto build = [&](std::vector<float>& out, std::map<std::string, LayerProfile>& rows) {
+        QuantOptions options;
+        options.threads = 2;
+        options.int8_algorithm = Int8ConvAlgorithm::tuned;
+        options.plan_cache = folder.string();
+        QuantEngine engine(net.graph, net.weights, options);
+        out.assign(net.fp32.size(), 0.0f);
+        rows = profile_rows(engine, net, out);
+        return engine.conv_summary();
+    };
+    std::vector<float> first, second, third;
+    std::map<std::string, LayerProfile> first_rows, second_rows, third_rows;
+    const std::string measured = build(first, first_rows);
+    EXPECT_NE(measured.find("measured: no cached plan; saved as plan-u8s8-"), std::string::npos) << measured;
+    const std::string cached = build(second, second_rows);
+    EXPECT_NE(cached.find("from the plan cache (plan-u8s8-"), std::string::npos) << cached;
+    EXPECT_EQ(cached.substr(0, cached.find(" (")), measured.substr(0, measured.find(" (")));  // the same layers
+    int layers = 0;
+    for (const auto& [name, row] : second_rows) {
+        if (!is_3x3_int8(name) || row.precision != "u8s8") continue;
+        ++layers;
+        EXPECT_EQ(row.algorithm, first_rows.at(name).algorithm) << name;
+        EXPECT_TRUE(row.candidates.starts_with(row.algorithm + " (from the plan cache)")) << name << ": " << row.candidates;  // nothing measured
+    }
+    EXPECT_EQ(layers, 9);
+    EXPECT_EQ(second, first);
+    // A damaged file (its checksum no longer matches) is measured again and replaced.
+    ASSERT_EQ(std::distance(std::filesystem::directory_iterator(folder), std::filesystem::directory_iterator()), 1);
+    const std::filesystem::path file = std::filesystem::directory_iterator(folder)->path();
+    std::string text;
+    {
+        std::ifstream in(file);
+        text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+    const size_t at = text.find("winograd_int8_f23") != std::string::npos ? text.find("winograd_int8_f23") : text.find("\"direct\"");
+    ASSERT_NE(at, std::string::npos) << text;
+    text[at + 1] = text[at + 1] == 'x' ? 'y' : 'x';
+    std::ofstream(file) << text;
+    const std::string again = build(third, third_rows);
+    EXPECT_NE(again.find("measured: damaged"), std::string::npos) << again;
+    std::filesystem::remove_all(folder);
 }
 
 // The Winograd under the engine's other modes: micro-batch 2 (two images per pass, one set of row scales

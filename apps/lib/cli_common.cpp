@@ -131,9 +131,10 @@ std::string int8_engine_label(const QuantEngine& engine, bool stored_scales, con
 
 void apply_engine_tuning(const EngineTuningFlags& flags, bool precision_is_fp32, EngineOptions& options) {
     if (!precision_is_fp32) {
-        if (!flags.plan_cache.empty() || flags.memory_budget_mb != 0)
-            throw UsageError("--plan-cache and --memory-budget plan the fp32 engine; the int8 engine takes only --tune "
-                             "and --int8-conv (pass --precision fp32 or drop them)");
+        if (flags.memory_budget_mb != 0 || (!flags.plan_cache.empty() && flags.int8_conv != "measured"))
+            throw UsageError("--memory-budget and --plan-cache plan the fp32 engine (and --plan-cache the int8 engine's "
+                             "--int8-conv measured); the int8 engine takes --tune and --int8-conv (pass --precision fp32 "
+                             "or drop them)");
         return;
     }
     if (flags.int8_conv != "direct")
@@ -141,6 +142,11 @@ void apply_engine_tuning(const EngineTuningFlags& flags, bool precision_is_fp32,
     options.tune = tuning_from_name(flags.tune);
     options.plan_cache = flags.plan_cache == "none" ? std::string() : flags.plan_cache.empty() ? default_plan_cache() : flags.plan_cache;
     options.memory_budget_mb = flags.memory_budget_mb;
+}
+
+std::string int8_plan_cache(const EngineTuningFlags& flags) {
+    if (flags.int8_conv != "measured") return std::string();  // only the measured choices are cached
+    return flags.plan_cache == "none" ? std::string() : flags.plan_cache.empty() ? default_plan_cache() : flags.plan_cache;
 }
 
 void check_same_config(const fs::path& run_dir, const std::string& config_text, bool resume) {

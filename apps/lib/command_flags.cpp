@@ -96,12 +96,13 @@ void add_engine_tuning_flags(CLI::App& command, EngineTuningFlags& flags) {
     command.add_option("--tune", flags.tune,
                        "fp32: off (direct convolutions, oneDNN's layout), fast (each layer's algorithms measured on this "
                        "machine, once: the plan is cached), full (more runs per candidate); int8: the same for its fp32 "
-                       "layers' 3x3 convolutions (layers kept fp32), measured at each start")
+                       "layers' 3x3 convolutions (layers kept fp32) and --int8-conv measured|mixed, measured at each start (measured: "
+                       "once, with the plan cache)")
         ->check(CLI::IsMember({"off", "fast", "full"}))
         ->capture_default_str();
     command.add_option("--plan-cache", flags.plan_cache,
-                       "fp32: folder of tuned plans (default $XDG_CACHE_HOME/resunet/plans, else ~/.cache/resunet/plans); "
-                       "'none' to measure every time");
+                       "fp32, and int8 with --int8-conv measured: folder of tuned plans (default $XDG_CACHE_HOME/resunet/plans, "
+                       "else ~/.cache/resunet/plans); 'none' to measure every time");
     command.add_option("--memory-budget", flags.memory_budget_mb,
                        "fp32: largest engine bytes (weights + arena + scratchpad) in MB; Winograd layers that save the "
                        "least time per byte fall back to F(2x2) or to direct until the plan fits. 0 = 2.5x the all-direct plan; -1 = no "

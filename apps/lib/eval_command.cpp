@@ -133,6 +133,7 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
                 quant_options.threads = options.threads;
                 quant_options.tune = tuning_from_name(options.tuning.tune);
                 quant_options.int8_algorithm = int8_conv_from_name(options.tuning.int8_conv);
+                quant_options.plan_cache = int8_plan_cache(options.tuning);
                 int8 = std::make_unique<QuantEngine>(graph, file.tensors, quant_options);
                 report.engine = int8_engine_label(*int8, stored_scales, options.tuning);
             }

@@ -41,6 +41,7 @@ QuantOptions int8_options(const PlanOptions& o, int micro_batch, Tuning tune) {
     options.micro_batch = micro_batch;
     options.tune = tune;
     options.int8_algorithm = int8_conv_from_name(o.tuning.int8_conv);
+    options.plan_cache = int8_plan_cache(o.tuning);
     return options;
 }
 
@@ -74,6 +75,7 @@ void print_int8_plan(const PlanOptions& o, SafetensorsFile& file, const Graph& g
     fmt::print("plan: int8, {} activation scales; fp32 layers' 3x3 convolutions {}\n",
                engine.mode() == ScaleMode::static_calibrated ? "static (stored in the file)" : "dynamic (computed per pass)",
                tune == Tuning::off ? "direct (--tune off)" : "measured");
+    fmt::print("{}\n", engine.conv_summary());  // the int8 3x3 layers' algorithms, and whence (the plan cache)
     fmt::print("{}", micro_batch_line);
     print_compile_line(engine.compile_ms(), "nhwc", engine.memory_usage());
     const std::vector<LayerProfile> rows = profile_one_pass(engine, config, micro_batch);
@@ -99,11 +101,14 @@ void print_plan(const PlanOptions& o) {
     if (int8) fp32_flags.int8_conv = "direct";
     apply_engine_tuning(fp32_flags, true, options);
     if (o.retune && !options.plan_cache.empty()) {
-        // Measure again: the cached fp32 plans are removed first (they are the engine's own files).
+        // Measure again: the cached plans (fp32, and int8 --int8-conv measured) are removed first (the engines'
+        // own files).
         std::error_code ec;
         if (std::filesystem::is_directory(options.plan_cache, ec))
             for (const auto& entry : std::filesystem::directory_iterator(options.plan_cache, ec))
-                if (entry.path().filename().string().starts_with("plan-f32-")) std::filesystem::remove(entry.path(), ec);
+                if (entry.path().filename().string().starts_with("plan-f32-") ||
+                    entry.path().filename().string().starts_with("plan-u8s8-"))
+                    std::filesystem::remove(entry.path(), ec);
     }
     std::string micro_batch_line;
     if (o.micro_batch == "auto") {
@@ -174,7 +179,7 @@ void add_plan_command(CLI::App& app) {
         ->capture_default_str()
         ->check(CLI::Range(1, 4096));
     add_engine_tuning_flags(*command, options->tuning);
-    command->add_flag("--retune", options->retune, "Remove the cached fp32 plans first, so the plan is measured again");
+    command->add_flag("--retune", options->retune, "Remove the cached plans first (fp32, and int8 --int8-conv measured), so the plan is measured again");
     command->callback([options, command] {
         if (command->count("--batch") && options->micro_batch != "auto")
             throw UsageError("--batch is the batch --micro-batch auto is timed on; give --micro-batch auto too");

@@ -309,6 +309,7 @@ LoadedModel load_model(const PredictOptions& options, std::FILE* log) {
             quant_options.threads = options.threads;
             quant_options.tune = tuning_from_name(options.tuning.tune);
             quant_options.int8_algorithm = int8_conv_from_name(options.tuning.int8_conv);
+            quant_options.plan_cache = int8_plan_cache(options.tuning);
             quant_options.mode = options.precision == Precision::static_int8 ? ScaleMode::static_calibrated : ScaleMode::dynamic;
             model.runner.int8 = std::make_unique<QuantEngine>(graph, file.tensors, quant_options);
             model.engine = int8_engine_label(*model.runner.int8, model.stored_scales, options.tuning);
