@@ -53,9 +53,9 @@ QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const Qua
         std::string cache_note;
         if (cached) {
             key = plan_key(m.graph, "u8s8", omp_get_max_threads(), options.micro_batch,
-                           fmt::format("int8 3x3 {}: direct/winograd_int8_f23, weight levels {}, margin {}, bound {}",
-                                       options.tune == Tuning::full ? "full" : "fast", m.levels, kInt8WinogradMargin,
-                                       kInt8WinogradBound));
+                           fmt::format("int8 3x3 {}: direct/winograd_int8_f23 r{}, weight levels {}, margin {}, bound {}",
+                                       options.tune == Tuning::full ? "full" : "fast", kInt8WinogradRevision, m.levels,
+                                       kInt8WinogradMargin, kInt8WinogradBound));
             plan = load_plan(options.plan_cache, key, &cache_note);
             if (plan) m.cached_int8 = &plan->algorithms;
         }

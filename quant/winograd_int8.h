@@ -55,6 +55,17 @@ struct WinogradInt8Shape {
 // most this share of max |direct| on the layer's real shape (the tests hold it to the plain reference).
 inline constexpr double kInt8WinogradBound = 0.05;
 
+// The kernel's revision, part of the int8 plan cache's key: raised whenever its speed or numerics change, so
+// that measured choices cached by an earlier build are measured again (2: row-by-row transforms, odd groups).
+inline constexpr int kInt8WinogradRevision = 2;
+
+// One (position, tile) row of our int8 Winograd's transformed input: V ~= scale * (V_q - zero), the zero
+// point an integer held as float (the output transform's operand). Internal to quant/winograd_int8*.
+struct WinogradRowQuant {
+    float scale;
+    float zero;
+};
+
 class WinogradInt8 {
   public:
     static constexpr int kPositions = 16;
@@ -82,10 +93,7 @@ class WinogradInt8 {
 
   private:
     WinogradInt8() = default;
-    struct RowQuant {  // one (position, tile) row of V: V ~= scale * (V_q - zero)
-        float scale;
-        int32_t zero;
-    };
+    using RowQuant = WinogradRowQuant;
     void input_transform(const uint8_t* src, int32_t zero, uint8_t* v, RowQuant* row, int16_t* exact, int64_t first_tile,
                          int64_t count, int64_t stride) const;
     void output_transform(const int32_t* m, const RowQuant* row, float* dst, int64_t first_tile, int64_t count, int64_t stride) const;

@@ -19,28 +19,21 @@ namespace {
 
 constexpr int P = WinogradInt8::kPositions;
 
-// V = B^T (d - z) B of one 4x4 tile, 32 channels as int16 lanes (exact: |V| <= 4 * 255).
-RESUNET_AVX512 inline __attribute__((always_inline)) void tile_v32(const uint8_t* base, int64_t row_stride,
-                                                                   int64_t pixel_stride, __m512i zero, __m512i* v) {
-    __m512i d[4][4];
-    for (int r = 0; r < 4; ++r)
-        for (int c = 0; c < 4; ++c)
-            d[r][c] = _mm512_sub_epi16(
-                _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + r * row_stride + c * pixel_stride))),
-                zero);
-    __m512i t[4][4];
+// Row R (0..3) of V = B^T (d - z) B of one 4x4 tile, 32 channels as int16 lanes (row_v's arithmetic).
+template <int R>
+RESUNET_AVX512 inline __attribute__((always_inline)) void row_v32(const uint8_t* base, int64_t row_stride,
+                                                                  int64_t pixel_stride, __m512i zero, __m512i* v) {
+    constexpr int a = R == 2 ? 2 : (R == 0 ? 0 : 1), b = R == 0 || R == 1 ? 2 : (R == 2 ? 1 : 3);
+    __m512i t[4];
     for (int c = 0; c < 4; ++c) {
-        t[0][c] = _mm512_sub_epi16(d[0][c], d[2][c]);
-        t[1][c] = _mm512_add_epi16(d[1][c], d[2][c]);
-        t[2][c] = _mm512_sub_epi16(d[2][c], d[1][c]);
-        t[3][c] = _mm512_sub_epi16(d[1][c], d[3][c]);
+        const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + a * row_stride + c * pixel_stride)));
+        const __m512i y = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + b * row_stride + c * pixel_stride)));
+        t[c] = R == 1 ? _mm512_sub_epi16(_mm512_add_epi16(x, y), _mm512_add_epi16(zero, zero)) : _mm512_sub_epi16(x, y);
     }
-    for (int r = 0; r < 4; ++r) {
-        v[r * 4 + 0] = _mm512_sub_epi16(t[r][0], t[r][2]);
-        v[r * 4 + 1] = _mm512_add_epi16(t[r][1], t[r][2]);
-        v[r * 4 + 2] = _mm512_sub_epi16(t[r][2], t[r][1]);
-        v[r * 4 + 3] = _mm512_sub_epi16(t[r][1], t[r][3]);
-    }
+    v[0] = _mm512_sub_epi16(t[0], t[2]);
+    v[1] = _mm512_add_epi16(t[1], t[2]);
+    v[2] = _mm512_sub_epi16(t[2], t[1]);
+    v[3] = _mm512_sub_epi16(t[1], t[3]);
 }
 
 // quantize_row (quant/winograd_int8_tiles.h) 32 values at a time: clamp(mulhrs(v) + zero, 0, 255) as u8.
@@ -57,12 +50,51 @@ RESUNET_AVX512 inline void quantize_row32(const int16_t* v, int64_t channels, bo
     if (k < channels) quantize_row(v + k, channels - k, lossless, multiplier, zero, out + k);
 }
 
+// input_row (quant/winograd_int8.cpp) 32 channels at a time: row R of one tile's V into `exact` ([4][IC]
+// int16), each position quantized into v with its quantization in `row`; the last 16 channels through row_v.
+template <int R>
+RESUNET_AVX512 inline void input_row32(const uint8_t* base, int64_t row_stride, int64_t ic, __m512i z, __m256i z16,
+                                       int16_t* exact, uint8_t* v, int64_t p_stride, WinogradRowQuant* row,
+                                       int64_t quant_stride) {
+    const int64_t wide = ic / 32 * 32;
+    __m256i mn[4], mx[4];  // each position's running min and max, folded to 16 lanes
+    if (wide > 0) {
+        __m512i mn32[4], mx32[4];
+        for (int64_t k = 0; k < wide; k += 32) {
+            __m512i tv[4];
+            row_v32<R>(base + k, row_stride, ic, z, tv);
+            for (int j = 0; j < 4; ++j) {
+                _mm512_storeu_si512(exact + j * ic + k, tv[j]);
+                mn32[j] = k == 0 ? tv[j] : _mm512_min_epi16(mn32[j], tv[j]);
+                mx32[j] = k == 0 ? tv[j] : _mm512_max_epi16(mx32[j], tv[j]);
+            }
+        }
+        for (int j = 0; j < 4; ++j) {
+            mn[j] = _mm256_min_epi16(_mm512_castsi512_si256(mn32[j]), _mm512_extracti64x4_epi64(mn32[j], 1));
+            mx[j] = _mm256_max_epi16(_mm512_castsi512_si256(mx32[j]), _mm512_extracti64x4_epi64(mx32[j], 1));
+        }
+    }
+    if (wide < ic) {
+        __m256i tv[4];
+        row_v<R>(base + wide, row_stride, ic, z16, tv);
+        for (int j = 0; j < 4; ++j) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(exact + j * ic + wide), tv[j]);
+            mn[j] = wide == 0 ? tv[j] : _mm256_min_epi16(mn[j], tv[j]);
+            mx[j] = wide == 0 ? tv[j] : _mm256_max_epi16(mx[j], tv[j]);
+        }
+    }
+    for (int j = 0; j < 4; ++j) {
+        int32_t zero = 0;
+        const int16_t multiplier = finish_row(mn[j], mx[j], row + j * quant_stride, &zero);
+        quantize_row32(exact + j * ic, ic, multiplier == 0, multiplier, static_cast<int16_t>(zero), v + j * p_stride);
+    }
+}
+
 }  // namespace
 
 RESUNET_AVX512 void WinogradInt8::input_transform_avx512(const uint8_t* src, int32_t zero, uint8_t* v, RowQuant* row,
                                                          int16_t* exact, int64_t first_tile, int64_t count, int64_t stride) const {
     const int64_t ic = shape_.in_channels;
-    const int64_t wide = ic / 32 * 32;  // the rest (0 or 16) through the AVX2 tile
     const int64_t row_stride = (shape_.width + 2) * ic;
     const int64_t image_stride = (shape_.height + 2) * row_stride;
     const int64_t per_image = tiles_y_ * tiles_x_;
@@ -73,40 +105,11 @@ RESUNET_AVX512 void WinogradInt8::input_transform_avx512(const uint8_t* src, int
         const int64_t index = first_tile + t;
         const int64_t n = index / per_image, ty = (index % per_image) / tiles_x_, tx = index % tiles_x_;
         const uint8_t* base = src + n * image_stride + 2 * ty * row_stride + 2 * tx * ic;
-        __m256i mn[P], mx[P];  // each position's running min and max, folded to 16 lanes
-        if (wide > 0) {
-            __m512i mn32[P], mx32[P];
-            for (int64_t k = 0; k < wide; k += 32) {
-                __m512i tv[P];
-                tile_v32(base + k, row_stride, ic, z, tv);
-                for (int p = 0; p < P; ++p) {
-                    _mm512_storeu_si512(exact + p * ic + k, tv[p]);
-                    mn32[p] = k == 0 ? tv[p] : _mm512_min_epi16(mn32[p], tv[p]);
-                    mx32[p] = k == 0 ? tv[p] : _mm512_max_epi16(mx32[p], tv[p]);
-                }
-            }
-            for (int p = 0; p < P; ++p) {
-                mn[p] = _mm256_min_epi16(_mm512_castsi512_si256(mn32[p]), _mm512_extracti64x4_epi64(mn32[p], 1));
-                mx[p] = _mm256_max_epi16(_mm512_castsi512_si256(mx32[p]), _mm512_extracti64x4_epi64(mx32[p], 1));
-            }
-        }
-        if (wide < ic) {
-            __m256i tv[P];
-            tile_v(base + wide, row_stride, ic, z16, tv);
-            for (int p = 0; p < P; ++p) {
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(exact + p * ic + wide), tv[p]);
-                mn[p] = wide == 0 ? tv[p] : _mm256_min_epi16(mn[p], tv[p]);
-                mx[p] = wide == 0 ? tv[p] : _mm256_max_epi16(mx[p], tv[p]);
-            }
-        }
-        for (int p = 0; p < P; ++p) {
-            const __m128i lo8 = _mm_min_epi16(_mm256_castsi256_si128(mn[p]), _mm256_extracti128_si256(mn[p], 1));
-            const __m128i hi8 = _mm_max_epi16(_mm256_castsi256_si128(mx[p]), _mm256_extracti128_si256(mx[p], 1));
-            RowQuant& q = row[p * stride + t];
-            const int16_t multiplier = row_quant(lane_min(lo8), -lane_min(_mm_sub_epi16(_mm_setzero_si128(), hi8)), &q.scale, &q.zero);
-            quantize_row32(exact + p * ic, ic, multiplier == 0, multiplier, static_cast<int16_t>(q.zero),
-                           v + p * p_stride + t * ic);
-        }
+        uint8_t* out = v + t * ic;
+        input_row32<0>(base, row_stride, ic, z, z16, exact, out, p_stride, row + t, stride);
+        input_row32<1>(base, row_stride, ic, z, z16, exact, out + 4 * p_stride, p_stride, row + 4 * stride + t, stride);
+        input_row32<2>(base, row_stride, ic, z, z16, exact, out + 8 * p_stride, p_stride, row + 8 * stride + t, stride);
+        input_row32<3>(base, row_stride, ic, z, z16, exact, out + 12 * p_stride, p_stride, row + 12 * stride + t, stride);
     }
 }
 
@@ -125,46 +128,48 @@ RESUNET_AVX512 void WinogradInt8::output_transform_avx512(const int32_t* m, cons
         const int64_t n = index / per_image, ty = (index % per_image) / tiles_x_, tx = index % tiles_x_;
         float* out = dst + ((n * shape_.height + 2 * ty) * width + 2 * tx) * oc;
         const int32_t* tile = m + t * oc;
-        __m512 row_zero[P], row_scale[P];
-        for (int p = 0; p < P; ++p) {
-            row_zero[p] = _mm512_set1_ps(static_cast<float>(row[p * stride + t].zero));
-            row_scale[p] = _mm512_set1_ps(row[p * stride + t].scale);
-        }
+        const RowQuant* rows = row + t;
         for (int64_t o = 0; o < wide; o += 16) {
-            // M = s_t * (acc - z_t * sum U_q) * s_x * s_u, per (position, tile) and output channel.
-            __m512 f[4][4];
-            for (int p = 0; p < P; ++p) {
-                const __m512 acc = _mm512_cvtepi32_ps(_mm512_loadu_si512(tile + p * p_stride + o));
-                const __m512 centred = _mm512_fnmadd_ps(row_zero[p], _mm512_loadu_ps(u_sum + p * oc + o), acc);
-                f[p / 4][p % 4] = _mm512_mul_ps(centred, _mm512_mul_ps(row_scale[p], _mm512_loadu_ps(mul + p * oc + o)));
-            }
-            __m512 r[2][4];
-            for (int c = 0; c < 4; ++c) {
-                r[0][c] = _mm512_add_ps(_mm512_add_ps(f[0][c], f[1][c]), f[2][c]);
-                r[1][c] = _mm512_sub_ps(_mm512_sub_ps(f[1][c], f[2][c]), f[3][c]);
-            }
+            // M = s_t * (acc - z_t * sum U_q) * s_x * s_u per (position, tile) and output channel, column by
+            // column of the tile; Y = A^T M A accumulated in four outputs.
             const __m512 b = _mm512_loadu_ps(bias_.data() + o);
-            for (int i = 0; i < 2; ++i) {
-                __m512 y[2];
-                y[0] = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(r[i][0], r[i][1]), r[i][2]), b);
-                y[1] = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(r[i][1], r[i][2]), r[i][3]), b);
-                for (int j = 0; j < 2; ++j) {
-                    float* at = out + (i * width + j) * oc + o;
-                    if (sum) y[j] = _mm512_add_ps(y[j], _mm512_loadu_ps(at));
-                    if (relu) y[j] = _mm512_max_ps(y[j], _mm512_setzero_ps());
-                    _mm512_storeu_ps(at, y[j]);
+            __m512 y00 = b, y01 = b, y10 = b, y11 = b;
+            for (int c = 0; c < 4; ++c) {
+                __m512 f[4];
+                for (int r = 0; r < 4; ++r) {
+                    const int p = r * 4 + c;
+                    const RowQuant& q = rows[p * stride];
+                    const __m512 acc = _mm512_cvtepi32_ps(_mm512_loadu_si512(tile + p * p_stride + o));
+                    const __m512 centred = _mm512_fnmadd_ps(_mm512_set1_ps(q.zero), _mm512_loadu_ps(u_sum + p * oc + o), acc);
+                    f[r] = _mm512_mul_ps(centred, _mm512_mul_ps(_mm512_set1_ps(q.scale), _mm512_loadu_ps(mul + p * oc + o)));
+                }
+                const __m512 r0 = _mm512_add_ps(_mm512_add_ps(f[0], f[1]), f[2]);
+                const __m512 r1 = _mm512_sub_ps(_mm512_sub_ps(f[1], f[2]), f[3]);
+                if (c < 3) {
+                    y00 = _mm512_add_ps(y00, r0);
+                    y10 = _mm512_add_ps(y10, r1);
+                }
+                if (c == 1) {
+                    y01 = _mm512_add_ps(y01, r0);
+                    y11 = _mm512_add_ps(y11, r1);
+                } else if (c > 1) {
+                    y01 = _mm512_sub_ps(y01, r0);
+                    y11 = _mm512_sub_ps(y11, r1);
                 }
             }
+            const __m512 y[2][2] = {{y00, y01}, {y10, y11}};
+            for (int i = 0; i < 2; ++i)
+                for (int j = 0; j < 2; ++j) {
+                    float* at = out + (i * width + j) * oc + o;
+                    __m512 value = y[i][j];
+                    if (sum) value = _mm512_add_ps(value, _mm512_loadu_ps(at));
+                    if (relu) value = _mm512_max_ps(value, _mm512_setzero_ps());
+                    _mm512_storeu_ps(at, value);
+                }
         }
-        if (wide < oc) {
-            __m256 zero8[P], scale8[P];
-            for (int p = 0; p < P; ++p) {
-                zero8[p] = _mm512_castps512_ps256(row_zero[p]);
-                scale8[p] = _mm512_castps512_ps256(row_scale[p]);
-            }
-            output_chunk8(tile + wide, p_stride, u_sum + wide, mul + wide, bias_.data() + wide, oc, zero8, scale8,
+        if (wide < oc)
+            output_chunk8(tile + wide, p_stride, u_sum + wide, mul + wide, bias_.data() + wide, oc, rows, stride,
                           out + wide, width, sum, relu);
-        }
     }
 }
 
