@@ -25,6 +25,7 @@
 #include "quant/quant_engine.h"
 #include "quant/quantize.h"
 #include "quant/winograd_int8.h"
+#include "quant/winograd_int8_tiles.h"
 #include "support/fake_quant.h"
 #include "support/reference.h"
 
@@ -131,6 +132,30 @@ Result run(const Case& c, int64_t group = 0) {
 }
 
 bool offered() { return WinogradInt8::applies({.in_channels = 16, .out_channels = 8, .height = 2, .width = 2}); }
+
+// The row quantization's table and integer rounding against the formula they replace (a division, an
+// inverse and lround): every range the transforms can produce (|V| <= 1020), at every offset.
+TEST(WinogradInt8, RowQuantizationTableMatchesItsFormula) {
+    int64_t checked = 0;
+    for (int lo = -1020; lo <= 1020; ++lo)
+        for (int hi = lo; hi <= 1020; ++hi) {
+            float scale = 0;
+            int32_t zero = 0;
+            const int16_t multiplier = resunet::winograd_int8_tiles::row_quant(lo, hi, &scale, &zero);
+            if (hi - lo <= 255) {
+                ASSERT_EQ(multiplier, 0);
+                ASSERT_EQ(scale, 1.0f);
+                ASSERT_EQ(zero, -lo);
+                continue;
+            }
+            const int expected = 255 * 32768 / (hi - lo);
+            ASSERT_EQ(multiplier, expected) << lo << ".." << hi;
+            ASSERT_EQ(scale, 32768.0f / static_cast<float>(expected)) << lo << ".." << hi;
+            ASSERT_EQ(zero, std::lround(-lo * static_cast<double>(expected) / 32768.0)) << lo << ".." << hi;
+            ++checked;
+        }
+    EXPECT_GT(checked, 1000000);
+}
 
 // One tap per output channel (all nine taps across the channels) and each channel's largest |q| at the
 // levels: every position's U is then an exact multiple of the channel's weights, and inputs within +-15 of
