@@ -10,6 +10,7 @@
 #include <cmath>
 #include <exception>
 
+#include "engine/onednn_util.h"
 #include "engine/tile_group_matmul.h"
 #include "engine/winograd_tiles.h"
 #include "quant/winograd_int8_tiles.h"
@@ -35,14 +36,7 @@ bool cpu_has_avx2() {
 // The AVX-512 transforms where oneDNN itself runs AVX-512 (ONEDNN_MAX_CPU_ISA=AVX2 keeps the AVX2 ones, so
 // the capped test runs check them) and the CPU has AVX-512 BW.
 bool avx512_transforms() {
-    using isa = dnnl::cpu_isa;
-    switch (dnnl::get_effective_cpu_isa()) {
-        case isa::avx512_core:
-        case isa::avx512_core_vnni:
-        case isa::avx512_core_bf16:
-        case isa::avx512_core_amx: break;
-        default: return false;
-    }
+    if (!effective_isa_name().starts_with("avx512_core")) return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 }
@@ -168,8 +162,10 @@ std::unique_ptr<WinogradInt8> WinogradInt8::create(const engine& eng, stream& st
     c.scratch_bytes_ = c.slot_bytes_ * static_cast<size_t>(per_thread ? c.threads_ : 1);
     c.weight_bytes_ = c.gemm_.weights.get_size() + (c.u_scale_.size() + c.u_sum_.size() + c.bias_.size() +
                                                            c.mul_.size()) * sizeof(float);
-    c.avx512_ = avx512_transforms();
-    c.kernel_ = fmt::format("own_int8_f23:{}+{}", c.avx512_ ? "avx512" : "avx2", c.gemm_.impl);
+    const bool avx512 = avx512_transforms();
+    c.input_ = avx512 ? &WinogradInt8::input_transform_avx512 : &WinogradInt8::input_transform;
+    c.output_ = avx512 ? &WinogradInt8::output_transform_avx512 : &WinogradInt8::output_transform;
+    c.kernel_ = fmt::format("own_int8_f23:{}+{}", avx512 ? "avx512" : "avx2", c.gemm_.impl);
     return conv;
 }
 
@@ -251,15 +247,9 @@ void WinogradInt8::execute(stream& strm, const uint8_t* src, const ActivationQua
         char* after_matmul = slot + v_bytes_ + m_bytes_ + matmul_scratch_bytes_aligned_;
         RowQuant* row = reinterpret_cast<RowQuant*>(after_matmul);
         int16_t* exact = reinterpret_cast<int16_t*>(after_matmul + row_bytes_);
-        if (avx512_) {
-            input_transform_avx512(src, input.zero_point, v, row, exact, first, count, count);
-            gemm_.run(eng_, s, count, v, weights_, m, slot + v_bytes_ + m_bytes_);
-            output_transform_avx512(m, row, dst, first, count, count);
-        } else {
-            input_transform(src, input.zero_point, v, row, exact, first, count, count);
-            gemm_.run(eng_, s, count, v, weights_, m, slot + v_bytes_ + m_bytes_);
-            output_transform(m, row, dst, first, count, count);
-        }
+        (this->*input_)(src, input.zero_point, v, row, exact, first, count, count);
+        gemm_.run(eng_, s, count, v, weights_, m, slot + v_bytes_ + m_bytes_);
+        (this->*output_)(m, row, dst, first, count, count);
     };
     char* bytes = static_cast<char*>(scratch);
     const int64_t groups = (tiles_ + group_ - 1) / group_;
@@ -282,17 +272,11 @@ void WinogradInt8::execute(stream& strm, const uint8_t* src, const ActivationQua
         };
         split([&](int thread, int64_t first, int64_t count) {
             int16_t* exact = reinterpret_cast<int16_t*>(after_matmul + row_bytes_ + static_cast<size_t>(thread) * exact_bytes_);
-            if (avx512_)
-                input_transform_avx512(src, input.zero_point, v + first * ic, row + first, exact, first, count, tiles_);
-            else
-                input_transform(src, input.zero_point, v + first * ic, row + first, exact, first, count, tiles_);
+            (this->*input_)(src, input.zero_point, v + first * ic, row + first, exact, first, count, tiles_);
         });
         gemm_.run(eng_, strm, tiles_, v, weights_, m, bytes + v_bytes_ + m_bytes_);
         split([&](int, int64_t first, int64_t count) {
-            if (avx512_)
-                output_transform_avx512(m + first * oc, row + first, dst, first, count, tiles_);
-            else
-                output_transform(m + first * oc, row + first, dst, first, count, tiles_);
+            (this->*output_)(m + first * oc, row + first, dst, first, count, tiles_);
         });
         return;
     }

@@ -109,7 +109,9 @@ class WinogradInt8 {
     dnnl::engine eng_;
     int64_t tiles_y_ = 0, tiles_x_ = 0, tiles_ = 0, group_ = 0;
     int threads_ = 1;
-    bool avx512_ = false;  // the AVX-512 transforms
+    // The transforms this CPU runs: the AVX-512 ones where oneDNN runs AVX-512, else the AVX2 ones.
+    void (WinogradInt8::*input_)(const uint8_t*, int32_t, uint8_t*, RowQuant*, int16_t*, int64_t, int64_t, int64_t) const = nullptr;
+    void (WinogradInt8::*output_)(const int32_t*, const RowQuant*, float*, int64_t, int64_t, int64_t) const = nullptr;
     bool shared_ = false;  // one group of all tiles shared by the threads (see create)
     std::vector<float> bias_;
     std::vector<float> u_scale_;   // [P][OC]
