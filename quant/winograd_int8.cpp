@@ -90,9 +90,9 @@ std::unique_ptr<WinogradInt8> WinogradInt8::create(const engine& eng, stream& st
     int64_t rest = 0;
     group = winograd_tiles::even_groups(c.tiles_, group, c.threads_, per_thread, &rest);
     // An even group puts the 16 position rows of a tile in V and M (group * IC and group * OC * 4 bytes
-    // apart) on multiples of 4 KB at most channel counts, all in one L1 set: the transforms then miss L1 on
-    // every tile (measured 1.2-1.6x slower at 64-128 channels, groups 64, 128, 224 against 63, 251, 392).
-    // The kernel's own choice is therefore odd: one tile more per group.
+    // apart) on multiples of 4 KB at most channel counts: one L1 set, and loads that alias the stores 4 KB
+    // away. Whole layers measured 1.2-1.6x slower at 64-128 channels with groups of 64, 128 and 224 than
+    // with 63, 251 and 392. The kernel's own choice is therefore odd: one tile more per group.
     if (tiles_per_group == 0 && !c.shared_ && group % 2 == 0 && group < c.tiles_) {
         ++group;
         rest = c.tiles_ - (c.tiles_ + group - 1) / group * group + group;
