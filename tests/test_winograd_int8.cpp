@@ -4,6 +4,7 @@
 // data; the shapes it refuses; and the int8 engine with it forced or measured against the direct int8 plan.
 // On a CPU without AVX2 and FMA the kernel is never offered: the tests check exactly that.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <fmt/format.h>
 #include <oneapi/dnnl/dnnl.hpp>
@@ -157,6 +158,22 @@ TEST(WinogradInt8, RowQuantizationTableMatchesItsFormula) {
     EXPECT_GT(checked, 1000000);
 }
 
+// The lossless case of the test below: one tap per output channel, each channel's largest |q| at the levels
+// (63), inputs within +-15 of the zero point 40.
+Case lossless_case(const WinogradInt8Shape& shape, unsigned seed) {
+    Case c = make_case(shape, 40, 15, seed);
+    std::mt19937 rng(3);
+    std::uniform_int_distribution<int> weight(-63, 63);
+    for (int64_t o = 0; o < shape.out_channels; ++o) {
+        const int tap = static_cast<int>(o % 9);
+        for (int64_t i = 0; i < shape.in_channels; ++i)
+            for (int k = 0; k < 9; ++k)
+                c.q[static_cast<size_t>((o * shape.in_channels + i) * 9 + k)] =
+                    static_cast<int8_t>(k != tap ? 0 : i == 0 ? (o % 2 ? 63 : -63) : weight(rng));
+    }
+    return c;
+}
+
 // One tap per output channel (all nine taps across the channels) and each channel's largest |q| at the
 // levels: every position's U is then an exact multiple of the channel's weights, and inputs within +-15 of
 // the zero point keep every position's range under 256 values, so the kernel is exact up to float rounding.
@@ -170,16 +187,7 @@ TEST(WinogradInt8, ExactWhereTheWinogradDomainIsLossless) {
         for (bool relu : {false, true}) {
             WinogradInt8Shape shape{.batch = 2, .in_channels = channels, .out_channels = 24, .height = 6, .width = 10,
                                     .sum = sum, .relu = relu, .levels = 63};
-            Case c = make_case(shape, 40, 15, 7 + sum * 2 + relu);
-            std::mt19937 rng(3);
-            std::uniform_int_distribution<int> weight(-63, 63);
-            for (int64_t o = 0; o < shape.out_channels; ++o) {
-                const int tap = static_cast<int>(o % 9);
-                for (int64_t i = 0; i < shape.in_channels; ++i)
-                    for (int k = 0; k < 9; ++k)
-                        c.q[static_cast<size_t>((o * shape.in_channels + i) * 9 + k)] =
-                            static_cast<int8_t>(k != tap ? 0 : i == 0 ? (o % 2 ? 63 : -63) : weight(rng));
-            }
+            const Case c = lossless_case(shape, 7 + sum * 2 + relu);
             // 2 x 3 x 5 = 30 tiles: groups of 4 leave a last one of 2; -1 is one group the threads share (with
             // more than one thread; 0 also takes it here, 30 tiles being few)
             for (int64_t group : {0, 4, -1}) {
@@ -187,6 +195,30 @@ TEST(WinogradInt8, ExactWhereTheWinogradDomainIsLossless) {
                 EXPECT_LE(r.max_relative, 1e-5) << channels << " channels, sum " << sum << " relu " << relu << " group " << group;
             }
         }
+}
+
+// The kernel's own group on an image with enough tiles for per-thread groups: odd (an even one put a tile's
+// 16 position rows 4 KB multiples apart), with a shorter last group where the tiles do not divide; exact.
+TEST(WinogradInt8, OwnGroupIsOddAndExact) {
+    if (!offered()) GTEST_SKIP() << "not offered on this CPU (no AVX2 and FMA)";
+    const int before = omp_get_max_threads();
+    for (int threads : {2, 3}) {
+        omp_set_num_threads(threads);
+        // 24 x 24 tiles = 576 (at least 128 per thread: per-thread groups): groups of 144 (2 threads) or 192 (3)
+        // before the odd step, 145 and 193 after, each with a shorter last group (141, 190).
+        const WinogradInt8Shape shape{.batch = 1, .in_channels = 32, .out_channels = 24, .height = 48, .width = 48,
+                                      .relu = true, .levels = 63};
+        const Case c = lossless_case(shape, 21);
+        dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+        dnnl::stream strm(eng);
+        auto conv = WinogradInt8::create(eng, strm, shape, c.q.data(), c.scales.data(), c.bias.data());
+        ASSERT_NE(conv, nullptr);
+        EXPECT_EQ(conv->tiles_per_group() % 2, 1) << threads << " threads: group " << conv->tiles_per_group();
+        EXPECT_LT(conv->tiles_per_group(), 576) << threads << " threads";
+        const Result r = run(c, 0);
+        EXPECT_LE(r.max_relative, 1e-5) << threads << " threads";
+    }
+    omp_set_num_threads(before);
 }
 
 // Full-range random data: the Winograd-domain quantization (one u8 scale per position, per run) costs
