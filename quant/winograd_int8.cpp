@@ -95,7 +95,8 @@ std::unique_ptr<WinogradInt8> WinogradInt8::create(const engine& eng, stream& st
     // with 63, 251 and 392. The kernel's own choice is therefore odd: one tile more per group.
     if (tiles_per_group == 0 && !c.shared_ && group % 2 == 0 && group < c.tiles_) {
         ++group;
-        rest = c.tiles_ - (c.tiles_ + group - 1) / group * group + group;
+        const int64_t groups = (c.tiles_ + group - 1) / group;
+        rest = c.tiles_ - (groups - 1) * group;
     }
     c.group_ = group;
 

@@ -17,8 +17,6 @@ using namespace winograd_int8_tiles;
 
 namespace {
 
-constexpr int P = WinogradInt8::kPositions;
-
 // Row R (0..3) of V = B^T (d - z) B of one 4x4 tile, 32 channels as int16 lanes (row_v's arithmetic).
 template <int R>
 RESUNET_AVX512 inline __attribute__((always_inline)) void row_v32(const uint8_t* base, int64_t row_stride,
