@@ -150,6 +150,12 @@ Int8ConvChoice choose_int8_conv(const engine& eng, stream& strm, const convoluti
         choice.candidates = fmt::format("direct (our int8 Winograd does not apply: {})", why);
         return choice;
     }
+    if (algorithm == Int8ConvAlgorithm::tuned && !winograd_int8_measurable(shape.levels)) {
+        choice.candidates = fmt::format("direct (our int8 Winograd is measured only with {}-level weights; this CPU runs {}: "
+                                        "README, int8 Winograd)",
+                                        kStoredWeightLevels, shape.levels);
+        return choice;
+    }
     const std::function<std::shared_ptr<WinogradInt8>()> make = [&] {
         return std::shared_ptr<WinogradInt8>(WinogradInt8::create(eng, strm, shape, layer.quant.q.data(),
                                                                   layer.quant.scales.data(), layer.bias.data()));

@@ -32,6 +32,15 @@ inline constexpr double kInt8WinogradMargin = 0.10;
 // timing noise (one-shot timings on a shared 2-core machine move by about 10%) and the fp32 weights' memory.
 inline constexpr double kMixedPrecisionMargin = 0.10;
 
+// Whether the measured plan (Int8ConvAlgorithm::tuned) offers our int8 Winograd at all: only where the weights
+// have their full kStoredWeightLevels levels (CPUs with VNNI). With 63 (AVX2, AVX-512 without VNNI: vpmaddubsw
+// adds two products in int16) its transformed weights keep one bit less, and each layer passing its own check
+// was not enough: on the peers' network (ONEDNN_MAX_CPU_ISA=AVX2 on a Zen 5) the measured plan took 16 of 17
+// layers and moved mask Dice against PyTorch fp32 from 0.9858 (direct) to 0.9809, below the 0.985; with
+// the check tightened to 0.02 it still took 6 layers at 0.9823. With 127 levels it took 9-13 layers at 0.9883.
+// `--int8-conv winograd` still runs it there when asked for.
+inline bool winograd_int8_measurable(int weight_levels) { return weight_levels >= kStoredWeightLevels; }
+
 struct Int8ConvChoice {
     std::shared_ptr<WinogradInt8> winograd;  // run instead of the direct primitive; null: direct
     std::string algorithm = "direct";        // "direct" or "winograd_int8_f23"
