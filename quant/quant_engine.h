@@ -111,8 +111,10 @@ class QuantEngine {
     int weight_levels() const;  // |q| bound of the weights as this CPU runs them (files store +-127, narrowed to this)
     // The int8 3x3 convolutions' algorithms, for reports: "int8 3x3 convolutions: 11 winograd_int8_f23
     // (e2.conv_b, ...), 7 direct", and under `mixed` "; 4 run fp32, measured faster here (e1.conv_b, ...)"
-    // (which layers `measured` and `mixed` choose depends on the timings of that start).
-    std::string conv_summary() const;
+    // (which layers `measured` and `mixed` choose depends on the timings of that start). With
+    // `with_source`, where the choices came from is added: " (from the plan cache (plan-u8s8-....json))" or
+    // " (measured: ...; saved as ...)"; reports that must not depend on a warm cache leave it out.
+    std::string conv_summary(bool with_source = true) const;
 
     struct Impl;
 

@@ -229,9 +229,9 @@ double QuantEngine::compile_ms() const { return impl_->compile_ms; }
 int QuantEngine::num_primitives() const { return static_cast<int>(impl_->steps.size()); }
 int QuantEngine::weight_levels() const { return impl_->levels; }
 
-std::string QuantEngine::conv_summary() const {
+std::string QuantEngine::conv_summary(bool with_source) const {
     std::string text = impl_->conv_summary_text();
-    if (!impl_->plan_note.empty()) text += " (" + impl_->plan_note + ")";
+    if (with_source && !impl_->plan_note.empty()) text += " (" + impl_->plan_note + ")";
     return text;
 }
 

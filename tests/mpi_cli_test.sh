@@ -23,6 +23,9 @@ mpi() { "$mpiexec" --allow-run-as-root --oversubscribe -np "$ranks" "$@"; }
 # A JSON report without the lines that carry timings.
 untimed() { grep -v -E '"(seconds|train_seconds|loader_wait_share)"' "$1"; }
 export OMP_WAIT_POLICY=passive
+# The plans (fp32, and int8's measured choices) in a cache of the test's own, cold at the start: the first
+# run measures and saves them, every later run and rank reads them (under mpirun rank 0 compiles first).
+export XDG_CACHE_HOME="$work/cache"
 
 # ---- data: 15 image/mask pairs; a predict input folder with one unreadable image ----
 mkdir -p "$work/data/images" "$work/data/masks" "$work/inputs" "$work/truth"

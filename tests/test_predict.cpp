@@ -448,7 +448,9 @@ TEST(Predict, Int8AndStaticInt8AgreeWithFp32) {
 
     options.out_dir = out / "int8";
     options.precision = Precision::int8;
-    EXPECT_EQ(predict(options).report.engine, "int8 (dynamic scales)");
+    // the default --int8-conv (measured) says what it chose after the scales
+    const std::string int8_engine = predict(options).report.engine;
+    EXPECT_TRUE(int8_engine.starts_with("int8 (dynamic scales); int8 3x3 convolutions: ")) << int8_engine;
 
     options.out_dir = out / "static";
     options.precision = Precision::static_int8;
@@ -466,7 +468,8 @@ TEST(Predict, Int8AndStaticInt8AgreeWithFp32) {
     options.model_path = test_model().int8_static_path;
     options.precision = Precision::static_int8;
     const Captured stored = predict(options);
-    EXPECT_EQ(stored.report.engine, "int8 (static scales stored in the model)");
+    EXPECT_TRUE(stored.report.engine.starts_with("int8 (static scales stored in the model); int8 3x3 convolutions: "))
+        << stored.report.engine;
     EXPECT_EQ(stored.log.find("calibrated on"), std::string::npos) << stored.log;
 
     const double share = foreground_share(out / "fp32", inputs);
@@ -780,7 +783,14 @@ TEST(PredictBinary, HelpUsageErrorsAndExitCodes) {
         << err;
     EXPECT_EQ(run("predict " + image + " --model " + model + " --out " + (dir / "pred-int8-untuned") + " --tune off", &out, &err), 0)
         << err;
-    EXPECT_EQ(run("predict " + image + " --model " + model + " --out " + (dir / "pred-int8") + " --plan-cache none", &out, &err), 2);
+    // --plan-cache also holds the int8 engine's measured choices (the default --int8-conv measured), and
+    // means nothing to --int8-conv direct
+    EXPECT_EQ(run("predict " + image + " --model " + model + " --out " + (dir / "pred-int8-nocache") + " --plan-cache none", &out, &err), 0)
+        << err;
+    EXPECT_NE(out.find("int8 3x3 convolutions: "), std::string::npos) << out;  // the default measured plan says what it chose
+    EXPECT_EQ(run("predict " + image + " --model " + model + " --out " + (dir / "pred-int8") + " --plan-cache none --int8-conv direct",
+                  &out, &err),
+              2);
     EXPECT_NE(err.find("--precision fp32"), std::string::npos) << err;
     EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
     EXPECT_FALSE(fs::exists(dir / "pred-int8"));

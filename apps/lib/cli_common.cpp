@@ -48,21 +48,12 @@ int run_command(const char* name, const std::function<int()>& body) {
     }
 }
 
-void agree_on_setup(const std::function<void()>& setup) {
+namespace {
+
+// What the ranks found, as agree_on_setup says: `mine` is "" when all is well, else '2' (usage) or '1' (other)
+// and the one-line message; throws on every rank when any rank found something.
+void agree_on(const std::string& mine) {
     dist::Comm& comm = dist::Comm::world();
-    if (!comm.distributed()) {
-        setup();
-        return;
-    }
-    // What this rank found: "" when all is well, else '2' (usage) or '1' (other) and the one-line message.
-    std::string mine;
-    try {
-        setup();
-    } catch (const UsageError& e) {
-        mine = "2" + one_line(e.what());
-    } catch (const std::exception& e) {
-        mine = "1" + one_line(e.what());
-    }
     std::string first;
     for (const std::string& found : comm.gather(mine))
         if (!found.empty()) {
@@ -74,6 +65,33 @@ void agree_on_setup(const std::function<void()>& setup) {
     if (first[0] == '2') throw AgreedUsageError(first.substr(1));
     // Another failure: each rank says its own (or, where it had none, which rank failed); exit status 1.
     throw Error(mine.empty() ? fmt::format("another rank failed during setup: {}", first.substr(1)) : mine.substr(1));
+}
+
+std::string run_setup(const std::function<void()>& setup) {
+    try {
+        setup();
+    } catch (const UsageError& e) {
+        return "2" + one_line(e.what());
+    } catch (const std::exception& e) {
+        return "1" + one_line(e.what());
+    }
+    return std::string();
+}
+
+}  // namespace
+
+void agree_on_setup(const std::function<void()>& setup, bool rank0_first) {
+    dist::Comm& comm = dist::Comm::world();
+    if (!comm.distributed()) {
+        setup();
+        return;
+    }
+    if (rank0_first) {
+        agree_on(comm.rank() == 0 ? run_setup(setup) : std::string());
+        agree_on(comm.rank() == 0 ? std::string() : run_setup(setup));
+        return;
+    }
+    agree_on(run_setup(setup));
 }
 
 void Packer::u64(uint64_t value) { bytes_.append(reinterpret_cast<const char*>(&value), sizeof value); }
@@ -125,19 +143,24 @@ fs::path prepare_run_dir(const std::string& out, const char* flag) {
 
 std::string int8_engine_label(const QuantEngine& engine, bool stored_scales, const EngineTuningFlags& flags) {
     std::string label = stored_scales ? "int8 (static scales stored in the model)" : "int8 (dynamic scales)";
-    if (flags.int8_conv != "direct") label += fmt::format("; --int8-conv {}: {}", flags.int8_conv, engine.conv_summary());
+    const std::string conv = flags.int8_conv_or_default();
+    // The default (measured) says what it chose; a flag given is named. Not whence (a warm plan cache or a
+    // measurement): the reports of one job must not depend on it (one process and mpirun ranks write the same).
+    if (conv != "direct")
+        label += fmt::format("; {}{}", flags.int8_conv.empty() ? "" : fmt::format("--int8-conv {}: ", conv),
+                             engine.conv_summary(/*with_source=*/false));
     return label;
 }
 
 void apply_engine_tuning(const EngineTuningFlags& flags, bool precision_is_fp32, EngineOptions& options) {
     if (!precision_is_fp32) {
-        if (flags.memory_budget_mb != 0 || (!flags.plan_cache.empty() && flags.int8_conv != "measured"))
+        if (flags.memory_budget_mb != 0 || (!flags.plan_cache.empty() && flags.int8_conv_or_default() != "measured"))
             throw UsageError("--memory-budget and --plan-cache plan the fp32 engine (and --plan-cache the int8 engine's "
                              "--int8-conv measured); the int8 engine takes --tune and --int8-conv (pass --precision fp32 "
                              "or drop them)");
         return;
     }
-    if (flags.int8_conv != "direct")
+    if (!flags.int8_conv.empty())
         throw UsageError("--int8-conv chooses the int8 engine's convolutions; with --precision fp32 drop it");
     options.tune = tuning_from_name(flags.tune);
     options.plan_cache = flags.plan_cache == "none" ? std::string() : flags.plan_cache.empty() ? default_plan_cache() : flags.plan_cache;
@@ -145,7 +168,7 @@ void apply_engine_tuning(const EngineTuningFlags& flags, bool precision_is_fp32,
 }
 
 std::string int8_plan_cache(const EngineTuningFlags& flags) {
-    if (flags.int8_conv != "measured") return std::string();  // only the measured choices are cached
+    if (flags.int8_conv_or_default() != "measured") return std::string();  // only the measured choices are cached
     return flags.plan_cache == "none" ? std::string() : flags.plan_cache.empty() ? default_plan_cache() : flags.plan_cache;
 }
 

@@ -78,7 +78,11 @@ int run_command(const char* name, const std::function<int()>& body);
 // rank's setup throws, every rank throws the first failing rank's error (AgreedUsageError for a UsageError,
 // else Error), so no rank starts work (or waits in a collective) alone. It is a barrier: no rank writes an output
 // before every rank has checked that none exists. Alone, it runs `setup` and lets its exceptions through as they are.
-void agree_on_setup(const std::function<void()>& setup);
+// `rank0_first`: rank 0 runs `setup` alone first and the others after it succeeded, so what it measured and
+// saved (the fp32 and int8 plans in the plan cache) the others read instead of measuring anew: every rank then
+// runs the same plan (masks byte-identical to one process) and no two ranks time kernels at once. Ranks that
+// do not share the cache folder (other machines, --plan-cache none) still measure their own.
+void agree_on_setup(const std::function<void()>& setup, bool rank0_first = false);
 
 // Plain bytes of numbers and strings, for gathering results across ranks (all ranks run the same build).
 class Packer {

@@ -111,12 +111,12 @@ void add_engine_tuning_flags(CLI::App& command, EngineTuningFlags& flags) {
         ->capture_default_str();
     command.add_option("--int8-conv", flags.int8_conv,
                        "int8: the int8 layers' 3x3 convolutions: direct (oneDNN, exact integer arithmetic), winograd (our "
-                       "own int8 Winograd F(2x2,3x3) wherever it applies: faster, less exact; README), measured (each "
-                       "layer timed at start, Winograd where it passes its check and is faster; --tune off keeps direct), "
-                       "mixed (each layer timed at start in int8 and in fp32, and run fp32 where that is faster here: "
-                       "never less exact; --tune off keeps int8)")
-        ->check(CLI::IsMember({"direct", "winograd", "measured", "mixed"}))
-        ->capture_default_str();
+                       "own int8 Winograd F(2x2,3x3) wherever it applies: faster, less exact; README), measured (the "
+                       "default: each layer timed at start or read from --plan-cache, our Winograd where it passes its "
+                       "check and is faster, on CPUs with 127-level weights (VNNI) only; --tune off keeps direct), mixed "
+                       "(each layer timed at start in int8 and in fp32, and run fp32 where that is faster here: never "
+                       "less exact; --tune off keeps int8). Default: measured")
+        ->check(CLI::IsMember({"direct", "winograd", "measured", "mixed"}));
 }
 
 void add_train_flags(CLI::App& command, TrainCommandOptions& options) {

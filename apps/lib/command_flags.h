@@ -69,10 +69,10 @@ struct EngineTuningFlags {
     std::string tune = "fast";         // off (direct, oneDNN's layout), fast (measured), full (more runs)
     std::string plan_cache;            // folder of tuned plans; "" = the default folder; "none" = measure every time
     double memory_budget_mb = 0;       // engine bytes in MB; 0 = 2.5x the all-direct plan; -1 = no limit
-    std::string int8_conv = "direct";  // int8 layers' 3x3 convolutions: direct, winograd, measured, mixed (Int8ConvAlgorithm)
-    bool is_default() const {
-        return tune == "fast" && plan_cache.empty() && memory_budget_mb == 0 && int8_conv == "direct";
-    }
+    // int8 layers' 3x3 convolutions: direct, winograd, measured, mixed (Int8ConvAlgorithm); "" = not given:
+    // measured for the int8 engine (int8_conv_or_default()), and no error with --precision fp32.
+    std::string int8_conv;
+    std::string int8_conv_or_default() const { return int8_conv.empty() ? "measured" : int8_conv; }
 };
 
 // Flags of `resunet eval`.

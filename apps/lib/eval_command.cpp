@@ -76,7 +76,8 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
     const Graph& graph = model.graph;
     int size = 0;
     PreprocessOptions preprocess;
-    // Every check before any work; under mpirun every rank agrees on it (one message, exit 2 everywhere).
+    // Every check before any work; under mpirun every rank agrees on it (one message, exit 2 everywhere). Rank 0
+    // first: it measures and caches the plans, the other ranks take them, so every rank runs the same plan.
     agree_on_setup([&] {
         if (options.model_path.empty()) throw UsageError("--model is required");
         if (options.batch < 1) throw UsageError(fmt::format("--batch must be at least 1, got {}", options.batch));
@@ -132,7 +133,7 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
                 QuantOptions quant_options;
                 quant_options.threads = options.threads;
                 quant_options.tune = tuning_from_name(options.tuning.tune);
-                quant_options.int8_algorithm = int8_conv_from_name(options.tuning.int8_conv);
+                quant_options.int8_algorithm = int8_conv_from_name(options.tuning.int8_conv_or_default());
                 quant_options.plan_cache = int8_plan_cache(options.tuning);
                 int8 = std::make_unique<QuantEngine>(graph, file.tensors, quant_options);
                 report.engine = int8_engine_label(*int8, stored_scales, options.tuning);
@@ -155,7 +156,7 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
             int8->calibrate(calibration.data(), static_cast<int>(ids.size()));
             report.engine = fmt::format("int8 (static scales, calibrated on the first {} images of the split's train side)", ids.size());
         }
-    });  // agree_on_setup
+    }, /*rank0_first=*/true);  // agree_on_setup
 
     // This rank's test images: whole batches of the one-process order (an int8 batch then holds the same images).
     const size_t total = indices.size();

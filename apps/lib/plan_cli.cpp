@@ -40,7 +40,7 @@ QuantOptions int8_options(const PlanOptions& o, int micro_batch, Tuning tune) {
     options.threads = o.threads;
     options.micro_batch = micro_batch;
     options.tune = tune;
-    options.int8_algorithm = int8_conv_from_name(o.tuning.int8_conv);
+    options.int8_algorithm = int8_conv_from_name(o.tuning.int8_conv_or_default());
     options.plan_cache = int8_plan_cache(o.tuning);
     return options;
 }
@@ -98,7 +98,7 @@ void print_plan(const PlanOptions& o) {
     EngineOptions options;
     options.threads = o.threads;
     EngineTuningFlags fp32_flags = o.tuning;  // the int8 plan's --int8-conv goes to int8_options()
-    if (int8) fp32_flags.int8_conv = "direct";
+    if (int8) fp32_flags.int8_conv.clear();
     apply_engine_tuning(fp32_flags, true, options);
     if (o.retune && !options.plan_cache.empty()) {
         // Measure again: the cached plans (fp32, and int8 --int8-conv measured) are removed first (the engines'

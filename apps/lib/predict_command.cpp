@@ -308,7 +308,7 @@ LoadedModel load_model(const PredictOptions& options, std::FILE* log) {
             QuantOptions quant_options;
             quant_options.threads = options.threads;
             quant_options.tune = tuning_from_name(options.tuning.tune);
-            quant_options.int8_algorithm = int8_conv_from_name(options.tuning.int8_conv);
+            quant_options.int8_algorithm = int8_conv_from_name(options.tuning.int8_conv_or_default());
             quant_options.plan_cache = int8_plan_cache(options.tuning);
             quant_options.mode = options.precision == Precision::static_int8 ? ScaleMode::static_calibrated : ScaleMode::dynamic;
             model.runner.int8 = std::make_unique<QuantEngine>(graph, file.tensors, quant_options);
@@ -526,9 +526,14 @@ PredictReport run_predict(const PredictOptions& options) {
     agree_on_setup([&] {
         check_options(effective);
         planned.emplace(plan_run(effective));  // before the model loads: a typo in a path costs no load time
-        model = load_model(effective, info);
-        create_out_dir(planned->out_dir);
     });
+    // Rank 0 compiles first and caches its measured plans; the other ranks take them (the same masks as one process).
+    agree_on_setup(
+        [&] {
+            model = load_model(effective, info);
+            create_out_dir(planned->out_dir);
+        },
+        /*rank0_first=*/true);
     Run& run = *planned;
     run.size = model.config.height;
     run.input_floats = static_cast<size_t>(3) * run.size * run.size;
