@@ -79,7 +79,7 @@ struct Options {
     bool eval_row = false;    // internal: score instead of timing
     bool choose_row = false;  // internal: measure the micro-batch candidates instead of timing
     std::string tune = "fast";  // fp32 engine: off | fast | full (EngineOptions::tune)
-    std::string int8_conv = "direct";  // int8 rows' 3x3 convolutions: direct | winograd | measured | mixed (QuantOptions)
+    std::string int8_conv = "measured";  // int8 rows' 3x3 convolutions: direct | winograd | measured | mixed (QuantOptions)
     std::string plan_cache = resunet::default_plan_cache();  // "" or "none": measure every time
     double memory_budget_mb = 0;  // EngineOptions::memory_budget_mb
 };
@@ -536,7 +536,7 @@ int main(int argc, char** argv) {
         ->check(CLI::IsMember({"off", "fast", "full"}));
     app.add_option("--int8-conv", o.int8_conv,
                    "int8 rows' 3x3 convolutions: direct (oneDNN), winograd (our own int8 Winograd F(2x2,3x3): faster, "
-                   "less exact), measured (each layer timed at compile time), mixed (each layer timed in int8 and in fp32 at "
+                   "less exact), measured (each layer timed at compile time or read from --plan-cache; our Winograd offered only on CPUs with 127-level weights, i.e. VNNI), mixed (each layer timed in int8 and in fp32 at "
                    "compile time, fp32 where faster: never less exact)")
         ->check(CLI::IsMember({"direct", "winograd", "measured", "mixed"}))
         ->capture_default_str();

@@ -87,7 +87,7 @@ nlohmann::json measure(AnyEngine& engine, const std::vector<float>& input, const
 int main(int argc, char** argv) {
     CLI::App app{"Our engines on the peers' network, input and reference logits (../shared/peers)"};
     std::string weights_path, input_path, reference_path, precision = "fp32", tune = "fast", json_path;
-    std::string int8_conv = "direct";
+    std::string int8_conv = "measured";  // the programs' default
     std::string plan_cache = resunet::default_plan_cache();
     int runs = 5, batch = 16, size = 224, threads = 2;
     double memory_budget_mb = 0;
@@ -98,7 +98,7 @@ int main(int argc, char** argv) {
         ->check(CLI::IsMember({"fp32", "int8", "static-int8"}));
     app.add_option("--tune", tune, "fp32 plan: off | fast | full")->check(CLI::IsMember({"off", "fast", "full"}));
     app.add_option("--plan-cache", plan_cache, "folder of tuned plans; 'none' to measure every time");
-    app.add_option("--int8-conv", int8_conv, "int8: direct | winograd | measured | mixed")
+    app.add_option("--int8-conv", int8_conv, "int8: direct | winograd | measured (default) | mixed")
         ->check(CLI::IsMember({"direct", "winograd", "measured", "mixed"}));
     app.add_option("--memory-budget", memory_budget_mb, "fp32 plan: engine bytes in MB; 0 = 2.5x direct, -1 = no limit");
     app.add_option("--runs", runs, "timed runs of the whole batch")->check(resunet::positive_number());

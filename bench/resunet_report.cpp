@@ -106,7 +106,10 @@ std::string markdown(const json& report) {
             md += fmt::format("- int8 3x3 convolutions: --int8-conv {} (our own int8 Winograd F(2x2,3x3) where {}; it "
                               "requantizes inside the Winograd domain, so it is faster and less exact than direct).\n",
                               r["int8_conv"].get<std::string>(),
-                              r["int8_conv"] == "winograd" ? "it applies" : "measured faster and within its check");
+                              r["int8_conv"] == "winograd" ? "it applies"
+                                                             : "measured faster and within its check, on CPUs whose "
+                                                               "weights have 127 levels (VNNI; elsewhere every layer "
+                                                               "runs direct)");
         int8_conv_said = true;
         if (r.contains("int8_plan"))
             md += fmt::format("  {} row: {}.\n", r["precision"].get<std::string>(), r["int8_plan"].get<std::string>());

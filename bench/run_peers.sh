@@ -5,11 +5,11 @@
 #   peers: pt_jit_ob (PyTorch fp32), pt_fx_onednn (PyTorch FX static int8), ort_fp32, ort_qdqfull (ORT QDQ int8);
 #   ours (bench/peer_fidelity): fp32 tuned (cold: measures and saves its plan; warm: from the plan cache),
 #   fp32 untuned (--tune off), fp32 tuned under a lean memory budget and under none (cold and warm each),
-#   int8 dynamic, int8 dynamic with our int8 Winograd where measured faster (--int8-conv measured), int8
-#   dynamic mixed precision (--int8-conv mixed: fp32 where measured faster), int8 static, and int8 from an
-#   int8 file (resunet quantize) when the program has that subcommand; then pairs: each peer whose ratio
-#   the issue targets run once more between two runs of our matching row (int8 dynamic both as oneDNN direct
-#   and with --int8-conv measured).
+#   int8 dynamic (the default --int8-conv measured: our int8 Winograd where measured faster, on CPUs with
+#   127-level weights), int8 dynamic all oneDNN direct (--int8-conv direct), int8 dynamic mixed precision
+#   (--int8-conv mixed: fp32 where measured faster), int8 static, and int8 from an int8 file (resunet
+#   quantize) when the program has that subcommand; then pairs: each peer whose ratio the issue targets run
+#   once more between two runs of our matching row (int8 dynamic both as the default and as direct).
 # Fidelity: each of our rows against PyTorch's fp32 logits (ref_logits.bin) of the same weights.
 #
 #   bash bench/run_peers.sh [OUT_DIR] [RUNS]      (OUT_DIR default build/peers; RUNS default 5;
@@ -60,16 +60,16 @@ ours fp32-lean-cold --precision fp32 --plan-cache "$cache" --memory-budget "$lea
 ours fp32-lean-warm --precision fp32 --plan-cache "$cache" --memory-budget "$lean_mb"
 ours fp32-unlimited-cold --precision fp32 --plan-cache "$cache" --memory-budget -1
 ours fp32-unlimited-warm --precision fp32 --plan-cache "$cache" --memory-budget -1
-ours int8-dynamic --precision int8
-ours int8-dynamic-winograd --precision int8 --int8-conv measured --plan-cache "$cache"
+ours int8-dynamic --precision int8 --plan-cache "$cache"
+ours int8-dynamic-direct --precision int8 --int8-conv direct
 ours int8-dynamic-mixed --precision int8 --int8-conv mixed
-ours int8-static --precision static-int8
+ours int8-static --precision static-int8 --plan-cache "$cache"
 if build/apps/resunet quantize --help > /dev/null 2>&1; then
   rm -f "$out/peer_w64.int8.safetensors" "$out/peer_w64.int8.report.md" "$out/peer_w64.int8.report.json"
   if build/apps/resunet quantize --model "$out/peer_w64.safetensors" --out "$out/peer_w64.int8.safetensors" \
        --size 224 > "$out/quantize.log" 2>&1; then
     common[1]="$out/peer_w64.int8.safetensors"
-    ours int8-file --precision int8  # stored static scales (synthetic calibration set)
+    ours int8-file --precision int8 --plan-cache "$cache"  # stored static scales (synthetic calibration set)
     common[1]="$out/peer_w64.safetensors"
   else
     echo "== ours: int8 file: resunet quantize failed (see $out/quantize.log)"
@@ -97,9 +97,9 @@ print("   pair: %s %.0f ms (min %.0f, max %.0f) between our %s %.0f ms and %.0f 
 PY
 }
 pair ort_fp32 fp32 --precision fp32 --plan-cache "$cache"
-pair ort_qdqfull int8-dynamic --precision int8
-pair pt_fx_onednn int8-dynamic --precision int8
-pair pt_fx_onednn int8-static --precision static-int8
-# Our int8 Winograd where measured faster (--int8-conv measured): the planner's int8 plan, against the same peers.
-pair ort_qdqfull int8-measured --precision int8 --int8-conv measured --plan-cache "$cache"
-pair pt_fx_onednn int8-measured --precision int8 --int8-conv measured --plan-cache "$cache"
+pair ort_qdqfull int8-dynamic --precision int8 --plan-cache "$cache"
+pair pt_fx_onednn int8-dynamic --precision int8 --plan-cache "$cache"
+pair pt_fx_onednn int8-static --precision static-int8 --plan-cache "$cache"
+# All oneDNN direct (--int8-conv direct), against the same peers.
+pair ort_qdqfull int8-direct --precision int8 --int8-conv direct
+pair pt_fx_onednn int8-direct --precision int8 --int8-conv direct
