@@ -87,6 +87,17 @@ std::string markdown(const json& report) {
     }
     md += "- Peak RSS: VmHWM of a separate process per row (this program re-executed), after all runs: weights, "
           "engine, input and output buffers, code and libraries.\n";
+    std::string planning;
+    for (const json& r : report["rows"])
+        if (r.contains("planning"))
+            planning += fmt::format("{}{} {:.1f} s, peak RSS {:.0f} MB", planning.empty() ? "" : "; ", r["precision"].get<std::string>(),
+                                    r["planning"]["compile_ms"].get<double>() / 1e3,
+                                    r["planning"]["peak_rss_bytes"].get<double>() / 1e6);
+    if (!planning.empty())
+        md += fmt::format("- Plans (fp32 tuned, int8 measured) are compiled first in a process of their own, which measures "
+                          "them into the plan cache or reads them from it ({}); the rows then run the cached plan, so their "
+                          "peak RSS is the plan's, not the measuring's.\n",
+                          planning);
     md += "- Engine bytes: what the engine holds: reordered BN-folded weights + the planned activation arena + "
           "oneDNN's shared user scratchpad.\n";
     md += "- GFLOP/s: 2 x MACs of the graph x batch / median latency (int8 rows: the same MAC count).\n";

@@ -126,6 +126,34 @@ TEST(BenchResunet, RandomWeightsReportEveryRowWithOrderedStatistics) {
 }
 
 // Three test images at batch 2 and micro-batch 2: the last batch of one image runs padded.
+// With a plan cache (fp32 tuned, int8 measured: the defaults) each row's plan is compiled first in a process
+// of its own, which measures it into a cold cache; the timed row then runs it from the cache, so its peak RSS
+// is the plan's. The report says what planning cost; --plan-cache none measures in the timed row itself.
+TEST(BenchResunet, PlansAreMeasuredInAProcessOfTheirOwnBeforeTheTimedRow) {
+    TempDir dir;
+    const std::string common = "--random-weights --width 16 --size 32 --batch 2 --runs 1 --threads 1 --json " + (dir / "t.json");
+    Result r = bench(dir, common + " --plan-cache " + (dir / "plans"));
+    ASSERT_EQ(r.code, 0) << r.err;
+    json report = json::parse(read_text(dir / "t.json"));
+    ASSERT_EQ(report["rows"].size(), 3u);
+    for (const json& row : report["rows"]) {
+        SCOPED_TRACE(row.dump().substr(0, 300));
+        ASSERT_TRUE(row.contains("planning"));
+        EXPECT_GT(row["planning"]["compile_ms"].get<double>(), 0);
+        EXPECT_GT(row["planning"]["peak_rss_bytes"].get<double>(), 0);
+        const std::string plan = row.contains("int8_plan") ? row["int8_plan"] : row["plan"];
+        EXPECT_NE(plan.find("from the plan cache"), std::string::npos) << plan;
+    }
+    // the cold cache: fp32's and int8's plans measured by their planning processes (int8-static reads int8's)
+    EXPECT_NE(report["rows"][0]["planning"]["plan"].get<std::string>().find("measured: no cached plan"), std::string::npos);
+    EXPECT_NE(report["rows"][1]["planning"]["plan"].get<std::string>().find("measured: no cached plan"), std::string::npos);
+    EXPECT_NE(r.out.find("- Plans (fp32 tuned, int8 measured) are compiled first in a process of their own"), std::string::npos) << r.out;
+    r = bench(dir, common + " --plan-cache none");
+    ASSERT_EQ(r.code, 0) << r.err;
+    report = json::parse(read_text(dir / "t.json"));
+    for (const json& row : report["rows"]) EXPECT_FALSE(row.contains("planning")) << row.dump().substr(0, 300);
+}
+
 TEST(BenchResunet, ScoresAModelOnKvasirAtItsOwnSize) {
     TempDir dir;
     const std::string model = tiny_model(dir, 4);
