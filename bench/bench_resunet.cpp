@@ -162,6 +162,11 @@ resunet::Graph graph_for(const Options& o) {
     return resunet::build_resunet(config);
 }
 
+// A row's weights: --model's, else random (Kaiming, seed 1).
+resunet::TensorMap row_weights(const Options& o, const resunet::Graph& graph) {
+    return o.model.empty() ? resunet::init_weights(graph, 1) : resunet::load_safetensors(o.model).tensors;
+}
+
 // The test split's dataset indices: from --split, or made with seed 42 and written there.
 std::vector<size_t> test_indices(const Options& o, const resunet::Dataset& dataset) {
     resunet::Split split;
@@ -260,7 +265,7 @@ double percentile(std::vector<double> v, double p) {
 
 json choose_micro_batch_row(const Options& o) {
     resunet::Graph graph = graph_for(o);
-    const resunet::TensorMap weights = o.model.empty() ? resunet::init_weights(graph, 1) : resunet::load_safetensors(o.model).tensors;
+    const resunet::TensorMap weights = row_weights(o, graph);
     std::vector<float> src(static_cast<size_t>(3LL * o.size * o.size * o.batch));
     resunet::fill_uniform(src.data(), static_cast<int64_t>(src.size()), 7, -2.0f, 2.0f);
     resunet::MicroBatchSearch search;
@@ -302,7 +307,7 @@ json measure_engine(const Options& o, const resunet::Graph& graph, AnyEngine& en
 // plan's, not the measuring's. Returns what compiling cost: time, peak RSS, where the plan came from.
 json plan_row(const Options& o) {
     resunet::Graph graph = graph_for(o);
-    resunet::TensorMap weights = o.model.empty() ? resunet::init_weights(graph, 1) : resunet::load_safetensors(o.model).tensors;
+    const resunet::TensorMap weights = row_weights(o, graph);
     json row;
     if (o.row == "fp32") {
         resunet::Engine engine(graph, weights, engine_options_of(o, o.micro_batch));
@@ -317,12 +322,7 @@ json plan_row(const Options& o) {
 
 json measure_row(const Options& o) {
     resunet::Graph graph = graph_for(o);
-    resunet::TensorMap weights;
-    if (o.model.empty()) {
-        weights = resunet::init_weights(graph, 1);
-    } else {
-        weights = resunet::load_safetensors(o.model).tensors;
-    }
+    resunet::TensorMap weights = row_weights(o, graph);
     if (o.row == "fp32") {
         resunet::Engine engine(graph, weights, engine_options_of(o, o.micro_batch));
         weights = resunet::TensorMap();  // the engine holds its own reordered copy

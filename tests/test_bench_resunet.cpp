@@ -125,7 +125,6 @@ TEST(BenchResunet, RandomWeightsReportEveryRowWithOrderedStatistics) {
     EXPECT_FALSE(cv::imread(dir / "c.png").empty());
 }
 
-// Three test images at batch 2 and micro-batch 2: the last batch of one image runs padded.
 // With a plan cache (fp32 tuned, int8 measured: the defaults) each row's plan is compiled first in a process
 // of its own, which measures it into a cold cache; the timed row then runs it from the cache, so its peak RSS
 // is the plan's. The report says what planning cost; --plan-cache none measures in the timed row itself.
@@ -154,6 +153,7 @@ TEST(BenchResunet, PlansAreMeasuredInAProcessOfTheirOwnBeforeTheTimedRow) {
     for (const json& row : report["rows"]) EXPECT_FALSE(row.contains("planning")) << row.dump().substr(0, 300);
 }
 
+// Three test images at batch 2 and micro-batch 2: the last batch of one image runs padded.
 TEST(BenchResunet, ScoresAModelOnKvasirAtItsOwnSize) {
     TempDir dir;
     const std::string model = tiny_model(dir, 4);

@@ -294,9 +294,7 @@ TEST(WinogradInt8Engine, ForcedMeasuredAndOff) {
     const auto off_rows = run_with(Int8ConvAlgorithm::tuned, resunet::Tuning::off, off);
     // The measured plan offers the Winograd only where the weights have 127 levels (VNNI): with fewer it
     // keeps direct and says why (quant/int8_conv_choice.h, winograd_int8_measurable).
-    QuantOptions plain;
-    plain.threads = 2;
-    const bool measurable = resunet::quant_detail::winograd_int8_measurable(QuantEngine(net.graph, net.weights, plain).weight_levels());
+    const bool measurable = resunet::quant_detail::winograd_int8_measurable(resunet::weight_levels());
     int forced = 0;
     for (const auto& [name, row] : winograd_rows) {
         if (!is_3x3_int8(name) || row.precision != "u8s8") continue;
@@ -323,6 +321,8 @@ TEST(WinogradInt8Engine, ForcedMeasuredAndOff) {
     if (!measurable) {
         EXPECT_EQ(measured, direct);  // every layer direct: the direct plan, bit for bit
     }
+    QuantOptions plain;
+    plain.threads = 2;
     EXPECT_EQ(QuantEngine(net.graph, net.weights, plain).conv_summary(), "int8 3x3 convolutions: 0 winograd_int8_f23, 9 direct");
     // The network with the Winograd everywhere against direct and fp32: the bound is per network (each
     // layer's requantization adds to the next one's input), measured 2-3e-2 here.
