@@ -35,6 +35,7 @@
 #include "data/split.h"
 #include "engine/engine.h"
 #include "engine/micro_batch.h"
+#include "apps/lib/engine_setup.h"
 #include "engine/plan_cache.h"
 #include "graph/atomic_file.h"
 #include "graph/model_config.h"
@@ -79,8 +80,9 @@ struct Options {
     bool eval_row = false;    // internal: score instead of timing
     bool choose_row = false;  // internal: measure the micro-batch candidates instead of timing
     bool plan_row = false;    // internal: only compile the row's engine (measuring and caching its plan)
-    std::string tune = "fast";  // fp32 engine: off | fast | full (EngineOptions::tune)
-    std::string int8_conv = "measured";  // int8 rows' 3x3 convolutions: direct | winograd | measured | mixed (QuantOptions)
+    std::string tune = "rule";  // both engines: rule | off | fast | full (EngineTuningFlags, apps/lib/engine_setup.h)
+    std::string int8_conv = "auto";  // int8 rows' 3x3 convolutions: auto | direct | winograd | mixed (QuantOptions)
+    std::vector<std::string> plan_files;  // --plan: at most one per precision (fp32, int8), run exactly
     std::string plan_cache = resunet::default_plan_cache();  // "" or "none": measure every time
     double memory_budget_mb = 0;  // EngineOptions::memory_budget_mb
 };
@@ -120,25 +122,35 @@ std::string choose_default_model(Options& o, bool dir_given, std::optional<resun
     return "the default model (--model-dir)";
 }
 
-// The engines' options a row runs with, at `micro_batch` images per pass.
+// The engine flags of one precision's rows, as `resunet` has them (apps/lib/engine_setup.h).
+resunet::EngineTuningFlags tuning_flags_of(const Options& o, bool fp32) {
+    resunet::EngineTuningFlags flags;
+    flags.tune = o.tune;
+    flags.plan_cache = o.plan_cache.empty() ? std::string("none") : o.plan_cache;
+    // bench's --plan-cache has a default; for the int8 rows it matters only to measured choices
+    if (!fp32 && !((o.tune == "fast" || o.tune == "full") && o.int8_conv == "auto")) flags.plan_cache = "none";
+    if (fp32) flags.memory_budget_mb = o.memory_budget_mb;
+    if (!fp32) flags.int8_conv = o.int8_conv;
+    for (const std::string& file : o.plan_files) {
+        resunet::EngineTuningFlags probe;
+        probe.plan_file = file;
+        if ((resunet::plan_flag(probe)->precision == "fp32") == fp32) {
+            flags.plan_file = file;
+            flags.tune = "rule";
+            flags.int8_conv.clear();
+            flags.memory_budget_mb = 0;
+        }
+    }
+    return flags;
+}
+
+// The engines' options a row runs with, at `micro_batch` images per pass (a --plan's own where one is given).
 resunet::EngineOptions engine_options_of(const Options& o, int micro_batch) {
-    resunet::EngineOptions options;
-    options.micro_batch = micro_batch;
-    options.threads = o.threads;
-    options.tune = resunet::tuning_from_name(o.tune);
-    options.plan_cache = o.plan_cache == "none" ? std::string() : o.plan_cache;
-    options.memory_budget_mb = o.memory_budget_mb;
-    return options;
+    return resunet::fp32_engine_options(tuning_flags_of(o, true), o.threads, micro_batch);
 }
 
 resunet::QuantOptions quant_options_of(const Options& o, int micro_batch) {
-    resunet::QuantOptions options;
-    options.micro_batch = micro_batch;
-    options.threads = o.threads;
-    options.tune = resunet::tuning_from_name(o.tune);  // its fp32 layers
-    options.int8_algorithm = resunet::int8_conv_from_name(o.int8_conv);
-    if (o.int8_conv == "measured") options.plan_cache = o.plan_cache == "none" ? std::string() : o.plan_cache;
-    return options;
+    return resunet::int8_engine_options(tuning_flags_of(o, false), o.threads, micro_batch);
 }
 
 // Builds the engine a row names and hands it to `use` as a LogitsRunner.
@@ -329,6 +341,7 @@ json measure_row(const Options& o) {
         json row = measure_engine(o, graph, engine, "f32");
         row["tune"] = o.tune;
         row["plan"] = engine.tuning_summary();
+        row["plan_id"] = engine.plan().id();
         row["activation_layout"] = engine.activation_layout();
         return row;
     }
@@ -341,6 +354,7 @@ json measure_row(const Options& o) {
     json row = measure_engine(o, graph, engine, "u8s8");
     row["int8_conv"] = o.int8_conv;
     row["int8_plan"] = engine.conv_summary();
+    row["plan_id"] = engine.plan().id();
     return row;
 }
 
@@ -421,6 +435,7 @@ json run_row_in_child(const Options& o, const std::string& precision, const fs::
                                      "--warmup", std::to_string(o.warmup), "--tune", o.tune, "--int8-conv", o.int8_conv,
                                      "--plan-cache", o.plan_cache.empty() ? std::string("none") : o.plan_cache,
                                      "--memory-budget", fmt::format("{}", o.memory_budget_mb)};
+    for (const std::string& file : o.plan_files) args.insert(args.end(), {"--plan", file});
     if (!o.model.empty()) args.insert(args.end(), {"--model", o.model});
     if (!o.data.empty()) args.insert(args.end(), {"--data", o.data});
     if (!o.split.empty()) args.insert(args.end(), {"--split", o.split});
@@ -459,8 +474,8 @@ json timed_row(Options& o, const std::string& precision, const fs::path& tmp, bo
     // A plan that a cache keeps (fp32 tuned; int8 measured) is measured in a child of its own first, so the
     // timed row's peak RSS and compile time are those of running the plan; what measuring it cost is kept.
     json planning;
-    const bool cached_plan = !o.plan_cache.empty() && o.plan_cache != "none" && o.tune != "off" &&
-                             (precision == "fp32" || o.int8_conv == "measured");
+    const bool cached_plan = !o.plan_cache.empty() && o.plan_cache != "none" && (o.tune == "fast" || o.tune == "full") &&
+                             (precision == "fp32" || o.int8_conv == "auto") && tuning_flags_of(o, precision == "fp32").plan_file.empty();
     if (cached_plan) planning = run_row_in_child(o, precision, tmp, "plan");
     json row = run_row_in_child(o, precision, tmp, "row");
     if (micro_batch_auto) row["micro_batch_search"] = search;
@@ -557,19 +572,20 @@ int main(int argc, char** argv) {
     app.add_flag("--random-weights", o.random_weights, "time random weights (Kaiming, seed 1) instead of the default model");
     app.add_flag("--layers", o.layers, "add the per-layer table: time, GFLOP/s, oneDNN kernel, algorithm candidates tried");
     app.add_option("--tune", o.tune,
-                   "fp32 plan: off (direct convolutions, oneDNN's layout), fast (each 3x3 convolution's algorithms and the "
-                   "layout measured on this machine at compile time), full (the same, more runs); int8 rows: the same for "
-                   "their fp32 layers' 3x3 convolutions")
-        ->check(CLI::IsMember({"off", "fast", "full"}));
-    app.add_option("--int8-conv", o.int8_conv,
-                   "int8 rows' 3x3 convolutions: direct (oneDNN), winograd (our own int8 Winograd F(2x2,3x3): faster, "
-                   "less exact), measured (each layer timed at compile time or read from --plan-cache; our Winograd offered only on CPUs with 127-level weights, i.e. VNNI), mixed (each layer timed in int8 and in fp32 at "
-                   "compile time, fp32 where faster: never less exact)")
-        ->check(CLI::IsMember({"direct", "winograd", "measured", "mixed"}))
+                   "How convolution algorithms are chosen: rule (default: fixed for this CPU class), off (direct), "
+                   "fast or full (timed on this machine; may differ between starts)")
+        ->check(CLI::IsMember({"rule", "off", "fast", "full"}))
         ->capture_default_str();
+    app.add_option("--int8-conv", o.int8_conv,
+                   "int8 rows' 3x3 convolutions: auto (default: our int8 Winograd where the plan says), direct, "
+                   "winograd (everywhere it applies), mixed (fp32 where timed faster)")
+        ->check(CLI::IsMember({"auto", "direct", "winograd", "mixed"}))
+        ->capture_default_str();
+    app.add_option("--plan", o.plan_files,
+                   "Run exactly this plan file (resunet plan --save-plan) in the rows of its precision; once per precision")
+        ->check(CLI::ExistingFile);
     app.add_option("--plan-cache", o.plan_cache,
-                   "folder of tuned plans reused across runs (keyed by CPU, oneDNN, graph, threads); 'none' to measure "
-                   "every time")
+                   "with --tune fast|full: folder of measured plans reused across runs; 'none' to measure every time")
         ->capture_default_str();
     app.add_option("--memory-budget", o.memory_budget_mb,
                    "fp32 plan: largest engine bytes in MB (Winograd kept where it saves the most time per byte); "

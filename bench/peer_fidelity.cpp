@@ -19,6 +19,7 @@
 
 #include "apps/lib/flag_basics.h"
 #include "engine/engine.h"
+#include "apps/lib/engine_setup.h"
 #include "engine/plan_cache.h"
 #include "graph/atomic_file.h"
 #include "graph/graph.h"
@@ -86,21 +87,15 @@ nlohmann::json measure(AnyEngine& engine, const std::vector<float>& input, const
 
 int main(int argc, char** argv) {
     CLI::App app{"Our engines on the peers' network, input and reference logits (../shared/peers)"};
-    std::string weights_path, input_path, reference_path, precision = "fp32", tune = "fast", json_path;
-    std::string int8_conv = "measured";  // the programs' default
-    std::string plan_cache = resunet::default_plan_cache();
+    std::string weights_path, input_path, reference_path, precision = "fp32", json_path;
+    resunet::EngineTuningFlags flags;  // the programs' engine flags and defaults (apps/lib/engine_setup.h)
     int runs = 5, batch = 16, size = 224, threads = 2;
-    double memory_budget_mb = 0;
     app.add_option("--weights", weights_path, "peers' weights in our names (export_weights.py)")->required();
     app.add_option("--input", input_path, "input.bin: batch x 3 x size x size float32")->required();
     app.add_option("--reference", reference_path, "ref_logits.bin: batch x 1 x size x size float32")->required();
     app.add_option("--precision", precision, "fp32 | int8 (dynamic scales) | static-int8")
         ->check(CLI::IsMember({"fp32", "int8", "static-int8"}));
-    app.add_option("--tune", tune, "fp32 plan: off | fast | full")->check(CLI::IsMember({"off", "fast", "full"}));
-    app.add_option("--plan-cache", plan_cache, "folder of tuned plans; 'none' to measure every time");
-    app.add_option("--int8-conv", int8_conv, "int8: direct | winograd | measured (default) | mixed")
-        ->check(CLI::IsMember({"direct", "winograd", "measured", "mixed"}));
-    app.add_option("--memory-budget", memory_budget_mb, "fp32 plan: engine bytes in MB; 0 = 2.5x direct, -1 = no limit");
+    resunet::add_engine_tuning_flags(app, flags);
     app.add_option("--runs", runs, "timed runs of the whole batch")->check(resunet::positive_number());
     app.add_option("--batch", batch, "images in input.bin")->check(resunet::positive_number());
     app.add_option("--size", size, "image height and width")->check(resunet::positive_number());
@@ -116,38 +111,33 @@ int main(int argc, char** argv) {
         const std::vector<float> input = read_floats(input_path, static_cast<size_t>(batch) * 3 * size * size);
         const std::vector<float> reference = read_floats(reference_path, static_cast<size_t>(batch) * size * size);
         nlohmann::json row;
-        std::string plan;
+        std::string plan, row_plan_id;
         if (precision == "fp32") {
-            resunet::EngineOptions options;
-            options.threads = threads;
-            options.tune = resunet::tuning_from_name(tune);
-            options.plan_cache = plan_cache == "none" ? std::string() : plan_cache;
-            options.memory_budget_mb = memory_budget_mb;
+            const resunet::EngineOptions options = resunet::fp32_engine_options(flags, threads, 1);
             auto engine = std::make_unique<resunet::Engine>(graph, file.tensors, options);
             file.tensors.clear();
             const double compile_ms = engine->compile_ms();
             plan = engine->tuning_summary();
+            row_plan_id = engine->plan().id();
             row = measure(*engine, input, reference, batch, runs);
             row["compile_ms"] = compile_ms;
             row["engine_bytes"] = engine->memory_usage().total();
         } else {
-            resunet::QuantOptions options;
-            options.threads = threads;
-            options.tune = resunet::tuning_from_name(tune);
-            options.int8_algorithm = resunet::int8_conv_from_name(int8_conv);
-            if (int8_conv == "measured") options.plan_cache = plan_cache == "none" ? std::string() : plan_cache;
+            const resunet::QuantOptions options = resunet::int8_engine_options(flags, threads, 1);
             auto engine = std::make_unique<resunet::QuantEngine>(graph, file.tensors, options);
             file.tensors.clear();
             if (precision == "static-int8") engine->calibrate(input.data(), 4);  // the first 4 images of the batch
             plan = engine->conv_summary();
+            row_plan_id = engine->plan().id();
             row = measure(*engine, input, reference, batch, runs);
             row["compile_ms"] = engine->compile_ms();
             row["engine_bytes"] = engine->memory_usage().total();
         }
         row["precision"] = precision;
-        row["tune"] = tune;
-        if (precision != "fp32") row["int8_conv"] = int8_conv;
+        row["tune"] = flags.tune;
+        if (precision != "fp32") row["int8_conv"] = flags.int8_conv_or_default();
         row["plan"] = plan;
+        row["plan_id"] = row_plan_id;
         row["threads"] = threads;
         row["peak_rss_mb"] = peak_rss_mb();
         row["isa"] = resunet::onednn_version();

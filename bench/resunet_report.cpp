@@ -94,7 +94,7 @@ std::string markdown(const json& report) {
                                     r["planning"]["compile_ms"].get<double>() / 1e3,
                                     r["planning"]["peak_rss_bytes"].get<double>() / 1e6);
     if (!planning.empty())
-        md += fmt::format("- Plans (fp32 tuned, int8 measured) are compiled first in a process of their own, which measures "
+        md += fmt::format("- Plans (measured: --tune fast or full) are compiled first in a process of their own, which measures "
                           "them into the plan cache or reads them from it ({}); the rows then run the cached plan, so their "
                           "peak RSS is the plan's, not the measuring's.\n",
                           planning);
@@ -118,13 +118,18 @@ std::string markdown(const json& report) {
                               "requantizes inside the Winograd domain, so it is faster and less exact than direct).\n",
                               r["int8_conv"].get<std::string>(),
                               r["int8_conv"] == "winograd" ? "it applies"
-                                                             : "measured faster and within its check, on CPUs whose "
-                                                               "weights have 127 levels (VNNI; elsewhere every layer "
-                                                               "runs direct)");
+                                                             : "the plan names it (by default a rule fixed per CPU class, "
+                                                               "on CPUs whose weights have 127 levels (VNNI); elsewhere "
+                                                               "every layer runs direct)");
         int8_conv_said = true;
         if (r.contains("int8_plan"))
             md += fmt::format("  {} row: {}.\n", r["precision"].get<std::string>(), r["int8_plan"].get<std::string>());
     }
+    std::string plans;
+    for (const json& r : report["rows"])
+        if (r.contains("plan_id"))
+            plans += fmt::format("{}{} {}", plans.empty() ? "" : ", ", r["precision"].get<std::string>(), r["plan_id"].get<std::string>());
+    if (!plans.empty()) md += fmt::format("\nPlans (`resunet plan --save-plan` writes one; `--plan FILE` runs it again): {}\n", plans);
     md += fmt::format("\nProvenance: {} | ISA {} | threads {} | {} | git {} | {}\n", p["cpu"].get<std::string>(),
                       p["isa"].get<std::string>(), p["threads"].get<std::string>(), p["onednn"].get<std::string>(),
                       p["git_commit"].get<std::string>(), p["date"].get<std::string>());

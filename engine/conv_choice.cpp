@@ -1,6 +1,8 @@
 // The planner's per-layer algorithm choice for an fp32 convolution (engine/conv_choice.h).
 #include "engine/conv_choice.h"
 
+#include <fmt/format.h>
+
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -59,6 +61,14 @@ ConvChoice choose_conv_algorithm(const dnnl::engine& eng, dnnl::stream& strm, co
         case ConvAlgorithm::tuned: break;
     }
     if (request.tune == Tuning::off || !request.winograd_shape) return choice;
+    if (request.tune == Tuning::rule) {  // engine/plan_rule.h: our F(4x4), else F(2x2), where it applies; never timed
+        for (const char* algorithm : {"winograd_f43", "winograd_f23"}) {
+            use(algorithm);
+            if (choice.own) break;
+        }
+        choice.candidates = choice.own ? fmt::format("rule: {} applies", choice.algorithm) : "rule: direct (no Winograd applies)";
+        return choice;
+    }
 
     std::vector<ConvCandidate> trial = {{"direct", choice.pd}};
     if (auto winograd = onednn_winograd(eng, direct_spec)) trial.push_back({"winograd", *winograd, kWinogradRelativeBound});

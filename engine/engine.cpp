@@ -290,6 +290,12 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
     step.algorithm = choice.algorithm;
     step.candidates = std::move(choice.candidates);
     step.tuned = choice.measurement;
+    step.own_applies[0] = request.own_offered(4);
+    step.own_applies[1] = request.own_offered(2);
+    step.channels[0] = in_channels;
+    step.channels[1] = out_channels;
+    step.out_hw[0] = out[2];
+    step.out_hw[1] = out[3];
 }
 
 void Engine::Impl::lower_conv_transpose(const FusedOp& op, const TensorMap& weights) {

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/plan.h"
 #include "graph/graph.h"
 
 namespace resunet {
@@ -33,18 +34,25 @@ enum class EngineLayout {
 
 // How the engine chooses each convolution's algorithm and the activation layout.
 enum class Tuning {
+    rule,  // the default: fixed per CPU class (engine/plan_rule.h): the blocked layout where one runs, our own
+           // Winograd where it applies, within the memory budget; nothing timed, so the numbers do not depend on
+           // the threads, the load, MPI ranks or the plan cache
     off,   // oneDNN's direct algorithm everywhere, in the layout `layout` names (the engine before tuning)
     fast,  // measured at compile time on this machine: each 3x3 stride-1 convolution's candidates (direct;
            // Winograd where oneDNN has it for the layout; our own Winograd F(4x4) and F(2x2) where it
            // applies, engine/winograd_own.h), 3 timed runs each on the layer's real shape and
            // weights, each checked against direct first (engine/conv_tuning.h); with layout `automatic`,
-           // oneDNN's layout against the blocked one by a timed pass of the whole network
+           // oneDNN's layout against the blocked one by a timed pass of the whole network. The choice may
+           // differ between starts and machines: save the plan (Engine::plan()) to pin it
     full,  // the same with 7 runs per candidate and 3 timed passes per layout
 };
 
-// "off", "fast" or "full" (the words of the programs' --tune flag) as a Tuning; any other word is a
-// resunet::Error naming it.
+// "rule", "off", "fast" or "full" (the words of the programs' --tune flag) as a Tuning; any other word is a
+// resunet::Error naming it. tuning_name() is the reverse.
 Tuning tuning_from_name(const std::string& name);
+std::string tuning_name(Tuning tuning);
+// Whether the tuning measures (fast, full): its choices then depend on timing.
+inline bool tuning_measures(Tuning t) { return t == Tuning::fast || t == Tuning::full; }
 
 // One algorithm for every 3x3 stride-1 convolution, for tests and comparisons; `tuned` measures.
 // own_winograd_f43 / own_winograd_f23: our own Winograd F(4x4,3x3) / F(2x2,3x3) (engine/winograd_own.h)
@@ -66,7 +74,7 @@ struct EngineOptions {
     // (micro_batch 1, channel offsets on the layout's block); false forces oneDNN's concat (a copy).
     bool concat_in_place = true;
     EngineLayout layout = EngineLayout::automatic;
-    Tuning tune = Tuning::fast;
+    Tuning tune = Tuning::rule;
     // winograd: wherever oneDNN has it for the layer and layout (direct elsewhere), without measuring.
     ConvAlgorithm conv_algorithm = ConvAlgorithm::tuned;
     // Folder of saved tuned plans (engine/plan_cache.h): with tuning on, a plan measured before for this
@@ -87,6 +95,10 @@ struct EngineOptions {
     // Keep every materialised activation until the end of a pass (no arena reuse, no in-place residual
     // accumulation), so read_value() can return it afterwards. For per-layer comparisons; costs memory.
     bool keep_values = false;
+    // A plan to run exactly (engine/plan.h: an fp32 plan whose micro-batch is `micro_batch`): its layout and
+    // algorithms, nothing measured. A layer it names that the graph lacks, a convolution it leaves out, or an
+    // algorithm without a kernel here is a resunet::Error. Null: planned by `tune`.
+    std::shared_ptr<const Plan> plan;
 };
 
 // Bytes the engine holds, by purpose (resident set of the process is measured separately).
@@ -144,6 +156,8 @@ class Engine {
     // How the plan was chosen: the layouts timed (whole-network pass each) and how many convolutions took
     // each algorithm, e.g. "layout nChw16c 512 ms * vs nhwc 640 ms; conv3x3: 14 winograd, 6 direct".
     std::string tuning_summary() const;
+    // The plan this engine runs (engine/plan.h): save it to run the same numbers elsewhere.
+    const Plan& plan() const;
     std::string activation_layout() const;  // the layout in use: "nChw16c", "nChw8c", "nhwc" or "nchw"
     int num_primitives() const;
     int num_concat_copies() const;        // concats that could not be done in place

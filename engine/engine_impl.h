@@ -39,6 +39,9 @@ using Clock = std::chrono::steady_clock;
 // Winograd runs as the step's `custom` pass on the arena's src and dst and the shared scratchpad.
 struct Step : lowering::Step {
     ConvMeasurement tuned;  // a measured convolution's candidates, for the memory budget (engine_run.cpp)
+    bool own_applies[2] = {false, false};  // a convolution: our own Winograd F(4x4), F(2x2) applies (the rule's input)
+    int64_t channels[2] = {0, 0};          // a convolution: input and output channels
+    int64_t out_hw[2] = {0, 0};            // a convolution: output height and width
 };
 
 // A buffer in the arena, or a channel slice of another (concat in place).
@@ -74,6 +77,7 @@ struct Engine::Impl : lowering::Schedule<Step> {
 
     int concat_copies = 0;
     std::string tuning_summary;
+    Plan plan;  // what it runs (Engine::plan())
     // A plan from the cache: the layout and each convolution's algorithm, applied without measuring.
     tag forced_tag = tag::undef;
     const std::map<std::string, std::string>* forced_algorithms = nullptr;

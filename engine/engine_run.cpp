@@ -19,6 +19,7 @@
 #include "engine/engine_impl.h"
 #include "engine/onednn_util.h"
 #include "engine/plan_cache.h"
+#include "engine/plan_rule.h"
 #include "engine/run_guards.h"
 #include "graph/safetensors.h"
 
@@ -65,6 +66,123 @@ std::string layout_name(memory::format_tag t) {
     }
 }
 
+namespace {
+
+tag tag_of_layout(const std::string& layout) {
+    const std::map<std::string, tag> tags = {{"nChw16c", tag::nChw16c}, {"nChw8c", tag::nChw8c}, {"nhwc", tag::nhwc}, {"nchw", tag::nchw}};
+    const auto it = tags.find(layout);
+    if (it == tags.end()) throw Error(fmt::format("engine: no activation layout '{}'", layout));
+    return it->second;
+}
+
+// The plan the compiled steps run, with `why` per convolution.
+Plan plan_of(const Engine::Impl& m, const std::string& source, const std::map<std::string, std::string>& why) {
+    Plan plan;
+    plan.precision = "fp32";
+    plan.layout = layout_name(m.act_tag);
+    plan.micro_batch = m.options.micro_batch;
+    plan.source = source;
+    plan.cpu_class = effective_isa_name();
+    for (const Step& step : m.steps) {
+        if (!step.op.starts_with("conv") || step.algorithm.empty()) continue;
+        PlanLayer layer;
+        layer.algorithm = conv_algo_from_name(step.algorithm);
+        const auto w = why.find(step.name);
+        layer.why = w != why.end() ? w->second : step.candidates;
+        plan.layers[step.name] = layer;
+    }
+    return plan;
+}
+
+// A plan given to run must name exactly the graph's convolutions, and each must run what it says here.
+void check_plan_ran(const Plan& asked, const Plan& ran) {
+    for (const auto& [name, layer] : asked.layers)
+        if (!ran.layers.count(name)) throw Error(fmt::format("plan {}: names '{}', which is no convolution of this model", asked.id(), name));
+    for (const auto& [name, layer] : ran.layers) {
+        const auto it = asked.layers.find(name);
+        if (it == asked.layers.end()) throw Error(fmt::format("plan {}: has no entry for the model's convolution '{}'", asked.id(), name));
+        if (it->second.algorithm != layer.algorithm)
+            throw Error(fmt::format("plan {}: '{}' asks for {}, which does not apply to it on this CPU ({})", asked.id(), name,
+                                    conv_algo_name(it->second.algorithm), effective_isa_name()));
+    }
+    if (asked.layout != ran.layout)
+        throw Error(fmt::format("plan {}: layout {} cannot run here (got {})", asked.id(), asked.layout, ran.layout));
+}
+
+// The blocked layout's tag where one runs without reference kernels at the graph's widths, else undef.
+tag blocked_layout_here(const Graph& graph, const EngineOptions& options) {
+    EngineOptions blocked_options = options;
+    blocked_options.layout = EngineLayout::blocked;
+    Engine::Impl probe;
+    probe.options = blocked_options;
+    probe.graph = graph.with_batch(options.micro_batch);
+    probe.ops = fuse(probe.graph);
+    try {
+        probe.choose_layout();
+    } catch (const Error&) {
+        return tag::undef;  // no blocked layout without reference kernels at these widths (5, 6)
+    }
+    return probe.act_tag;
+}
+
+// Tuning::rule: the plan from shapes and the CPU class alone (engine/plan_rule.h). The all-direct plan is lowered
+// once for its bytes and shapes, then the plan with the rule's algorithms.
+std::unique_ptr<Engine::Impl> compile_by_rule(const Graph& graph, const TensorMap& weights, const EngineOptions& options) {
+    tag layout = tag::undef;
+    std::string layout_why;
+    if (options.layout == EngineLayout::automatic) {
+        // The blocked layout where one runs: concats in place, pixel-shuffle deconvolutions, and our Winograd.
+        layout = blocked_layout_here(graph, options);
+        layout_why = layout != tag::undef ? " (rule: blocked)" : " (rule: oneDNN's, no blocked layout runs here)";
+    }
+    const std::map<std::string, std::string> none;
+    auto direct = std::make_unique<Engine::Impl>();
+    direct->forced_tag = layout;
+    direct->forced_algorithms = &none;  // every convolution direct
+    direct->compile(graph, weights, options);
+    direct->forced_algorithms = nullptr;
+    std::vector<RuleLayer> layers;
+    for (const Step& step : direct->steps)
+        if (step.op.starts_with("conv") && !step.algorithm.empty())
+            layers.push_back({.name = step.name, .in_channels = step.channels[0], .out_channels = step.channels[1],
+                              .height = step.out_hw[0], .width = step.out_hw[1], .macs = step.macs,
+                              .f43_applies = step.own_applies[0], .f23_applies = step.own_applies[1]});
+    const double base = static_cast<double>(direct->weight_store.bytes() + direct->arena.bytes());
+    const double budget = options.memory_budget_mb > 0    ? std::max(options.memory_budget_mb * 1e6, base)
+                          : options.memory_budget_mb == 0 ? kDefaultMemoryBudgetFactor * base
+                                                          : INFINITY;
+    const RuleChoice choice = fp32_rule(layers, base, budget);
+    std::map<std::string, std::string> algorithms;
+    bool all_direct = true;
+    for (const auto& [name, a] : choice.algorithms) {
+        algorithms[name] = std::string(conv_algo_name(a));
+        all_direct = all_direct && a == ConvAlgo::direct;
+    }
+    std::unique_ptr<Engine::Impl> impl;
+    if (all_direct) {
+        impl = std::move(direct);
+    } else {
+        const tag chosen = direct->act_tag;
+        direct.reset();
+        return_freed_memory();
+        impl = std::make_unique<Engine::Impl>();
+        impl->forced_tag = chosen;
+        impl->forced_algorithms = &algorithms;
+        impl->compile(graph, weights, options);
+        impl->forced_algorithms = nullptr;
+    }
+    for (Step& step : impl->steps)
+        if (auto it = choice.why.find(step.name); it != choice.why.end() && step.op.starts_with("conv")) step.candidates = it->second;
+    impl->plan = plan_of(*impl, "rule", choice.why);
+    Plan asked = impl->plan;
+    for (const auto& [name, a] : choice.algorithms) asked.layers[name].algorithm = a;
+    check_plan_ran(asked, impl->plan);  // a rule's choice that did not apply is a bug, not a silent direct
+    impl->tuning_summary = fmt::format("layout {}{}; {}", layout_name(impl->act_tag), layout_why, choice.note);
+    return impl;
+}
+
+}  // namespace
+
 Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions& options)
     : impl_(std::make_unique<Impl>()) {
     const auto start = Clock::now();
@@ -75,7 +193,35 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
     for (const ParamInfo& p : graph.parameters()) expected.emplace_back(p.name, p.dims);
     check_tensors(weights, expected, "weights");
     const ThreadSetting thread_setting(options.threads);
-    const bool tuning = options.tune != Tuning::off && options.conv_algorithm == ConvAlgorithm::tuned;
+    if (options.plan) {
+        const Plan& asked = *options.plan;
+        if (asked.precision != "fp32") throw Error(fmt::format("plan {}: an {} plan, not an fp32 one", asked.id(), asked.precision));
+        if (asked.micro_batch != options.micro_batch)
+            throw Error(fmt::format("plan {}: made for micro-batch {}, not {}", asked.id(), asked.micro_batch, options.micro_batch));
+        std::map<std::string, std::string> algorithms;
+        for (const auto& [name, layer] : asked.layers) algorithms[name] = std::string(conv_algo_name(layer.algorithm));
+        impl_->forced_tag = tag_of_layout(asked.layout);
+        impl_->forced_algorithms = &algorithms;
+        impl_->compile(graph, weights, options);
+        impl_->forced_algorithms = nullptr;
+        std::map<std::string, std::string> why;
+        for (const auto& [name, layer] : asked.layers) why[name] = layer.why.empty() ? "plan file" : layer.why;
+        for (Step& step : impl_->steps)
+            if (step.op.starts_with("conv") && asked.layers.count(step.name))
+                step.candidates = fmt::format("{} (plan {})", step.algorithm, asked.id());
+        impl_->plan = plan_of(*impl_, asked.source.empty() ? "file" : asked.source, why);
+        check_plan_ran(asked, impl_->plan);
+        impl_->plan.cpu_class = asked.cpu_class;
+        impl_->tuning_summary = fmt::format("plan {} as given: layout {}; convolutions: {}", asked.id(), asked.layout, asked.counts());
+        impl_->compile_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+        return;
+    }
+    if (options.tune == Tuning::rule && options.conv_algorithm == ConvAlgorithm::tuned) {
+        impl_ = compile_by_rule(graph, weights, options);
+        impl_->compile_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+        return;
+    }
+    const bool tuning = tuning_measures(options.tune) && options.conv_algorithm == ConvAlgorithm::tuned;
     const bool cached = tuning && !options.plan_cache.empty() && options.layout == EngineLayout::automatic;
     PlanKey key;
     std::string cache_note;
@@ -97,6 +243,7 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
             impl_->compile(graph, weights, options);
             impl_->forced_algorithms = nullptr;
             impl_->tuning_summary = fmt::format("from the plan cache ({}): {}", key.filename, plan->summary);
+            impl_->plan = plan_of(*impl_, "measured (plan cache)", {});
             impl_->compile_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
             return;
         }
@@ -265,6 +412,7 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
     if (own_f23) own_counts += fmt::format(", {} winograd_f23", own_f23);
     impl_->tuning_summary =
         fmt::format("{}convolutions: {} winograd, {} direct{}{}", layouts, winograd, direct, own_counts, budget_note);
+    impl_->plan = plan_of(*impl_, tuning ? "measured" : options.tune == Tuning::off ? "tune off" : "asked", {});
     if (cached) {
         CachedPlan plan;
         plan.layout = layout_name(impl_->act_tag);
@@ -340,6 +488,8 @@ std::vector<float> Engine::read_value(const std::string& name) {
 
 std::string Engine::tuning_summary() const { return impl_->tuning_summary; }
 
+const Plan& Engine::plan() const { return impl_->plan; }
+
 std::string Engine::activation_layout() const { return layout_name(impl_->act_tag); }
 
 std::string cpu_model_name() {
@@ -366,10 +516,19 @@ std::string onednn_version() {
 }
 
 Tuning tuning_from_name(const std::string& name) {
-    if (name == "off") return Tuning::off;
-    if (name == "fast") return Tuning::fast;
-    if (name == "full") return Tuning::full;
-    throw Error(fmt::format("tuning: '{}' is none of off, fast, full", name));
+    for (Tuning t : {Tuning::rule, Tuning::off, Tuning::fast, Tuning::full})
+        if (name == tuning_name(t)) return t;
+    throw Error(fmt::format("tuning: '{}' is none of rule, off, fast, full", name));
+}
+
+std::string tuning_name(Tuning tuning) {
+    switch (tuning) {
+        case Tuning::rule: return "rule";
+        case Tuning::off: return "off";
+        case Tuning::fast: return "fast";
+        case Tuning::full: return "full";
+    }
+    return "rule";
 }
 
 }  // namespace resunet

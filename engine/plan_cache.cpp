@@ -11,6 +11,7 @@
 
 #include "engine/engine.h"
 #include "engine/onednn_util.h"
+#include "engine/plan.h"
 #include "graph/atomic_file.h"
 #include "graph/safetensors.h"
 
@@ -80,7 +81,9 @@ std::optional<CachedPlan> load_plan(const std::string& folder, const PlanKey& ke
         plan.summary = p.at("summary").get<std::string>();
         for (const auto& [name, algorithm] : p.at("algorithms").items()) {
             const std::string a = algorithm.get<std::string>();
-            if (a != "direct" && a != "winograd" && a != "winograd_f43" && a != "winograd_f23" && a != "winograd_int8_f23") {
+            try {
+                conv_algo_from_name(a);  // the one table of names (engine/plan.h)
+            } catch (const Error&) {
                 *why = fmt::format("damaged: unknown algorithm '{}'", a);
                 return std::nullopt;
             }
@@ -111,6 +114,19 @@ std::string default_plan_cache() {
     if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg) return std::string(xdg) + "/resunet/plans";
     if (const char* home = std::getenv("HOME"); home && *home) return std::string(home) + "/.cache/resunet/plans";
     return "";
+}
+
+int remove_cached_plans(const std::string& folder) {
+    int removed = 0;
+    std::error_code ec;
+    if (folder.empty() || !std::filesystem::is_directory(folder, ec)) return 0;
+    for (const auto& entry : std::filesystem::directory_iterator(folder, ec)) {
+        const std::string name = entry.path().filename().string();
+        if ((name.starts_with("plan-f32-") || name.starts_with("plan-u8s8-")) && name.ends_with(".json") &&
+            std::filesystem::remove(entry.path(), ec))
+            ++removed;
+    }
+    return removed;
 }
 
 }  // namespace resunet

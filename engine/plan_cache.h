@@ -48,6 +48,10 @@ std::optional<CachedPlan> load_plan(const std::string& folder, const PlanKey& ke
 // Writes atomically (creating the folder); throws resunet::Error when it cannot.
 void save_plan(const std::string& folder, const PlanKey& key, const CachedPlan& plan);
 
+// Removes every plan the engines saved in `folder` (fp32 and int8; their own files, never a user's), so the next
+// measured engine measures again (`resunet plan --retune`). Returns how many were removed.
+int remove_cached_plans(const std::string& folder);
+
 // $XDG_CACHE_HOME/resunet/plans, else $HOME/.cache/resunet/plans, else "" (no cache).
 std::string default_plan_cache();
 

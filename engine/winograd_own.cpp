@@ -1,6 +1,7 @@
 // Our own fp32 Winograd F(4x4,3x3) / F(2x2,3x3): weight transform at build time, AVX2 input and output
 // transforms, the GEMMs as one batched oneDNN matmul per group of tiles (engine/winograd_own.h).
 #include "engine/winograd_own.h"
+#include "engine/run_guards.h"
 #include "engine/tile_group_matmul.h"
 #include "engine/winograd_tiles.h"
 
@@ -89,16 +90,18 @@ std::unique_ptr<WinogradOwn> WinogradOwn::create(const engine& eng, stream& strm
     c.threads_ = std::max(1, omp_get_max_threads());
     const int64_t bytes_per_tile = positions * (ic + oc) * static_cast<int64_t>(sizeof(float));
     int64_t group = tiles_per_group;
-    if (group <= 0) {
-        group = std::clamp<int64_t>((int64_t{8} << 20) / bytes_per_tile, 32, 128);
-        group = std::min(group, (c.tiles_ + c.threads_ - 1) / c.threads_);
-    }
+    // The groups (and so each GEMM's shape) never depend on the thread count, and each GEMM is made for and
+    // run on one thread: a tile's sums are then the same on any thread count (docs/plan.md).
+    if (group <= 0) group = std::clamp<int64_t>((int64_t{8} << 20) / bytes_per_tile, 32, 128);
     group = std::clamp<int64_t>(group, 1, c.tiles_);
     c.private_groups_ = c.tiles_ > group && c.threads_ > 1;
     int64_t rest = 0;
-    c.group_ = group = even_groups(c.tiles_, group, c.threads_, c.private_groups_, &rest);
+    c.group_ = group = even_groups(c.tiles_, group, 1, false, &rest);
 
-    c.gemm_ = TileGroupMatmul::create(eng, positions, group, rest, ic, oc, dt::f32, dt::f32, dt::f32);
+    {
+        const ThreadSetting one_thread(1);
+        c.gemm_ = TileGroupMatmul::create(eng, positions, group, rest, ic, oc, dt::f32, dt::f32, dt::f32);
+    }
     c.weights_ = memory(c.gemm_.weights, eng);
     c.direct_into_weights_ = c.gemm_.weights_plain;
     c.bias_.assign(static_cast<size_t>(oc), 0.0f);

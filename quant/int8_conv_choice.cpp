@@ -111,16 +111,39 @@ Int8Trial measure_int8(const engine& eng, stream& strm, const convolution_forwar
 
 }  // namespace
 
+bool winograd_int8_rule(const WinogradInt8Shape& shape, std::string* why) {
+    // With fewer than 128 input or output channels the transforms (per tile, linear in the channels) cost more
+    // than the multiply-adds saved (quadratic): VNNI's direct kernel runs near its peak there. This is the
+    // layer set the measured choice settled on most often on VNNI CPUs (docs/plan.md).
+    const int64_t narrowest = std::min(shape.in_channels, shape.out_channels);
+    if (narrowest >= kInt8WinogradRuleChannels) {
+        *why = fmt::format("rule: {} -> {} channels, at least {}", shape.in_channels, shape.out_channels, kInt8WinogradRuleChannels);
+        return true;
+    }
+    *why = fmt::format("rule: direct, {} -> {} channels (our int8 Winograd from {})", shape.in_channels, shape.out_channels,
+                       kInt8WinogradRuleChannels);
+    return false;
+}
+
 }  // namespace resunet::quant_detail
 
 namespace resunet {
 
 Int8ConvAlgorithm int8_conv_from_name(const std::string& name) {
-    if (name == "direct") return Int8ConvAlgorithm::direct;
-    if (name == "winograd") return Int8ConvAlgorithm::winograd_f23;
-    if (name == "measured") return Int8ConvAlgorithm::tuned;
-    if (name == "mixed") return Int8ConvAlgorithm::mixed;
-    throw Error(fmt::format("int8 convolution algorithm: '{}' is none of direct, winograd, measured, mixed", name));
+    for (Int8ConvAlgorithm a : {Int8ConvAlgorithm::automatic, Int8ConvAlgorithm::direct, Int8ConvAlgorithm::winograd_f23,
+                                Int8ConvAlgorithm::mixed})
+        if (name == int8_conv_name(a)) return a;
+    throw Error(fmt::format("int8 convolution algorithm: '{}' is none of auto, direct, winograd, mixed", name));
+}
+
+std::string int8_conv_name(Int8ConvAlgorithm algorithm) {
+    switch (algorithm) {
+        case Int8ConvAlgorithm::automatic: return "auto";
+        case Int8ConvAlgorithm::direct: return "direct";
+        case Int8ConvAlgorithm::winograd_f23: return "winograd";
+        case Int8ConvAlgorithm::mixed: return "mixed";
+    }
+    return "auto";
 }
 
 }  // namespace resunet
@@ -138,7 +161,7 @@ Int8ConvChoice choose_int8_conv(const engine& eng, stream& strm, const convoluti
     Int8ConvChoice choice;
     std::string why;
     const bool offered = WinogradInt8::applies(shape, &why);
-    if (algorithm == Int8ConvAlgorithm::direct || (algorithm == Int8ConvAlgorithm::tuned && tune == Tuning::off)) {
+    if (algorithm == Int8ConvAlgorithm::direct || (algorithm == Int8ConvAlgorithm::automatic && tune == Tuning::off)) {
         choice.candidates = "direct (asked for)";
         return choice;
     }
@@ -150,20 +173,26 @@ Int8ConvChoice choose_int8_conv(const engine& eng, stream& strm, const convoluti
         choice.candidates = fmt::format("direct (our int8 Winograd does not apply: {})", why);
         return choice;
     }
-    if (algorithm == Int8ConvAlgorithm::tuned && !winograd_int8_measurable(shape.levels)) {
-        choice.candidates = fmt::format("direct (our int8 Winograd is measured only with {}-level weights; this CPU runs {}: "
-                                        "README, int8 Winograd)",
+    if (algorithm == Int8ConvAlgorithm::automatic && !winograd_int8_measurable(shape.levels)) {
+        choice.candidates = fmt::format("direct (our int8 Winograd is chosen only with {}-level weights; this CPU runs {}: "
+                                        "docs/design.md, int8 Winograd)",
                                         kStoredWeightLevels, shape.levels);
+        return choice;
+    }
+    std::string rule_why;
+    const bool by_rule = algorithm == Int8ConvAlgorithm::automatic && tune == Tuning::rule;
+    if (by_rule && !winograd_int8_rule(shape, &rule_why)) {
+        choice.candidates = "direct (" + rule_why + ")";
         return choice;
     }
     const std::function<std::shared_ptr<WinogradInt8>()> make = [&] {
         return std::shared_ptr<WinogradInt8>(WinogradInt8::create(eng, strm, shape, layer.quant.q.data(),
                                                                   layer.quant.scales.data(), layer.bias.data()));
     };
-    if (algorithm == Int8ConvAlgorithm::winograd_f23) {
+    if (algorithm == Int8ConvAlgorithm::winograd_f23 || by_rule) {
         choice.winograd = make();
         choice.algorithm = choice.winograd->algorithm();
-        choice.candidates = "winograd_int8_f23 (asked for)";
+        choice.candidates = by_rule ? "winograd_int8_f23 (" + rule_why + ")" : "winograd_int8_f23 (asked for)";
         return choice;
     }
 

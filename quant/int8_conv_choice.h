@@ -41,6 +41,13 @@ inline constexpr double kMixedPrecisionMargin = 0.10;
 // `--int8-conv winograd` still runs it there when asked for.
 inline bool winograd_int8_measurable(int weight_levels) { return weight_levels >= kStoredWeightLevels; }
 
+// The default plan's rule (Tuning::rule) for a layer where our int8 Winograd applies and the weights keep 127
+// levels: whether it runs the Winograd, from the shape alone (never timed, so the same on any thread count,
+// load or MPI rank); the reason in `why` either way. docs/plan.md gives the measurements behind it.
+bool winograd_int8_rule(const WinogradInt8Shape& shape, std::string* why);
+// The rule's threshold: our int8 Winograd where both the input and output channels are at least this.
+inline constexpr int64_t kInt8WinogradRuleChannels = 128;
+
 struct Int8ConvChoice {
     std::shared_ptr<WinogradInt8> winograd;  // run instead of the direct primitive; null: direct
     std::string algorithm = "direct";        // "direct" or "winograd_int8_f23"

@@ -36,6 +36,7 @@ void QuantEngine::Impl::choose_precisions(const TensorMap& weights) {
         const PreparedLayer fp32_layer = prepare_layer(graph, op, weights, /*int8=*/false, /*from_int8_file=*/false, levels);
         ConvChoiceRequest request = fp32_conv_request(op, fp32_layer, conv_spec(op, fp32_layer));
         request.algorithm = ConvAlgorithm::tuned;  // every fp32 candidate competes for the layer
+        if (request.tune == Tuning::rule) request.tune = Tuning::fast;  // mixed is a measured choice by definition
         const ConvChoice fp32 = choose_conv_algorithm(eng, strm, request);
         const bool to_fp32 = fp32.ms > 0 && int8_ms > 0 && fp32.ms < int8_ms * (1.0 - kMixedPrecisionMargin);
         precision_note[k] = fmt::format("precision (mixed): u8s8 direct {:.3g} ms{}, f32 {} {:.3g} ms{}", int8_ms,

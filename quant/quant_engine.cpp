@@ -280,7 +280,7 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
         if (from_mixed) request.forced = fp32_forced[k_op];
         ConvChoice choice = choose_conv_algorithm(eng, strm, request);
         step.algorithm = choice.algorithm;
-        step.candidates = from_mixed ? note : with_note(std::move(choice.candidates));
+        step.candidates = from_mixed ? (note.empty() ? choice.algorithm + " (from --plan)" : note) : with_note(std::move(choice.candidates));
         if (choice.own) {
             step.custom = own_winograd_pass(choice.own, strm, reinterpret_cast<const float*>(ptr(planned.reads[0])),
                                             reinterpret_cast<float*>(ptr(planned.writes[0])), scratchpad, weight_store,
@@ -314,7 +314,7 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
         Int8ConvChoice choice = op.activation == Activation::sigmoid
                                     ? Int8ConvChoice{nullptr, "direct", "direct (sigmoid is not fused into our int8 Winograd)"}
                                     : choose_int8_conv(eng, strm, pd, layer, own_shape, algorithm, options.tune);
-        if (from_cache) choice.candidates = choice.algorithm + " (from the plan cache)";
+        if (from_cache) choice.candidates = choice.algorithm + (options.plan ? " (from --plan)" : " (from the plan cache)");
         step.candidates = with_note(choice.candidates + (available ? "; oneDNN's u8s8 Winograd also accepts this layer (not a candidate)"
                                                                    : "; oneDNN has no u8s8 Winograd for it here"));
         if (choice.winograd) {

@@ -27,18 +27,20 @@ enum class ScaleMode { dynamic, static_calibrated };
 // The int8 layers' 3x3 convolutions. `direct`: oneDNN's u8 x s8 kernel (the default: exact integer
 // arithmetic on the quantized network). `winograd_f23`: our own int8 Winograd F(2x2,3x3) wherever it applies
 // (quant/winograd_int8.h), faster but it requantizes inside the Winograd domain: on the peers' network it
-// moves mask Dice against PyTorch fp32 from 0.986 to 0.983 (README). `tuned`: each layer measured, the
-// Winograd where it passes its check against direct and is faster (quant/int8_conv_choice.h); `tune` off
-// keeps direct. `mixed`: mixed precision, each layer measured: oneDNN's u8 x s8 direct kernel against the
+// moves mask Dice against PyTorch fp32 from 0.986 to 0.983 (docs/design.md). `automatic` ("auto"): with `tune`
+// rule (the default), our int8 Winograd on the layers the CPU-class rule names (quant/int8_conv_choice.h: only
+// with 127-level weights, never timed); with `tune` fast or full, each layer measured, the Winograd where it
+// passes its check against direct and is faster; `tune` off keeps direct. `mixed`: mixed precision, each layer measured: oneDNN's u8 x s8 direct kernel against the
 // fastest fp32 candidate of the planner (engine/conv_choice.h, e.g. our own fp32 Winograd), and the layer runs
 // fp32 where that is at least kMixedPrecisionMargin faster (quant/int8_conv_choice.h): never less exact than
 // direct, and on CPUs without VNNI faster (README). An int8 file still decides its own layers; `tune` off keeps
 // every layer int8.
-enum class Int8ConvAlgorithm { tuned, direct, winograd_f23, mixed };
+enum class Int8ConvAlgorithm { automatic, direct, winograd_f23, mixed };
 
-// "direct", "winograd", "measured" or "mixed" (the words of the programs' --int8-conv flag); any other word is
-// a resunet::Error.
+// "auto", "direct", "winograd" or "mixed" (the words of the programs' --int8-conv flag); any other word is
+// a resunet::Error. int8_conv_name() is the reverse.
 Int8ConvAlgorithm int8_conv_from_name(const std::string& name);
+std::string int8_conv_name(Int8ConvAlgorithm algorithm);
 
 struct QuantOptions {
     int micro_batch = 1;  // images per pass; dynamic scales are computed per pass (1 = per image)
@@ -53,7 +55,7 @@ struct QuantOptions {
     std::set<std::string> keep_fp32;
     // The fp32 layers' 3x3 convolutions (layers kept fp32 by request): each one's algorithm chosen as the
     // fp32 engine chooses (EngineOptions::tune, engine/conv_choice.h): direct, oneDNN's Winograd, our own.
-    Tuning tune = Tuning::fast;
+    Tuning tune = Tuning::rule;
     ConvAlgorithm conv_algorithm = ConvAlgorithm::tuned;  // or one algorithm for them all (tests, comparisons)
     // The int8 layers' 3x3 convolutions (see Int8ConvAlgorithm).
     Int8ConvAlgorithm int8_algorithm = Int8ConvAlgorithm::direct;
@@ -64,6 +66,10 @@ struct QuantOptions {
     // rules), reused by the next engine instead of measuring again; a stale or damaged file is measured again
     // and replaced. Empty: measured at each start.
     std::string plan_cache;
+    // A plan to run exactly (engine/plan.h: an int8 plan whose micro-batch is `micro_batch`): each layer's
+    // precision and algorithm, nothing measured. It must name exactly the model's convolutions; with an int8
+    // file, the precisions the file stores. Null: planned by `int8_algorithm` and `tune`.
+    std::shared_ptr<const Plan> plan;
 };
 
 // One int8 layer's input quantization as last used.
@@ -115,6 +121,8 @@ class QuantEngine {
     // `with_source`, where the choices came from is added: " (from the plan cache (plan-u8s8-....json))" or
     // " (measured: ...; saved as ...)"; reports that must not depend on a warm cache leave it out.
     std::string conv_summary(bool with_source = true) const;
+    // The plan this engine runs (engine/plan.h): save it to run the same numbers elsewhere.
+    const Plan& plan() const;
 
     struct Impl;
 

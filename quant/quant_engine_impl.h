@@ -108,6 +108,8 @@ struct QuantEngine::Impl : lowering::Schedule<Step> {
     // lowering a cached plan; null: measured (QuantOptions::plan_cache).
     const std::map<std::string, std::string>* cached_int8 = nullptr;
     std::string plan_note;  // where the int8 3x3 choices came from, for conv_summary (empty: not cached)
+    Plan engine_plan;       // what it runs (QuantEngine::plan())
+    Plan plan_of_steps(const std::string& source) const;
 
     std::vector<std::vector<float>> host_vectors;  // per-layer scale/bias sources kept for `before`
     bool calibrating = false;

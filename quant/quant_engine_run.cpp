@@ -32,21 +32,41 @@ QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const Qua
         for (const ParamInfo& p : graph.parameters()) expected.emplace_back(p.name, p.dims);
         check_tensors(weights, expected, "weights");
     }
+    const Plan* asked = options.plan.get();
+    if (asked && asked->precision != "int8") throw Error(fmt::format("plan {}: an {} plan, not an int8 one", asked->id(), asked->precision));
+    if (asked && asked->micro_batch != options.micro_batch)
+        throw Error(fmt::format("plan {}: made for micro-batch {}, not {}", asked->id(), asked->micro_batch, options.micro_batch));
+    std::map<std::string, std::string> asked_int8;  // a given plan's int8 layers: name -> algorithm
+    if (asked) m.fp32_forced.assign(m.ops.size(), std::string());
     for (const FusedOp& op : m.ops) {
         bool int8 = runs_int8(m.graph, op, options);
+        const std::string& name = m.graph.node(op.node).name;
         // An int8 file decides by itself which layers are int8.
-        if (from_int8_file && is_weighted(op)) int8 = weights.count(m.graph.node(op.node).name + ".weight_q") > 0;
+        if (from_int8_file && is_weighted(op)) int8 = weights.count(name + ".weight_q") > 0;
+        if (asked && op.kind == OpKind::conv) {
+            const auto it = asked->layers.find(name);
+            if (it == asked->layers.end()) throw Error(fmt::format("plan {}: has no entry for the model's convolution '{}'", asked->id(), name));
+            const bool plan_int8 = it->second.precision == "u8s8";
+            if (from_int8_file && plan_int8 != int8)
+                throw Error(fmt::format("plan {}: runs '{}' in {}, but the int8 file stores it in {}", asked->id(), name,
+                                        it->second.precision, int8 ? "u8s8" : "f32"));
+            int8 = plan_int8;
+            if (int8)
+                asked_int8[name] = std::string(conv_algo_name(it->second.algorithm));
+            else
+                m.fp32_forced[m.int8_op.size()] = std::string(conv_algo_name(it->second.algorithm));
+        }
         m.int8_op.push_back(int8);
     }
     const ThreadSetting thread_setting(options.threads);
     try {
         // Mixed precision measures each int8 3x3 layer in both precisions; an int8 file decides its own layers.
-        if (options.int8_algorithm == Int8ConvAlgorithm::mixed && options.tune != Tuning::off && !from_int8_file)
+        if (!asked && options.int8_algorithm == Int8ConvAlgorithm::mixed && options.tune != Tuning::off && !from_int8_file)
             m.choose_precisions(weights);
         m.plan_values(weights);
         m.allocate();
         // The measured int8 3x3 choices, from the plan cache when it has them for this machine and graph.
-        const bool cached = options.int8_algorithm == Int8ConvAlgorithm::tuned && options.tune != Tuning::off &&
+        const bool cached = !asked && options.int8_algorithm == Int8ConvAlgorithm::automatic && tuning_measures(options.tune) &&
                             !options.plan_cache.empty();
         PlanKey key;
         std::optional<CachedPlan> plan;
@@ -59,8 +79,25 @@ QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const Qua
             plan = load_plan(options.plan_cache, key, &cache_note);
             if (plan) m.cached_int8 = &plan->algorithms;
         }
+        if (asked) m.cached_int8 = &asked_int8;
         m.lower(weights, from_int8_file);
         m.cached_int8 = nullptr;
+        m.engine_plan = m.plan_of_steps(asked                                                        ? (asked->source.empty() ? "file" : asked->source)
+                                 : cached && plan                                             ? "measured (plan cache)"
+                                 : (tuning_measures(options.tune) && options.int8_algorithm == Int8ConvAlgorithm::automatic) ||
+                                           (options.tune != Tuning::off && options.int8_algorithm == Int8ConvAlgorithm::mixed) ? "measured"
+                                 : options.tune == Tuning::rule && options.int8_algorithm == Int8ConvAlgorithm::automatic ? "rule"
+                                                                                              : "asked");
+        if (asked) {
+            for (const auto& [name, layer] : asked->layers)
+                if (!m.engine_plan.layers.count(name))
+                    throw Error(fmt::format("plan {}: names '{}', which is no convolution of this model", asked->id(), name));
+            for (const auto& [name, layer] : m.engine_plan.layers)
+                if (asked->layers.at(name).algorithm != layer.algorithm)
+                    throw Error(fmt::format("plan {}: '{}' asks for {}, which does not apply to it on this CPU ({} levels)", asked->id(),
+                                            name, conv_algo_name(asked->layers.at(name).algorithm), m.levels));
+            m.engine_plan.cpu_class = asked->cpu_class;
+        }
         if (cached && plan) {
             m.plan_note = fmt::format("from the plan cache ({})", key.filename);
         } else if (cached) {
@@ -228,6 +265,26 @@ EngineMemory QuantEngine::memory_usage() const {
 double QuantEngine::compile_ms() const { return impl_->compile_ms; }
 int QuantEngine::num_primitives() const { return static_cast<int>(impl_->steps.size()); }
 int QuantEngine::weight_levels() const { return impl_->levels; }
+
+const Plan& QuantEngine::plan() const { return impl_->engine_plan; }
+
+Plan QuantEngine::Impl::plan_of_steps(const std::string& source) const {
+    Plan p;
+    p.precision = "int8";
+    p.layout = "nhwc";
+    p.micro_batch = options.micro_batch;
+    p.source = source;
+    p.cpu_class = fmt::format("{}, {}-level int8 weights", effective_isa_name(), levels);
+    for (const Step& step : steps) {
+        if (!step.op.starts_with("conv") || step.algorithm.empty()) continue;
+        PlanLayer layer;
+        layer.algorithm = conv_algo_from_name(step.algorithm);
+        layer.precision = step.precision;
+        layer.why = step.candidates;
+        p.layers[step.name] = layer;
+    }
+    return p;
+}
 
 std::string QuantEngine::conv_summary(bool with_source) const {
     std::string text = impl_->conv_summary_text();

@@ -125,16 +125,18 @@ TEST(BenchResunet, RandomWeightsReportEveryRowWithOrderedStatistics) {
     EXPECT_FALSE(cv::imread(dir / "c.png").empty());
 }
 
-// With a plan cache (fp32 tuned, int8 measured: the defaults) each row's plan is compiled first in a process
+// With measured plans (--tune fast) and a plan cache, each row's plan is compiled first in a process
 // of its own, which measures it into a cold cache; the timed row then runs it from the cache, so its peak RSS
 // is the plan's. The report says what planning cost; --plan-cache none measures in the timed row itself.
 TEST(BenchResunet, PlansAreMeasuredInAProcessOfTheirOwnBeforeTheTimedRow) {
     TempDir dir;
     const std::string common = "--random-weights --width 16 --size 32 --batch 2 --runs 1 --threads 1 --json " + (dir / "t.json");
-    Result r = bench(dir, common + " --plan-cache " + (dir / "plans"));
+    Result r = bench(dir, common + " --tune fast --plan-cache " + (dir / "plans"));
     ASSERT_EQ(r.code, 0) << r.err;
     json report = json::parse(read_text(dir / "t.json"));
     ASSERT_EQ(report["rows"].size(), 3u);
+    EXPECT_NE(r.out.find("Plans (`resunet plan --save-plan`"), std::string::npos) << r.out;  // every row names its plan id
+    for (const json& row : report["rows"]) EXPECT_TRUE(row.contains("plan_id")) << row.dump().substr(0, 300);
     for (const json& row : report["rows"]) {
         SCOPED_TRACE(row.dump().substr(0, 300));
         ASSERT_TRUE(row.contains("planning"));
@@ -146,8 +148,8 @@ TEST(BenchResunet, PlansAreMeasuredInAProcessOfTheirOwnBeforeTheTimedRow) {
     // the cold cache: fp32's and int8's plans measured by their planning processes (int8-static reads int8's)
     EXPECT_NE(report["rows"][0]["planning"]["plan"].get<std::string>().find("measured: no cached plan"), std::string::npos);
     EXPECT_NE(report["rows"][1]["planning"]["plan"].get<std::string>().find("measured: no cached plan"), std::string::npos);
-    EXPECT_NE(r.out.find("- Plans (fp32 tuned, int8 measured) are compiled first in a process of their own"), std::string::npos) << r.out;
-    r = bench(dir, common + " --plan-cache none");
+    EXPECT_NE(r.out.find("- Plans (measured: --tune fast or full) are compiled first in a process of their own"), std::string::npos) << r.out;
+    r = bench(dir, common + " --tune fast --plan-cache none");
     ASSERT_EQ(r.code, 0) << r.err;
     report = json::parse(read_text(dir / "t.json"));
     for (const json& row : report["rows"]) EXPECT_FALSE(row.contains("planning")) << row.dump().substr(0, 300);

@@ -177,6 +177,7 @@ TEST(EngineTuning, WholeNetworkPlanAgainstPlan) {
         EngineOptions tuned_blocked;
         tuned_blocked.layout = EngineLayout::blocked;
         tuned_blocked.micro_batch = 2;
+        tuned_blocked.tune = Tuning::fast;
         plans.push_back({"tuned, blocked, micro-batch 2", tuned_blocked});
         for (const Plan& plan : plans) {
             const Outcome o = run_plan(g, weights, input, plan.options);
@@ -204,6 +205,7 @@ TEST(EngineTuning, TunedPlanRecordsItsCandidates) {
     const Tensor4 input = input_for(g, 1, 6);
     EngineOptions options;
     options.layout = EngineLayout::blocked;
+    options.tune = Tuning::fast;  // measured (the default rule times nothing)
     const Outcome o = run_plan(g, weights, input, options);
     int measured = 0;
     for (const resunet::LayerProfile& row : o.rows) {
@@ -384,23 +386,29 @@ TEST(EngineTuning, MemoryBudgetBoundsThePlan) {
     EngineOptions direct_options;
     direct_options.tune = Tuning::off;
     direct_options.layout = EngineLayout::blocked;
-    const size_t direct_bytes = Engine(g, weights, direct_options).memory_usage().total();
+    // Measured plans count every engine byte; the rule counts weights and arena (the scratchpad grows with the
+    // thread count, and the rule's choice must not).
+    const resunet::EngineMemory direct_memory = Engine(g, weights, direct_options).memory_usage();
+    int fell_back = 0;
+    for (Tuning tune : {Tuning::fast, Tuning::rule}) {
+    auto counted = [&](const resunet::EngineMemory& m) { return tune == Tuning::rule ? m.weights_bytes + m.arena_bytes : m.total(); };
+    const size_t direct_bytes = counted(direct_memory);
     // 1.05x and 1.2x of the direct plan: tight enough that F(4x4) layers may fall back to F(2x2) (where
     // F(2x2) measures faster than direct) or stay direct.
-    int fell_back = 0;
     for (double budget_mb : {-1.0, 0.0, 1.2 * static_cast<double>(direct_bytes) / 1e6,
                              1.05 * static_cast<double>(direct_bytes) / 1e6, 1e-3}) {
         EngineOptions options;
         options.layout = EngineLayout::blocked;
         options.memory_budget_mb = budget_mb;
+        options.tune = tune;
         Engine engine(g, weights, options);
         const Outcome o = run_plan(g, weights, input, options);
-        const size_t bytes = engine.memory_usage().total();
+        const size_t bytes = counted(engine.memory_usage());
         const double limit = budget_mb < 0 ? INFINITY
                              : budget_mb == 0 ? resunet::kDefaultMemoryBudgetFactor * static_cast<double>(direct_bytes)
                                               : std::max(budget_mb * 1e6, static_cast<double>(direct_bytes));
-        std::cout << fmt::format("  budget {:>8.3f} MB: {:.2f} MB (direct plan {:.2f} MB), {}\n", budget_mb, bytes / 1e6,
-                                 direct_bytes / 1e6, engine.tuning_summary());
+        std::cout << fmt::format("  {} budget {:>8.3f} MB: {:.2f} MB (direct plan {:.2f} MB), {}\n", resunet::tuning_name(tune),
+                                 budget_mb, bytes / 1e6, direct_bytes / 1e6, engine.tuning_summary());
         // The tuner estimates from the measured figures; allow 1% for the bias and alignment it does not see.
         EXPECT_LE(static_cast<double>(bytes), limit * 1.01) << engine.tuning_summary();
         const ErrorStats e = resunet::reference::compare(o.out.data(), expected);
@@ -413,6 +421,7 @@ TEST(EngineTuning, MemoryBudgetBoundsThePlan) {
             EXPECT_EQ(o.winograd_steps, 0) << "a budget below the direct plan keeps none";
             EXPECT_EQ(bytes, direct_bytes);
         }
+    }
     }
     std::cout << fmt::format("  {} layer plans fell back to a leaner Winograd tile under a budget\n", fell_back);
 }
@@ -432,6 +441,7 @@ TEST(EnginePlanCache, ReusedDamagedTruncatedStaleAndUnwritable) {
     const TensorMap weights = weights_for(g, 9);
     const Tensor4 input = input_for(g, 2, 10);
     EngineOptions options;
+    options.tune = Tuning::fast;  // measured: the default rule caches nothing
     options.plan_cache = dir.string();
 
     const Outcome first = run_plan(g, weights, input, options);
@@ -529,19 +539,32 @@ TEST(PlanCommand, PrintsThePlanAndUsesTheCache) {
     resunet::save_safetensors(model.string(), weights_for(g, 3), resunet::resunet_metadata(config));
     const std::string cache = (dir / "plans").string();
     std::string out, err;
-    ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --plan-cache " + cache, &out, &err), 0) << err;
+    ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --tune fast --plan-cache " + cache, &out, &err), 0) << err;
     std::cout << out;
     EXPECT_NE(out.find("measured: no cached plan"), std::string::npos) << out;
     EXPECT_NE(out.find("e1.conv_a"), std::string::npos) << out;
     EXPECT_NE(out.find("candidates measured at compile time"), std::string::npos) << out;
-    ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --plan-cache " + cache, &out, &err), 0) << err;
+    ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --tune fast --plan-cache " + cache, &out, &err), 0) << err;
     EXPECT_NE(out.find("plan: from the plan cache"), std::string::npos) << out;
-    ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --retune --plan-cache " + cache, &out, &err), 0) << err;
+    ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --tune fast --retune --plan-cache " + cache, &out, &err), 0) << err;
     EXPECT_NE(out.find("measured: no cached plan"), std::string::npos) << out;
+    // The default plan (rule): nothing measured, saved with --save-plan and run again with --plan on another
+    // thread count: the same plan id.
+    const std::string saved = (dir / "p.json").string();
+    ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --save-plan " + saved, &out, &err), 0) << err;
+    const size_t id_at = out.find("plan id: p");
+    ASSERT_NE(id_at, std::string::npos) << out;
+    const std::string id = out.substr(id_at + 9, 9);
+    EXPECT_NE(out.find("(rule;"), std::string::npos) << out;
+    ASSERT_EQ(run("plan --model " + model.string() + " --threads 2 --plan " + saved, &out, &err), 0) << err;
+    EXPECT_NE(out.find("plan id: " + id), std::string::npos) << out;
+    EXPECT_EQ(run("plan --model " + model.string() + " --save-plan " + saved, &out, &err), 2) << "exists, no --overwrite";
+    EXPECT_EQ(run("plan --model " + model.string() + " --precision int8 --plan " + saved, &out, &err), 2) << "an fp32 plan";
+    EXPECT_NE(err.find("fp32 plan"), std::string::npos) << err;
     ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --tune off --plan-cache none", &out, &err), 0) << err;
     EXPECT_NE(out.find("convolutions: 0 winograd"), std::string::npos) << out;
     // --micro-batch auto: the candidates dividing --batch, each timed and checked; the plan runs the choice.
-    ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --plan-cache " + cache + " --micro-batch auto --batch 4",
+    ASSERT_EQ(run("plan --model " + model.string() + " --threads 1 --tune fast --plan-cache " + cache + " --micro-batch auto --batch 4",
                   &out, &err), 0) << err;
     const size_t line = out.find("micro-batch: ");
     ASSERT_NE(line, std::string::npos) << out;

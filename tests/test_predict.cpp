@@ -783,12 +783,18 @@ TEST(PredictBinary, HelpUsageErrorsAndExitCodes) {
         << err;
     EXPECT_EQ(run("predict " + image + " --model " + model + " --out " + (dir / "pred-int8-untuned") + " --tune off", &out, &err), 0)
         << err;
-    // --plan-cache also holds the int8 engine's measured choices (the default --int8-conv measured), and
-    // means nothing to --int8-conv direct
+    // --plan-cache holds the int8 engine's measured choices (--tune fast|full with --int8-conv auto), and
+    // means nothing to the default rule or to --int8-conv direct
     EXPECT_EQ(run("predict " + image + " --model " + model + " --out " + (dir / "pred-int8-nocache") + " --plan-cache none", &out, &err), 0)
         << err;
-    EXPECT_NE(out.find("int8 3x3 convolutions: "), std::string::npos) << out;  // the default measured plan says what it chose
-    EXPECT_EQ(run("predict " + image + " --model " + model + " --out " + (dir / "pred-int8") + " --plan-cache none --int8-conv direct",
+    EXPECT_NE(out.find("int8 3x3 convolutions: "), std::string::npos) << out;  // the default plan says what it chose
+    EXPECT_EQ(run("predict " + image + " --model " + model + " --out " + (dir / "pred-int8-cached") + " --tune fast --plan-cache " +
+                      (dir / "plans"),
+                  &out, &err),
+              0)
+        << err;
+    EXPECT_EQ(run("predict " + image + " --model " + model + " --out " + (dir / "pred-int8") + " --plan-cache " + (dir / "plans") +
+                      " --int8-conv direct",
                   &out, &err),
               2);
     EXPECT_NE(err.find("--precision fp32"), std::string::npos) << err;
@@ -820,6 +826,22 @@ TEST(PredictBinary, HelpUsageErrorsAndExitCodes) {
         << err;
     EXPECT_EQ(run("eval --model " + model + " --data " + kKvasirRoot + " --limit 2 --memory-budget 100", &out, &err), 2);
     EXPECT_NE(err.find("--precision fp32"), std::string::npos) << err;
+
+    // A saved plan runs the same masks on another thread count.
+    EXPECT_EQ(run("plan --model " + model + " --precision int8 --threads 1 --save-plan " + (dir / "int8-plan.json"), &out, &err), 0)
+        << err;
+    EXPECT_EQ(run("predict " + image + " --model " + model + " --out " + (dir / "pred-plan-t1") + " --threads 1", &out, &err), 0) << err;
+    EXPECT_EQ(run("predict " + image + " --model " + model + " --out " + (dir / "pred-plan-t2") + " --threads 2 --plan " +
+                      (dir / "int8-plan.json"),
+                  &out, &err),
+              0)
+        << err;
+    EXPECT_EQ(read_text((dir / "pred-plan-t1") + "/" + kKvasirIds[0] + ".png"),
+              read_text((dir / "pred-plan-t2") + "/" + kKvasirIds[0] + ".png"));
+    EXPECT_EQ(run("predict " + image + " --model " + model + " --out x --precision fp32 --plan " + (dir / "int8-plan.json"), &out, &err), 2);
+    EXPECT_NE(err.find("int8 plan"), std::string::npos) << err;
+    EXPECT_EQ(run("predict " + image + " --model " + model + " --out x --plan " + (dir / "missing.json"), &out, &err), 2);
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
 
     EXPECT_EQ(run("summary --width 8 --depth 2 --size 32", &out, &err), 0) << err;
     EXPECT_NE(out.find("Total parameters"), std::string::npos) << out;

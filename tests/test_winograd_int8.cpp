@@ -290,8 +290,8 @@ TEST(WinogradInt8Engine, ForcedMeasuredAndOff) {
     std::vector<float> direct, winograd, measured, off;
     const auto direct_rows = run_with(Int8ConvAlgorithm::direct, resunet::Tuning::fast, direct);
     const auto winograd_rows = run_with(Int8ConvAlgorithm::winograd_f23, resunet::Tuning::fast, winograd);
-    const auto measured_rows = run_with(Int8ConvAlgorithm::tuned, resunet::Tuning::fast, measured);
-    const auto off_rows = run_with(Int8ConvAlgorithm::tuned, resunet::Tuning::off, off);
+    const auto measured_rows = run_with(Int8ConvAlgorithm::automatic, resunet::Tuning::fast, measured);
+    const auto off_rows = run_with(Int8ConvAlgorithm::automatic, resunet::Tuning::off, off);
     // The measured plan offers the Winograd only where the weights have 127 levels (VNNI): with fewer it
     // keeps direct and says why (quant/int8_conv_choice.h, winograd_int8_measurable).
     const bool measurable = resunet::quant_detail::winograd_int8_measurable(resunet::weight_levels());
@@ -348,7 +348,8 @@ TEST(WinogradInt8Engine, MeasuredChoicesComeBackFromThePlanCache) {
     auto build = [&](std::vector<float>& out, std::map<std::string, LayerProfile>& rows) {
         QuantOptions options;
         options.threads = 2;
-        options.int8_algorithm = Int8ConvAlgorithm::tuned;
+        options.int8_algorithm = Int8ConvAlgorithm::automatic;
+        options.tune = resunet::Tuning::fast;  // measured (the default rule caches nothing)
         options.plan_cache = folder.string();
         QuantEngine engine(net.graph, net.weights, options);
         out.assign(net.fp32.size(), 0.0f);
@@ -423,7 +424,7 @@ TEST(WinogradInt8Engine, MicroBatchStaticAndInt8File) {
 TEST(WinogradInt8Engine, NamesOfTheFlag) {
     EXPECT_EQ(resunet::int8_conv_from_name("direct"), Int8ConvAlgorithm::direct);
     EXPECT_EQ(resunet::int8_conv_from_name("winograd"), Int8ConvAlgorithm::winograd_f23);
-    EXPECT_EQ(resunet::int8_conv_from_name("measured"), Int8ConvAlgorithm::tuned);
+    EXPECT_EQ(resunet::int8_conv_from_name("auto"), Int8ConvAlgorithm::automatic);
     EXPECT_THROW(resunet::int8_conv_from_name("fastest"), resunet::Error);
 }
 

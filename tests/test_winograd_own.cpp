@@ -336,6 +336,7 @@ TEST(WinogradOwn, TunedPlanMeasuresItAndTheCacheKeepsIt) {
         std::filesystem::temp_directory_path() / fmt::format("resunet-test-winograd-own-{}", ::getpid());
     std::filesystem::remove_all(cache);
     EngineOptions o;  // the automatic layout: the one the plan cache keeps
+    o.tune = resunet::Tuning::fast;  // measured (the default rule caches nothing)
     o.memory_budget_mb = -1;  // no budget: the fastest candidate is kept
     o.plan_cache = cache.string();
     const EngineRun tuned = run_engine(g, weights, input, o, expected.data.size());

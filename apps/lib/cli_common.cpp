@@ -144,32 +144,12 @@ fs::path prepare_run_dir(const std::string& out, const char* flag) {
 std::string int8_engine_label(const QuantEngine& engine, bool stored_scales, const EngineTuningFlags& flags) {
     std::string label = stored_scales ? "int8 (static scales stored in the model)" : "int8 (dynamic scales)";
     const std::string conv = flags.int8_conv_or_default();
-    // The default (measured) says what it chose; a flag given is named. Not whence (a warm plan cache or a
+    // The default (auto) says what it chose; a flag given is named. Not whence (a warm plan cache or a
     // measurement): the reports of one job must not depend on it (one process and mpirun ranks write the same).
     if (conv != "direct")
         label += fmt::format("; {}{}", flags.int8_conv.empty() ? "" : fmt::format("--int8-conv {}: ", conv),
                              engine.conv_summary(/*with_source=*/false));
     return label;
-}
-
-void apply_engine_tuning(const EngineTuningFlags& flags, bool precision_is_fp32, EngineOptions& options) {
-    if (!precision_is_fp32) {
-        if (flags.memory_budget_mb != 0 || (!flags.plan_cache.empty() && flags.int8_conv_or_default() != "measured"))
-            throw UsageError("--memory-budget and --plan-cache plan the fp32 engine (and --plan-cache the int8 engine's "
-                             "--int8-conv measured); the int8 engine takes --tune and --int8-conv (pass --precision fp32 "
-                             "or drop them)");
-        return;
-    }
-    if (!flags.int8_conv.empty())
-        throw UsageError("--int8-conv chooses the int8 engine's convolutions; with --precision fp32 drop it");
-    options.tune = tuning_from_name(flags.tune);
-    options.plan_cache = flags.plan_cache == "none" ? std::string() : flags.plan_cache.empty() ? default_plan_cache() : flags.plan_cache;
-    options.memory_budget_mb = flags.memory_budget_mb;
-}
-
-std::string int8_plan_cache(const EngineTuningFlags& flags) {
-    if (flags.int8_conv_or_default() != "measured") return std::string();  // only the measured choices are cached
-    return flags.plan_cache == "none" ? std::string() : flags.plan_cache.empty() ? default_plan_cache() : flags.plan_cache;
 }
 
 void check_same_config(const fs::path& run_dir, const std::string& config_text, bool resume) {

@@ -44,14 +44,6 @@ struct EngineOptions;
 struct EngineTuningFlags;
 class QuantEngine;
 
-// Applies --tune, --plan-cache and --memory-budget to `options` (fp32 engine); `precision_is_fp32` false
-// with --memory-budget given, or --plan-cache without --int8-conv measured: UsageError (they plan the fp32 engine).
-void apply_engine_tuning(const EngineTuningFlags& flags, bool precision_is_fp32, EngineOptions& options);
-
-// The int8 engine's plan cache (QuantOptions::plan_cache) from --plan-cache: with --int8-conv measured the
-// folder (default as for fp32; "none": none), else none.
-std::string int8_plan_cache(const EngineTuningFlags& flags);
-
 // The int8 engine as reports name it: "int8 (dynamic scales)" or "int8 (static scales stored in the model)",
 // and with an --int8-conv other than direct what it chose, e.g. "...; --int8-conv mixed: int8 3x3
 // convolutions: 0 winograd_int8_f23, 2 direct; 15 run fp32, measured faster here (e1.conv_b, ...)".

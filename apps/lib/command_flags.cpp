@@ -94,29 +94,30 @@ void register_eval_flags(CLI::App& app, EvalCommandOptions& o) {
 
 void add_engine_tuning_flags(CLI::App& command, EngineTuningFlags& flags) {
     command.add_option("--tune", flags.tune,
-                       "fp32: off (direct convolutions, oneDNN's layout), fast (each layer's algorithms measured on this "
-                       "machine, once: the plan is cached), full (more runs per candidate); int8: the same for its fp32 "
-                       "layers' 3x3 convolutions (layers kept fp32) and --int8-conv measured|mixed, measured at each start (measured: "
-                       "once, with the plan cache)")
-        ->check(CLI::IsMember({"off", "fast", "full"}))
+                       "How convolution algorithms are chosen: rule (default: fixed for this CPU class, so the same "
+                       "masks on any thread count or machine load), off (direct), fast or full (timed on this machine; "
+                       "results may differ between starts: save the plan to pin it)")
+        ->check(CLI::IsMember({"rule", "off", "fast", "full"}))
         ->capture_default_str();
     command.add_option("--plan-cache", flags.plan_cache,
-                       "fp32, and int8 with --int8-conv measured: folder of tuned plans (default $XDG_CACHE_HOME/resunet/plans, "
-                       "else ~/.cache/resunet/plans); 'none' to measure every time");
+                       "With --tune fast|full: folder of measured plans (default ~/.cache/resunet/plans); 'none' to "
+                       "measure every time");
     command.add_option("--memory-budget", flags.memory_budget_mb,
-                       "fp32: largest engine bytes (weights + arena + scratchpad) in MB; Winograd layers that save the "
-                       "least time per byte fall back to F(2x2) or to direct until the plan fits. 0 = 2.5x the all-direct plan; -1 = no "
-                       "limit")
+                       "fp32: largest weights + arena in MB; Winograd layers fall back to leaner ones until the plan "
+                       "fits. 0 = 2.5x the all-direct plan; -1 = no limit")
         ->check(CLI::Range(-1.0, 1e9))
+        ->check(CLI::Validator(
+            [](std::string& text) {  // NaN passes a range check
+                return text.find_first_not_of("0123456789.+-eE") == std::string::npos ? std::string() : std::string("must be a number");
+            },
+            "NUMBER"))
         ->capture_default_str();
     command.add_option("--int8-conv", flags.int8_conv,
-                       "int8: the int8 layers' 3x3 convolutions: direct (oneDNN, exact integer arithmetic), winograd (our "
-                       "own int8 Winograd F(2x2,3x3) wherever it applies: faster, less exact; README), measured (the "
-                       "default: each layer timed at start or read from --plan-cache, our Winograd where it passes its "
-                       "check and is faster, on CPUs with 127-level weights (VNNI) only; --tune off keeps direct), mixed "
-                       "(each layer timed at start in int8 and in fp32, and run fp32 where that is faster here: never "
-                       "less exact; --tune off keeps int8). Default: measured")
-        ->check(CLI::IsMember({"direct", "winograd", "measured", "mixed"}));
+                       "int8 3x3 convolutions: auto (default: our int8 Winograd where the plan says), direct (exact "
+                       "integer), winograd (everywhere it applies), mixed (fp32 where timed faster)")
+        ->check(CLI::IsMember({"auto", "direct", "winograd", "mixed"}));
+    command.add_option("--plan", flags.plan_file,
+                       "Run exactly this plan file (resunet plan --save-plan): the same numbers on any machine of its class");
 }
 
 void add_train_flags(CLI::App& command, TrainCommandOptions& options) {

@@ -64,15 +64,17 @@ struct CvCommandOptions {
     int threads_per_fold = 0;         // oneDNN threads of each fold (T); 0 = max(1, budget / K)
 };
 
-// How the fp32 engine plans its convolutions (plan, predict and eval; EngineOptions in engine/engine.h).
+// How the engines plan their convolutions (plan, predict, eval, bench_resunet; apps/lib/engine_setup.h turns
+// these into EngineOptions and QuantOptions).
 struct EngineTuningFlags {
-    std::string tune = "fast";         // off (direct, oneDNN's layout), fast (measured), full (more runs)
-    std::string plan_cache;            // folder of tuned plans; "" = the default folder; "none" = measure every time
+    std::string tune = "rule";         // rule (fixed per CPU class), off (direct), fast (measured), full (more runs)
+    std::string plan_cache;            // folder of measured plans; "" = the default folder; "none" = measure every time
     double memory_budget_mb = 0;       // engine bytes in MB; 0 = 2.5x the all-direct plan; -1 = no limit
-    // int8 layers' 3x3 convolutions: direct, winograd, measured, mixed (Int8ConvAlgorithm); "" = not given:
-    // measured for the int8 engine (int8_conv_or_default()), and no error with --precision fp32.
+    // int8 layers' 3x3 convolutions: auto, direct, winograd, mixed (Int8ConvAlgorithm); "" = not given:
+    // auto for the int8 engine (int8_conv_or_default()), and no error with --precision fp32.
     std::string int8_conv;
-    std::string int8_conv_or_default() const { return int8_conv.empty() ? "measured" : int8_conv; }
+    std::string int8_conv_or_default() const { return int8_conv.empty() ? "auto" : int8_conv; }
+    std::string plan_file;             // --plan: run exactly this plan (resunet plan --save-plan)
 };
 
 // Flags of `resunet eval`.
@@ -98,7 +100,7 @@ struct EvalCommandOptions {
 void add_train_flags(CLI::App& command, TrainCommandOptions& options);
 void add_cv_flags(CLI::App& command, CvCommandOptions& options);
 void add_eval_flags(CLI::App& command, EvalCommandOptions& options);
-// --tune, --plan-cache, --memory-budget and --int8-conv bound to `flags`.
+// --tune, --plan-cache, --memory-budget, --int8-conv and --plan bound to `flags`.
 void add_engine_tuning_flags(CLI::App& command, EngineTuningFlags& flags);
 
 // The effective configuration as CLI11 config text (what RUN/config.toml holds).

@@ -14,6 +14,7 @@
 #include "dist/comm.h"
 #include "data/postprocess.h"
 #include "engine/engine.h"
+#include "apps/lib/engine_setup.h"
 #include "engine/plan_cache.h"
 #include "graph/atomic_file.h"
 #include "quant/quant_engine.h"
@@ -116,27 +117,18 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
 
         const bool int8_file = is_int8_weights(file.tensors);
         const bool stored_scales = has_stored_static_scales(file.tensors);
-        if (options.precision != Precision::fp32) {
-            EngineOptions unused;
-            apply_engine_tuning(options.tuning, false, unused);  // refuses tuning flags for int8
-        }
+        check_engine_flags(options.tuning, options.precision == Precision::fp32);
         try {
             if (options.precision == Precision::fp32) {
                 if (int8_file)
                     throw UsageError(fmt::format("--model '{}' is an int8 file; --precision fp32 needs fp32 weights", options.model_path));
-                EngineOptions engine_options;
-                engine_options.threads = options.threads;
-                apply_engine_tuning(options.tuning, true, engine_options);  // tuned once per machine and graph
-                fp32 = std::make_unique<Engine>(graph, file.tensors, engine_options);
+                fp32 = std::make_unique<Engine>(graph, file.tensors, fp32_engine_options(options.tuning, options.threads, 1));
                 report.engine = "fp32";
+                report.plan_id = fp32->plan().id();
             } else {
-                QuantOptions quant_options;
-                quant_options.threads = options.threads;
-                quant_options.tune = tuning_from_name(options.tuning.tune);
-                quant_options.int8_algorithm = int8_conv_from_name(options.tuning.int8_conv_or_default());
-                quant_options.plan_cache = int8_plan_cache(options.tuning);
-                int8 = std::make_unique<QuantEngine>(graph, file.tensors, quant_options);
+                int8 = std::make_unique<QuantEngine>(graph, file.tensors, int8_engine_options(options.tuning, options.threads, 1));
                 report.engine = int8_engine_label(*int8, stored_scales, options.tuning);
+                report.plan_id = int8->plan().id();
             }
         } catch (const UsageError&) {
             throw;
@@ -256,6 +248,7 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
             {"depth", config.depth},
             {"size", size},
             {"engine", report.engine},
+            {"plan", report.plan_id},
             {"split", report.split},
             {"images", report.result.images},
             {"threads", report.threads},

@@ -29,6 +29,7 @@ struct EvalReport {
     double pooled_mean_iou_model = 0;     // two-class mIoU of all pixels pooled, at model size
     double pooled_mean_iou_original = 0;  // ... at original size
     std::string engine;               // "fp32", "int8 (dynamic scales)", ...
+    std::string plan_id;              // the plan the engine ran (engine/plan.h)
     std::string split;                // where the test ids came from
     int size = 0;                     // model input size
     int threads = 0;

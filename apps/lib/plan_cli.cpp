@@ -13,6 +13,7 @@
 #include "apps/lib/flag_basics.h"
 #include "engine/engine.h"
 #include "engine/micro_batch.h"
+#include "apps/lib/engine_setup.h"
 #include "engine/plan_cache.h"
 #include "graph/graph.h"
 #include "graph/init.h"
@@ -32,17 +33,20 @@ struct PlanOptions {
     int batch = 16;                 // with --micro-batch auto: the batch the candidates are timed on
     EngineTuningFlags tuning;
     bool retune = false;
+    std::string save_plan;  // write the plan here
+    bool overwrite = false;
     std::string precision;  // fp32 | int8; empty: int8 for an int8 file, else fp32
 };
 
-QuantOptions int8_options(const PlanOptions& o, int micro_batch, Tuning tune) {
-    QuantOptions options;
-    options.threads = o.threads;
-    options.micro_batch = micro_batch;
-    options.tune = tune;
-    options.int8_algorithm = int8_conv_from_name(o.tuning.int8_conv_or_default());
-    options.plan_cache = int8_plan_cache(o.tuning);
-    return options;
+QuantOptions int8_options(const PlanOptions& o, int micro_batch) { return int8_engine_options(o.tuning, o.threads, micro_batch); }
+
+// The plan's head lines: its id and source, and each convolution's algorithm with why; then --save-plan.
+void print_and_save(const PlanOptions& o, const Plan& plan) {
+    fmt::print("plan id: {} ({}; {}); convolutions: {}\n", plan.id(), plan.source, plan.cpu_class, plan.counts());
+    if (!o.save_plan.empty()) {
+        save_plan_file(o.save_plan, plan);
+        fmt::print("saved: {} (run it with --plan {})\n", o.save_plan, o.save_plan);
+    }
 }
 
 // One warm-up pass (first touch of the arena, caches), then one profiled pass of `images` constant images.
@@ -67,15 +71,16 @@ void print_compile_line(double compile_ms, const std::string& layout, const Engi
 void print_int8_plan(const PlanOptions& o, SafetensorsFile& file, const Graph& graph, const ResUNetConfig& config,
                      const std::string& micro_batch_line, int micro_batch, Tuning tune) {
     const bool int8_file = is_int8_weights(file.tensors);
-    QuantEngine engine(graph, file.tensors, int8_options(o, micro_batch, tune));
+    QuantEngine engine(graph, file.tensors, int8_options(o, micro_batch));
     file.tensors.clear();
     fmt::print("model: {} (width {}, depth {}, {}x{}; {})\n", o.model, config.width, config.depth, config.height,
                config.width_px, int8_file ? "an int8 file" : "fp32 weights, quantized here");
     fmt::print("machine: {}\n", onednn_version());
     fmt::print("plan: int8, {} activation scales; fp32 layers' 3x3 convolutions {}\n",
                engine.mode() == ScaleMode::static_calibrated ? "static (stored in the file)" : "dynamic (computed per pass)",
-               tune == Tuning::off ? "direct (--tune off)" : "measured");
+               tune == Tuning::off ? "direct (--tune off)" : tuning_measures(tune) ? "measured" : "by rule");
     fmt::print("{}\n", engine.conv_summary());  // the int8 3x3 layers' algorithms, and whence (the plan cache)
+    print_and_save(o, engine.plan());
     fmt::print("{}", micro_batch_line);
     print_compile_line(engine.compile_ms(), "nhwc", engine.memory_usage());
     const std::vector<LayerProfile> rows = profile_one_pass(engine, config, micro_batch);
@@ -95,21 +100,15 @@ void print_plan(const PlanOptions& o) {
     const bool int8 = o.precision.empty() ? int8_file : o.precision == "int8";
     if (!int8 && int8_file)
         throw UsageError(fmt::format("--model '{}' is an int8 file; --precision fp32 needs fp32 weights", o.model));
+    check_engine_flags(o.tuning, !int8);
     EngineOptions options;
-    options.threads = o.threads;
-    EngineTuningFlags fp32_flags = o.tuning;  // the int8 plan's --int8-conv goes to int8_options()
-    if (int8) fp32_flags.int8_conv.clear();
-    apply_engine_tuning(fp32_flags, true, options);
-    if (o.retune && !options.plan_cache.empty()) {
-        // Measure again: the cached plans (fp32, and int8 --int8-conv measured) are removed first (the engines'
-        // own files).
-        std::error_code ec;
-        if (std::filesystem::is_directory(options.plan_cache, ec))
-            for (const auto& entry : std::filesystem::directory_iterator(options.plan_cache, ec))
-                if (entry.path().filename().string().starts_with("plan-f32-") ||
-                    entry.path().filename().string().starts_with("plan-u8s8-"))
-                    std::filesystem::remove(entry.path(), ec);
+    if (int8) {
+        options.tune = tuning_from_name(o.tuning.tune);
+        options.threads = o.threads;
+    } else {
+        options = fp32_engine_options(o.tuning, o.threads, 1);
     }
+    if (o.retune) remove_cached_plans(plan_cache_folder(o.tuning.plan_cache));  // measured again below
     std::string micro_batch_line;
     if (o.micro_batch == "auto") {
         // Random images in the model's input range: the candidates' speed does not depend on the values.
@@ -121,7 +120,7 @@ void print_plan(const PlanOptions& o) {
         const MicroBatchChoice choice =
             int8 ? choose_micro_batch(
                        images.data(), o.batch, out_floats, search,
-                       [&](int mb) { return std::make_unique<QuantEngine>(graph, file.tensors, int8_options(o, mb, options.tune)); },
+                       [&](int mb) { return std::make_unique<QuantEngine>(graph, file.tensors, int8_options(o, mb)); },
                        sqnr_at_least(kMicroBatchInt8Db))
                  : choose_micro_batch(
                        images.data(), o.batch, out_floats, search,
@@ -134,9 +133,11 @@ void print_plan(const PlanOptions& o) {
         options.micro_batch = choice.micro_batch;
         micro_batch_line = fmt::format("micro-batch: {} (measured on a batch of {}: {})\n", choice.micro_batch, o.batch,
                                        choice.summary());
-    } else {
+    } else if (!options.plan) {
         options.micro_batch = std::stoi(o.micro_batch);
         micro_batch_line = fmt::format("micro-batch: {}\n", options.micro_batch);
+    } else {
+        micro_batch_line = fmt::format("micro-batch: {} (from --plan)\n", options.micro_batch);
     }
     if (int8) return print_int8_plan(o, file, graph, config, micro_batch_line, options.micro_batch, options.tune);
     Engine engine(graph, file.tensors, options);
@@ -145,6 +146,7 @@ void print_plan(const PlanOptions& o) {
                config.width_px);
     fmt::print("machine: {}\n", onednn_version());
     fmt::print("plan: {}\n", engine.tuning_summary());
+    print_and_save(o, engine.plan());
     fmt::print("{}", micro_batch_line);
     print_compile_line(engine.compile_ms(), engine.activation_layout(), engine.memory_usage());
     const int images = options.micro_batch;  // one pass of the plan
@@ -179,8 +181,20 @@ void add_plan_command(CLI::App& app) {
         ->capture_default_str()
         ->check(CLI::Range(1, 4096));
     add_engine_tuning_flags(*command, options->tuning);
-    command->add_flag("--retune", options->retune, "Remove the cached plans first (fp32, and int8 --int8-conv measured), so the plan is measured again");
+    command->add_flag("--retune", options->retune, "Remove the cached measured plans first, so --tune fast|full measures again");
+    command->add_option("--save-plan", options->save_plan, "Write the plan to this file (JSON); run it with --plan FILE");
+    command->add_flag("--overwrite", options->overwrite, "Replace an existing --save-plan file");
     command->callback([options, command] {
+        if (!options->save_plan.empty()) {
+            std::error_code ec;
+            if (std::filesystem::exists(options->save_plan, ec) && !options->overwrite)
+                throw UsageError(fmt::format("--save-plan {} exists; pass --overwrite to replace it", options->save_plan));
+            const std::filesystem::path parent = std::filesystem::path(options->save_plan).parent_path();
+            if (!parent.empty() && !std::filesystem::is_directory(parent, ec))
+                throw UsageError(fmt::format("--save-plan {}: folder {} does not exist", options->save_plan, parent.string()));
+        }
+        if (command->count("--plan") && options->micro_batch != "1")
+            throw UsageError("--plan fixes the micro-batch; drop --micro-batch");
         if (command->count("--batch") && options->micro_batch != "auto")
             throw UsageError("--batch is the batch --micro-batch auto is timed on; give --micro-batch auto too");
         print_plan(*options);

@@ -26,6 +26,7 @@
 #include "apps/lib/predict_pipeline.h"
 #include "apps/lib/quantize_cli.h"
 #include "dist/comm.h"
+#include "apps/lib/engine_setup.h"
 #include "engine/plan_cache.h"
 #include "graph/atomic_file.h"
 
@@ -278,6 +279,7 @@ struct LoadedModel {
     Runner runner;
     bool stored_scales = false;  // an int8 file carrying static activation scales
     std::string engine;          // for the report
+    std::string plan_id;         // the plan the engine runs (engine/plan.h)
 };
 
 // Loads the weights, infers the configuration and compiles the engine; any failure is a UsageError.
@@ -296,23 +298,19 @@ LoadedModel load_model(const PredictOptions& options, std::FILE* log) {
                    model.config.height, options.size);
     const bool int8_file = is_int8_weights(file.tensors);
     model.stored_scales = int8_file && has_stored_static_scales(file.tensors);
-    EngineOptions engine_options;
-    engine_options.threads = options.threads;
-    apply_engine_tuning(options.tuning, options.precision == Precision::fp32, engine_options);  // tuned once per machine and graph
+    check_engine_flags(options.tuning, options.precision == Precision::fp32);
     try {
         if (options.precision == Precision::fp32) {
             if (int8_file) throw UsageError(fmt::format("--model '{}' is an int8 file; --precision fp32 needs fp32 weights", path));
-            model.runner.fp32 = std::make_unique<Engine>(graph, file.tensors, engine_options);
+            model.runner.fp32 = std::make_unique<Engine>(graph, file.tensors, fp32_engine_options(options.tuning, options.threads, 1));
             model.engine = "fp32";
+            model.plan_id = model.runner.fp32->plan().id();
         } else {
-            QuantOptions quant_options;
-            quant_options.threads = options.threads;
-            quant_options.tune = tuning_from_name(options.tuning.tune);
-            quant_options.int8_algorithm = int8_conv_from_name(options.tuning.int8_conv_or_default());
-            quant_options.plan_cache = int8_plan_cache(options.tuning);
+            QuantOptions quant_options = int8_engine_options(options.tuning, options.threads, 1);
             quant_options.mode = options.precision == Precision::static_int8 ? ScaleMode::static_calibrated : ScaleMode::dynamic;
             model.runner.int8 = std::make_unique<QuantEngine>(graph, file.tensors, quant_options);
             model.engine = int8_engine_label(*model.runner.int8, model.stored_scales, options.tuning);
+            model.plan_id = model.runner.int8->plan().id();
         }
     } catch (const UsageError&) {
         throw;
@@ -491,6 +489,7 @@ class Collector {
             {"model", run_.options.model_path},
             {"precision", precision_name(run_.options.precision)},
             {"engine", report_.engine},
+            {"plan", report_.plan_id},
             {"model_size", run_.size},
             {"images",
              {{"total", report_.images_total}, {"ok", report_.images_ok}, {"failed", report_.images_failed}, {"scored", dice_.size()}}},
@@ -553,14 +552,15 @@ PredictReport run_predict(const PredictOptions& options) {
     PredictReport report;
     report.images_total = run.paths.size();
     report.engine = model.engine;
+    report.plan_id = model.plan_id;
     report.ranks = comm.size();
     report.threads = effective.threads;
     ProgressConsole console(effective.log, effective.progress && root, run.end - run.begin);
     const int threads = effective.threads > 0 ? effective.threads : tbb::this_task_arena::max_concurrency();
     if (info)
-        console.line(fmt::format("resunet predict: {} images, model {} (width {}, depth {}, size {}), {}, batch {}, {} threads{}",
+        console.line(fmt::format("resunet predict: {} images, model {} (width {}, depth {}, size {}), {}, plan {}, batch {}, {} threads{}",
                                  run.paths.size(), effective.model_path, model.config.width, model.config.depth, run.size,
-                                 model.engine, effective.batch, threads,
+                                 model.engine, model.plan_id, effective.batch, threads,
                                  comm.distributed() ? fmt::format(" on each of {} ranks", comm.size()) : std::string()));
     if (effective.precision == Precision::static_int8 && !model.stored_scales) {
         const auto calibration_start = Clock::now();

@@ -84,6 +84,7 @@ struct PredictReport {
     size_t images_failed = 0;  // inputs with a FailedImage entry
     std::vector<FailedImage> failures;  // in input order
     std::string engine;                 // "int8 (dynamic scales)", "int8 (static scales, calibrated on 16 images)", ...
+    std::string plan_id;                // the plan the engine ran (engine/plan.h; resunet plan --save-plan)
     double setup_seconds = 0;           // model load, compile, calibration
     double pipeline_seconds = 0;        // decode to last write, all images
     double inference_seconds = 0;       // inside engine run() calls only (under mpirun: summed over ranks)

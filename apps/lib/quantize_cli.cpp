@@ -1,3 +1,4 @@
+#include "apps/lib/engine_setup.h"
 #include "apps/lib/quantize_cli.h"
 
 #include <sys/stat.h>
@@ -254,8 +255,9 @@ QuantizeReport run_quantize(const QuantizeCommandOptions& options) {
     if (count == 0) throw UsageError("no calibration image");
 
     // ---- quantize, calibrate, write ----
-    QuantOptions quant_options;
-    quant_options.threads = options.threads;
+    // Calibrated on the plan the programs run by default (apps/lib/engine_setup.h), so its scales are the ones
+    // `eval --precision static-int8` computes from the fp32 file.
+    QuantOptions quant_options = int8_engine_options(EngineTuningFlags{}, options.threads, 1);
     quant_options.keep_fp32 = std::set<std::string>(options.keep_fp32.begin(), options.keep_fp32.end());
     TensorMap int8;
     try {

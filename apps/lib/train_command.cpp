@@ -406,7 +406,8 @@ TrainReport run_job(TrainJob& job) {
             {
                 EngineOptions engine_options;
                 engine_options.threads = job.threads;
-                engine_options.tune = Tuning::off;  // once per epoch, new weights: a plan is not worth measuring here
+                // The default plan (a rule, nothing timed): the plan `resunet eval` runs, so eval reproduces this score.
+                engine_options.tune = Tuning::rule;
                 Engine engine(eval_graph, trainer.weights(), engine_options);
                 val = evaluate_split(
                     *job.dataset, job.val_indices, eval_preprocess,
