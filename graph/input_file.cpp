@@ -34,7 +34,7 @@ std::string mode_problem(mode_t mode) {
 
 std::string input_file_problem(const std::string& path) {
     struct stat info {};
-    if (::stat(path.c_str(), &info) != 0) return std::strerror(errno);
+    if (::stat(path.c_str(), &info) != 0) return std::string("cannot open: ") + std::strerror(errno);
     return mode_problem(info.st_mode);
 }
 

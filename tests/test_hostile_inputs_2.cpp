@@ -255,7 +255,7 @@ TEST(HostileFiles2, FifosAreRefusedBeforeTheyAreOpened) {
     EXPECT_ERROR_MENTIONS(load_split(fifo, dataset), "FIFO");
     EXPECT_ERROR_MENTIONS(open_input_file(dir.path.string(), "--split"), "folder");
     EXPECT_NE(input_file_problem(fifo), "");
-    EXPECT_EQ(input_file_problem(dir / "missing"), "No such file or directory");
+    EXPECT_EQ(input_file_problem(dir / "missing"), "cannot open: No such file or directory");
 }
 
 // ---- images ----
