@@ -85,6 +85,7 @@ int main(int argc, char** argv) {
     resunet::add_quantize_command(app);
     resunet::add_plan_command(app);
     resunet::add_convert_command(app);
+    resunet::check_values_strictly(app);
     try {
         app.parse(argc, argv);
     } catch (const CLI::RuntimeError& e) {  // a subcommand's own exit status

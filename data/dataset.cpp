@@ -7,6 +7,7 @@
 #include <fstream>
 #include <map>
 #include <set>
+#include <sstream>
 
 #include <fmt/format.h>
 #include <oneapi/tbb/parallel_for.h>
@@ -14,7 +15,9 @@
 #include <opencv2/imgproc.hpp>
 
 #include "data/augment.h"
+#include "data/image_decode.h"
 #include "data/sha256.h"
+#include "graph/input_file.h"
 
 namespace fs = std::filesystem;
 
@@ -227,36 +230,23 @@ std::optional<std::string> header_problem(const ImageHeader& header, int64_t max
     return std::nullopt;
 }
 
-// libjpeg fills a truncated JPEG's missing rows with grey and only warns, so a JPEG is refused unless it
-// ends with the end-of-image marker FF D9 (trailing zero padding allowed).
-bool jpeg_has_end_marker(const std::string& path) {
-    std::ifstream in(path, std::ios::binary | std::ios::ate);
-    const std::streamoff size = in ? static_cast<std::streamoff>(in.tellg()) : -1;
-    if (size < 4) return false;
-    const std::streamoff tail_bytes = std::min<std::streamoff>(size, 4096);
-    std::string tail(static_cast<size_t>(tail_bytes), '\0');
-    in.seekg(size - tail_bytes);
-    if (!in.read(tail.data(), tail_bytes)) return false;
-    size_t last = tail.find_last_not_of('\0');
-    return last != std::string::npos && last >= 1 && static_cast<unsigned char>(tail[last]) == 0xD9 &&
-           static_cast<unsigned char>(tail[last - 1]) == 0xFF;
-}
-
-// Decodes after the header checks; throws resunet::Error naming the file and what is wrong with it.
-cv::Mat decode_checked(const std::string& path, int flags, const char* kind, int64_t max_pixels) {
+// Decodes after the header checks, from the bytes the file opener read (one open, regular files only), with
+// the one decoder of data/image_decode.h; throws resunet::Error naming the file and what is wrong with it.
+DecodedImage decode_checked(const std::string& path, const DecodeOptions& options, const char* kind, int64_t max_pixels) {
     const ImageHeader header = read_header(path);
     if (auto problem = header_problem(header, max_pixels))
         throw Error(fmt::format("{}: cannot read or decode {}: {}", path, kind, *problem));
-    if (header.format == ImageFormat::jpeg && !jpeg_has_end_marker(path))
-        throw Error(fmt::format("{}: cannot read or decode {}: truncated JPEG (no end-of-image marker FF D9)", path, kind));
-    cv::Mat decoded;
+    if (header.format != ImageFormat::jpeg && options.reduction != 1)
+        return decode_checked(path, DecodeOptions{options.grey, 1}, kind, max_pixels);
+    // Raw 16-bit RGBA TIFF is the largest encoding: 8 bytes a pixel.
+    const uint64_t max_bytes = std::min<uint64_t>(static_cast<uint64_t>(max_pixels) * 8 + (uint64_t{64} << 20), INT32_MAX);
+    std::string bytes;
     try {
-        decoded = cv::imread(path, flags);
-    } catch (const cv::Exception& e) {
-        throw Error(fmt::format("{}: cannot decode {}: {}", path, kind, e.what()));
+        bytes = read_input_file(path, kind, max_bytes);
+    } catch (const Error& e) {
+        throw Error(fmt::format("{}: cannot read or decode {}: {}", path, kind, e.what()));
     }
-    if (decoded.empty()) throw Error(fmt::format("{}: cannot read or decode {}", path, kind));
-    return decoded;
+    return decode_image_bytes(bytes, options, fmt::format("{}: cannot read or decode {}", path, kind));
 }
 
 // Size of one file, or the reason it cannot be used.
@@ -274,8 +264,7 @@ Probe probe_size(const std::string& path, bool is_mask, const ScanOptions& optio
         return {cv::Size(static_cast<int>(header.width), static_cast<int>(header.height)), {}};
     }
     try {
-        return {decode_checked(path, is_mask ? cv::IMREAD_GRAYSCALE : cv::IMREAD_COLOR, kind, options.max_pixels).size(),
-                {}};
+        return {decode_checked(path, DecodeOptions{is_mask, 1}, kind, options.max_pixels).pixels.size(), {}};
     } catch (const Error& e) {
         // The message starts with the path, which the problem list names separately.
         std::string reason = e.what();
@@ -290,8 +279,7 @@ struct ManifestEntry {
 };
 
 std::vector<ManifestEntry> read_manifest(const std::string& path) {
-    std::ifstream in(path);
-    if (!in) throw Error(fmt::format("{}: cannot open manifest", path));
+    std::istringstream in(read_input_file(path, "manifest", uint64_t{256} << 20));
     std::vector<ManifestEntry> entries;
     std::string line;
     for (int line_number = 1; std::getline(in, line); ++line_number) {
@@ -498,28 +486,25 @@ Dataset scan_dataset(const std::string& root, const ScanOptions& options) {
 }
 
 cv::Mat read_image(const std::string& path, int64_t max_pixels) {
-    return decode_checked(path, cv::IMREAD_COLOR, "image", max_pixels);
+    return decode_checked(path, DecodeOptions{false, 1}, "image", max_pixels).pixels;
 }
 
 cv::Mat read_image_reduced(const std::string& path, int min_side, cv::Size& original, int64_t max_pixels) {
     const ImageHeader header = read_header(path);
     if (auto problem = header_problem(header, max_pixels))
         throw Error(fmt::format("{}: cannot read or decode image: {}", path, *problem));
-    original = cv::Size(static_cast<int>(header.width), static_cast<int>(header.height));
-    int flags = cv::IMREAD_COLOR;
+    int reduction = 1;
     if (header.format == ImageFormat::jpeg && min_side > 0) {
         const int64_t smaller = std::min<int64_t>(header.width, header.height);
-        if (smaller / 8 >= min_side) flags = cv::IMREAD_REDUCED_COLOR_8;
-        else if (smaller / 4 >= min_side) flags = cv::IMREAD_REDUCED_COLOR_4;
-        else if (smaller / 2 >= min_side) flags = cv::IMREAD_REDUCED_COLOR_2;
+        reduction = smaller / 8 >= min_side ? 8 : smaller / 4 >= min_side ? 4 : smaller / 2 >= min_side ? 2 : 1;
     }
-    cv::Mat decoded = decode_checked(path, flags, "image", max_pixels);
-    if (flags == cv::IMREAD_COLOR) original = decoded.size();  // the decoder's word over the header's
-    return decoded;
+    DecodedImage decoded = decode_checked(path, DecodeOptions{false, reduction}, "image", max_pixels);
+    original = decoded.full_size;  // oriented as the pixels are (EXIF), whatever the reduction
+    return std::move(decoded.pixels);
 }
 
 cv::Mat read_mask(const std::string& path, int64_t max_pixels) {
-    const cv::Mat grey = decode_checked(path, cv::IMREAD_GRAYSCALE, "mask", max_pixels);
+    const cv::Mat grey = decode_checked(path, DecodeOptions{true, 1}, "mask", max_pixels).pixels;
     cv::Mat binary;
     cv::threshold(grey, binary, 127, 1, cv::THRESH_BINARY);  // value >= 128 -> 1
     return binary;

@@ -1,6 +1,7 @@
 #include "data/split.h"
 
 #include "graph/atomic_file.h"
+#include "graph/input_file.h"
 
 #include <algorithm>
 #include <cmath>
@@ -22,6 +23,13 @@ namespace {
 
 constexpr const char* kSplitFormat = "resunet-split";
 constexpr int kSplitVersion = 1;
+// A split of the largest datasets is a few hundred KB; anything far larger is not a split file.
+constexpr uint64_t kMaxSplitFileBytes = uint64_t{64} << 20;
+
+// An id as JSON writes it, quotes included: a NUL or a newline inside it is shown escaped, never cut.
+std::string shown_id(const std::string& id) {
+    return nlohmann::json(id.substr(0, 200)).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
 
 // Union-find over positions of a sorted id list.
 struct DisjointSets {
@@ -68,7 +76,7 @@ std::vector<std::vector<std::string>> make_units(const std::vector<std::string>&
 std::vector<std::string> sorted_unique(std::vector<std::string> ids, const char* what) {
     std::sort(ids.begin(), ids.end());
     auto duplicate = std::adjacent_find(ids.begin(), ids.end());
-    if (duplicate != ids.end()) throw Error(fmt::format("{}: id '{}' appears more than once", what, *duplicate));
+    if (duplicate != ids.end()) throw Error(fmt::format("{}: id {} appears more than once", what, shown_id(*duplicate)));
     return ids;
 }
 
@@ -123,11 +131,10 @@ void save_split(const Split& split, const std::string& path) {
 }
 
 Split load_split(const std::string& path, const Dataset& dataset, const IdGroups& extra_groups) {
-    std::ifstream in(path);
-    if (!in) throw Error(fmt::format("{}: cannot open split file", path));
+    const std::string text = read_input_file(path, "split file", kMaxSplitFileBytes);
     nlohmann::json json;
     try {
-        json = nlohmann::json::parse(in);
+        json = nlohmann::json::parse(text);
     } catch (const nlohmann::json::exception& e) {
         throw Error(fmt::format("{}: not valid JSON: {}", path, e.what()));
     }
@@ -158,9 +165,10 @@ Split load_split(const std::string& path, const Dataset& dataset, const IdGroups
         }
         std::sort(ids.begin(), ids.end());
         if (auto dup = std::adjacent_find(ids.begin(), ids.end()); dup != ids.end())
-            throw Error(fmt::format("{}: id '{}' appears twice in \"{}\"", path, *dup, key));
+            throw Error(fmt::format("{}: id {} appears twice in \"{}\"", path, shown_id(*dup), key));
         for (const std::string& id : ids)
-            if (!dataset.find(id)) throw Error(fmt::format("{}: unknown id '{}' in \"{}\" (not in {})", path, id, key, dataset.root));
+            if (!dataset.find(id))
+                throw Error(fmt::format("{}: unknown id {} in \"{}\" (not in {})", path, shown_id(id), key, dataset.root));
         return ids;
     };
     split.train_ids = read_ids("train");
@@ -169,7 +177,8 @@ Split load_split(const std::string& path, const Dataset& dataset, const IdGroups
     std::set_intersection(split.train_ids.begin(), split.train_ids.end(), split.test_ids.begin(), split.test_ids.end(),
                           std::back_inserter(both));
     if (!both.empty())
-        throw Error(fmt::format("{}: id '{}' is in both \"train\" and \"test\" ({} overlap)", path, both.front(), both.size()));
+        throw Error(fmt::format("{}: id {} is in both \"train\" and \"test\" ({} overlap)", path, shown_id(both.front()),
+                                both.size()));
 
     const std::set<std::string> test(split.test_ids.begin(), split.test_ids.end());
     const std::set<std::string> train(split.train_ids.begin(), split.train_ids.end());
@@ -181,8 +190,8 @@ Split load_split(const std::string& path, const Dataset& dataset, const IdGroups
             if (test.count(id)) in_test = &id;
         }
         if (in_train && in_test)
-            throw Error(fmt::format("{}: grouped ids '{}' (train) and '{}' (test) must be on the same side", path,
-                                    *in_train, *in_test));
+            throw Error(fmt::format("{}: grouped ids {} (train) and {} (test) must be on the same side", path,
+                                    shown_id(*in_train), shown_id(*in_test)));
     };
     for (const auto& group : kvasir_near_duplicate_groups()) check_group(group);
     for (const auto& group : extra_groups) check_group(group);
@@ -223,7 +232,7 @@ std::vector<size_t> indices_of(const Dataset& dataset, const std::vector<std::st
     indices.reserve(ids.size());
     for (const std::string& id : ids) {
         auto index = dataset.find(id);
-        if (!index) throw Error(fmt::format("{}: unknown sample id '{}'", dataset.root, id));
+        if (!index) throw Error(fmt::format("{}: unknown sample id {}", dataset.root, shown_id(id)));
         indices.push_back(*index);
     }
     return indices;

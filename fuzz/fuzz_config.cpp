@@ -27,6 +27,7 @@ bool read_config(const char* command_name, const std::string& path, Options& opt
     CLI::App app;
     CLI::App* command = app.add_subcommand(command_name);
     add_flags(*command, options);
+    resunet::check_values_strictly(app);
     try {
         app.parse(std::string(command_name) + " --config \"" + path + "\"", false);
         resunet::apply_config_file(*command);

@@ -17,6 +17,9 @@
 
 #include "apps/lib/command_flags.h"
 #include "data/split.h"
+#include "graph/fusion.h"
+#include "graph/init.h"
+#include "graph/model_config.h"
 #include "graph/safetensors.h"
 
 namespace fs = std::filesystem;
@@ -60,6 +63,61 @@ void safetensors_corpus(const fs::path& dir) {
                       {"scalar", filled({}, DType::f32)}});
     write_text(dir / "unchecked.safetensors", unchecked_safetensors());
     write_text(dir / "empty_header.safetensors", std::string("\x02\0\0\0\0\0\0\0{}", 10));
+}
+
+// Small valid model files (width 1, depth 1, size 8) as the loaders see them: fp32, F16, and int8 files laid
+// out as `resunet quantize` writes them (made by hand here: the fuzz build has no quantizer), with static
+// scales, without (dynamic), and with the head kept fp32.
+TensorMap int8_layout(const Graph& graph, bool static_scales, bool head_fp32) {
+    TensorMap out;
+    for (const FusedOp& op : fuse(graph)) {
+        if (op.kind != OpKind::conv && op.kind != OpKind::conv_transpose) continue;
+        const Node& node = graph.node(op.node);
+        const int64_t in_channels = graph.value(node.inputs[0]).dims[1];
+        const Dims dims = op.kind == OpKind::conv_transpose ? Dims{4 * int64_t{node.out_channels}, in_channels, 1, 1}
+                                                            : Dims{node.out_channels, in_channels, node.kernel, node.kernel};
+        HostTensor bias = HostTensor::zeros({dims[0]});
+        for (int64_t i = 0; i < dims[0]; ++i) bias.f32()[i] = 0.125f * static_cast<float>(i);
+        out[node.name + ".bias"] = std::move(bias);
+        if (head_fp32 && node.name == "head") {
+            out[node.name + ".weight"] = HostTensor::zeros(dims);
+            continue;
+        }
+        HostTensor q = HostTensor::zeros(dims, DType::s8);
+        for (int64_t i = 0; i < q.num_elements(); ++i) q.s8()[i] = static_cast<int8_t>(i * 37 % 255 - 127);
+        HostTensor scale = HostTensor::zeros({dims[0]});
+        for (int64_t i = 0; i < dims[0]; ++i) scale.f32()[i] = 0.01f;
+        out[node.name + ".weight_q"] = std::move(q);
+        out[node.name + ".weight_scale"] = std::move(scale);
+        if (!static_scales) continue;
+        const std::string value = graph.value(node.inputs[0]).name;
+        HostTensor input_scale = HostTensor::zeros({1});
+        input_scale.f32()[0] = 0.05f;
+        HostTensor zero = HostTensor::zeros({1}, DType::s32);
+        out[value + ".input_scale"] = std::move(input_scale);
+        out[value + ".input_zero_point"] = std::move(zero);
+    }
+    return out;
+}
+
+void model_corpus(const fs::path& dir) {
+    ResUNetConfig config;
+    config.width = 1;
+    config.depth = 1;
+    config.height = config.width_px = 8;
+    const Graph graph = build_resunet(config);
+    const std::map<std::string, std::string> metadata = resunet_metadata(config);
+    const TensorMap fp32 = init_weights(graph, 1);
+    save_safetensors((dir / "fp32.safetensors").string(), fp32, metadata);
+    save_safetensors((dir / "f16.safetensors").string(), fp32, {{"resunet.size", "16"}}, SaveOptions{FloatStorage::f16});
+    save_safetensors((dir / "int8_static.safetensors").string(), int8_layout(graph, true, false), metadata);
+    save_safetensors((dir / "int8_dynamic.safetensors").string(), int8_layout(graph, false, false), metadata);
+    save_safetensors((dir / "int8_head_fp32.safetensors").string(), int8_layout(graph, true, true), {});
+    // Each must load: a seed the loader refuses would only teach the fuzzer the error path.
+    for (const char* name : {"fp32", "f16", "int8_static", "int8_dynamic", "int8_head_fp32"}) {
+        const SafetensorsFile file = load_safetensors((dir / (std::string(name) + ".safetensors")).string());
+        (void)infer_resunet_config(file.tensors, file.metadata, 8);
+    }
 }
 
 cv::Mat noise(int width, int height, int type, int seed) {
@@ -137,6 +195,7 @@ int main(int argc, char** argv) {
         const fs::path root(argv[1]);
         const std::pair<const char*, void (*)(const fs::path&)> targets[] = {
             {"fuzz_safetensors", safetensors_corpus},
+            {"fuzz_model", model_corpus},
             {"fuzz_image", image_corpus},
             {"fuzz_split", split_corpus},
             {"fuzz_config", config_corpus}};

@@ -10,6 +10,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include <unistd.h>
@@ -22,6 +23,7 @@ struct FileDescriptor {
     explicit FileDescriptor(int value) : fd(value) {}
     FileDescriptor(const FileDescriptor&) = delete;
     FileDescriptor& operator=(const FileDescriptor&) = delete;
+    FileDescriptor(FileDescriptor&& other) noexcept : fd(other.fd) { other.fd = -1; }
     ~FileDescriptor() {
         if (fd >= 0) ::close(fd);
     }
@@ -38,9 +40,37 @@ struct FileDescriptor {
 void write_file_atomic(const std::string& path, const std::vector<std::span<const uint8_t>>& parts);
 void write_file_atomic(const std::string& path, std::string_view text);
 
-// Removes the temp files (".<name>.tmp.<pid>.*") that write_file_atomic left in `folder` when its process was
-// killed mid-write (kill -9, power loss); files of processes still alive are kept. Returns how many it removed.
-// A missing or unreadable folder removes nothing.
+// Creates an empty temp file beside `path`, named as write_file_atomic names its own (".<name>.tmp.<pid>.*",
+// the name shortened with a hash when long, so any legal target name works), for a writer that streams into
+// it and renames it over `path` itself. remove_stale_temp_files removes it if the process dies first.
+std::string new_temp_file_beside(const std::string& path);
+
+// Several files that must appear together (a model and its reports): each is written to its temp file, then
+// commit() renames them all in the order added (put the file whose presence says "done" last), holding
+// SIGINT, SIGTERM and SIGHUP until the last rename so that a signal cannot split the set; a failed rename
+// removes the ones already made. Uncommitted temp files are removed by the destructor.
+//
+//   AtomicFileSet outputs;
+//   write_file_atomic(outputs.add("m.report.md"), text);  // any writer, to the temp path add() returns
+//   save_safetensors(outputs.add("m.safetensors"), tensors);
+//   outputs.commit();
+class AtomicFileSet {
+  public:
+    AtomicFileSet() = default;
+    ~AtomicFileSet();
+    AtomicFileSet(const AtomicFileSet&) = delete;
+    AtomicFileSet& operator=(const AtomicFileSet&) = delete;
+    std::string add(const std::string& target);  // the temp path to write `target`'s content to
+    void commit();
+
+  private:
+    std::vector<std::pair<std::string, std::string>> files_;  // target, temp
+    bool committed_ = false;
+};
+
+// Removes the temp files (".<name>.tmp.<pid>.*", and ".<name>.partial.<pid>" of older predict runs) left in
+// `folder` by a process killed mid-write (kill -9, power loss, a signal); files of processes still alive are
+// kept. Returns how many it removed. A missing or unreadable folder removes nothing.
 int remove_stale_temp_files(const std::string& folder);
 
 }  // namespace resunet

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace resunet {
@@ -119,6 +120,13 @@ FoldedConv fold_conv(const Graph& graph, const FusedOp& op, const TensorMap& wei
         for (int64_t i = 0; i < per_oc; ++i) row[i] = static_cast<float>(row[i] * inv);
         folded.bias[static_cast<size_t>(oc)] =
             static_cast<float>((folded.bias[static_cast<size_t>(oc)] - mean[oc]) * inv + beta[oc]);
+        // Finite statistics can still fold to Inf (a huge gamma over a tiny variance): the engines would then
+        // compute NaN activations and a plausible-looking mask, so the folded values are checked here.
+        const float bias = folded.bias[static_cast<size_t>(oc)];
+        if (!std::isfinite(bias) || !std::all_of(row, row + per_oc, [](float v) { return std::isfinite(v); }))
+            throw Error(fmt::format("weights: '{}' with batch norm '{}' folded in overflows at output channel {} "
+                                    "(gamma {}, running_var {}); the batch-norm statistics are out of range",
+                                    node.name, bn.name, oc, gamma[oc], var[oc]));
     }
     return folded;
 }

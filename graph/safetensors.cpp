@@ -1,4 +1,5 @@
 #include "graph/safetensors.h"
+#include "graph/input_file.h"
 
 #include "graph/atomic_file.h"
 #include "graph/half_float.h"
@@ -463,8 +464,7 @@ void read_exact(int fd, uint8_t* into, size_t count, size_t done_before, size_t 
 // while its checksum is computed, so the peak memory is the tensors plus one chunk (not the whole file
 // twice). Read rather than mmap: a file truncated by someone else mid-load then gives an error, not SIGBUS.
 SafetensorsFile load_safetensors(const std::string& path) {
-    FileDescriptor file(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (file.fd < 0) throw Error(fmt::format("{}: cannot open: {}", path, errno_text(errno)));
+    FileDescriptor file = open_input_file(path, "weights file");
     struct stat info {};
     if (::fstat(file.fd, &info) != 0) throw Error(fmt::format("{}: cannot stat: {}", path, errno_text(errno)));
     if (!S_ISREG(info.st_mode)) throw Error(fmt::format("{}: not a regular file", path));

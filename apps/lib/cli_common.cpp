@@ -4,6 +4,7 @@
 #include "engine/engine.h"
 #include "quant/quant_engine.h"
 #include "engine/plan_cache.h"
+#include "graph/input_file.h"
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -244,6 +245,8 @@ Split resolve_split(const Dataset& dataset, const std::string& split_path, uint6
     };
     if (!split_path.empty()) {
         if (!file_exists(split_path)) throw UsageError(fmt::format("--split '{}' does not exist", split_path));
+        if (const std::string problem = input_file_problem(split_path); !problem.empty())
+            throw UsageError(fmt::format("--split '{}': {}", split_path, problem));
         Split split = load(split_path);
         if (have_run_split) {
             const Split existing = load(run_split.string());
@@ -267,6 +270,8 @@ void check_model_path(const std::string& path) {
     struct stat info {};
     if (::stat(path.c_str(), &info) != 0) throw UsageError(fmt::format("--model '{}': {}", path, std::strerror(errno)));
     if (S_ISDIR(info.st_mode)) throw UsageError(fmt::format("--model '{}' is a folder, not a .safetensors file", path));
+    if (const std::string problem = input_file_problem(path); !problem.empty())
+        throw UsageError(fmt::format("--model '{}': {}", path, problem));
 }
 
 ModelFile load_model_file(const std::string& path, int size, const std::function<void(const SafetensorsFile&)>& check) {

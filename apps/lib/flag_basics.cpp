@@ -1,6 +1,7 @@
 // The light part of the command line: see flag_basics.h.
 #include "apps/lib/flag_basics.h"
 
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <sstream>
@@ -9,6 +10,8 @@
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
+
+#include "graph/input_file.h"
 
 namespace resunet {
 
@@ -45,20 +48,41 @@ CLI::Option* bind_flag(CLI::App& app, const std::string& name, bool& value, cons
         ->capture_default_str();
 }
 
+namespace {
+// A configuration is a few KB; anything far larger is not one.
+constexpr uint64_t kMaxConfigFileBytes = uint64_t{16} << 20;
+}  // namespace
+
 void apply_config_file(CLI::App& command) {
     CLI::Option* config = command.get_config_ptr();
     if (config == nullptr || config->count() == 0) return;
     const std::string path = config->as<std::string>();
     const std::shared_ptr<CLI::Config> formatter = command.get_config_formatter();
-    const std::vector<CLI::ConfigItem> items = formatter->from_file(path);  // CLI::FileError when unreadable
+    std::string text;
+    try {
+        text = read_input_file(path, "--config", kMaxConfigFileBytes);  // a FIFO is refused, not waited on
+    } catch (const Error& e) {
+        throw CLI::FileError(one_line(e.what()));
+    }
+    std::istringstream in(text);
+    const std::vector<CLI::ConfigItem> items = formatter->from_config(in);
     for (const CLI::ConfigItem& item : items) {
         if (item.name == "++" || item.name == "--") continue;
-        if (!item.parents.empty() && item.parents.front() != command.get_name()) continue;  // another command's section
+        // A table is this command's own ([train] in train's file) or refused: its keys would otherwise be dropped
+        // without a word while the same key at the top level is read.
+        if (!item.parents.empty() && (item.parents.size() > 1 || item.parents.front() != command.get_name()))
+            throw CLI::ConfigError::Extras(fmt::format("{} in {} (a [{}] table; this command reads top-level keys and "
+                                                       "[{}])",
+                                                       item.fullname(), path, item.parents.front(), command.get_name()));
         CLI::Option* option = command.get_option_no_throw("--" + item.name);
         if (option == nullptr) throw CLI::ConfigError::Extras(item.fullname() + " in " + path);
         if (!option->get_configurable()) throw CLI::ConfigError::NotConfigurable(item.fullname());
         if (option->count() > 0) continue;  // given on the command line
         if (option->get_expected_min() == 0) {
+            // A switch takes true or false; CLI11 would read 2 (or "yes") as true.
+            if (item.inputs.size() != 1 || (item.inputs[0] != "true" && item.inputs[0] != "false"))
+                throw CLI::ConversionError(fmt::format("{} in {}: '{}' is not true or false", item.fullname(), path,
+                                                       item.inputs.empty() ? std::string() : item.inputs[0]));
             option->add_result(option->get_flag_value(item.name, formatter->to_flag(item)));
         } else {
             option->add_result(item.inputs);
@@ -135,6 +159,43 @@ CLI::Validator count_or_auto(int largest) {
             return fmt::format("must be a whole number from 1 to {} or auto, not {}", largest, v);
         },
         "N|auto");
+}
+
+namespace {
+
+// "" when `text` is exactly a number of the type CLI11 calls `type` (INT, UINT, FLOAT), else why not.
+std::string strict_value_problem(const std::string& type, const std::string& text) {
+    const char* begin = text.data();
+    const char* end = begin + text.size();
+    if (type == "UINT") {
+        uint64_t value = 0;
+        const auto [stop, error] = std::from_chars(begin, end, value);
+        if (text.empty() || error != std::errc() || stop != end)
+            return fmt::format("'{}' is not a whole number from 0 to {}", text, UINT64_MAX);
+    } else if (type == "INT") {
+        int64_t value = 0;
+        const auto [stop, error] = std::from_chars(begin, end, value);
+        if (text.empty() || error != std::errc() || stop != end) return fmt::format("'{}' is not a whole number", text);
+    } else if (type == "FLOAT") {
+        double value = 0;
+        const char* from = begin != end && *begin == '+' ? begin + 1 : begin;  // from_chars takes no '+'
+        const auto [stop, error] = std::from_chars(from, end, value);
+        if (text.empty() || error != std::errc() || stop != end) return fmt::format("'{}' is not a number", text);
+        if (!std::isfinite(value)) return fmt::format("'{}' is not a finite number", text);
+    }
+    return std::string();
+}
+
+}  // namespace
+
+void check_values_strictly(CLI::App& app) {
+    for (CLI::Option* option : app.get_options()) {
+        const std::string full = option->get_type_name();  // "INT", or "INT:INT in [1 - 1024]" with validators
+        const std::string type = full.substr(0, full.find(':'));
+        if (type != "INT" && type != "UINT" && type != "FLOAT") continue;
+        option->check(CLI::Validator([type](std::string& text) { return strict_value_problem(type, text); }, ""));
+    }
+    for (CLI::App* command : app.get_subcommands([](CLI::App*) { return true; })) check_values_strictly(*command);
 }
 
 std::string one_line(std::string text) {

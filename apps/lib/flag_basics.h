@@ -59,6 +59,12 @@ CLI::Validator non_negative_number();
 // A whole number from 1 to `largest`, or the word auto (--micro-batch).
 CLI::Validator count_or_auto(int largest);
 
+// Adds to every option of `app` and its subcommands, by the type CLI11 bound it to, a check that the text is
+// exactly a value of that type: INT and UINT whole numbers in range (CLI11 2.1 wraps "-1" into an unsigned and
+// saturates one past 2^64 - 1), FLOAT finite ("nan" passes every CLI::Range). Command-line values and
+// --config values (apply_config_file runs the same validators) alike. Call once, after every flag is added.
+void check_values_strictly(CLI::App& app);
+
 // Exception text as one line (OpenCV's messages span several).
 std::string one_line(std::string text);
 

@@ -7,15 +7,20 @@
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <sstream>
 
 #include <fmt/format.h>
 
 #include "apps/lib/cli_common.h"
+#include "graph/input_file.h"
 
 namespace fs = std::filesystem;
 
 namespace resunet {
 namespace {
+
+// A list of a million paths is some 100 MB; anything larger is not a list.
+constexpr uint64_t kMaxListFileBytes = uint64_t{256} << 20;
 
 std::string lower_extension(const fs::path& path) {
     std::string ext = path.extension().string();
@@ -125,10 +130,13 @@ std::vector<std::string> collect_input_images(const std::vector<std::string>& in
     for (const std::string& input : inputs) {
         if (input.size() > 1 && input[0] == '@') {
             const std::string list_path = input.substr(1);
-            std::error_code ec;
-            if (fs::is_directory(list_path, ec)) throw UsageError(fmt::format("list file '{}' is a folder", list_path));
-            std::ifstream list(list_path);
-            if (!list) throw UsageError(fmt::format("cannot open list file '{}': {}", list_path, std::strerror(errno)));
+            std::string text;
+            try {
+                text = read_input_file(list_path, "list file", kMaxListFileBytes);  // a FIFO is refused, not waited on
+            } catch (const Error& e) {
+                throw UsageError(one_line(e.what()));
+            }
+            std::istringstream list(text);
             std::string line;
             while (std::getline(list, line)) {
                 const size_t begin = line.find_first_not_of(" \t\r");
@@ -136,7 +144,6 @@ std::vector<std::string> collect_input_images(const std::vector<std::string>& in
                 const size_t end = line.find_last_not_of(" \t\r");
                 add_path(fs::path(line.substr(begin, end - begin + 1)), true, images);
             }
-            if (list.bad()) throw UsageError(fmt::format("error reading list file '{}'", list_path));
         } else {
             add_path(fs::path(input), false, images);
         }
@@ -145,6 +152,7 @@ std::vector<std::string> collect_input_images(const std::vector<std::string>& in
 }
 
 cv::Size probe_image_size(const std::string& path) {
+    if (!input_file_problem(path).empty()) return {};  // a FIFO would block the read below forever
     std::ifstream in(path, std::ios::binary);
     if (!in) return {};
     unsigned char head[26] = {};

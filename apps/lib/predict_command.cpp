@@ -89,8 +89,9 @@ class ProgressConsole {
 class StreamedFile {
   public:
     explicit StreamedFile(std::string path) : path_(std::move(path)) {
-        const fs::path target(path_);
-        temp_ = (target.parent_path() / fmt::format(".{}.partial.{}", target.filename().string(), ::getpid())).string();
+        // Named as write_file_atomic's temp files: short enough for any target name, and removed by
+        // remove_stale_temp_files when this process dies before commit().
+        temp_ = new_temp_file_beside(path_);
         file_ = std::fopen(temp_.c_str(), "wb");
         if (!file_) throw Error(fmt::format("{}: cannot create: {}", temp_, std::strerror(errno)));
     }
@@ -166,6 +167,7 @@ void create_out_dir(const fs::path& dir) {
     std::error_code ec;
     fs::create_directories(dir, ec);
     if (ec || !fs::is_directory(dir)) throw UsageError(fmt::format("--out '{}': cannot create folder: {}", dir.string(), ec.message()));
+    remove_stale_temp_files(dir.string());  // of runs killed mid-write (their streamed metrics.csv included)
 }
 
 // stem -> file for the supported images of the ground-truth folder; ambiguous stems map to "".

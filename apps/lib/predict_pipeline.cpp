@@ -22,6 +22,7 @@
 #include "data/dataset.h"
 #include "data/postprocess.h"
 #include "graph/atomic_file.h"
+#include "graph/input_file.h"
 
 namespace fs = std::filesystem;
 
@@ -104,7 +105,9 @@ void encode_and_write(const std::string& path, const cv::Mat& image) {
 }
 
 // Reads one image, refuses oversized ones, resizes to the model size (INTER_AREA) and normalises into dst.
-void load_input(const Run& run, Item& item, float* dst, bool keep_original) {
+// `full_decode`: at full size even with --fast-decode (--overlay draws on the full-size image, decoded again
+// in finish_item: keeping every in-flight original would hold batch x batches-in-flight full images).
+void load_input(const Run& run, Item& item, float* dst, bool full_decode) {
     const std::string& path = run.paths[item.index];
     const int64_t max_pixels = run.options.max_pixels;
     auto refuse_if_large = [&](cv::Size size) {
@@ -116,10 +119,11 @@ void load_input(const Run& run, Item& item, float* dst, bool keep_original) {
     struct stat info {};
     if (::stat(path.c_str(), &info) != 0) throw Error(fmt::format("{}: cannot open: {}", path, std::strerror(errno)));
     if (S_ISDIR(info.st_mode)) throw Error(fmt::format("{}: is a folder, not an image", path));
+    if (const std::string problem = input_file_problem(path); !problem.empty()) throw Error(fmt::format("{}: {}", path, problem));
     if (::access(path.c_str(), R_OK) != 0) throw Error(fmt::format("{}: cannot open: {}", path, std::strerror(errno)));
     refuse_if_large(probe_image_size(path));
     cv::Mat bgr;
-    if (run.options.fast_decode && !keep_original) {
+    if (run.options.fast_decode && !full_decode) {
         cv::Size original;
         bgr = read_image_reduced(path, 2 * run.size, original);  // INTER_AREA still averages >= 2x2 pixels
         item.width = original.width;
@@ -134,7 +138,6 @@ void load_input(const Run& run, Item& item, float* dst, bool keep_original) {
     cv::resize(bgr, resized, cv::Size(run.size, run.size), 0, 0, cv::INTER_AREA);
     const HostTensor tensor = image_to_tensor(resized, kImageNetMean, kImageNetStd);
     std::memcpy(dst, tensor.f32(), run.input_floats * sizeof(float));
-    if (keep_original) item.original = std::move(bgr);
 }
 
 std::string error_text(const std::exception& e) { return one_line(e.what()); }
@@ -145,8 +148,12 @@ void finish_item(const Run& run, Item& item, const float* logits) {
     const cv::Mat mask = logits_to_mask(logits, run.size, run.size, item.width, item.height);  // {0, 1}
     encode_and_write((run.out_dir / mask_file_name(stem)).string(), mask * 255);
     if (run.options.overlay) {
-        encode_and_write((run.out_dir / overlay_file_name(stem)).string(), make_overlay(item.original, mask));
-        item.original.release();
+        // Decoded again here, so an original lives only while its overlay is drawn (one per finishing thread).
+        const cv::Mat original = read_image(run.paths[item.index], run.options.max_pixels);
+        if (original.size() != mask.size())
+            throw Error(fmt::format("{}: changed while it was read ({}x{}, then {}x{})", run.paths[item.index], mask.cols,
+                                    mask.rows, original.cols, original.rows));
+        encode_and_write((run.out_dir / overlay_file_name(stem)).string(), make_overlay(original, mask));
     }
     if (!run.truth_paths.empty()) {
         const std::string& truth_path = run.truth_paths[item.index];
@@ -248,7 +255,6 @@ void run_pipeline(const Run& run, Runner& runner, InferenceThread& inference_thr
                 const std::string& path = run.paths[item.index];
                 item.error = text.find(path) == std::string::npos ? path + ": " + text : text;
             }
-            item.original.release();
         });
         return batch;
     };

@@ -88,7 +88,6 @@ struct Item {
     int width = 0;          // original size, once decoded
     int height = 0;
     int slot = -1;          // position in the batch's engine buffers; -1 = not inferred
-    cv::Mat original;       // decoded BGR, kept only for the overlay
     std::string error;      // one line naming the file; empty while all is well
     bool scored = false;
     MaskMetrics metrics;

@@ -200,6 +200,7 @@ QuantizeReport run_quantize(const QuantizeCommandOptions& options) {
         const fs::path parent = fs::path(options.out_path).parent_path();
         if (!parent.empty() && !fs::is_directory(parent, ec))
             throw UsageError(fmt::format("--out '{}': folder '{}' does not exist", options.out_path, parent.string()));
+        remove_stale_temp_files(parent.empty() ? std::string(".") : parent.string());  // of runs killed before their commit
     }
 
     ModelFile model = load_model_file(options.model_path, options.size, [&](const SafetensorsFile& file) {
@@ -280,14 +281,19 @@ QuantizeReport run_quantize(const QuantizeCommandOptions& options) {
     metadata[kInt8SourceModelKey] = fs::path(options.model_path).filename().string();
     const auto checksum = file.metadata.find(kSafetensorsChecksumKey);
     metadata[kInt8SourceChecksumKey] = checksum != file.metadata.end() ? checksum->second : "none";
-    save_safetensors(options.out_path, int8, metadata);
+    // The model and its two reports appear together at the end (the model last), or not at all.
+    AtomicFileSet outputs;
+    const std::string md_temp = outputs.add(report.report_md_path);
+    const std::string json_temp = outputs.add(report.report_json_path);
+    const std::string model_temp = outputs.add(options.out_path);
+    save_safetensors(model_temp, int8, metadata);
 
     // ---- per-layer report: the file's int8 network (stored scales) against fp32, on calibration images ----
     const int report_images = std::min(count, 4);
     const size_t floats = static_cast<size_t>(3) * size * size;
     std::vector<LayerQuantReport> sum;
     {
-        const TensorMap stored = load_safetensors(options.out_path).tensors;  // exactly what was written
+        const TensorMap stored = load_safetensors(model_temp).tensors;  // exactly what was written
         for (int i = 0; i < report_images; ++i) {
             std::vector<LayerQuantReport> rows =
                 compare_layers(graph, file.tensors, stored, quant_options, calibration.data() + static_cast<size_t>(i) * floats, 1);
@@ -338,8 +344,9 @@ QuantizeReport run_quantize(const QuantizeCommandOptions& options) {
         json["layers"].push_back({{"layer", r.layer}, {"output", r.name}, {"precision", r.precision}, {"input_scale", r.input_scale},
                                   {"input_zero_point", r.input_zero_point}, {"sqnr_db", std::isfinite(r.sqnr_db) ? r.sqnr_db : 1e9},
                                   {"cosine", r.cosine}, {"saturated_share", r.saturated_share}, {"time_ms", r.time_ms}});
-    write_file_atomic(report.report_md_path, md);
-    write_file_atomic(report.report_json_path, json.dump(2) + "\n");
+    write_file_atomic(md_temp, md);
+    write_file_atomic(json_temp, json.dump(2) + "\n");
+    outputs.commit();
     if (options.log) {
         fmt::print(options.log, "resunet quantize: {} -> {} (weights +-{}, static scales from {})\n", options.model_path,
                    options.out_path, kStoredWeightLevels, report.calibration_source);
