@@ -41,21 +41,25 @@ if args.profile:
     config["PERF_COUNT"] = True
 compiled = core.compile_model(model, "CPU", config)
 row["compile_ms"] = (time.time() - t) * 1e3
-row["config"] = "; ".join("%s=%s" % (k, compiled.get_property(k)) for k in
+def text(value):  # ov.Type prints as <Type: 'float32'>; its own name is f32
+    return value.to_string() if hasattr(value, "to_string") else str(value)
+
+
+row["config"] = "; ".join("%s=%s" % (k, text(compiled.get_property(k))) for k in
                           ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "NUM_STREAMS"))
 request = compiled.create_infer_request()
 fields, _ = pc.time_runs(lambda: request.infer({0: x}), args.runs)
 row.update(fields)
 row.update(pc.fidelity(ref, request.get_output_tensor(0).data))
 row["peak_rss_mb"] = pc.peak_rss_mb()
-# What the plugin ran: layer type and runtime precision of its executable graph (int8 convolutions show
-# as u8/i8), counted; the cores' ISA of each primitive is in the profile's exec_type.
+# What the plugin ran: layer type, runtime precision (int8 convolutions show as u8) and kernel of each
+# convolution in its executable graph, counted.
 kinds = collections.Counter()
 for op in compiled.get_runtime_model().get_ordered_ops():
     info = op.get_rt_info()
-    layer = str(info["layerType"]) if "layerType" in info else op.get_type_name()
-    if "Convolution" in layer or "Deconvolution" in layer:
-        kinds["%s:%s" % (layer, info["runtimePrecision"] if "runtimePrecision" in info else "?")] += 1
+    field = lambda k: info[k].astype(str) if k in info else "?"  # noqa: E731
+    if "onvolution" in field("layerType"):  # Convolution, Deconvolution
+        kinds["%s %s %s" % (field("layerType"), field("runtimePrecision"), field("primitiveType"))] += 1
 row["notes"].append("executable graph: " + ", ".join("%s x%d" % kv for kv in sorted(kinds.items())))
 row["precision"] = ("int8 (NNCF)" if "int8" in args.model else "fp32") + ", hint " + args.precision
 if args.profile:

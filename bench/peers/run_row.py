@@ -114,7 +114,9 @@ def main():
             lf.write(out)
         results = [ln[7:] for ln in out.splitlines() if ln.startswith("RESULT ")]
         if results:
-            row.update(normalized(json.loads(results[-1])))
+            raw = normalized(json.loads(results[-1]))
+            raw.pop("label", None)  # bench_torch.py's own, empty
+            row.update(raw)
         else:
             with open(log) as lf:
                 tail = [ln.strip() for ln in lf if ln.strip()][-3:]
