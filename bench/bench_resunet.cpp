@@ -30,6 +30,7 @@
 #include "apps/lib/evaluate.h"
 #include "bench/resunet_report.h"
 #include "apps/lib/flag_basics.h"
+#include "apps/lib/help_format.h"
 #include "data/dataset.h"
 #include "data/postprocess.h"
 #include "data/split.h"
@@ -41,7 +42,8 @@
 #include "quant/quant_engine.h"
 #include "graph/init.h"
 #include "graph/safetensors.h"
-#include "git_commit.h"  // RESUNET_GIT_COMMIT, written at build time
+#include "apps/lib/version.h"
+#include "git_commit.h"  // RESUNET_GIT_COMMIT, written at build time (cmake/git_commit.cmake)
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -531,6 +533,8 @@ void write_examples(const Options& timed, const std::string& path) {
 int main(int argc, char** argv) {
     Options o;
     CLI::App app{"bench_resunet: ResUNet fp32 vs int8 latency, memory and accuracy on this CPU (the paper's Table 1)"};
+    app.formatter(std::make_shared<resunet::WrappingHelpFormatter>());
+    app.set_version_flag("--version", resunet::tool_version("bench_resunet"), "Print the version and the git commit, then exit");
     app.add_option("--width", o.width, "network width (channels of the first stage)")->check(resunet::positive_number());
     app.add_option("--size", o.size, "input height and width in pixels (divisible by 16)")->check(resunet::positive_number());
     app.add_option("--batch", o.batch, "images per timed run")->check(resunet::positive_number());
@@ -653,6 +657,7 @@ int main(int argc, char** argv) {
         report["provenance"] = {{"cpu", resunet::cpu_model_name()}, {"isa", resunet::onednn_version()},
                                 {"threads", o.threads > 0 ? std::to_string(o.threads) : fmt::format("{} (all cores)", std::thread::hardware_concurrency())},
                                 {"onednn", resunet::onednn_version()}, {"git_commit", RESUNET_GIT_COMMIT}, {"date", date}};
+        report["tool_version"] = resunet::tool_version("bench_resunet");
         fmt::print(stderr, "bench_resunet: width {}, {}x{}, batch {}, {} runs per row\n", o.width, o.size, o.size, o.batch, o.runs);
         report["rows"] = json::array();
         std::vector<std::string> rows = {"fp32", "int8", "int8-static"};

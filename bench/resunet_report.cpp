@@ -125,9 +125,11 @@ std::string markdown(const json& report) {
         if (r.contains("int8_plan"))
             md += fmt::format("  {} row: {}.\n", r["precision"].get<std::string>(), r["int8_plan"].get<std::string>());
     }
-    md += fmt::format("\nProvenance: {} | ISA {} | threads {} | {} | git {} | {}\n", p["cpu"].get<std::string>(),
-                      p["isa"].get<std::string>(), p["threads"].get<std::string>(), p["onednn"].get<std::string>(),
-                      p["git_commit"].get<std::string>(), p["date"].get<std::string>());
+    const std::string tool = report.contains("tool_version") ? report["tool_version"].get<std::string>()
+                                                              : "git " + p["git_commit"].get<std::string>();
+    md += fmt::format("\nProvenance: {} | ISA {} | threads {} | {} | {} | {}\n", p["cpu"].get<std::string>(),
+                      p["isa"].get<std::string>(), p["threads"].get<std::string>(), p["onednn"].get<std::string>(), tool,
+                      p["date"].get<std::string>());
     for (const json& r : report["rows"]) {
         if (!r.contains("layers")) continue;
         md += fmt::format("\n### Per-layer profile, {} (one profiled run; waits after each primitive)\n\n", r["precision"].get<std::string>());
