@@ -257,7 +257,7 @@ TEST(BenchResunet, BadInputIsOneLineErrorBeforeAnyWork) {
     auto expect_error = [&](const std::string& arguments, const std::string& needle) {
         SCOPED_TRACE(arguments);
         const Result r = bench(dir, arguments);
-        EXPECT_NE(r.code, 0);
+        EXPECT_EQ(r.code, 2);  // a usage error, as in `resunet`
         EXPECT_NE(r.err.find(needle), std::string::npos) << r.err;
         EXPECT_EQ(r.err.find(" run "), std::string::npos) << "timed runs started: " << r.err;
         EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
