@@ -7,7 +7,8 @@
 //   bench_resunet --json out/table.json --csv out/table.csv
 //
 // Each precision row runs in a child process of its own (this program re-executed with --row), so its
-// peak RSS is that row's alone.
+// peak RSS is that row's alone. Exit status, as `resunet`'s: 0 success, 1 the work failed, 2 a usage error
+// (bad flags, missing or mismatched files) found before any work started.
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -30,6 +31,7 @@
 #include "apps/lib/evaluate.h"
 #include "bench/resunet_report.h"
 #include "apps/lib/flag_basics.h"
+#include "apps/lib/help_format.h"
 #include "data/dataset.h"
 #include "data/postprocess.h"
 #include "data/split.h"
@@ -42,7 +44,8 @@
 #include "quant/quant_engine.h"
 #include "graph/init.h"
 #include "graph/safetensors.h"
-#include "git_commit.h"  // RESUNET_GIT_COMMIT, written at build time
+#include "apps/lib/version.h"
+#include "git_commit.h"  // RESUNET_GIT_COMMIT, written at build time (cmake/git_commit.cmake)
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -546,6 +549,8 @@ void write_examples(const Options& timed, const std::string& path) {
 int main(int argc, char** argv) {
     Options o;
     CLI::App app{"bench_resunet: ResUNet fp32 vs int8 latency, memory and accuracy on this CPU (the paper's Table 1)"};
+    app.formatter(std::make_shared<resunet::WrappingHelpFormatter>());
+    app.set_version_flag("--version", resunet::tool_version("bench_resunet"), "Print the version and the git commit, then exit");
     app.add_option("--width", o.width, "network width (channels of the first stage)")->check(resunet::positive_number());
     app.add_option("--size", o.size, "input height and width in pixels (divisible by 16)")->check(resunet::positive_number());
     app.add_option("--batch", o.batch, "images per timed run")->check(resunet::positive_number());
@@ -612,13 +617,23 @@ int main(int argc, char** argv) {
     app.failure_message([](const CLI::App*, const CLI::Error& e) {
         return fmt::format("bench_resunet: error: {} (see --help)\n", e.what());
     });
-    CLI11_PARSE(app, argc, argv);
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::Success& e) {  // --help, --version
+        return app.exit(e);
+    } catch (const CLI::Error& e) {  // bad flags: CLI11 prints the one-line reason
+        app.exit(e);
+        return 2;
+    }
+    // Exit status as `resunet`'s: 2 for what the checks below find before any work starts, 1 once it has.
+    bool checked = false;
     try {
         const bool micro_batch_auto = o.micro_batch_text == "auto";
         if (!micro_batch_auto) o.micro_batch = std::stoi(o.micro_batch_text);
         if (o.batch % o.micro_batch != 0)
             throw resunet::Error(fmt::format("--batch {} must be a multiple of --micro-batch {}", o.batch, o.micro_batch));
         if (!o.row.empty()) {
+            checked = true;  // a child of this program: its failures are the row's
             json row = o.eval_row     ? evaluate_row(o)
                        : o.choose_row ? choose_micro_batch_row(o)
                        : o.plan_row   ? plan_row(o)
@@ -657,6 +672,7 @@ int main(int argc, char** argv) {
             if (!fs::is_directory(dir)) throw resunet::Error(fmt::format("output folder '{}' does not exist", dir.string()));
             if (access(dir.c_str(), W_OK) != 0) throw resunet::Error(fmt::format("output folder '{}' is not writable", dir.string()));
         }
+        checked = true;
         const fs::path tmp = fs::temp_directory_path() / fmt::format("bench_resunet.{}", getpid());
         fs::create_directories(tmp);
         json report = {{"width", o.width}, {"size", o.size}, {"batch", o.batch}, {"micro_batch", micro_batch_auto ? json("auto") : json(o.micro_batch)},
@@ -669,6 +685,7 @@ int main(int argc, char** argv) {
         report["provenance"] = {{"cpu", resunet::cpu_model_name()}, {"isa", resunet::onednn_version()},
                                 {"threads", o.threads > 0 ? std::to_string(o.threads) : fmt::format("{} (all cores)", std::thread::hardware_concurrency())},
                                 {"onednn", resunet::onednn_version()}, {"git_commit", RESUNET_GIT_COMMIT}, {"date", date}};
+        report["tool_version"] = resunet::tool_version("bench_resunet");
         fmt::print(stderr, "bench_resunet: width {}, {}x{}, batch {}, {} runs per row\n", o.width, o.size, o.size, o.batch, o.runs);
         report["rows"] = json::array();
         std::vector<std::string> rows = {"fp32", "int8", "int8-static"};
@@ -726,7 +743,7 @@ int main(int argc, char** argv) {
         }
     } catch (const std::exception& e) {
         fmt::print(stderr, "bench_resunet: error: {}\n", e.what());
-        return 1;
+        return checked ? 1 : 2;
     }
     return 0;
 }

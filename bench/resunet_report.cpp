@@ -130,9 +130,11 @@ std::string markdown(const json& report) {
         if (r.contains("plan_id"))
             plans += fmt::format("{}{} {}", plans.empty() ? "" : ", ", r["precision"].get<std::string>(), r["plan_id"].get<std::string>());
     if (!plans.empty()) md += fmt::format("\nPlans (`resunet plan --save-plan` writes one; `--plan FILE` runs it again): {}\n", plans);
-    md += fmt::format("\nProvenance: {} | ISA {} | threads {} | {} | git {} | {}\n", p["cpu"].get<std::string>(),
-                      p["isa"].get<std::string>(), p["threads"].get<std::string>(), p["onednn"].get<std::string>(),
-                      p["git_commit"].get<std::string>(), p["date"].get<std::string>());
+    const std::string tool = report.contains("tool_version") ? report["tool_version"].get<std::string>()
+                                                              : "git " + p["git_commit"].get<std::string>();
+    md += fmt::format("\nProvenance: {} | ISA {} | threads {} | {} | {} | {}\n", p["cpu"].get<std::string>(),
+                      p["isa"].get<std::string>(), p["threads"].get<std::string>(), p["onednn"].get<std::string>(), tool,
+                      p["date"].get<std::string>());
     for (const json& r : report["rows"]) {
         if (!r.contains("layers")) continue;
         md += fmt::format("\n### Per-layer profile, {} (one profiled run; waits after each primitive)\n\n", r["precision"].get<std::string>());

@@ -62,8 +62,8 @@ enum class ConvAlgorithm { tuned, direct, winograd, own_winograd_f43, own_winogr
 
 // The default memory budget (EngineOptions::memory_budget_mb = 0) as a multiple of the all-direct plan's
 // engine bytes. 2.5x keeps the width-64 network's default plan under the paper's fp32 565 MB peak RSS with
-// room for Winograd on the deep layers, whose 4x weights the former 1.75x left direct (on a Zen 5, per batch
-// of 16: 2.3 s at 1.75x, 2.1 s at 2.5x, 1.9 s with no budget).
+// room for Winograd on the deep layers, whose 4x weights a smaller factor left direct (figures:
+// docs/design.md, "Tuning constants").
 inline constexpr double kDefaultMemoryBudgetFactor = 2.5;
 
 struct EngineOptions {
@@ -86,8 +86,7 @@ struct EngineOptions {
     // when the measured plan exceeds the budget the Winograd layers that save the least time per extra
     // byte fall back to a leaner candidate that still beat direct (F(2x2) for F(4x4)), else to direct,
     // until it fits (never below the direct plan). 0: kDefaultMemoryBudgetFactor x the bytes of the same
-    // plan with every convolution direct (a width-64, 224x224 plan on a Zen 5: 453 MB budget, 452 MB of engine
-    // bytes, 469 MB peak RSS); negative: no limit.
+    // plan with every convolution direct; negative: no limit.
     double memory_budget_mb = 0;
     // ConvTranspose 2x2 stride 2 runs as a 1x1 convolution to 4x the channels plus a pixel-shuffle
     // reorder (faster than oneDNN 2.6's deconvolution on AVX2); false uses the deconvolution primitive.

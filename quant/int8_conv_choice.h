@@ -23,8 +23,8 @@ namespace resunet::quant_detail {
 
 // How much faster than direct the Winograd must measure to be chosen: each layer it takes costs accuracy
 // (its requantization), and timings on a shared 2-core machine move by several percent even as the best of 5
-// runs, so a layer only a little faster would flip between starts for no real gain. (15% before the best of
-// 5: it left out layers measured 13-14% faster on a Zen 5, e.g. d2.conv_a 4.1 against 4.7 ms.)
+// runs, so a layer only a little faster would flip between starts for no real gain. A larger margin left out
+// layers that were consistently faster (figures: docs/design.md, "Tuning constants").
 inline constexpr double kInt8WinogradMargin = 0.10;
 
 // Mixed precision (Int8ConvAlgorithm::mixed): how much faster than its u8 x s8 direct kernel a layer's fastest fp32
@@ -35,10 +35,9 @@ inline constexpr double kMixedPrecisionMargin = 0.10;
 // Whether the measured plan (Int8ConvAlgorithm::tuned) offers our int8 Winograd at all: only where the weights
 // have their full kStoredWeightLevels levels (CPUs with VNNI). With 63 (AVX2, AVX-512 without VNNI: vpmaddubsw
 // adds two products in int16) its transformed weights keep one bit less, and each layer passing its own check
-// was not enough: on the peers' network (ONEDNN_MAX_CPU_ISA=AVX2 on a Zen 5) the measured plan took 16 of 17
-// layers and moved mask Dice against PyTorch fp32 from 0.9858 (direct) to 0.9809, below the 0.985; with
-// the check tightened to 0.02 it still took 6 layers at 0.9823. With 127 levels it took 9-13 layers at 0.9883.
-// `--int8-conv winograd` still runs it there when asked for.
+// was not enough: the per-layer errors of the two cases overlap, and with 63 levels the measured plan took
+// nearly every layer and lost the network's fidelity bound, even with a tighter check (figures:
+// docs/design.md, "Tuning constants"). `--int8-conv winograd` still runs it there when asked for.
 inline bool winograd_int8_measurable(int weight_levels) { return weight_levels >= kStoredWeightLevels; }
 
 // The default plan's rule (Tuning::rule) for a layer where our int8 Winograd applies and the weights keep 127

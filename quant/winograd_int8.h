@@ -56,8 +56,8 @@ struct WinogradInt8Shape {
 inline constexpr double kInt8WinogradBound = 0.05;
 
 // The kernel's revision, part of the int8 plan cache's key: raised whenever its speed or numerics change, so
-// that measured choices cached by an earlier build are measured again (2: row-by-row transforms, odd groups;
-// 3: measured only with 127-level weights, quant/int8_conv_choice.h).
+// that measured choices cached by an earlier build are measured again (what each revision changed:
+// docs/design.md, "Tuning constants").
 inline constexpr int kInt8WinogradRevision = 3;
 
 // One (position, tile) row of our int8 Winograd's transformed input: V ~= scale * (V_q - zero), the zero

@@ -33,9 +33,10 @@ failed=0
 summary=()
 isa_caps="${RESUNET_ISA_CAPS-AVX2 AVX512_CORE AVX512_CORE_BF16}"
 # Under an ISA cap, the suites whose code never reaches a oneDNN primitive or one of our ISA-dispatched
-# kernels are left out (they ran once, uncapped): files, data, parsing, signals and disks, usage errors, and
-# the MPI jobs (label mpi; the data-parallel trainer's kernels are the Trainer suites').
-isa_insensitive='^(Adam|Augment|CheckTensors|Comm|ConvertCli|Crc32|CtrlC|FullDisk|Graph|HalfFloat|Hostile[A-Za-z]*|InterruptedWrite|KillNine|Loader|Metrics|MpiJob|DataParallelMpi[A-Za-z]*|RealData|Safetensors[A-Za-z]*|Sha256|Shard|Split|StaleTempFiles|StepLR|Synthetic|TrainCliConfig|UnwritableFolder)\.|\.(HelpUsageErrorsAndExitCodes|FlagRangesOnePrefixAndTruthfulHelp|BadInputIsOneLine[A-Za-z]*|RefusesBadInputBeforeAnyWork)$'
+# kernels are left out (they ran once, uncapped): files, data, parsing, signals and disks, usage errors, the
+# installed package that examples/ is built against, and the MPI jobs (label mpi; the data-parallel
+# trainer's kernels are the Trainer suites').
+isa_insensitive='^(Adam|Augment|CheckTensors|Comm|ConvertCli|Crc32|CtrlC|FullDisk|Graph|HalfFloat|Hostile[A-Za-z]*|InstallPackage|InterruptedWrite|KillNine|Loader|Metrics|MpiJob|HelpFormat|ProgramUsage|ProgramVersion|DataParallelMpi[A-Za-z]*|RealData|Safetensors[A-Za-z]*|Sha256|Shard|Split|StaleTempFiles|StepLR|Synthetic|TrainCliConfig|UnwritableFolder)\.|\.(HelpUsageErrorsAndExitCodes|FlagRangesOnePrefixAndTruthfulHelp|BadInputIsOneLine[A-Za-z]*|RefusesBadInputBeforeAnyWork)$'
 
 # ---------------------------------------------------------------------------------------------- machine
 echo "==== run_all: machine"

@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
 
+#include "apps/lib/version.h"
 #include "graph/graph.h"
 #include "graph/init.h"
 #include "graph/model_config.h"
@@ -85,6 +86,8 @@ TEST(BenchResunet, RandomWeightsReportEveryRowWithOrderedStatistics) {
     ASSERT_EQ(r.code, 0) << r.err;
     const json report = json::parse(read_text(dir / "t.json"));
     ASSERT_EQ(report["rows"].size(), 6u);  // fp32, int8, int8-static at widths 4 and 8
+    EXPECT_EQ(report["tool_version"], tool_version("bench_resunet"));
+    EXPECT_NE(r.out.find("| " + tool_version("bench_resunet") + " |"), std::string::npos) << r.out;
     ResUNetConfig config;
     config.width = 4;
     config.height = config.width_px = 32;
@@ -256,7 +259,7 @@ TEST(BenchResunet, BadInputIsOneLineErrorBeforeAnyWork) {
     auto expect_error = [&](const std::string& arguments, const std::string& needle) {
         SCOPED_TRACE(arguments);
         const Result r = bench(dir, arguments);
-        EXPECT_NE(r.code, 0);
+        EXPECT_EQ(r.code, 2);  // a usage error, as in `resunet`
         EXPECT_NE(r.err.find(needle), std::string::npos) << r.err;
         EXPECT_EQ(r.err.find(" run "), std::string::npos) << "timed runs started: " << r.err;
         EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;

@@ -24,6 +24,7 @@
 #include <opencv2/imgproc.hpp>
 
 #include "apps/lib/predict_command.h"
+#include "apps/lib/version.h"
 #include "data/dataset.h"
 #include "data/metrics.h"
 #include "engine/engine.h"
@@ -347,6 +348,7 @@ TEST(Predict, MasksHaveInputSizeAndMetricsMatchTheWrittenMasks) {
     }
     const nlohmann::json summary = nlohmann::json::parse(read_text(options.out_dir + "/summary.json"));
     EXPECT_EQ(summary["images"]["ok"], kKvasirIds.size());
+    EXPECT_EQ(summary["tool_version"], tool_version("resunet"));
     EXPECT_EQ(summary["images"]["failed"], 0);
     EXPECT_NEAR(summary["per_image"]["dice"]["mean"].get<double>(), summarize(dice).mean, 1e-6);
     EXPECT_NEAR(summary["per_image"]["dice"]["std"].get<double>(), summarize(dice).std, 1e-6);

@@ -26,6 +26,7 @@
 #include "apps/lib/evaluate.h"
 #include "apps/lib/predict_command.h"
 #include "apps/lib/train_command.h"
+#include "apps/lib/version.h"
 #include "data/dataset.h"
 #include "data/split.h"
 #include "engine/engine.h"
@@ -476,6 +477,7 @@ TEST_F(TrainCliTest, FoldsGiveTheSameNumbersWhateverRunsSideBySide) {
 
     const nlohmann::json summary = nlohmann::json::parse(read_text(root_ / "cv-k2" / "cv_summary.json"));
     ASSERT_EQ(summary["folds"].size(), 2u);
+    EXPECT_EQ(summary["tool_version"], tool_version("resunet"));
     EXPECT_DOUBLE_EQ(summary["summary"]["dice"]["mean"].get<double>(), side_by_side.dice.mean);
     EXPECT_TRUE(summary["folds"][0].contains("loader_wait_share"));
     const std::string text = markdown.text();
@@ -531,6 +533,8 @@ TEST_F(TrainCliTest, EvalAgreesWithEvaluateSplit) {
         << text;
     const nlohmann::json json = nlohmann::json::parse(read_text(o.json_path));
     EXPECT_DOUBLE_EQ(json["original_size"]["dice"]["mean"].get<double>(), expected.original.dice.mean);
+    EXPECT_EQ(json["tool_version"], tool_version("resunet"));
+    EXPECT_NE(text.find("Tool: " + tool_version("resunet") + "."), std::string::npos) << text;
     EXPECT_DOUBLE_EQ(json["model_size"]["pooled_mean_iou"].get<double>(), report.pooled_mean_iou_model);
 
     o.model_path = (root_ / "no-such-model.safetensors").string();

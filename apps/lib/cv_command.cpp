@@ -12,6 +12,7 @@
 #include <oneapi/tbb/task_arena.h>
 #include <oneapi/tbb/task_group.h>
 
+#include "apps/lib/version.h"
 #include "dist/comm.h"
 #include "graph/atomic_file.h"
 
@@ -272,6 +273,7 @@ CvReport run_cv(const CvCommandOptions& options) {
     json["loader_threads_per_fold"] = loader_threads;
     json["epochs"] = train.epochs;
     json["seconds"] = report.seconds;
+    json["tool_version"] = tool_version("resunet");
     json["metrics"] = "final epoch's validation scores: per-image means at original size; mean_iou is two-class";
     json["folds"] = nlohmann::json::array();
     for (const FoldReport& fold : report.folds) {

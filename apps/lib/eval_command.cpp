@@ -11,6 +11,7 @@
 #include <opencv2/imgproc.hpp>
 
 #include "apps/lib/quantize_cli.h"
+#include "apps/lib/version.h"
 #include "dist/comm.h"
 #include "data/postprocess.h"
 #include "engine/engine.h"
@@ -243,6 +244,7 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
         nlohmann::json json = {
             {"format", "resunet-eval"},
             {"version", 1},
+            {"tool_version", tool_version("resunet")},
             {"model", options.model_path},
             {"width", config.width},
             {"depth", config.depth},
@@ -281,8 +283,8 @@ std::string format_eval_markdown(const EvalReport& report) {
     row("mIoU (background and polyp), pooled over all pixels", fmt::format("{:.4f}", report.pooled_mean_iou_model),
         fmt::format("{:.4f}", report.pooled_mean_iou_original));
     text += fmt::format("\nEngine: {}. Images: {}. Threshold: probability 0.5 (logit 0); at original size the logits are resized "
-                        "bilinearly before thresholding. ± is the sample standard deviation over images.\n",
-                        report.engine, report.split);
+                        "bilinearly before thresholding. ± is the sample standard deviation over images. Tool: {}.\n",
+                        report.engine, report.split, tool_version("resunet"));
     return text;
 }
 

@@ -25,6 +25,7 @@
 
 #include "apps/lib/predict_pipeline.h"
 #include "apps/lib/quantize_cli.h"
+#include "apps/lib/version.h"
 #include "dist/comm.h"
 #include "apps/lib/engine_setup.h"
 #include "engine/plan_cache.h"
@@ -485,9 +486,11 @@ class Collector {
         report_.mean_iou = summarize(mean_iou_);
     }
 
-    // summary.json: what was run and the scores; no timings or host names, so it depends on the inputs only.
+    // summary.json: what was run and the scores; no timings or host names, so it depends on the inputs and the
+    // tool's version only.
     std::string summary_text() const {
         const nlohmann::json json = {
+            {"tool_version", tool_version("resunet")},
             {"model", run_.options.model_path},
             {"precision", precision_name(run_.options.precision)},
             {"engine", report_.engine},

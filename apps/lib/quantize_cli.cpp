@@ -19,33 +19,19 @@
 
 #include "apps/lib/cli_common.h"
 #include "apps/lib/image_inputs.h"
+#include "apps/lib/version.h"
 #include "data/split.h"
 #include "graph/atomic_file.h"
 #include "graph/graph.h"
 #include "graph/model_config.h"
 #include "graph/safetensors.h"
 #include "quant/quant_engine.h"
-#ifdef RESUNET_HAVE_GIT_COMMIT
-#include "git_commit.h"  // RESUNET_GIT_COMMIT, written at build time (bench/git_commit.cmake)
-#endif
 
 namespace fs = std::filesystem;
 
 namespace resunet {
 
 namespace {
-
-#ifndef RESUNET_VERSION
-#define RESUNET_VERSION "unknown"
-#endif
-
-std::string tool_version() {
-#ifdef RESUNET_HAVE_GIT_COMMIT
-    return fmt::format("resunet {} (git {})", RESUNET_VERSION, RESUNET_GIT_COMMIT);
-#else
-    return fmt::format("resunet {}", RESUNET_VERSION);
-#endif
-}
 
 std::string join(const std::vector<std::string>& items, const char* separator) {
     std::string out;
@@ -277,7 +263,7 @@ QuantizeReport run_quantize(const QuantizeCommandOptions& options) {
     metadata[kInt8CalibrationCountKey] = std::to_string(count);
     metadata[kInt8CalibrationIdsKey] = join(report.calibration_ids, ",");
     metadata[kInt8KeepFp32Key] = join(options.keep_fp32, ",");
-    metadata[kInt8ToolVersionKey] = tool_version();
+    metadata[kInt8ToolVersionKey] = tool_version("resunet");
     metadata[kInt8SourceModelKey] = fs::path(options.model_path).filename().string();
     const auto checksum = file.metadata.find(kSafetensorsChecksumKey);
     metadata[kInt8SourceChecksumKey] = checksum != file.metadata.end() ? checksum->second : "none";
@@ -323,7 +309,7 @@ QuantizeReport run_quantize(const QuantizeCommandOptions& options) {
                       kStoredWeightLevels, report.weight_levels_here);
     md += fmt::format("- Static activation scales calibrated on {}\n", report.calibration_source);
     md += fmt::format("- Layers kept fp32 by request: {}\n", options.keep_fp32.empty() ? "none" : join(options.keep_fp32, ", "));
-    md += fmt::format("- Tool: {}\n\n", tool_version());
+    md += fmt::format("- Tool: {}\n\n", tool_version("resunet"));
     md += fmt::format("Per layer, the file's int8 network (its stored scales) against the fp32 model, mean over the first {} "
                       "calibration images (one image per pass; errors accumulate along the network):\n\n",
                       report_images);
@@ -338,7 +324,7 @@ QuantizeReport run_quantize(const QuantizeCommandOptions& options) {
     json["calibration_count"] = count;
     json["calibration_ids"] = report.calibration_ids;
     json["keep_fp32"] = options.keep_fp32;
-    json["tool_version"] = tool_version();
+    json["tool_version"] = tool_version("resunet");
     json["report_images"] = report_images;
     for (const LayerQuantReport& r : report.layers)
         json["layers"].push_back({{"layer", r.layer}, {"output", r.name}, {"precision", r.precision}, {"input_scale", r.input_scale},

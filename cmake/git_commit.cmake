@@ -1,5 +1,6 @@
 # Writes OUT as `#define RESUNET_GIT_COMMIT "<short hash>[-dirty]"`, touching it only when the text changes,
-# so bench_resunet's provenance names the commit it was built from (run at every build, not at configure).
+# so `--version` and the reports name the commit the programs were built from (run at every build, not at
+# configure).
 execute_process(COMMAND git rev-parse --short HEAD WORKING_DIRECTORY "${SRC}"
                 OUTPUT_VARIABLE commit OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET RESULT_VARIABLE failed)
 if(failed OR NOT commit)
