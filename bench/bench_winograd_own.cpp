@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/onednn_compat.h"
 #include "engine/winograd_own.h"
 
 using namespace dnnl;
@@ -102,14 +103,12 @@ int main(int argc, char** argv) {
             primitive_attr attr;
             post_ops post;
             if (l.sum) post.append_sum(1.0f);
-            post.append_eltwise(1.0f, algorithm::eltwise_relu, 0.0f, 0.0f);
+            resunet::onednn::append_eltwise(post, algorithm::eltwise_relu, 0.0f, 0.0f);
             attr.set_post_ops(post);
-            convolution_forward::primitive_desc pd(
-                convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct,
-                                          src.get_desc(), memory::desc({l.out_channels, l.in_channels, 3, 3}, dt::f32, tag::any),
-                                          memory::desc({l.out_channels}, dt::f32, tag::x), dst_initial.get_desc(), {1, 1},
-                                          {1, 1}, {1, 1}),
-                attr, eng);
+            const convolution_forward::primitive_desc pd = resunet::onednn::conv_forward(
+                eng, prop_kind::forward_inference, algorithm::convolution_direct, src.get_desc(),
+                memory::desc({l.out_channels, l.in_channels, 3, 3}, dt::f32, tag::any),
+                memory::desc({l.out_channels}, dt::f32, tag::x), dst_initial.get_desc(), {1, 1}, {1, 1}, {1, 1}, attr);
             memory user_weights({{l.out_channels, l.in_channels, 3, 3}, dt::f32, tag::oihw}, eng, weights.data());
             memory conv_weights(pd.weights_desc(), eng);
             reorder(user_weights, conv_weights).execute(strm, user_weights, conv_weights);

@@ -10,6 +10,8 @@
 #include <memory>
 #include <optional>
 
+#include "engine/onednn_compat.h"
+
 namespace resunet {
 
 using namespace dnnl;
@@ -38,7 +40,7 @@ memory reordered(const engine& eng, stream& strm, const memory& from, const memo
 // Output of `pd` as plain NCHW floats, so that candidates with different dst layouts compare.
 std::vector<float> as_nchw(const engine& eng, stream& strm, const memory& dst) {
     const memory::desc& desc = dst.get_desc();
-    const memory::dims dims = desc.dims();
+    const memory::dims dims = onednn::dims_of(desc);
     size_t count = 1;
     for (memory::dim d : dims) count *= static_cast<size_t>(d);
     std::vector<float> out(count);
@@ -66,8 +68,8 @@ ConvTrial measure_conv(const engine& eng, stream& strm, std::vector<ConvCandidat
             memory dst(pd.dst_desc(), eng);
             {
                 // Synthetic data in plain layout, reordered into the candidate's: same values for every one.
-                const memory::dims src_dims = pd.src_desc().dims();
-                const memory::dims dst_dims = pd.dst_desc().dims();
+                const memory::dims src_dims = onednn::dims_of(pd.src_desc());
+                const memory::dims dst_dims = onednn::dims_of(pd.dst_desc());
                 size_t src_count = 1, dst_count = 1;
                 for (memory::dim d : src_dims) src_count *= static_cast<size_t>(d);
                 for (memory::dim d : dst_dims) dst_count *= static_cast<size_t>(d);

@@ -394,11 +394,9 @@ void Engine::Impl::lower(const TensorMap& weights) {
             case OpKind::max_pool: {
                 const memory::dims kernel = {node.kernel, node.kernel};
                 const memory::dims strides = {node.stride, node.stride};
-                pooling_forward::primitive_desc pd(
-                    pooling_forward::desc(prop_kind::forward_inference, algorithm::pooling_max,
-                                          value_desc[static_cast<size_t>(op.srcs[0])], dst_desc, strides, kernel,
-                                          {0, 0}, {0, 0}),
-                    attr, eng);
+                const pooling_forward::primitive_desc pd =
+                    onednn::max_pool_forward(eng, prop_kind::forward_inference, value_desc[static_cast<size_t>(op.srcs[0])],
+                                             dst_desc, strides, kernel, {0, 0}, {0, 0}, attr);
                 add_step(pooling_forward(pd), {{DNNL_ARG_SRC, value_memory(op.srcs[0])}, {DNNL_ARG_DST, value_memory(op.dst)}},
                          node.name, "maxpool", pd.impl_info_str(), 0, pd.scratchpad_desc().get_size());
                 break;
@@ -412,7 +410,7 @@ void Engine::Impl::lower(const TensorMap& weights) {
                     src_descs.push_back(value_desc[static_cast<size_t>(op.srcs[i])]);
                     args[DNNL_ARG_MULTIPLE_SRC + static_cast<int>(i)] = value_memory(op.srcs[i]);
                 }
-                concat::primitive_desc pd(dst_desc, 1, src_descs, eng, attr);
+                const concat::primitive_desc pd = onednn::concat(eng, dst_desc, 1, src_descs, attr);
                 add_step(concat(pd), std::move(args), node.name, "concat(copy)", pd.impl_info_str(), 0,
                          pd.scratchpad_desc().get_size());
                 break;
@@ -421,10 +419,8 @@ void Engine::Impl::lower(const TensorMap& weights) {
                 const int64_t channels = graph.value(op.dst).dims[1];
                 const normalization_flags flags =
                     normalization_flags::use_global_stats | normalization_flags::use_scale | normalization_flags::use_shift;
-                batch_normalization_forward::primitive_desc pd(
-                    batch_normalization_forward::desc(prop_kind::forward_inference, value_desc[static_cast<size_t>(op.srcs[0])],
-                                                      node.epsilon, flags),
-                    attr, eng);
+                const batch_normalization_forward::primitive_desc pd = onednn::batch_norm_forward(
+                    eng, prop_kind::forward_inference, value_desc[static_cast<size_t>(op.srcs[0])], node.epsilon, flags, attr);
                 std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, value_memory(op.srcs[0])}, {DNNL_ARG_DST, value_memory(op.dst)}};
                 const std::pair<int, const char*> params[] = {{DNNL_ARG_SCALE, ".weight"}, {DNNL_ARG_SHIFT, ".bias"},
                                                              {DNNL_ARG_MEAN, ".running_mean"}, {DNNL_ARG_VARIANCE, ".running_var"}};
@@ -438,17 +434,16 @@ void Engine::Impl::lower(const TensorMap& weights) {
             case OpKind::relu:
             case OpKind::sigmoid: {
                 const algorithm alg = op.kind == OpKind::relu ? algorithm::eltwise_relu : algorithm::eltwise_logistic;
-                eltwise_forward::primitive_desc pd(
-                    eltwise_forward::desc(prop_kind::forward_inference, alg, value_desc[static_cast<size_t>(op.srcs[0])], 0.0f, 0.0f),
-                    attr, eng);
+                const eltwise_forward::primitive_desc pd = onednn::eltwise_forward(
+                    eng, prop_kind::forward_inference, alg, value_desc[static_cast<size_t>(op.srcs[0])], 0.0f, 0.0f, attr);
                 add_step(eltwise_forward(pd), {{DNNL_ARG_SRC, value_memory(op.srcs[0])}, {DNNL_ARG_DST, value_memory(op.dst)}},
                          node.name, op_name(op.kind), pd.impl_info_str(), 0, pd.scratchpad_desc().get_size());
                 break;
             }
             case OpKind::add: {
-                binary::primitive_desc pd(binary::desc(algorithm::binary_add, value_desc[static_cast<size_t>(op.srcs[0])],
-                                                       value_desc[static_cast<size_t>(op.srcs[1])], dst_desc),
-                                          attr, eng);
+                const binary::primitive_desc pd =
+                    onednn::binary(eng, algorithm::binary_add, value_desc[static_cast<size_t>(op.srcs[0])],
+                                   value_desc[static_cast<size_t>(op.srcs[1])], dst_desc, attr);
                 add_step(binary(pd),
                          {{DNNL_ARG_SRC_0, value_memory(op.srcs[0])}, {DNNL_ARG_SRC_1, value_memory(op.srcs[1])},
                           {DNNL_ARG_DST, value_memory(op.dst)}},

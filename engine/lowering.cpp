@@ -4,6 +4,8 @@
 
 #include <cstring>
 
+#include "engine/onednn_compat.h"
+
 namespace resunet::lowering {
 
 using dnnl::memory;
@@ -38,24 +40,20 @@ dnnl::primitive_attr conv_attr(const ConvSpec& spec) {
     if (spec.dequantizes())
         post.append_binary(dnnl::algorithm::binary_mul, memory::desc({1, spec.weight_dims[0], 1, 1}, dt::f32, tag::abcd));
     if (spec.sum) post.append_sum(1.0f);
-    if (spec.activation == Activation::relu) post.append_eltwise(1.0f, dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
-    if (spec.activation == Activation::sigmoid) post.append_eltwise(1.0f, dnnl::algorithm::eltwise_logistic, 0.0f, 0.0f);
+    if (spec.activation == Activation::relu) onednn::append_eltwise(post, dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
+    if (spec.activation == Activation::sigmoid) onednn::append_eltwise(post, dnnl::algorithm::eltwise_logistic, 0.0f, 0.0f);
     attr.set_post_ops(post);
     return attr;
 }
 
 dnnl::convolution_forward::primitive_desc make_conv(const dnnl::engine& eng, const ConvSpec& spec) {
-    return dnnl::convolution_forward::primitive_desc(
-        dnnl::convolution_forward::desc(spec.prop, spec.algorithm, spec.src, spec.weights_any(), spec.bias_desc(), spec.dst,
-                                        spec.strides, spec.padding_l, spec.padding_r),
-        conv_attr(spec), eng);
+    return onednn::conv_forward(eng, spec.prop, spec.algorithm, spec.src, spec.weights_any(), spec.bias_desc(), spec.dst,
+                                spec.strides, spec.padding_l, spec.padding_r, conv_attr(spec));
 }
 
 dnnl::deconvolution_forward::primitive_desc make_deconv(const dnnl::engine& eng, const ConvSpec& spec) {
-    return dnnl::deconvolution_forward::primitive_desc(
-        dnnl::deconvolution_forward::desc(spec.prop, dnnl::algorithm::deconvolution_direct, spec.src, spec.weights_any(),
-                                          spec.bias_desc(), spec.dst, spec.strides, spec.padding_l, spec.padding_r),
-        conv_attr(spec), eng);
+    return onednn::deconv_forward(eng, spec.prop, dnnl::algorithm::deconvolution_direct, spec.src, spec.weights_any(),
+                                  spec.bias_desc(), spec.dst, spec.strides, spec.padding_l, spec.padding_r, conv_attr(spec));
 }
 
 std::string fused_op_label(const FusedOp& op, const std::string& base) {

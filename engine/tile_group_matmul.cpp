@@ -3,6 +3,8 @@
 
 #include <algorithm>
 
+#include "engine/onednn_compat.h"
+
 namespace resunet {
 
 using namespace dnnl;
@@ -16,7 +18,7 @@ TileGroupMatmul TileGroupMatmul::create(const engine& eng, int64_t positions, in
     auto make = [&](int64_t rows, const memory::desc& weights_desc) {
         const memory::desc src({positions, rows, k}, src_type, tag::abc);
         const memory::desc dst({positions, rows, n}, dst_type, tag::abc);
-        return matmul::primitive_desc(matmul::desc(src, weights_desc, dst), attr, eng);
+        return onednn::matmul(eng, src, weights_desc, dst, attr);
     };
     const memory::desc plain({positions, k, n}, weights_type, tag::abc);
     matmul::primitive_desc full_pd, rest_pd;

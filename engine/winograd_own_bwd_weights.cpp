@@ -11,6 +11,7 @@
 #include <exception>
 #include <vector>
 
+#include "engine/onednn_compat.h"
 #include "engine/winograd_tiles.h"
 
 namespace resunet {
@@ -100,7 +101,7 @@ std::unique_ptr<WinogradOwnBwdWeights> WinogradOwnBwdWeights::create(const engin
     auto make = [&](int64_t k, memory::desc* src, memory::desc* weights) {
         *src = memory::desc({positions, ic, k}, dt::f32, memory::dims{k * ic, 1, ic});
         *weights = memory::desc({positions, k, oc}, dt::f32, tag::abc);
-        return matmul::primitive_desc(matmul::desc(*src, *weights, c.accumulator_desc_), attr, eng);
+        return onednn::matmul(eng, *src, *weights, c.accumulator_desc_, attr);
     };
     matmul::primitive_desc full_pd, rest_pd;
     try {

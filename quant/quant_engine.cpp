@@ -526,11 +526,9 @@ void QuantEngine::Impl::lower(const TensorMap& weights, bool from_int8_file) {
                 const Node& node = graph.node(op.node);
                 memory src = f32_memory(planned.reads[0], dims(op.srcs[0]), tag::nhwc);
                 memory dst = f32_memory(planned.writes[0], dims(op.dst), tag::nhwc);
-                pooling_forward::primitive_desc pd(
-                    pooling_forward::desc(prop_kind::forward_inference, algorithm::pooling_max, src.get_desc(),
-                                          dst.get_desc(), {node.stride, node.stride}, {node.kernel, node.kernel},
-                                          {0, 0}, {0, 0}),
-                    attr, eng);
+                const pooling_forward::primitive_desc pd =
+                    onednn::max_pool_forward(eng, prop_kind::forward_inference, src.get_desc(), dst.get_desc(),
+                                             {node.stride, node.stride}, {node.kernel, node.kernel}, {0, 0}, {0, 0}, attr);
                 Step step;
                 step.prim = pooling_forward(pd);
                 step.args = {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}};

@@ -3,20 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <oneapi/dnnl/dnnl.hpp>
+
+#include "engine/onednn_compat.h"
 
 namespace resunet {
 
-int weight_levels() {
-    using isa = dnnl::cpu_isa;
-    switch (dnnl::get_effective_cpu_isa()) {
-        case isa::avx512_core_vnni:
-        case isa::avx512_core_bf16:
-        case isa::avx512_core_amx:
-        case isa::avx2_vnni: return 127;
-        default: return 63;
-    }
-}
+int weight_levels() { return onednn::effective_isa_has_vnni() ? 127 : 63; }
 
 WeightQuant quantize_weights(const std::vector<float>& weights, int64_t out_channels, int levels) {
     WeightQuant wq;

@@ -2,7 +2,9 @@
 // "key: value" line each. Built and run by tests/run_all.sh before anything else, so every CI log says
 // which kernels its tests exercised:
 //   g++ -O1 tests/cpu_isa.cpp -ldnnl -o build-logs/cpu_isa && build-logs/cpu_isa
+// (against another oneDNN: -I<prefix>/include -L<prefix>/lib -Wl,-rpath,<prefix>/lib before -ldnnl).
 #include <oneapi/dnnl/dnnl.h>
+#include <oneapi/dnnl/dnnl_version.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -17,12 +19,18 @@ const char* isa_name(dnnl_cpu_isa_t isa) {
         case dnnl_cpu_isa_avx: return "avx";
         case dnnl_cpu_isa_avx2: return "avx2";
         case dnnl_cpu_isa_avx2_vnni: return "avx2_vnni";
-        case dnnl_cpu_isa_avx512_mic: return "avx512_mic";
-        case dnnl_cpu_isa_avx512_mic_4ops: return "avx512_mic_4ops";
         case dnnl_cpu_isa_avx512_core: return "avx512_core";
         case dnnl_cpu_isa_avx512_core_vnni: return "avx512_core_vnni";
         case dnnl_cpu_isa_avx512_core_bf16: return "avx512_core_bf16";
         case dnnl_cpu_isa_avx512_core_amx: return "avx512_core_amx";
+#if DNNL_VERSION_MAJOR >= 3  // added in 3.0 (and 2.x's avx512_mic gone)
+        case dnnl_cpu_isa_avx2_vnni_2: return "avx2_vnni_2";
+        case dnnl_cpu_isa_avx512_core_fp16: return "avx512_core_fp16";
+        case dnnl_cpu_isa_avx512_core_amx_fp16: return "avx512_core_amx_fp16";
+#else
+        case dnnl_cpu_isa_avx512_mic: return "avx512_mic";
+        case dnnl_cpu_isa_avx512_mic_4ops: return "avx512_mic_4ops";
+#endif
         default: return "unknown";
     }
 }

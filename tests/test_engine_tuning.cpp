@@ -25,6 +25,7 @@
 #include "engine/candidate_trial.h"
 #include "engine/conv_tuning.h"
 #include "engine/engine.h"
+#include "engine/onednn_compat.h"
 #include "graph/graph.h"
 #include "engine/plan_cache.h"
 #include "graph/init.h"
@@ -254,13 +255,11 @@ TEST(EngineTuning, AWrongCandidateNeverWins) {
         attr.set_scratchpad_mode(scratchpad_mode::user);
         if (output_scale != 1.0f) {
             post_ops post;
-            post.append_eltwise(1.0f, algorithm::eltwise_linear, output_scale, 0.0f);
+            resunet::onednn::append_eltwise(post, algorithm::eltwise_linear, output_scale, 0.0f);
             attr.set_post_ops(post);
         }
-        return convolution_forward::primitive_desc(
-            convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, act, weights_any,
-                                      bias_desc, act, {1, 1}, {1, 1}, {1, 1}),
-            attr, eng);
+        return resunet::onednn::conv_forward(eng, prop_kind::forward_inference, algorithm::convolution_direct, act,
+                                             weights_any, bias_desc, act, {1, 1}, {1, 1}, {1, 1}, attr);
     };
     std::vector<float> w(static_cast<size_t>(c * c * 9)), b(static_cast<size_t>(c));
     resunet::fill_uniform(w.data(), static_cast<int64_t>(w.size()), 1, -0.3f, 0.3f);

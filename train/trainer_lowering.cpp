@@ -223,9 +223,8 @@ void Trainer::Impl::lower_forward(int node_index) {
             const memory& written = relu >= 0 ? values[index(graph.node(relu).output)] : values[index(dst)];
             const normalization_flags flags = normalization_flags::use_scale | normalization_flags::use_shift |
                                               (relu >= 0 ? normalization_flags::fuse_norm_relu : normalization_flags::none);
-            plan.batch_norm = batch_normalization_forward::primitive_desc(
-                batch_normalization_forward::desc(prop_kind::forward_training, value_desc[index(src)], node.epsilon, flags),
-                attr, eng);
+            plan.batch_norm =
+                onednn::batch_norm_forward(eng, prop_kind::forward_training, value_desc[index(src)], node.epsilon, flags, attr);
             plan.mean = allocate(plan.batch_norm.mean_desc());
             plan.variance = allocate(plan.batch_norm.variance_desc());
             memory scale = host(weights, node.name + ".weight", channel_desc);
@@ -239,10 +238,9 @@ void Trainer::Impl::lower_forward(int node_index) {
             }
             add(forward_train_steps, batch_normalization_forward(plan.batch_norm), std::move(train_args), node.name,
                 plan.batch_norm.scratchpad_desc().get_size());
-            batch_normalization_forward::primitive_desc eval_pd(
-                batch_normalization_forward::desc(prop_kind::forward_inference, value_desc[index(src)], node.epsilon,
-                                                  flags | normalization_flags::use_global_stats),
-                attr, eng);
+            const batch_normalization_forward::primitive_desc eval_pd = onednn::batch_norm_forward(
+                eng, prop_kind::forward_inference, value_desc[index(src)], node.epsilon,
+                flags | normalization_flags::use_global_stats, attr);
             add(forward_eval_steps, batch_normalization_forward(eval_pd),
                 {{DNNL_ARG_SRC, values[index(src)]}, {DNNL_ARG_DST, written}, {DNNL_ARG_SCALE, scale},
                  {DNNL_ARG_SHIFT, shift}, {DNNL_ARG_MEAN, host(weights, node.name + ".running_mean", channel_desc)},
@@ -257,8 +255,7 @@ void Trainer::Impl::lower_forward(int node_index) {
             const int src = node.inputs[0];
             // ReLU's backward reads its output (the next layer keeps it), so its input need not be kept.
             const algorithm alg = node.kind == OpKind::relu ? algorithm::eltwise_relu_use_dst_for_bwd : algorithm::eltwise_logistic;
-            plan.eltwise = eltwise_forward::primitive_desc(
-                eltwise_forward::desc(prop_kind::forward_training, alg, value_desc[index(src)], 0.0f, 0.0f), attr, eng);
+            plan.eltwise = onednn::eltwise_forward(eng, prop_kind::forward_training, alg, value_desc[index(src)], 0.0f, 0.0f, attr);
             both(eltwise_forward(plan.eltwise), {{DNNL_ARG_SRC, values[index(src)]}, {DNNL_ARG_DST, values[index(dst)]}},
                  node.name, plan.eltwise.scratchpad_desc().get_size());
             break;
@@ -269,10 +266,8 @@ void Trainer::Impl::lower_forward(int node_index) {
             const int64_t k = node.kernel, s = node.stride;
             plan.padding_l = {0, 0};
             plan.padding_r = {(out[2] - 1) * s + k - in[2], (out[3] - 1) * s + k - in[3]};
-            plan.pool = pooling_forward::primitive_desc(
-                pooling_forward::desc(prop_kind::forward_training, algorithm::pooling_max, value_desc[index(src)], dst_desc,
-                                      {s, s}, {k, k}, plan.padding_l, plan.padding_r),
-                attr, eng);
+            plan.pool = onednn::max_pool_forward(eng, prop_kind::forward_training, value_desc[index(src)], dst_desc, {s, s},
+                                                 {k, k}, plan.padding_l, plan.padding_r, attr);
             plan.workspace = allocate(plan.pool.workspace_desc());
             // The eval forward runs the same primitive; writing the workspace there is harmless.
             both(pooling_forward(plan.pool),
@@ -282,8 +277,8 @@ void Trainer::Impl::lower_forward(int node_index) {
         }
         case OpKind::add: {
             const int lhs = node.inputs[0], rhs = node.inputs[1];
-            binary::primitive_desc pd(binary::desc(algorithm::binary_add, value_desc[index(lhs)], value_desc[index(rhs)], dst_desc),
-                                      attr, eng);
+            const binary::primitive_desc pd =
+                onednn::binary(eng, algorithm::binary_add, value_desc[index(lhs)], value_desc[index(rhs)], dst_desc, attr);
             both(binary(pd),
                  {{DNNL_ARG_SRC_0, values[index(lhs)]}, {DNNL_ARG_SRC_1, values[index(rhs)]}, {DNNL_ARG_DST, values[index(dst)]}},
                  node.name, pd.scratchpad_desc().get_size());
@@ -335,17 +330,17 @@ void Trainer::Impl::lower_backward(int node_index) {
             memory::desc diff_weights_desc, diff_bias_desc;
             size_t scratch = 0;
             if (is_conv) {
-                const convolution_backward_weights::desc desc(algorithm::convolution_direct, src_desc, weights_any, bias_or_none,
-                                                              dst_desc, strides, plan.padding_l, plan.padding_r);
-                convolution_backward_weights::primitive_desc pd(desc, attr, eng, plan.conv);
+                const convolution_backward_weights::primitive_desc pd =
+                    onednn::conv_backward_weights(eng, algorithm::convolution_direct, src_desc, weights_any, bias_or_none,
+                                                  dst_desc, strides, plan.padding_l, plan.padding_r, plan.conv, attr);
                 diff_weights_desc = pd.diff_weights_desc();
                 diff_bias_desc = pd.diff_bias_desc();
                 scratch = pd.scratchpad_desc().get_size();
                 weights_prim = convolution_backward_weights(pd);
             } else {
-                const deconvolution_backward_weights::desc desc(algorithm::deconvolution_direct, src_desc, weights_any,
-                                                                bias_or_none, dst_desc, strides, plan.padding_l, plan.padding_r);
-                deconvolution_backward_weights::primitive_desc pd(desc, attr, eng, plan.deconv);
+                const deconvolution_backward_weights::primitive_desc pd =
+                    onednn::deconv_backward_weights(eng, algorithm::deconvolution_direct, src_desc, weights_any, bias_or_none,
+                                                    dst_desc, strides, plan.padding_l, plan.padding_r, plan.deconv, attr);
                 diff_weights_desc = pd.diff_weights_desc();
                 diff_bias_desc = pd.diff_bias_desc();
                 scratch = pd.scratchpad_desc().get_size();
@@ -406,10 +401,9 @@ void Trainer::Impl::lower_backward(int node_index) {
             // Data gradient.
             memory target = contribution_target(src);
             if (is_conv) {
-                convolution_backward_data::primitive_desc pd(
-                    convolution_backward_data::desc(algorithm::convolution_direct, src_desc, weights_any, dst_desc, strides,
-                                                    plan.padding_l, plan.padding_r),
-                    attr, eng, plan.conv);
+                const convolution_backward_data::primitive_desc pd =
+                    onednn::conv_backward_data(eng, algorithm::convolution_direct, src_desc, weights_any, dst_desc, strides,
+                                               plan.padding_l, plan.padding_r, plan.conv, attr);
                 std::unordered_map<int, memory> data_args = {{DNNL_ARG_DIFF_DST, diffs[index(dst)]},
                                                              {DNNL_ARG_WEIGHTS, weights_for(weight_name, plain, pd.weights_desc())},
                                                              {DNNL_ARG_DIFF_SRC, target}};
@@ -448,10 +442,9 @@ void Trainer::Impl::lower_backward(int node_index) {
                 }
                 if (!own) add(backward_steps, convolution_backward_data(pd), std::move(data_args), node.name + ".bwd_data", pd.scratchpad_desc().get_size());
             } else {
-                deconvolution_backward_data::primitive_desc pd(
-                    deconvolution_backward_data::desc(algorithm::deconvolution_direct, src_desc, weights_any, dst_desc, strides,
-                                                      plan.padding_l, plan.padding_r),
-                    attr, eng, plan.deconv);
+                const deconvolution_backward_data::primitive_desc pd =
+                    onednn::deconv_backward_data(eng, algorithm::deconvolution_direct, src_desc, weights_any, dst_desc, strides,
+                                                 plan.padding_l, plan.padding_r, plan.deconv, attr);
                 add(backward_steps, deconvolution_backward_data(pd),
                     {{DNNL_ARG_DIFF_DST, diffs[index(dst)]}, {DNNL_ARG_WEIGHTS, weights_for(weight_name, plain, pd.weights_desc())},
                      {DNNL_ARG_DIFF_SRC, target}},
@@ -466,10 +459,9 @@ void Trainer::Impl::lower_backward(int node_index) {
             const int relu = fused_relu[index(node_index)];
             const normalization_flags flags = normalization_flags::use_scale | normalization_flags::use_shift |
                                               (relu >= 0 ? normalization_flags::fuse_norm_relu : normalization_flags::none);
-            batch_normalization_backward::primitive_desc pd(
-                batch_normalization_backward::desc(prop_kind::backward, value_desc[index(dst)], value_desc[index(src)],
-                                                   node.epsilon, flags),
-                attr, eng, plan.batch_norm);
+            const batch_normalization_backward::primitive_desc pd =
+                onednn::batch_norm_backward(eng, prop_kind::backward, value_desc[index(dst)], value_desc[index(src)],
+                                            node.epsilon, flags, plan.batch_norm, attr);
             // oneDNN 2.6 quirk: a backward created with use_shift fails at execution unless SHIFT is passed too.
             std::unordered_map<int, memory> args = {
                 {DNNL_ARG_SRC, values[index(src)]},
@@ -493,8 +485,8 @@ void Trainer::Impl::lower_backward(int node_index) {
             if (relu_fused[index(node_index)] || !needs_diff[index(src)]) break;
             const bool relu = node.kind == OpKind::relu;
             const algorithm alg = relu ? algorithm::eltwise_relu_use_dst_for_bwd : algorithm::eltwise_logistic;
-            eltwise_backward::primitive_desc pd(
-                eltwise_backward::desc(alg, value_desc[index(dst)], value_desc[index(src)], 0.0f, 0.0f), attr, eng, plan.eltwise);
+            const eltwise_backward::primitive_desc pd = onednn::eltwise_backward(
+                eng, alg, value_desc[index(dst)], relu ? value_desc[index(dst)] : value_desc[index(src)], 0.0f, 0.0f, plan.eltwise, attr);
             add(backward_steps, eltwise_backward(pd),
                 {{relu ? DNNL_ARG_DST : DNNL_ARG_SRC, relu ? values[index(dst)] : values[index(src)]},
                  {DNNL_ARG_DIFF_DST, diffs[index(dst)]},
@@ -507,10 +499,9 @@ void Trainer::Impl::lower_backward(int node_index) {
             const int src = node.inputs[0];
             if (!needs_diff[index(src)]) break;
             const int64_t k = node.kernel, s = node.stride;
-            pooling_backward::primitive_desc pd(
-                pooling_backward::desc(algorithm::pooling_max, value_desc[index(src)], value_desc[index(dst)], {s, s}, {k, k},
-                                       plan.padding_l, plan.padding_r),
-                attr, eng, plan.pool);
+            const pooling_backward::primitive_desc pd =
+                onednn::max_pool_backward(eng, value_desc[index(src)], value_desc[index(dst)], {s, s}, {k, k}, plan.padding_l,
+                                          plan.padding_r, plan.pool, attr);
             add(backward_steps, pooling_backward(pd),
                 {{DNNL_ARG_DIFF_DST, diffs[index(dst)]}, {DNNL_ARG_DIFF_SRC, contribution_target(src)}, {DNNL_ARG_WORKSPACE, plan.workspace}},
                 node.name + ".bwd", pd.scratchpad_desc().get_size());
