@@ -37,33 +37,20 @@ using resunet::Tuning;
 
 namespace {
 
-// A ResUNet whose 3x3 layers our Winograds take (channels multiples of 16), small enough for a test.
-Graph small_net() {
+Graph net(int width, int depth, int size) {
     resunet::ResUNetConfig config;
-    config.width = 16;
-    config.depth = 2;
-    config.height = config.width_px = 48;
+    config.width = width;
+    config.depth = depth;
+    config.height = config.width_px = size;
     return resunet::build_resunet(config);
 }
-
+// A ResUNet whose 3x3 layers our Winograds take (channels multiples of 16), small enough for a test.
+Graph small_net() { return net(16, 2, 48); }
 // Deeper and wider: our fp32 Winograd runs both ways here, groups per thread (48x48 at 32 channels) and one
 // group shared by the threads (the 6x6 bottleneck at 256 channels).
-Graph wide_net() {
-    resunet::ResUNetConfig config;
-    config.width = 32;
-    config.depth = 3;
-    config.height = config.width_px = 48;
-    return resunet::build_resunet(config);
-}
-
+Graph wide_net() { return net(32, 3, 48); }
 // Wide enough for the int8 rule (kInt8WinogradRuleChannels: 128 channels in and out) in its deeper layers.
-Graph int8_net() {
-    resunet::ResUNetConfig config;
-    config.width = 64;
-    config.depth = 2;
-    config.height = config.width_px = 32;
-    return resunet::build_resunet(config);
-}
+Graph int8_net() { return net(64, 2, 32); }
 
 std::vector<float> input_of(const Graph& graph, int batch) {
     const resunet::Dims& d = graph.value(graph.input_value()).dims;
