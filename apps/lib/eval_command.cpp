@@ -282,9 +282,9 @@ std::string format_eval_markdown(const EvalReport& report) {
     row("IoU (foreground), pooled over all pixels", fmt::format("{:.4f}", r.model_size.pooled_iou), fmt::format("{:.4f}", r.original.pooled_iou));
     row("mIoU (background and polyp), pooled over all pixels", fmt::format("{:.4f}", report.pooled_mean_iou_model),
         fmt::format("{:.4f}", report.pooled_mean_iou_original));
-    text += fmt::format("\nEngine: {}. Images: {}. Threshold: probability 0.5 (logit 0); at original size the logits are resized "
-                        "bilinearly before thresholding. ± is the sample standard deviation over images. Tool: {}.\n",
-                        report.engine, report.split, tool_version("resunet"));
+    text += fmt::format("\nEngine: {} (plan {}). Images: {}. Threshold: probability 0.5 (logit 0); at original size the logits are "
+                        "resized bilinearly before thresholding. ± is the sample standard deviation over images. Tool: {}.\n",
+                        report.engine, report.plan_id, report.split, tool_version("resunet"));
     return text;
 }
 
