@@ -35,12 +35,12 @@ Result run(const std::string& command) {
 
 fs::path build_dir() { return fs::canonical("/proc/self/exe").parent_path().parent_path(); }
 
-// The commit git names for the source tree, or "" outside a git checkout.
-std::string source_commit() {
-    const Result r = run("git -C " + std::string(RESUNET_SOURCE_DIR) + " rev-parse --short HEAD");
-    if (r.code != 0 || r.out.empty()) return "";
-    return r.out.substr(0, r.out.find('\n'));
+// Whether the source tree is a git checkout that holds `commit` (the tree may have moved on since the build).
+bool source_has_commit(const std::string& commit) {
+    return run("git -C " + std::string(RESUNET_SOURCE_DIR) + " cat-file -e " + commit + "^{commit}").code == 0;
 }
+
+bool in_git_checkout() { return run("git -C " + std::string(RESUNET_SOURCE_DIR) + " rev-parse HEAD").code == 0; }
 
 void expect_version(const fs::path& binary, const std::string& program) {
     if (!fs::exists(binary)) GTEST_SKIP() << binary << " is not built";
@@ -48,8 +48,13 @@ void expect_version(const fs::path& binary, const std::string& program) {
     EXPECT_EQ(r.code, 0) << r.out;
     EXPECT_EQ(r.out, resunet::tool_version(program) + "\n");
     EXPECT_EQ(r.out.rfind(program + " " + RESUNET_PROJECT_VERSION, 0), 0u) << r.out;  // CMake's project(VERSION)
-    if (const std::string commit = source_commit(); !commit.empty())
-        EXPECT_NE(r.out.find("(git " + commit), std::string::npos) << r.out;
+    if (in_git_checkout()) {  // "(git <hash>[-dirty])", a commit of this checkout
+        const size_t start = r.out.find("(git ");
+        ASSERT_NE(start, std::string::npos) << r.out;
+        const std::string commit = r.out.substr(start + 5, r.out.find_first_of("-)", start) - start - 5);
+        EXPECT_GE(commit.size(), 7u) << r.out;
+        EXPECT_TRUE(source_has_commit(commit)) << r.out;
+    }
 }
 
 }  // namespace
