@@ -62,6 +62,8 @@ bool effective_isa_has_vnni() {
     }
 }
 
+bool batch_norm_backward_takes_shift() { return !RESUNET_ONEDNN_3; }
+
 #if RESUNET_ONEDNN_3
 
 memory::dims dims_of(const memory::desc& desc) { return desc.get_dims(); }

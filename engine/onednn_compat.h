@@ -38,6 +38,11 @@ bool effective_isa_has_vnni();
 memory::dims dims_of(const memory::desc& desc);
 memory::data_type data_type_of(const memory::desc& desc);
 
+// ---------------------------------------------------------------------------------------- arguments
+// Whether a batch normalization backward made with use_shift takes DNNL_ARG_SHIFT at execution: 2.x
+// fails without it, 3.x fails with it (it does not read it).
+bool batch_norm_backward_takes_shift();
+
 // ---------------------------------------------------------------------------------------- post-ops
 // dst = alg(alpha, beta; dst), after the previous post-ops (2.x's scale argument is 1).
 void append_eltwise(dnnl::post_ops& post, dnnl::algorithm alg, float alpha, float beta);

@@ -7,17 +7,20 @@
 #      AVX-512-without-VNNI kernels (with the int8 weights of +-63 they need), an AMX one also the
 #      AVX-512 bf16/VNNI kernels of machines without AMX (the capped runs leave out the suites no ISA
 #      reaches: $isa_insensitive below);
+#   1b. the same Release suite built against oneDNN 3.x in build-onednn3/ (RESUNET_ONEDNN3_PREFIX, default
+#      third_party/onednn3/, which third_party/install-deps.sh fills from PyPI; docs/onednn3.md), uncapped;
 #   2. the AddressSanitizer + UndefinedBehaviorSanitizer build in build-asan/ (libraries and tests,
 #      no bench/) and its ctest suite, with the sanitizer options below;
 #   3. the libFuzzer targets, built with clang in build-fuzz/, each run for RESUNET_FUZZ_SECONDS
 #      (default 20) on its committed seed corpus fuzz/corpus/<target>/.
 # The test and apps/ sources build at -O1 (Release) and -O0 (sanitizers): RESUNET_DRIVER_OPT in CMakeLists.txt.
 # Each stage runs even when an earlier one failed. The last line is "N passed, M failed", counting
-# the ctest tests of both suites plus the fuzz targets (a stage that does not build counts as one
+# the ctest tests of every suite plus the fuzz targets (a stage that does not build counts as one
 # failure); the exit status is non-zero when M > 0.
 #
-# Environment: JOBS (default 2), RESUNET_FUZZ_SECONDS (default 20), RESUNET_SKIP_STAGES (e.g. "asan fuzz"),
-# RESUNET_ISA_CAPS (default "AVX2 AVX512_CORE AVX512_CORE_BF16"; empty: no capped runs).
+# Environment: JOBS (default 2), RESUNET_FUZZ_SECONDS (default 20), RESUNET_SKIP_STAGES (e.g. "asan fuzz";
+# stages: release onednn3 asan fuzz), RESUNET_ISA_CAPS (default "AVX2 AVX512_CORE AVX512_CORE_BF16"; empty: no
+# capped runs), RESUNET_ONEDNN3_PREFIX (default third_party/onednn3; a missing one fails the stage).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -50,6 +53,15 @@ else
   echo "  isa: unknown (tests/cpu_isa.cpp did not build; see build-logs/cpu_isa.log)"
 fi
 echo "  cores: $(nproc)"
+onednn3_prefix="${RESUNET_ONEDNN3_PREFIX:-$root/third_party/onednn3}"
+if [[ " $skip " != *" onednn3 "* ]]; then
+  if g++ -O1 tests/cpu_isa.cpp -I"$onednn3_prefix/include" -L"$onednn3_prefix/lib" -Wl,-rpath,"$onednn3_prefix/lib" -ldnnl \
+       -o "$isa_tool-onednn3" > "$logs/cpu_isa-onednn3.log" 2>&1; then
+    echo "  second build: oneDNN $("$isa_tool-onednn3" | awk -F': ' '/^onednn:/ {print $2}') in $onednn3_prefix"
+  else
+    echo "  second build: no oneDNN in $onednn3_prefix (see build-logs/cpu_isa-onednn3.log; bash third_party/install-deps.sh)"
+  fi
+fi
 
 stage_start=0
 begin_stage() {
@@ -116,6 +128,27 @@ if [[ " $skip " != *" release "* ]]; then
   else
     failed=$((failed + 1))
     end_stage "release" "build FAILED: 1 failed (logs in build-logs/)"
+  fi
+fi
+
+# ---------------------------------------------------------------------------------------------- oneDNN 3.x
+# The same code and suite against the other major version (engine/onednn_compat.*). Uncapped, to keep CI
+# near its half hour: the capped reruns above cover our own ISA-dependent kernels, and 3.x's own kernels
+# under a cap were checked once by hand (docs/onednn3.md).
+if [[ " $skip " != *" onednn3 "* ]]; then
+  begin_stage "Release build and tests against oneDNN 3.x in $onednn3_prefix (build-onednn3/)"
+  if [ ! -f "$onednn3_prefix/include/oneapi/dnnl/dnnl_version.h" ]; then
+    failed=$((failed + 1))
+    end_stage "onednn3" "no oneDNN 3.x in $onednn3_prefix (run third_party/install-deps.sh): 1 failed"
+  elif run_logged "$logs/onednn3-configure.log" cmake -S . -B build-onednn3 -G Ninja -DRESUNET_DRIVER_OPT=-O1 \
+         -DCMAKE_PREFIX_PATH="$onednn3_prefix" &&
+       run_logged "$logs/onednn3-build.log" cmake --build build-onednn3 -j"$jobs" --target resunet_tests; then
+    ctest --test-dir build-onednn3 --output-on-failure -j"$jobs" 2>&1 | tee "$logs/onednn3-ctest.log"
+    count_ctest "$logs/onednn3-ctest.log"
+    end_stage "onednn3" "$result"
+  else
+    failed=$((failed + 1))
+    end_stage "onednn3" "build FAILED: 1 failed (logs in build-logs/)"
   fi
 fi
 

@@ -462,7 +462,6 @@ void Trainer::Impl::lower_backward(int node_index) {
             const batch_normalization_backward::primitive_desc pd =
                 onednn::batch_norm_backward(eng, prop_kind::backward, value_desc[index(dst)], value_desc[index(src)],
                                             node.epsilon, flags, plan.batch_norm, attr);
-            // oneDNN 2.6 quirk: a backward created with use_shift fails at execution unless SHIFT is passed too.
             std::unordered_map<int, memory> args = {
                 {DNNL_ARG_SRC, values[index(src)]},
                 {DNNL_ARG_MEAN, plan.mean},
@@ -470,11 +469,11 @@ void Trainer::Impl::lower_backward(int node_index) {
                 // Fused: the ReLU's output gradient; the workspace masks it as the ReLU's backward would.
                 {DNNL_ARG_DIFF_DST, relu >= 0 ? diffs[index(graph.node(relu).output)] : diffs[index(dst)]},
                 {DNNL_ARG_SCALE, host(weights, node.name + ".weight", channel_desc)},
-                {DNNL_ARG_SHIFT, host(weights, node.name + ".bias", channel_desc)},
                 {DNNL_ARG_DIFF_SRC, contribution_target(src)},
                 {DNNL_ARG_DIFF_SCALE, host(grads, node.name + ".weight", channel_desc)},
                 {DNNL_ARG_DIFF_SHIFT, host(grads, node.name + ".bias", channel_desc)}};
             if (relu >= 0) args[DNNL_ARG_WORKSPACE] = plan.workspace;
+            if (onednn::batch_norm_backward_takes_shift()) args[DNNL_ARG_SHIFT] = host(weights, node.name + ".bias", channel_desc);
             add(backward_steps, batch_normalization_backward(pd), std::move(args), node.name + ".bwd", pd.scratchpad_desc().get_size());
             finish_contribution(src, node.name);
             break;
