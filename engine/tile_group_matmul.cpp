@@ -2,6 +2,7 @@
 #include "engine/tile_group_matmul.h"
 
 #include <algorithm>
+#include <exception>
 
 #include "engine/onednn_compat.h"
 
@@ -38,6 +39,32 @@ TileGroupMatmul TileGroupMatmul::create(const engine& eng, int64_t positions, in
     m.full_dst = full_pd.dst_desc();
     m.weights = full_pd.weights_desc();
     m.weights_plain = m.weights == plain;
+    m.positions = positions;
+    m.k = k;
+    m.n = n;
+    m.src_type = src_type;
+    m.weights_type = weights_type;
+    m.dst_type = dst_type;
+    m.src_bytes = memory::data_type_size(src_type);
+    m.weight_bytes = memory::data_type_size(weights_type);
+    m.dst_bytes = memory::data_type_size(dst_type);
+    if (m.weights_plain) {
+        try {
+            auto one = [&](int64_t rows) {
+                return onednn::matmul(eng, memory::desc({1, rows, k}, src_type, tag::abc), memory::desc({1, k, n}, weights_type, tag::abc),
+                                      memory::desc({1, rows, n}, dst_type, tag::abc), attr);
+            };
+            const matmul::primitive_desc one_full = one(group);
+            const matmul::primitive_desc one_rest = rest != group ? one(rest) : one_full;
+            if (one_full.scratchpad_desc().get_size() == 0 && one_rest.scratchpad_desc().get_size() == 0) {
+                m.one_full = matmul(one_full);
+                m.one_rest = matmul(one_rest);
+                m.per_position = true;
+            }
+        } catch (const dnnl::error&) {
+            // no single-position kernel: run() alone
+        }
+    }
     m.scratch_bytes = full_pd.scratchpad_desc().get_size();
     if (rest != group) {
         m.rest = matmul(rest_pd);
@@ -58,6 +85,35 @@ void TileGroupMatmul::run(const engine& eng, stream& s, int64_t rows, void* src,
                      {DNNL_ARG_DST, memory(is_full ? full_dst : rest_dst, eng, dst)},
                      {DNNL_ARG_SCRATCHPAD, memory(scratch_desc, eng, scratch)}});
     s.wait();
+}
+
+void TileGroupMatmul::run_positions(const engine& eng, int64_t rows, void* src, const memory& weights_memory, void* dst) const {
+    const bool is_full = rows == group;
+    const memory::desc src_desc({1, rows, k}, src_type, tag::abc);
+    const memory::desc weights_desc({1, k, n}, weights_type, tag::abc);
+    const memory::desc dst_desc({1, rows, n}, dst_type, tag::abc);
+    char* const s_base = static_cast<char*>(src);
+    char* const w_base = static_cast<char*>(weights_memory.get_data_handle());
+    char* const d_base = static_cast<char*>(dst);
+    std::exception_ptr failure;
+#pragma omp parallel
+    {
+        try {
+            stream local(eng);
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < positions; ++p) {
+                (is_full ? one_full : one_rest)
+                    .execute(local, {{DNNL_ARG_SRC, memory(src_desc, eng, s_base + static_cast<size_t>(p * rows * k) * src_bytes)},
+                                     {DNNL_ARG_WEIGHTS, memory(weights_desc, eng, w_base + static_cast<size_t>(p * k * n) * weight_bytes)},
+                                     {DNNL_ARG_DST, memory(dst_desc, eng, d_base + static_cast<size_t>(p * rows * n) * dst_bytes)}});
+                local.wait();
+            }
+        } catch (...) {
+#pragma omp critical(resunet_tile_group_failure)
+            failure = std::current_exception();
+        }
+    }
+    if (failure) std::rethrow_exception(failure);
 }
 
 }  // namespace resunet

@@ -94,7 +94,9 @@ std::unique_ptr<WinogradOwn> WinogradOwn::create(const engine& eng, stream& strm
     // run on one thread: a tile's sums are then the same on any thread count (docs/plan.md).
     if (group <= 0) group = std::clamp<int64_t>((int64_t{8} << 20) / bytes_per_tile, 32, 128);
     group = std::clamp<int64_t>(group, 1, c.tiles_);
-    c.private_groups_ = c.tiles_ > group && c.threads_ > 1;
+    // Several groups: each thread runs whole groups (one thread too); one group: shared, its GEMM's positions
+    // side by side (TileGroupMatmul::run_positions). Neither depends on the thread count.
+    c.private_groups_ = c.tiles_ > group;
     int64_t rest = 0;
     c.group_ = group = even_groups(c.tiles_, group, 1, false, &rest);
 
@@ -250,7 +252,10 @@ void WinogradOwn::execute(stream& strm, const float* src, float* dst, void* scra
         float* v = reinterpret_cast<float*>(slot);
         float* m = reinterpret_cast<float*>(slot + v_bytes_);
         input_transform(src, v, first, count, parallel);
-        gemm_.run(eng_, s, count, v, weights_, m, slot + v_bytes_ + m_bytes_);
+        if (parallel && gemm_.per_position)
+            gemm_.run_positions(eng_, count, v, weights_, m);
+        else
+            gemm_.run(eng_, s, count, v, weights_, m, slot + v_bytes_ + m_bytes_);
         output_transform(m, dst, first, count, parallel);
     };
     char* bytes = static_cast<char*>(scratch);

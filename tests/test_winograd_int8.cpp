@@ -312,7 +312,7 @@ TEST(WinogradInt8Engine, ForcedMeasuredAndOff) {
             EXPECT_TRUE(m.algorithm == "direct" || m.algorithm == "winograd_int8_f23") << m.algorithm;
         } else {
             EXPECT_EQ(m.algorithm, "direct") << name;
-            EXPECT_NE(m.candidates.find("measured only with 127-level weights"), std::string::npos) << m.candidates;
+            EXPECT_NE(m.candidates.find("chosen only with 127-level weights"), std::string::npos) << m.candidates;
         }
         std::printf("  %s: %s <- %s\n", name.c_str(), m.algorithm.c_str(), m.candidates.c_str());
     }
