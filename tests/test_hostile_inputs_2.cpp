@@ -570,4 +570,37 @@ TEST_F(HostileCli2, ACorruptPngIsReportedInOneLine) {
     EXPECT_NE(outcome.err.find("bad.png"), std::string::npos) << outcome.err;
 }
 
+// Peak RSS in MiB as predict prints it ("  peak RSS    123.4 MiB (VmHWM...)"), or -1.
+double printed_peak_mib(const std::string& text) {
+    const size_t at = text.find("peak RSS");
+    if (at == std::string::npos) return -1;
+    return std::atof(text.c_str() + text.find_first_of("0123456789", at));
+}
+
+TEST_F(HostileCli2, OverlayMemoryDoesNotGrowWithTheImagesInFlight) {
+    // 3000 x 3000 originals: 26 MiB each as BGR. The old pipeline kept every original of the batch until its
+    // overlay was drawn (here 4 at once); now each is decoded again while its overlay is drawn.
+    constexpr int kSide = 3000;
+    const double image_mib = kSide * kSide * 3 / (1024.0 * 1024.0);
+    cv::Mat big(kSide, kSide, CV_8UC3);
+    cv::resize(gradient(60, 60), big, big.size(), 0, 0, cv::INTER_NEAREST);
+    std::string four;
+    for (int i = 0; i < 4; ++i) {
+        ASSERT_TRUE(cv::imwrite(dir_ / fmt::format("big{}.png", i), big, {cv::IMWRITE_PNG_COMPRESSION, 1}));
+        four += " " + dir_ / fmt::format("big{}.png", i);
+    }
+    auto peak = [&](const std::string& inputs, const std::string& out) {
+        const std::string command = "timeout 300 " + resunet_binary().string() + " predict" + inputs + " --model " + model_ +
+                                    " --overlay --threads 1 --batch 4 --precision fp32 --out " + (dir_ / out) + " >" +
+                                    (dir_ / "stdout") + " 2>&1";
+        EXPECT_EQ(std::system(command.c_str()), 0) << read_text(dir_ / "stdout");
+        return printed_peak_mib(read_text(dir_ / "stdout"));
+    };
+    const double one = peak(" " + dir_ / "big0.png", "one");
+    const double all = peak(four, "four");
+    ASSERT_GT(one, 0);
+    EXPECT_TRUE(fs::exists(dir_ / "four/big3_overlay.png"));
+    EXPECT_LT(all - one, image_mib) << "peak RSS " << one << " MiB for one image, " << all << " MiB for four";
+}
+
 }  // namespace
