@@ -329,6 +329,20 @@ TEST(HostileImageDecode, ExifOrientationIsTheSameAtEveryDecodeScale) {
         EXPECT_EQ(reduced.cols * 3, reduced.rows * 2) << min_side;  // rotated too, not stretched
     }
     EXPECT_EQ(read_mask(dir / "rotated.jpg").size(), cv::Size(64, 96));
+
+    // The header scan (sizes without decoding) says the same: the pair below matches.
+    fs::create_directories(dir.path / "set/images");
+    fs::create_directories(dir.path / "set/masks");
+    fs::copy_file(dir / "rotated.jpg", dir / "set/images/r.jpg");
+    ASSERT_TRUE(cv::imwrite(dir / "set/masks/r.png", cv::Mat(96, 64, CV_8UC1, cv::Scalar(255))));
+    for (bool full_decode : {false, true}) {
+        ScanOptions scan;
+        scan.full_decode = full_decode;
+        const Dataset data = scan_dataset((dir.path / "set").string(), scan);
+        ASSERT_EQ(data.size(), 1u);
+        EXPECT_EQ(data.samples[0].width, 64) << full_decode;
+        EXPECT_EQ(data.samples[0].height, 96) << full_decode;
+    }
 }
 
 TEST(HostileImageDecode, PngDecodesAsOpenCvDoesAndFailsWithOneMessage) {
