@@ -58,8 +58,11 @@ bool read_be16(std::istream& in, int& value) {
 }
 
 // Width and height from the first SOFn segment of a JPEG; false if none is found before the scan.
+// The size as decoded: EXIF orientation 5 to 8 (an APP1 segment before the frame header) swaps it, as the
+// decoder does (data/image_decode.h), so the header scan and every decode agree.
 bool jpeg_size(std::istream& in, cv::Size& size) {
     if (read_u8(in) != 0xFF || read_u8(in) != 0xD8) return false;
+    int orientation = 1;
     for (;;) {
         if (read_u8(in) != 0xFF) return false;
         int marker = read_u8(in);
@@ -74,8 +77,14 @@ bool jpeg_size(std::istream& in, cv::Size& size) {
             int height = 0, width = 0;
             if (read_u8(in) < 0 || !read_be16(in, height) || !read_be16(in, width)) return false;
             if (width <= 0 || height <= 0) return false;  // height 0 needs a DNL segment, which the decoder refuses
-            size = cv::Size(width, height);
+            size = orientation >= 5 ? cv::Size(height, width) : cv::Size(width, height);
             return true;
+        }
+        if (marker == 0xE1 && orientation == 1) {
+            std::string segment(static_cast<size_t>(length - 2), '\0');
+            if (!in.read(segment.data(), static_cast<std::streamsize>(segment.size()))) return false;
+            orientation = exif_orientation(reinterpret_cast<const uint8_t*>(segment.data()), segment.size());
+            continue;
         }
         in.seekg(length - 2, std::ios::cur);
         if (!in) return false;

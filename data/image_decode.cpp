@@ -44,10 +44,6 @@ int tiff_orientation(const uint8_t* tiff, size_t tiff_size) {
     return 1;
 }
 
-int exif_orientation(const uint8_t* data, size_t size) {
-    if (size < 14 || std::memcmp(data, "Exif\0\0", 6) != 0) return 1;
-    return tiff_orientation(data + 6, size - 6);
-}
 
 // As OpenCV's imread applies it (ApplyExifOrientation), so every path agrees with it.
 void apply_orientation(cv::Mat& image, int orientation) {
@@ -240,6 +236,11 @@ DecodedImage decode_png(std::string_view bytes, const DecodeOptions& options, co
 }
 
 }  // namespace
+
+int exif_orientation(const uint8_t* data, size_t size) {
+    if (size < 14 || std::memcmp(data, "Exif\0\0", 6) != 0) return 1;
+    return tiff_orientation(data + 6, size - 6);
+}
 
 DecodedImage decode_image_bytes(std::string_view bytes, const DecodeOptions& options, const std::string& what) {
     if (options.reduction != 1 && options.reduction != 2 && options.reduction != 4 && options.reduction != 8)

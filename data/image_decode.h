@@ -15,6 +15,8 @@
 // TIFF and BMP: OpenCV's decoders (from memory), reduction ignored, EXIF orientation as OpenCV applies it.
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
 #include <string_view>
 
@@ -31,6 +33,10 @@ struct DecodedImage {
     cv::Mat pixels;      // oriented
     cv::Size full_size;  // the image's size at reduction 1, oriented
 };
+
+// The EXIF orientation (1 to 8; 1 when absent or unreadable) of a JPEG APP1 segment's payload ("Exif\0\0"
+// and a TIFF structure); 5 to 8 swap width and height.
+int exif_orientation(const uint8_t* data, size_t size);
 
 // Throws resunet::Error "<what>: <reason>" when the bytes are not a decodable image.
 DecodedImage decode_image_bytes(std::string_view bytes, const DecodeOptions& options, const std::string& what);

@@ -131,7 +131,7 @@ TensorMap small_int8_file(const ResUNetConfig& config, const TensorMap& fp32) {
     return int8;
 }
 
-TEST(HostileModels2, FirstLayerMustTakeThreeChannels) {
+TEST(HostileModelFiles, FirstLayerMustTakeThreeChannels) {
     for (int channels : {1, 4, 256}) {
         ResUNetConfig config = small_config();
         config.in_channels = channels;
@@ -145,7 +145,7 @@ TEST(HostileModels2, FirstLayerMustTakeThreeChannels) {
     EXPECT_NO_THROW(infer(small_weights(small_config())));
 }
 
-TEST(HostileModels2, BatchNormThatFoldsToInfIsRefused) {
+TEST(HostileModelFiles, BatchNormThatFoldsToInfIsRefused) {
     TensorMap weights = small_weights(small_config());
     weights.at("e1.bn_a.weight").f32()[0] = 1e30f;  // finite, but gamma / sqrt(var + eps) * w overflows
     weights.at("e1.bn_a.running_var").f32()[0] = 0.0f;
@@ -158,7 +158,7 @@ TEST(HostileModels2, BatchNormThatFoldsToInfIsRefused) {
     EXPECT_ERROR_MENTIONS(infer(file.tensors, file.metadata), "e1.bn_a");
 }
 
-TEST(HostileModels2, MetadataIsParsedStrictlyAndMustAgreeWithTheTensors) {
+TEST(HostileModelFiles, MetadataIsParsedStrictlyAndMustAgreeWithTheTensors) {
     const TensorMap weights = small_weights(small_config());
     for (const char* size : {"32abc", "+32", " 32", "-32", "0", "3.2e1", "", "99999999999999999999"}) {
         SCOPED_TRACE(size);
@@ -171,7 +171,7 @@ TEST(HostileModels2, MetadataIsParsedStrictlyAndMustAgreeWithTheTensors) {
     EXPECT_NO_THROW(infer(weights, {{"resunet.width", "8"}, {"resunet.depth", "2"}, {"resunet.size", "32"}}));
 }
 
-TEST(HostileModels2, Int8FilesAreCheckedAsStrictlyAsFp32Files) {
+TEST(HostileModelFiles, Int8FilesAreCheckedAsStrictlyAsFp32Files) {
     const ResUNetConfig config = small_config();
     const TensorMap fp32 = small_weights(config);
     const TensorMap good = small_int8_file(config, fp32);
@@ -230,7 +230,7 @@ TEST(HostileModels2, Int8FilesAreCheckedAsStrictlyAsFp32Files) {
     EXPECT_NO_THROW(infer(dynamic));
 }
 
-TEST(HostileModels2, FoldConvRefusesNonFiniteResultsForEveryEngine) {
+TEST(HostileModelFiles, FoldConvRefusesNonFiniteResultsForEveryEngine) {
     const ResUNetConfig config = small_config();
     TensorMap weights = small_weights(config);
     weights.at("b.bn_a.weight").f32()[1] = 3e38f;
@@ -242,7 +242,7 @@ TEST(HostileModels2, FoldConvRefusesNonFiniteResultsForEveryEngine) {
 
 // ---- input files that are not regular files ----
 
-TEST(HostileFiles2, FifosAreRefusedBeforeTheyAreOpened) {
+TEST(HostileInputFiles, FifosAreRefusedBeforeTheyAreOpened) {
     TempDir dir;
     const std::string fifo = dir / "pipe.safetensors";
     ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
@@ -290,7 +290,7 @@ Bytes with_exif_orientation(const Bytes& jpeg, uint16_t orientation) {
     return out;
 }
 
-TEST(HostileImages2, JpegTruncatedMidStreamWithAnEndMarkerAppendedIsRefused) {
+TEST(HostileImageDecode, JpegTruncatedMidStreamWithAnEndMarkerAppendedIsRefused) {
     TempDir dir;
     const Bytes full = encode_jpeg(gradient(96, 64));
     Bytes cut(full.begin(), full.begin() + static_cast<std::ptrdiff_t>(full.size() / 2));
@@ -303,7 +303,7 @@ TEST(HostileImages2, JpegTruncatedMidStreamWithAnEndMarkerAppendedIsRefused) {
     EXPECT_ERROR_MENTIONS(read_image_reduced(dir / "cut.jpg", 8, original), "truncated JPEG");
 }
 
-TEST(HostileImages2, JpegWithBytesAfterItsEndMarkerIsAccepted) {
+TEST(HostileImageDecode, JpegWithBytesAfterItsEndMarkerIsAccepted) {
     TempDir dir;
     const cv::Mat image = gradient(48, 32);
     Bytes motion = encode_jpeg(image);
@@ -315,7 +315,7 @@ TEST(HostileImages2, JpegWithBytesAfterItsEndMarkerIsAccepted) {
     EXPECT_EQ(cv::norm(decoded, expected, cv::NORM_INF), 0.0);  // pixel for pixel what OpenCV decodes
 }
 
-TEST(HostileImages2, ExifOrientationIsTheSameAtEveryDecodeScale) {
+TEST(HostileImageDecode, ExifOrientationIsTheSameAtEveryDecodeScale) {
     TempDir dir;
     const cv::Mat image = gradient(96, 64);  // wider than high; orientation 6 makes it 64 x 96
     write_bytes(dir / "rotated.jpg", with_exif_orientation(encode_jpeg(image), 6));
@@ -329,9 +329,23 @@ TEST(HostileImages2, ExifOrientationIsTheSameAtEveryDecodeScale) {
         EXPECT_EQ(reduced.cols * 3, reduced.rows * 2) << min_side;  // rotated too, not stretched
     }
     EXPECT_EQ(read_mask(dir / "rotated.jpg").size(), cv::Size(64, 96));
+
+    // The header scan (sizes without decoding) says the same: the pair below matches.
+    fs::create_directories(dir.path / "set/images");
+    fs::create_directories(dir.path / "set/masks");
+    fs::copy_file(dir / "rotated.jpg", dir / "set/images/r.jpg");
+    ASSERT_TRUE(cv::imwrite(dir / "set/masks/r.png", cv::Mat(96, 64, CV_8UC1, cv::Scalar(255))));
+    for (bool full_decode : {false, true}) {
+        ScanOptions scan;
+        scan.full_decode = full_decode;
+        const Dataset data = scan_dataset((dir.path / "set").string(), scan);
+        ASSERT_EQ(data.size(), 1u);
+        EXPECT_EQ(data.samples[0].width, 64) << full_decode;
+        EXPECT_EQ(data.samples[0].height, 96) << full_decode;
+    }
 }
 
-TEST(HostileImages2, PngDecodesAsOpenCvDoesAndFailsWithOneMessage) {
+TEST(HostileImageDecode, PngDecodesAsOpenCvDoesAndFailsWithOneMessage) {
     TempDir dir;
     cv::Mat deep(20, 30, CV_16UC3);
     cv::randu(deep, 0, 65535);
@@ -365,7 +379,7 @@ TEST(HostileImages2, PngDecodesAsOpenCvDoesAndFailsWithOneMessage) {
 
 // ---- splits ----
 
-TEST(HostileSplits2, AnIdWithANulByteIsReportedWhole) {
+TEST(HostileSplitIds, AnIdWithANulByteIsReportedWhole) {
     TempDir dir;
     Dataset dataset;
     dataset.root = dir.path.string();
@@ -380,7 +394,7 @@ TEST(HostileSplits2, AnIdWithANulByteIsReportedWhole) {
 
 // ---- outputs: names and sets ----
 
-TEST(HostileOutputs2, LongestLegalFileNamesCanBeWrittenAtomically) {
+TEST(HostileOutputFiles, LongestLegalFileNamesCanBeWrittenAtomically) {
     TempDir dir;
     for (size_t length : {200u, 244u, 255u}) {
         const std::string name = std::string(length - 4, 'n') + ".png";
@@ -394,7 +408,7 @@ TEST(HostileOutputs2, LongestLegalFileNamesCanBeWrittenAtomically) {
     EXPECT_EQ(std::distance(fs::directory_iterator(dir.path), fs::directory_iterator()), 3);  // no temp left
 }
 
-TEST(HostileOutputs2, StaleTempFilesOfDeadProcessesAreRemovedWhateverTheirScheme) {
+TEST(HostileOutputFiles, StaleTempFilesOfDeadProcessesAreRemovedWhateverTheirScheme) {
     TempDir dir;
     const pid_t child = ::fork();
     if (child == 0) ::_exit(0);
@@ -409,7 +423,7 @@ TEST(HostileOutputs2, StaleTempFilesOfDeadProcessesAreRemovedWhateverTheirScheme
     EXPECT_TRUE(fs::exists(dir / "metrics.csv.partial.1"));
 }
 
-TEST(HostileOutputs2, AFileSetAppearsWholeOrNotAtAll) {
+TEST(HostileOutputFiles, AFileSetAppearsWholeOrNotAtAll) {
     TempDir dir;
     {
         AtomicFileSet set;
@@ -481,7 +495,7 @@ void expect_refused(const Outcome& outcome, int status, const std::string& menti
     EXPECT_EQ(std::count(outcome.err.begin(), outcome.err.end(), '\n'), 1) << label << ": one line\nstderr: " << outcome.err;
 }
 
-class HostileCli2 : public ::testing::Test {
+class HostileCommands : public ::testing::Test {
   protected:
     void SetUp() override {
         if (!fs::exists(resunet_binary())) GTEST_SKIP() << "resunet is not built";
@@ -494,7 +508,7 @@ class HostileCli2 : public ::testing::Test {
     std::string model_, fifo_;
 };
 
-TEST_F(HostileCli2, FifosAreRefusedWhereverAFileIsRead) {
+TEST_F(HostileCommands, FifosAreRefusedWhereverAFileIsRead) {
     expect_refused(run_resunet(dir_, "summary --model " + fifo_), 2, "FIFO", "summary --model FIFO");
     expect_refused(run_resunet(dir_, "predict " + model_ + " --model " + fifo_ + " --out " + (dir_ / "out1")), 2, "FIFO",
                    "predict --model FIFO");
@@ -513,7 +527,7 @@ TEST_F(HostileCli2, FifosAreRefusedWhereverAFileIsRead) {
                        2, "FIFO", "eval --split FIFO");
 }
 
-TEST_F(HostileCli2, ModelsTheProgramsCannotFeedAreRefused) {
+TEST_F(HostileCommands, ModelsTheProgramsCannotFeedAreRefused) {
     ResUNetConfig four = small_config();
     four.in_channels = 4;
     save_safetensors(dir_ / "four.safetensors", small_weights(four));
@@ -527,7 +541,7 @@ TEST_F(HostileCli2, ModelsTheProgramsCannotFeedAreRefused) {
     expect_refused(run_resunet(dir_, "summary --model " + (dir_ / "size.safetensors")), 2, "resunet.size", "size 32abc");
 }
 
-TEST_F(HostileCli2, ConfigAndFlagValuesAreParsedStrictly) {
+TEST_F(HostileCommands, ConfigAndFlagValuesAreParsedStrictly) {
     const std::string base = "train --data " + kKvasirRoot + " --out " + (dir_ / "run") + " --epochs 1 ";
     const std::pair<const char*, const char*> configs[] = {
         {"seed = -1\n", "seed"},
@@ -558,7 +572,7 @@ TEST_F(HostileCli2, ConfigAndFlagValuesAreParsedStrictly) {
     }
 }
 
-TEST_F(HostileCli2, ACorruptPngIsReportedInOneLine) {
+TEST_F(HostileCommands, ACorruptPngIsReportedInOneLine) {
     Bytes png;
     ASSERT_TRUE(cv::imencode(".png", gradient(30, 20), png));
     png[png.size() - 20] ^= 0x40;
@@ -568,6 +582,53 @@ TEST_F(HostileCli2, ACorruptPngIsReportedInOneLine) {
     EXPECT_EQ(outcome.status, 1) << outcome.err;
     EXPECT_EQ(outcome.err.find("libpng error"), std::string::npos) << outcome.err;  // libpng's own line
     EXPECT_NE(outcome.err.find("bad.png"), std::string::npos) << outcome.err;
+}
+
+// Peak RSS in MiB as predict prints it ("  peak RSS    123.4 MiB (VmHWM...)"), or -1.
+double printed_peak_mib(const std::string& text) {
+    const size_t at = text.find("peak RSS");
+    if (at == std::string::npos) return -1;
+    return std::atof(text.c_str() + text.find_first_of("0123456789", at));
+}
+
+TEST_F(HostileCommands, OverlayMemoryDoesNotGrowWithTheImagesInFlight) {
+    // 3000 x 3000 originals: 26 MiB each as BGR. The old pipeline kept every original of the batch until its
+    // overlay was drawn (here 4 at once); now each is decoded again while its overlay is drawn.
+#if defined(__SANITIZE_ADDRESS__)
+    GTEST_SKIP() << "AddressSanitizer's quarantine keeps freed images resident, so peak RSS says nothing here";
+#endif
+    constexpr int kSide = 3000;
+    const double image_mib = kSide * kSide * 3 / (1024.0 * 1024.0);
+    cv::Mat big(kSide, kSide, CV_8UC3);
+    cv::resize(gradient(60, 60), big, big.size(), 0, 0, cv::INTER_NEAREST);
+    std::string four;
+    for (int i = 0; i < 4; ++i) {
+        ASSERT_TRUE(cv::imwrite(dir_ / fmt::format("big{}.png", i), big, {cv::IMWRITE_PNG_COMPRESSION, 1}));
+        four += " " + dir_ / fmt::format("big{}.png", i);
+    }
+    auto peak = [&](const std::string& inputs, const std::string& out) {
+        const std::string command = "timeout 300 " + resunet_binary().string() + " predict" + inputs + " --model " + model_ +
+                                    " --overlay --threads 1 --batch 4 --precision fp32 --out " + (dir_ / out) + " >" +
+                                    (dir_ / "stdout") + " 2>&1";
+        EXPECT_EQ(std::system(command.c_str()), 0) << read_text(dir_ / "stdout");
+        return printed_peak_mib(read_text(dir_ / "stdout"));
+    };
+    const double one = peak(" " + dir_ / "big0.png", "one");
+    const double all = peak(four, "four");
+    ASSERT_GT(one, 0);
+    EXPECT_TRUE(fs::exists(dir_ / "four/big3_overlay.png"));
+    EXPECT_LT(all - one, image_mib) << "peak RSS " << one << " MiB for one image, " << all << " MiB for four";
+}
+
+TEST_F(HostileCommands, PredictWritesOutputsForTheLongestLegalNames) {
+    const std::string stem(240, 'x');  // 244 bytes with ".png": legal, but its temp names were not
+    ASSERT_TRUE(cv::imwrite(dir_ / (stem + ".png"), gradient(40, 30)));
+    const Outcome outcome = run_resunet(dir_, "predict " + dir_ / (stem + ".png") + " --model " + model_ +
+                                                  " --threads 1 --precision fp32 --out " + (dir_ / "out"));
+    EXPECT_EQ(outcome.status, 0) << outcome.err;
+    EXPECT_EQ(cv::imread(dir_ / ("out/" + stem + ".png"), cv::IMREAD_GRAYSCALE).size(), cv::Size(40, 30));
+    for (const auto& entry : fs::directory_iterator(dir_.path / "out"))
+        EXPECT_NE(entry.path().filename().string()[0], '.') << "temp file left: " << entry.path();
 }
 
 }  // namespace
