@@ -22,6 +22,7 @@ refuses() {  # expected message part, then the command
 refuses "RUNS must be a positive integer" bash bench/run_peers.sh "$tmp" 0
 refuses "RUNS must be a positive integer" bash bench/run_peers.sh "$tmp" x
 refuses "OURS is all or core" env OURS=some bash bench/run_peers.sh "$tmp" 1
+refuses "THREADS must be a positive integer" env THREADS=0 bash bench/run_peers.sh "$tmp" 1
 if [ -x /usr/bin/python3 ]; then
   refuses "unknown row 'nope'" env PEERS=ov_fp32,nope bash bench/run_peers.sh "$tmp" 1
 fi
