@@ -31,12 +31,13 @@ venv=build/peers-venv/bin/python
 peers_default=ov_fp32,ov_bf16,ov_int8,ort_fp32,ort_int8,pt_fp32,pt_fx_int8
 [ -x build/peers-venv-torch2/bin/python ] && peers_default+=,pt2_fp32,pt2_int8
 peers="${PEERS:-$peers_default}"
+threads="${THREADS:-2}"
+[[ "$threads" =~ ^[1-9][0-9]*$ ]] || { echo "run_peers: THREADS must be a positive integer, not '$threads'" >&2; exit 2; }
+[ -x /usr/bin/python3 ] || { echo "run_peers: no /usr/bin/python3: bash bench/install-peers.sh" >&2; exit 2; }
 known="$(/usr/bin/python3 bench/peers/run_row.py --list | cut -d' ' -f1 | tr '\n' ' ')"
 for key in ${peers//,/ }; do
   [[ " $known" == *" $key "* ]] || { echo "run_peers: PEERS: unknown row '$key' (known: $known)" >&2; exit 2; }
 done
-threads="${THREADS:-2}"
-[[ "$threads" =~ ^[1-9][0-9]*$ ]] || { echo "run_peers: THREADS must be a positive integer, not '$threads'" >&2; exit 2; }
 bin=build/bench/peer_fidelity
 [ -x "$bin" ] || { echo "run_peers: build first (cmake --build build --target peer_fidelity resunet)" >&2; exit 2; }
 /usr/bin/python3 -c "import torch, numpy" 2> /dev/null ||
