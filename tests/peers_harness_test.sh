@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The peers harness without the peers (none is installed for CI): bench/run_peers.sh and
 # bench/install-peers.sh refuse bad arguments in one line with exit 2 before doing anything, and
-# bench/peers/table.py turns rows, a failed row and a pair into the table and its JSON.
+# bench/peers/table.py turns rows, a failed row and a pair into the table and its JSON, and
+# bench/peers/layers.py matches OpenVINO's nodes with our layers.
 #   bash tests/peers_harness_test.sh PYTHON
 set -u
 cd "$(dirname "$0")/.."
