@@ -18,7 +18,7 @@ torch2=0
 for a in "$@"; do
   case "$a" in
     --torch2) torch2=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "install-peers: unknown argument '$a' (usage: bash bench/install-peers.sh [--torch2])" >&2; exit 2 ;;
   esac
 done
