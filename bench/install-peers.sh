@@ -6,7 +6,8 @@
 #   - PyPI, into the virtual environment build/peers-venv (ignored by git): OpenVINO, NNCF (OpenVINO's
 #     post-training int8 quantization), ONNX Runtime, each at the version pinned below;
 #   - with --torch2 also PyTorch 2.x and torchao (their x86 int8 path) into build/peers-venv-torch2: PyPI
-#     serves only the CUDA build of torch (about 4.5 GB with its nvidia-* wheels; see docs/peers.md).
+#     serves only the CUDA build of torch (5.4 GB installed with its nvidia-* and triton wheels;
+#     see docs/peers.md).
 #
 #   bash bench/install-peers.sh [--torch2]      (as root for the Debian part; rerunning it is cheap)
 set -euo pipefail

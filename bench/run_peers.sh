@@ -16,7 +16,8 @@
 #   cmake --build build --target peer_fidelity resunet
 #   bash bench/run_peers.sh [OUT_DIR] [RUNS]    (OUT_DIR default build/peers; RUNS default 5)
 # Environment: OURS=core (our three headline rows only), PEERS=ov_fp32,ort_int8,... (the peer rows),
-#   PAIRS=0 (no pairs), PROFILE=N (OpenVINO rows: their N slowest nodes in the JSON), LEAN_MB=230.
+#   PAIRS=0 (no pairs), PROFILE=N (OpenVINO rows: their N slowest nodes in the JSON), LEAN_MB=230,
+#   THREADS=2 (threads per row).
 # Prints the table at the end; it is also in OUT_DIR/table.md and OUT_DIR/table.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,11 +31,13 @@ venv=build/peers-venv/bin/python
 peers_default=ov_fp32,ov_bf16,ov_int8,ort_fp32,ort_int8,pt_fp32,pt_fx_int8
 [ -x build/peers-venv-torch2/bin/python ] && peers_default+=,pt2_fp32,pt2_int8
 peers="${PEERS:-$peers_default}"
+threads="${THREADS:-2}"
+[[ "$threads" =~ ^[1-9][0-9]*$ ]] || { echo "run_peers: THREADS must be a positive integer, not '$threads'" >&2; exit 2; }
+[ -x /usr/bin/python3 ] || { echo "run_peers: no /usr/bin/python3: bash bench/install-peers.sh" >&2; exit 2; }
 known="$(/usr/bin/python3 bench/peers/run_row.py --list | cut -d' ' -f1 | tr '\n' ' ')"
 for key in ${peers//,/ }; do
   [[ " $known" == *" $key "* ]] || { echo "run_peers: PEERS: unknown row '$key' (known: $known)" >&2; exit 2; }
 done
-threads=2
 bin=build/bench/peer_fidelity
 [ -x "$bin" ] || { echo "run_peers: build first (cmake --build build --target peer_fidelity resunet)" >&2; exit 2; }
 /usr/bin/python3 -c "import torch, numpy" 2> /dev/null ||
@@ -57,7 +60,7 @@ machine="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') (
 echo "machine: $machine; $threads threads per row"
 rm -f "$out"/ours_*.json "$out"/peer_*.json "$out"/pair_*.json "$out/pairs.txt"
 /usr/bin/python3 - "$out/meta.json" "$machine" "$threads" "$runs" "$(git rev-parse --short HEAD 2> /dev/null || echo unknown)" \
-  "OURS=$ours_rows PEERS=$peers PAIRS=${PAIRS:-1} bash bench/run_peers.sh ${1:-build/peers} $runs" <<'PY'
+  "OURS=$ours_rows PEERS=$peers PAIRS=${PAIRS:-1} THREADS=$threads bash bench/run_peers.sh ${1:-build/peers} $runs" <<'PY'
 import datetime, json, sys
 path, machine, threads, runs, commit, command = sys.argv[1:]
 json.dump(dict(machine=machine, threads=int(threads), runs=int(runs), batch=16, commit=commit, command=command,

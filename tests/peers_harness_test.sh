@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The peers harness without the peers (none is installed for CI): bench/run_peers.sh and
 # bench/install-peers.sh refuse bad arguments in one line with exit 2 before doing anything, and
-# bench/peers/table.py turns rows, a failed row and a pair into the table and its JSON.
+# bench/peers/table.py turns rows, a failed row and a pair into the table and its JSON, and
+# bench/peers/layers.py matches OpenVINO's nodes with our layers.
 #   bash tests/peers_harness_test.sh PYTHON
 set -u
 cd "$(dirname "$0")/.."
@@ -22,6 +23,7 @@ refuses() {  # expected message part, then the command
 refuses "RUNS must be a positive integer" bash bench/run_peers.sh "$tmp" 0
 refuses "RUNS must be a positive integer" bash bench/run_peers.sh "$tmp" x
 refuses "OURS is all or core" env OURS=some bash bench/run_peers.sh "$tmp" 1
+refuses "THREADS must be a positive integer" env THREADS=0 bash bench/run_peers.sh "$tmp" 1
 if [ -x /usr/bin/python3 ]; then
   refuses "unknown row 'nope'" env PEERS=ov_fp32,nope bash bench/run_peers.sh "$tmp" 1
 fi
@@ -51,4 +53,24 @@ cmp -s "$out/table.md" "$tmp/table.txt" || [ "$(cat "$out/table.md")" = "$(sed '
   fail "printed table differs from table.md"
 "$python" -c "import json,sys; t=json.load(open(sys.argv[1])); assert len(t['rows']) == 3 and len(t['pairs']) == 2" \
   "$out/table.json" || fail "table.json"
+# layers.py: OpenVINO's node names against ours (depth 4: /enc5 is our bridge b, /dec4 our d1, the k-th
+# renamed up-convolution /up{k}, i.e. our d{5-k}.up).
+cat > "$tmp/ov.json" <<'JSON'
+{"layers": [{"name": "/enc5/conv2/Conv/WithoutBiases", "type": "Convolution", "exec_type": "k1", "ms": 30},
+ {"name": "/dec4/conv1/Conv/WithoutBiases", "type": "Convolution", "exec_type": "k1", "ms": 10},
+ {"name": "ConvolutionBackpropData_30", "type": "ConvolutionBackpropData", "exec_type": "k2", "ms": 4},
+ {"name": "ConvolutionBackpropData_7", "type": "ConvolutionBackpropData", "exec_type": "k2", "ms": 6},
+ {"name": "/Concat_1", "type": "Concat", "exec_type": "ref", "ms": 1}]}
+JSON
+cat > "$tmp/ours.json" <<'JSON'
+{"rows": [{"precision": "int8", "layers": [{"name": "b.conv_b", "time_ms": 20, "kernel": "x"},
+ {"name": "d4.up", "time_ms": 3, "kernel": "y"}, {"name": "d3.up", "time_ms": 2, "kernel": "y"},
+ {"name": "d1.concat.quantize", "time_ms": 5, "kernel": "q"}, {"name": "d1.conv_a", "time_ms": 20, "kernel": "x"}]}]}
+JSON
+"$python" bench/peers/layers.py "$tmp/ov.json" "$tmp/ours.json" > "$tmp/layers.md" || fail "layers.py exited $?"
+grep -q '^| b.conv_b | 20.0 | x | 30.0 | k1 | 1.50 |' "$tmp/layers.md" || fail "layers: b.conv_b: $(cat "$tmp/layers.md")"
+grep -q '^| d1.conv_a | 20.0 | x | 10.0 | k1 | 0.50 |' "$tmp/layers.md" || fail "layers: d1.conv_a"
+grep -q '^| d4.up | 3.0 | y | 6.0 | k2 | 2.00 |' "$tmp/layers.md" || fail "layers: d4.up is the first renamed one"
+grep -q '^| d3.up | 2.0 | y | 4.0 | k2 | 2.00 |' "$tmp/layers.md" || fail "layers: d3.up"
+grep -q '^| \*\*everything else.* | 5.0 | | 1.0 | | |' "$tmp/layers.md" || fail "layers: the rest"
 if [ $failures = 0 ]; then echo "peers harness: all checks passed"; else echo "peers harness: $failures failed"; exit 1; fi

@@ -74,7 +74,7 @@ def main():
                 p["error"] = (peer or {}).get("error", "a run of the pair is missing")
             pairs.append(p)
     md = ["# Peers, one sitting: %s" % meta.get("date", "?"), "",
-          "%s; %s threads per row, batch %s, 224 x 224, width 64 (32,445,185 parameters); timed runs per row "
+          "%s; threads per row: %s; batch %s, 224 x 224, width 64 (32,445,185 parameters); timed runs per row "
           "after one warm-up: %s; every row in a process of its own. Command: `%s`." % (
               meta.get("machine", "?"), meta.get("threads", "?"), meta.get("batch", 16), meta.get("runs", "?"),
               meta.get("command", "bash bench/run_peers.sh")), "",
