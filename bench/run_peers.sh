@@ -5,8 +5,9 @@
 #   peers (bench/peers/run_row.py --list): OpenVINO fp32 (f32 hint), bf16 (where the CPU has it) and NNCF
 #     int8; ONNX Runtime fp32 and QDQ int8; PyTorch 1.13 (Debian) TorchScript fp32 and FX static int8;
 #     PyTorch 2.x fp32 and int8 where bash bench/install-peers.sh --torch2 installed it;
-#   ours (bench/peer_fidelity): fp32 tuned, int8 dynamic (the default --int8-conv measured), int8 static,
-#     each from a plan cache filled by a cold run first; with OURS=all (the default) also fp32 untuned,
+#   ours (bench/peer_fidelity): the defaults (the plan fixed per CPU class, docs/plan.md): fp32, int8 dynamic,
+#     int8 static; with OURS=all (the default) also the measured plans (--tune fast, from a plan cache filled by
+#     a cold run first), fp32 untuned,
 #     under a lean and under no memory budget, int8 all oneDNN direct, int8 mixed and int8 from an int8 file;
 #   then pairs: each peer whose ratio docs/peers.md targets run once more, alone, between two runs of our
 #     matching row, so that each ratio compares neighbours in time (this host's speed drifts within minutes).
@@ -89,20 +90,22 @@ cache="$out/plans"
 rm -rf "$cache"
 # Cold runs first, so that the headline rows below compile from the plan cache as a user's second run does
 # (their peak RSS is then inference's, not the planner's); the cold rows stay in the JSON.
-ours fp32-tuned-cold --precision fp32 --plan-cache "$cache"
-row_runs=1 ours int8-dynamic-cold --precision int8 --plan-cache "$cache"
-row_runs=1 ours int8-static-cold --precision static-int8 --plan-cache "$cache"
-ours fp32-tuned-warm --precision fp32 --plan-cache "$cache"
-ours int8-dynamic --precision int8 --plan-cache "$cache"
-ours int8-static --precision static-int8 --plan-cache "$cache"
+ours fp32 --precision fp32
+ours int8-dynamic --precision int8
+ours int8-static --precision static-int8
 if [ "$ours_rows" = all ]; then
+  # The measured plans (--tune fast): cold, then from the plan cache as a user's second run.
+  ours fp32-tuned-cold --precision fp32 --tune fast --plan-cache "$cache"
+  ours fp32-tuned-warm --precision fp32 --tune fast --plan-cache "$cache"
+  row_runs=1 ours int8-dynamic-tuned-cold --precision int8 --tune fast --plan-cache "$cache"
+  ours int8-dynamic-tuned-warm --precision int8 --tune fast --plan-cache "$cache"
   ours fp32-untuned --precision fp32 --tune off
   # The memory budget at both ends: a lean plan (engine bytes at most $lean_mb MB) and no limit (every
   # layer's measured winner), each tuned cold and then from the plan cache.
-  ours fp32-lean-cold --precision fp32 --plan-cache "$cache" --memory-budget "$lean_mb"
-  ours fp32-lean-warm --precision fp32 --plan-cache "$cache" --memory-budget "$lean_mb"
-  ours fp32-unlimited-cold --precision fp32 --plan-cache "$cache" --memory-budget -1
-  ours fp32-unlimited-warm --precision fp32 --plan-cache "$cache" --memory-budget -1
+  ours fp32-lean-cold --precision fp32 --tune fast --plan-cache "$cache" --memory-budget "$lean_mb"
+  ours fp32-lean-warm --precision fp32 --tune fast --plan-cache "$cache" --memory-budget "$lean_mb"
+  ours fp32-unlimited-cold --precision fp32 --tune fast --plan-cache "$cache" --memory-budget -1
+  ours fp32-unlimited-warm --precision fp32 --tune fast --plan-cache "$cache" --memory-budget -1
   ours int8-dynamic-direct --precision int8 --int8-conv direct
   ours int8-dynamic-mixed --precision int8 --int8-conv mixed
   if build/apps/resunet quantize --help > /dev/null 2>&1; then
@@ -110,7 +113,7 @@ if [ "$ours_rows" = all ]; then
     if build/apps/resunet quantize --model "$out/peer_w64.safetensors" --out "$out/peer_w64.int8.safetensors" \
          --size 224 > "$out/quantize.log" 2>&1; then
       common[1]="$out/peer_w64.int8.safetensors"
-      ours int8-file --precision int8 --plan-cache "$cache"  # stored static scales (synthetic calibration set)
+      ours int8-file --precision int8  # stored static scales (synthetic calibration set)
       common[1]="$out/peer_w64.safetensors"
     else
       echo "== ours: int8 file: resunet quantize failed (see $out/quantize.log)"
@@ -129,15 +132,15 @@ pair() {  # peer key, our row name, our peer_fidelity flags
 }
 if [ "${PAIRS:-1}" != 0 ]; then
   echo "== pairs: each peer between two runs of our matching row"
-  pair ov_fp32 fp32 --precision fp32 --plan-cache "$cache"
-  pair ov_int8 int8-dynamic --precision int8 --plan-cache "$cache"
-  pair ov_int8 int8-static --precision static-int8 --plan-cache "$cache"
-  pair ov_bf16 int8-dynamic --precision int8 --plan-cache "$cache"
-  pair ort_fp32 fp32 --precision fp32 --plan-cache "$cache"
-  pair ort_int8 int8-dynamic --precision int8 --plan-cache "$cache"
-  pair pt_fx_int8 int8-dynamic --precision int8 --plan-cache "$cache"
-  pair pt_fx_int8 int8-static --precision static-int8 --plan-cache "$cache"
-  pair pt2_int8 int8-dynamic --precision int8 --plan-cache "$cache"
+  pair ov_fp32 fp32 --precision fp32
+  pair ov_int8 int8-dynamic --precision int8
+  pair ov_int8 int8-static --precision static-int8
+  pair ov_bf16 int8-dynamic --precision int8
+  pair ort_fp32 fp32 --precision fp32
+  pair ort_int8 int8-dynamic --precision int8
+  pair pt_fx_int8 int8-dynamic --precision int8
+  pair pt_fx_int8 int8-static --precision static-int8
+  pair pt2_int8 int8-dynamic --precision int8
   if [ "$ours_rows" = all ]; then  # all oneDNN direct (--int8-conv direct), against the same peers
     pair ort_int8 int8-direct --precision int8 --int8-conv direct
     pair pt_fx_int8 int8-direct --precision int8 --int8-conv direct

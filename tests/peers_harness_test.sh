@@ -35,7 +35,7 @@ row() {  # file, median ms
   printf '{"latency_median_ms": %s, "latency_min_ms": %s, "latency_max_ms": %s, "peak_rss_mb": 100, "mask_dice_vs_reference": 0.99, "max_abs_diff": 0.1, "precision": "fp32"}\n' "$2" "$2" "$2" > "$out/$1"
 }
 echo '{"machine": "test CPU", "threads": 2, "runs": 3, "batch": 16, "commit": "abc1234", "date": "2026-01-01 00:00 UTC"}' > "$out/meta.json"
-row ours_fp32-tuned-warm.json 200
+row ours_fp32.json 200
 printf '{"key": "ov_fp32", "label": "OpenVINO fp32", "version": "9.9", "latency_median_ms": 300, "latency_min_ms": 290, "latency_max_ms": 310, "peak_rss_mb": 900, "mask_dice_vs_reference": 1.0, "max_abs_diff": 1e-6, "precision": "fp32"}\n' > "$out/peer_ov_fp32.json"
 printf '{"key": "ov_int8", "label": "OpenVINO int8", "error": "exit 1: boom"}\n' > "$out/peer_ov_int8.json"
 echo "ov_fp32 fp32" > "$out/pairs.txt"
@@ -44,7 +44,7 @@ row "pair_ov_fp32-fp32.json" 300
 row "ours_fp32-before-ov_fp32.json" 200
 row "ours_fp32-after-ov_fp32.json" 150
 "$python" bench/peers/table.py "$out" > "$tmp/table.txt" || fail "table.py exited $?"
-grep -q '^| ours fp32 (tuned plan, from the plan cache) | abc1234 | fp32 | 200 |' "$out/table.md" || fail "our row missing: $(cat "$out/table.md")"
+grep -q '^| ours fp32 (the default plan: fixed per CPU class) | abc1234 | fp32 | 200 |' "$out/table.md" || fail "our row missing: $(cat "$out/table.md")"
 grep -q '^| OpenVINO fp32 | 9.9 | fp32 | 300 | 290 | 310 | 900 | 1.0000 | 1.00e-06 |' "$out/table.md" || fail "peer row missing"
 grep -q '^| OpenVINO int8 | .*\*\*not measured\*\*: exit 1: boom |' "$out/table.md" || fail "failed row missing"
 grep -q '^| ov_fp32 | 300 (300-300) | fp32 | 200, 150 | 1.50x, 2.00x |' "$out/table.md" || fail "pair ratio wrong"

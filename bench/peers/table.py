@@ -10,12 +10,13 @@ import os
 import sys
 
 OURS = [  # name in run_peers.sh, label; the first three are the headline rows
-    ("fp32-tuned-warm", "ours fp32 (tuned plan, from the plan cache)"),
-    ("int8-dynamic", "ours int8 dynamic (the default: --int8-conv measured)"),
+    ("fp32", "ours fp32 (the default plan: fixed per CPU class)"),
+    ("int8-dynamic", "ours int8 dynamic (the default: --int8-conv auto)"),
     ("int8-static", "ours int8 static (calibrated on the batch's first 4 images)"),
-    ("fp32-tuned-cold", "ours fp32 (tuned plan, measured cold)"),
-    ("int8-dynamic-cold", "ours int8 dynamic (plan measured cold, 1 run)"),
-    ("int8-static-cold", "ours int8 static (plan measured cold, 1 run)"),
+    ("fp32-tuned-cold", "ours fp32 (--tune fast, measured cold)"),
+    ("fp32-tuned-warm", "ours fp32 (--tune fast, from the plan cache)"),
+    ("int8-dynamic-tuned-cold", "ours int8 dynamic (--tune fast, measured cold, 1 run)"),
+    ("int8-dynamic-tuned-warm", "ours int8 dynamic (--tune fast, from the plan cache)"),
     ("fp32-untuned", "ours fp32 (--tune off)"),
     ("fp32-lean-cold", "ours fp32 (lean memory budget, cold)"),
     ("fp32-lean-warm", "ours fp32 (lean memory budget, from the cache)"),
