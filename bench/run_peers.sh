@@ -88,8 +88,8 @@ peer() {  # run_row key, JSON name
 }
 cache="$out/plans"
 rm -rf "$cache"
-# Cold runs first, so that the headline rows below compile from the plan cache as a user's second run does
-# (their peak RSS is then inference's, not the planner's); the cold rows stay in the JSON.
+# The headline rows run the default plan (nothing measured, nothing cached); the measured plans below run cold
+# first, then from the plan cache as a user's second run does (peak RSS then inference's, not the planner's).
 ours fp32 --precision fp32
 ours int8-dynamic --precision int8
 ours int8-static --precision static-int8
