@@ -617,6 +617,7 @@ int main(int argc, char** argv) {
     app.failure_message([](const CLI::App*, const CLI::Error& e) {
         return fmt::format("bench_resunet: error: {} (see --help)\n", e.what());
     });
+    resunet::check_values_strictly(app);  // typed values as resunet takes them: no nan, no wrapped negatives
     try {
         app.parse(argc, argv);
     } catch (const CLI::Success& e) {  // --help, --version
