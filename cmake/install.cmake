@@ -54,6 +54,8 @@ endforeach()
 
 set(package_dir ${CMAKE_INSTALL_LIBDIR}/cmake/resunet)
 install(EXPORT resunetTargets NAMESPACE resunet:: DESTINATION ${package_dir})
+# The folder of the oneDNN this build linked: the package looks there first (a 3.x prefix beside a system 2.6).
+get_filename_component(RESUNET_DNNL_LIBRARY_DIR "${DNNL_LIBRARY}" DIRECTORY)
 configure_package_config_file(${CMAKE_SOURCE_DIR}/cmake/resunetConfig.cmake.in
                               ${CMAKE_BINARY_DIR}/resunetConfig.cmake INSTALL_DESTINATION ${package_dir})
 write_basic_package_version_file(${CMAKE_BINARY_DIR}/resunetConfigVersion.cmake

@@ -292,6 +292,12 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
     step.tuned = choice.measurement;
     step.own_applies[0] = request.own_offered(4);
     step.own_applies[1] = request.own_offered(2);
+    if (measure_only_for_rule) {  // the rule's budget: the exact bytes each Winograd would add over direct
+        const double direct_bytes = static_cast<double>(pd.weights_desc().get_size() + folded.bias.size() * sizeof(float));
+        for (int t = 0; t < 2; ++t)
+            if (step.own_applies[t])
+                step.own_extra_bytes[t] = static_cast<double>(WinogradOwn::weight_bytes_of(eng, t == 0 ? 4 : 2, own_shape)) - direct_bytes;
+    }
     step.channels[0] = in_channels;
     step.channels[1] = out_channels;
     step.out_hw[0] = out[2];

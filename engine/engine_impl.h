@@ -40,6 +40,7 @@ using Clock = std::chrono::steady_clock;
 struct Step : lowering::Step {
     ConvMeasurement tuned;  // a measured convolution's candidates, for the memory budget (engine_run.cpp)
     bool own_applies[2] = {false, false};  // a convolution: our own Winograd F(4x4), F(2x2) applies (the rule's input)
+    double own_extra_bytes[2] = {0, 0};    // ... and the weight bytes each adds over direct (with measure_only_for_rule)
     int64_t channels[2] = {0, 0};          // a convolution: input and output channels
     int64_t out_hw[2] = {0, 0};            // a convolution: output height and width
 };
@@ -85,6 +86,8 @@ struct Engine::Impl : lowering::Schedule<Step> {
     // Step::preferred: the memory budget then decides, and the plan is lowered again with the choice
     // fixed, so the all-Winograd plan is never built (engine_run.cpp).
     bool measure_only = false;
+    // Lowering the all-direct plan for the rule (engine_run.cpp): record each Winograd's exact extra bytes.
+    bool measure_only_for_rule = false;
 
     memory::desc act_desc(const Dims& dims) const { return memory::desc(to_dnnl_dims(dims), dt::f32, act_tag); }
 

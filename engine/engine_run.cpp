@@ -139,6 +139,7 @@ std::unique_ptr<Engine::Impl> compile_by_rule(const Graph& graph, const TensorMa
     auto direct = std::make_unique<Engine::Impl>();
     direct->forced_tag = layout;
     direct->forced_algorithms = &none;  // every convolution direct
+    direct->measure_only_for_rule = true;
     direct->compile(graph, weights, options);
     direct->forced_algorithms = nullptr;
     std::vector<RuleLayer> layers;
@@ -146,7 +147,8 @@ std::unique_ptr<Engine::Impl> compile_by_rule(const Graph& graph, const TensorMa
         if (step.op.starts_with("conv") && !step.algorithm.empty())
             layers.push_back({.name = step.name, .in_channels = step.channels[0], .out_channels = step.channels[1],
                               .height = step.out_hw[0], .width = step.out_hw[1], .macs = step.macs,
-                              .f43_applies = step.own_applies[0], .f23_applies = step.own_applies[1]});
+                              .f43_applies = step.own_applies[0], .f23_applies = step.own_applies[1],
+                              .extra_bytes = {step.own_extra_bytes[0], step.own_extra_bytes[1]}});
     const double base = static_cast<double>(direct->weight_store.bytes() + direct->arena.bytes());
     const double budget = options.memory_budget_mb > 0    ? std::max(options.memory_budget_mb * 1e6, base)
                           : options.memory_budget_mb == 0 ? kDefaultMemoryBudgetFactor * base

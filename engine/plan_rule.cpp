@@ -13,6 +13,15 @@ double own_winograd_extra_bytes(int tile, int64_t in_channels, int64_t out_chann
     return (positions - 9.0) * static_cast<double>(in_channels) * static_cast<double>(out_channels) * sizeof(float);
 }
 
+namespace {
+
+double extra_of(const RuleLayer& l, int tile) {
+    const double given = l.extra_bytes[tile == 4 ? 0 : 1];
+    return given > 0 ? given : own_winograd_extra_bytes(tile, l.in_channels, l.out_channels);
+}
+
+}  // namespace
+
 RuleChoice fp32_rule(const std::vector<RuleLayer>& layers, double base_bytes, double budget_bytes) {
     RuleChoice c;
     std::vector<const RuleLayer*> winograd;
@@ -22,7 +31,7 @@ RuleChoice fp32_rule(const std::vector<RuleLayer>& layers, double base_bytes, do
             const int tile = l.f43_applies ? 4 : 2;
             c.algorithms[l.name] = tile == 4 ? ConvAlgo::winograd_f43 : ConvAlgo::winograd_f23;
             c.why[l.name] = fmt::format("rule: 3x3 stride 1, our Winograd F({0}x{0},3x3) applies", tile);
-            total += own_winograd_extra_bytes(tile, l.in_channels, l.out_channels);
+            total += extra_of(l, tile);
             winograd.push_back(&l);
         } else {
             c.algorithms[l.name] = ConvAlgo::direct;
@@ -30,7 +39,7 @@ RuleChoice fp32_rule(const std::vector<RuleLayer>& layers, double base_bytes, do
         }
     }
     // Multiply-adds per extra byte is H x W / (positions - 9) x const: the smallest images give up first.
-    auto value = [](const RuleLayer& l) { return l.macs / std::max(1.0, own_winograd_extra_bytes(4, l.in_channels, l.out_channels)); };
+    auto value = [](const RuleLayer& l) { return l.macs / std::max(1.0, extra_of(l, l.f43_applies ? 4 : 2)); };
     std::sort(winograd.begin(), winograd.end(), [&](const RuleLayer* a, const RuleLayer* b) {
         return value(*a) != value(*b) ? value(*a) < value(*b) : a->name < b->name;
     });
@@ -39,14 +48,13 @@ RuleChoice fp32_rule(const std::vector<RuleLayer>& layers, double base_bytes, do
         if (total <= budget_bytes) break;
         ConvAlgo& a = c.algorithms[l->name];
         if (a == ConvAlgo::winograd_f43 && l->f23_applies) {
-            total -= own_winograd_extra_bytes(4, l->in_channels, l->out_channels) -
-                     own_winograd_extra_bytes(2, l->in_channels, l->out_channels);
+            total -= extra_of(*l, 4) - extra_of(*l, 2);
             a = ConvAlgo::winograd_f23;
             c.why[l->name] = "rule: winograd_f23 (F(4x4) over the memory budget)";
             ++leaner;
             if (total <= budget_bytes) break;
         }
-        total -= own_winograd_extra_bytes(a == ConvAlgo::winograd_f43 ? 4 : 2, l->in_channels, l->out_channels);
+        total -= extra_of(*l, a == ConvAlgo::winograd_f43 ? 4 : 2);
         if (a == ConvAlgo::winograd_f23 && c.why[l->name].find("F(4x4)") != std::string::npos) --leaner;
         a = ConvAlgo::direct;
         c.why[l->name] = "rule: direct (Winograd over the memory budget)";

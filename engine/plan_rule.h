@@ -26,6 +26,9 @@ struct RuleLayer {
     int64_t height = 0, width = 0;     // output
     double macs = 0;                   // per pass
     bool f43_applies = false, f23_applies = false;  // our own fp32 Winograd (engine/winograd_own.h)
+    // Weight bytes F(4x4) and F(2x2) add over direct, in the layouts they would run (WinogradOwn::weight_bytes_of);
+    // 0: estimated as own_winograd_extra_bytes().
+    double extra_bytes[2] = {0, 0};
 };
 
 struct RuleChoice {

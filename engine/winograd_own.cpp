@@ -57,6 +57,32 @@ bool WinogradOwn::applies(int tile, const WinogradOwnShape& shape, std::string* 
     return true;
 }
 
+namespace {
+
+// The tiles of one group and of the last one, from the shape alone (never the thread count): groups of 32 to
+// 128 tiles whose V and M take about 8 MB.
+int64_t group_of(int64_t tiles, int64_t positions, int64_t ic, int64_t oc, int64_t tiles_per_group, int64_t* rest) {
+    const int64_t bytes_per_tile = positions * (ic + oc) * static_cast<int64_t>(sizeof(float));
+    int64_t group = tiles_per_group;
+    if (group <= 0) group = std::clamp<int64_t>((int64_t{8} << 20) / bytes_per_tile, 32, 128);
+    group = std::clamp<int64_t>(group, 1, tiles);
+    return even_groups(tiles, group, 1, false, rest);
+}
+
+}  // namespace
+
+size_t WinogradOwn::weight_bytes_of(const engine& eng, int tile, const WinogradOwnShape& shape) {
+    if (!applies(tile, shape)) return 0;
+    const int64_t tiles = shape.batch * ((shape.height + tile - 1) / tile) * ((shape.width + tile - 1) / tile);
+    const int64_t positions = static_cast<int64_t>(tile + 2) * (tile + 2);
+    int64_t rest = 0;
+    const int64_t group = group_of(tiles, positions, shape.in_channels, shape.out_channels, 0, &rest);
+    const ThreadSetting one_thread(1);
+    const TileGroupMatmul gemm =
+        TileGroupMatmul::create(eng, positions, group, rest, shape.in_channels, shape.out_channels, dt::f32, dt::f32, dt::f32);
+    return gemm.weights.get_size() + static_cast<size_t>(shape.out_channels) * sizeof(float);
+}
+
 std::unique_ptr<WinogradOwn> WinogradOwn::create(const engine& eng, stream& strm, int tile, const WinogradOwnShape& shape,
                                                  const float* weights, const float* bias, std::string* why,
                                                  int64_t tiles_per_group) {
@@ -88,17 +114,13 @@ std::unique_ptr<WinogradOwn> WinogradOwn::create(const engine& eng, stream& strm
     // of cache), at most a thread's share, equal, a multiple of the thread count. One thread, or a
     // single group asked for: the groups in turn, the transforms threaded, the matmul threaded by oneDNN.
     c.threads_ = std::max(1, omp_get_max_threads());
-    const int64_t bytes_per_tile = positions * (ic + oc) * static_cast<int64_t>(sizeof(float));
-    int64_t group = tiles_per_group;
     // The groups (and so each GEMM's shape) never depend on the thread count, and each GEMM is made for and
     // run on one thread: a tile's sums are then the same on any thread count (docs/plan.md).
-    if (group <= 0) group = std::clamp<int64_t>((int64_t{8} << 20) / bytes_per_tile, 32, 128);
-    group = std::clamp<int64_t>(group, 1, c.tiles_);
+    int64_t rest = 0;
+    int64_t group = c.group_ = group_of(c.tiles_, positions, ic, oc, tiles_per_group, &rest);
     // Several groups: each thread runs whole groups (one thread too); one group: shared, its GEMM's positions
     // side by side (TileGroupMatmul::run_positions). Neither depends on the thread count.
     c.private_groups_ = c.tiles_ > group;
-    int64_t rest = 0;
-    c.group_ = group = even_groups(c.tiles_, group, 1, false, &rest);
 
     {
         const ThreadSetting one_thread(1);

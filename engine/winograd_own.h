@@ -63,6 +63,9 @@ class WinogradOwn {
     // Whether create() accepts this tile and shape on this CPU (a cheap check, no weights); the reason
     // in `why` when not.
     static bool applies(int tile, const WinogradOwnShape& shape, std::string* why = nullptr);
+    // The bytes create() would hold for the transformed weights and bias (the GEMM's packed layout included),
+    // without transforming anything; 0 where it does not apply. The planner's rule budgets with it.
+    static size_t weight_bytes_of(const dnnl::engine& eng, int tile, const WinogradOwnShape& shape);
 
     // `tile` 4: F(4x4,3x3), 36 GEMMs; 2: F(2x2,3x3), 16 GEMMs. `weights` OIHW {OC, IC, 3, 3}, `bias` OC
     // values (nullptr: zero). `tiles_per_group` 0 chooses (see create() in the .cpp); at least the run's tile count: one
