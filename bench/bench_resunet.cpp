@@ -57,7 +57,9 @@ struct Options {
     int size = 224;
     int batch = 16;
     int micro_batch = 1;
-    std::string micro_batch_text = "1";  // --micro-batch: a count, or "auto" (measured per row, engine/micro_batch.h)
+    // --micro-batch: "default" (fp32 rows resunet::fp32_micro_batch_for(batch), int8 rows 1), a count, or "auto"
+    // (measured per row, engine/micro_batch.h)
+    std::string micro_batch_text = "default";
     int threads = 0;
     int runs = 10;
     int warmup = 1;
@@ -145,6 +147,12 @@ resunet::EngineTuningFlags tuning_flags_of(const Options& o, bool fp32) {
         }
     }
     return flags;
+}
+
+// --micro-batch default: fp32 rows fp32_micro_batch_for (the same numbers at any micro-batch), int8 rows 1
+// (their dynamic scales are per pass: one image per pass is what resunet predict and eval run).
+int default_micro_batch(const Options& o, const std::string& precision) {
+    return precision == "fp32" ? resunet::fp32_micro_batch_for(o.batch) : 1;
 }
 
 // The engines' options a row runs with, at `micro_batch` images per pass (a --plan's own where one is given).
@@ -555,10 +563,12 @@ int main(int argc, char** argv) {
     app.add_option("--size", o.size, "input height and width in pixels (divisible by 16)")->check(resunet::positive_number());
     app.add_option("--batch", o.batch, "images per timed run")->check(resunet::positive_number());
     app.add_option("--micro-batch", o.micro_batch_text,
-                   "images per pass through the compiled plan, or auto: each row's candidates (1, 2, 4, ... dividing "
-                   "--batch) timed on the whole batch, checked against micro-batch 1, the fastest kept")
+                   "images per pass through the compiled plan. default: fp32 rows 4 (2, 1 where the batch does not "
+                   "divide; the same numbers as 1 image per pass), int8 rows 1 (their scales are per pass, as in "
+                   "resunet predict); or a count; or auto: each row's candidates (1, 2, 4, ... dividing --batch) timed "
+                   "on the whole batch, checked against micro-batch 1, the fastest kept")
         ->capture_default_str()
-        ->check(resunet::count_or_auto(4096));
+        ->check(resunet::count_or_auto(4096, /*or_default=*/true));
     app.add_option("--threads", o.threads, "oneDNN (OpenMP) threads; 0 = all cores")->check(resunet::non_negative_number());
     app.add_option("--runs", o.runs, "timed runs per row (after warm-up)")->check(resunet::positive_number());
     app.add_option("--warmup", o.warmup, "warm-up runs (the first is reported separately)")->check(resunet::positive_number());
@@ -630,7 +640,8 @@ int main(int argc, char** argv) {
     bool checked = false;
     try {
         const bool micro_batch_auto = o.micro_batch_text == "auto";
-        if (!micro_batch_auto) o.micro_batch = std::stoi(o.micro_batch_text);
+        const bool micro_batch_default = o.micro_batch_text == "default";
+        if (!micro_batch_auto && !micro_batch_default) o.micro_batch = std::stoi(o.micro_batch_text);
         if (o.batch % o.micro_batch != 0)
             throw resunet::Error(fmt::format("--batch {} must be a multiple of --micro-batch {}", o.batch, o.micro_batch));
         if (!o.row.empty()) {
@@ -676,7 +687,7 @@ int main(int argc, char** argv) {
         checked = true;
         const fs::path tmp = fs::temp_directory_path() / fmt::format("bench_resunet.{}", getpid());
         fs::create_directories(tmp);
-        json report = {{"width", o.width}, {"size", o.size}, {"batch", o.batch}, {"micro_batch", micro_batch_auto ? json("auto") : json(o.micro_batch)},
+        json report = {{"width", o.width}, {"size", o.size}, {"batch", o.batch}, {"micro_batch", micro_batch_auto ? json("auto") : micro_batch_default ? json("default") : json(o.micro_batch)},
                        {"runs", o.runs}, {"warmup", o.warmup}, {"model", o.model}};
         if (!o.model.empty()) report["model_file_bytes"] = static_cast<double>(fs::file_size(o.model));
         if (!weights_note.empty()) report["weights_note"] = weights_note;
@@ -693,6 +704,7 @@ int main(int argc, char** argv) {
         if (o.precision != "all") rows = {o.precision};
         for (const std::string& precision : rows) {
             Options row_options = o;
+            if (micro_batch_default) row_options.micro_batch = default_micro_batch(o, precision);
             json row = timed_row(row_options, precision, tmp, micro_batch_auto);
             if (!o.data.empty()) {
                 row["eval"] = run_row_in_child(row_options, precision, tmp, "eval");
@@ -708,7 +720,11 @@ int main(int argc, char** argv) {
             wide.model.clear();
             wide.data.clear();
             report["also_width"] = o.also_width;
-            for (const std::string& precision : rows) report["rows"].push_back(timed_row(wide, precision, tmp, micro_batch_auto));
+            for (const std::string& precision : rows) {
+                Options row_options = wide;
+                if (micro_batch_default) row_options.micro_batch = default_micro_batch(wide, precision);
+                report["rows"].push_back(timed_row(row_options, precision, tmp, micro_batch_auto));
+            }
         }
         // The paper's "improvement rate": (fp32 - int8) / int8 for memory, (fp32 - int8) / fp32 for latency;
         // each row against the fp32 row of its own width.

@@ -113,7 +113,7 @@ int main(int argc, char** argv) {
         nlohmann::json row;
         std::string plan, row_plan_id;
         if (precision == "fp32") {
-            const resunet::EngineOptions options = resunet::fp32_engine_options(flags, threads, 1);
+            const resunet::EngineOptions options = resunet::fp32_engine_options(flags, threads, resunet::fp32_micro_batch_for(batch));
             auto engine = std::make_unique<resunet::Engine>(graph, file.tensors, options);
             file.tensors.clear();
             const double compile_ms = engine->compile_ms();

@@ -136,11 +136,16 @@ std::unique_ptr<Engine::Impl> compile_by_rule(const Graph& graph, const TensorMa
         layout_why = layout != tag::undef ? " (rule: blocked)" : " (rule: oneDNN's, no blocked layout runs here)";
     }
     const std::map<std::string, std::string> none;
+    // The rule sees the plan at micro-batch 1 whatever the run's: fp32 has no per-pass scales, so the algorithms
+    // (all that changes the numbers) then depend on the model and the CPU class alone, and every micro-batch
+    // gives the same bits (tests/test_plan.cpp). The memory budget bounds the plan at micro-batch 1.
+    EngineOptions rule_options = options;
+    rule_options.micro_batch = 1;
     auto direct = std::make_unique<Engine::Impl>();
     direct->forced_tag = layout;
     direct->forced_algorithms = &none;  // every convolution direct
     direct->measure_only_for_rule = true;
-    direct->compile(graph, weights, options);
+    direct->compile(graph, weights, rule_options);
     direct->forced_algorithms = nullptr;
     std::vector<RuleLayer> layers;
     for (const Step& step : direct->steps)
@@ -161,7 +166,7 @@ std::unique_ptr<Engine::Impl> compile_by_rule(const Graph& graph, const TensorMa
         all_direct = all_direct && a == ConvAlgo::direct;
     }
     std::unique_ptr<Engine::Impl> impl;
-    if (all_direct) {
+    if (all_direct && options.micro_batch == 1) {
         impl = std::move(direct);
     } else {
         const tag chosen = direct->act_tag;
@@ -198,8 +203,9 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
     if (options.plan) {
         const Plan& asked = *options.plan;
         if (asked.precision != "fp32") throw Error(fmt::format("plan {}: an {} plan, not an fp32 one", asked.id(), asked.precision));
-        if (asked.micro_batch != options.micro_batch)
-            throw Error(fmt::format("plan {}: made for micro-batch {}, not {}", asked.id(), asked.micro_batch, options.micro_batch));
+        if (asked.micro_batch != options.micro_batch && asked.micro_batch_changes_numbers())
+            throw Error(fmt::format("plan {}: made for micro-batch {}, not {} (oneDNN's Winograd gives other numbers at "
+                                    "another micro-batch)", asked.id(), asked.micro_batch, options.micro_batch));
         std::map<std::string, std::string> algorithms;
         for (const auto& [name, layer] : asked.layers) algorithms[name] = std::string(conv_algo_name(layer.algorithm));
         impl_->forced_tag = tag_of_layout(asked.layout);

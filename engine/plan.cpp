@@ -32,7 +32,9 @@ constexpr std::array<AlgoName, 5> kAlgoNames = {{{ConvAlgo::direct, "direct"},
 
 // What changes the numbers, canonically (std::map keeps the layers sorted).
 std::string numerics_text(const Plan& plan) {
-    std::string text = fmt::format("{}|{}|{}|", plan.precision, plan.layout, plan.micro_batch);
+    std::string text = plan.micro_batch_changes_numbers()
+                           ? fmt::format("{}|{}|{}|", plan.precision, plan.layout, plan.micro_batch)
+                           : fmt::format("{}|{}|", plan.precision, plan.layout);
     for (const auto& [name, layer] : plan.layers)
         text += fmt::format("{}:{}:{};", name, conv_algo_name(layer.algorithm), layer.precision);
     return text;
@@ -53,6 +55,13 @@ ConvAlgo conv_algo_from_name(std::string_view name) {
         valid += fmt::format("{}{}", valid.empty() ? "" : ", ", a.name);
     }
     throw Error(fmt::format("'{}' is no convolution algorithm (one of {})", name, valid));
+}
+
+bool Plan::micro_batch_changes_numbers() const {
+    if (precision != "fp32") return true;
+    for (const auto& [name, layer] : layers)
+        if (layer.algorithm == ConvAlgo::winograd_onednn) return true;
+    return false;
 }
 
 std::string Plan::id() const {

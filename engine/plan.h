@@ -50,9 +50,14 @@ struct Plan {
     std::string cpu_class;           // the class the rule used: ISA oneDNN dispatches and int8 weight levels
     std::map<std::string, PlanLayer> layers;  // every convolution
 
-    // "p" + 8 hex digits: a CRC-32 of what changes the numbers (precision, layout, micro-batch, each layer's
-    // algorithm and precision). Two plans with the same id give the same numbers on one CPU class.
+    // "p" + 8 hex digits: a CRC-32 of what changes the numbers (precision, layout, micro-batch where it
+    // matters, each layer's algorithm and precision). Two plans with the same id give the same numbers on one
+    // CPU class.
     std::string id() const;
+    // Whether another micro-batch gives other numbers: int8 (dynamic scales per pass), and fp32 with oneDNN's
+    // own Winograd (its blocking follows the problem size). Our kernels and oneDNN's direct ones never change a
+    // sum's order with the images per pass (tests/test_plan.cpp), so such an fp32 plan runs at any micro-batch.
+    bool micro_batch_changes_numbers() const;
     // "14 winograd_f43, 14 direct" style counts, for reports.
     std::string counts() const;
     bool same_numerics(const Plan& other) const { return id() == other.id(); }

@@ -270,8 +270,8 @@ TEST(BenchResunet, BadInputIsOneLineErrorBeforeAnyWork) {
     expect_error("--width 4 --size 32 --data " + kKvasirRoot, "--data needs --model");
     expect_error("--model " + model + " --width 4 --size 32 --data " + (dir / "no-data"), "no-data");
     expect_error("--width 4 --size 32 --batch 3 --micro-batch 2", "multiple of --micro-batch");
-    expect_error("--width 4 --size 32 --micro-batch 0", "--micro-batch: must be a whole number from 1 to 4096 or auto, not 0");
-    expect_error("--width 4 --size 32 --micro-batch fast", "--micro-batch: must be a whole number from 1 to 4096 or auto, not fast");
+    expect_error("--width 4 --size 32 --micro-batch 0", "--micro-batch: must be a whole number from 1 to 4096, default or auto, not 0");
+    expect_error("--width 4 --size 32 --micro-batch fast", "--micro-batch: must be a whole number from 1 to 4096, default or auto, not fast");
     expect_error("--width 4 --size 32 --model-dir " + (dir / "no-model-here"), "no model.safetensors there");
     expect_error("--width 4 --size 32 --random-weights --model " + model, "exclude each other");
     expect_error("--width 4 --size 32 --warmup 0", "--warmup: must be greater than 0, not 0 (see --help)");

@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -275,6 +277,22 @@ TEST(PlanFile, ASavedMeasuredPlanRunsTheSameNumbersElsewhere) {
         Engine pinned(graph, weights, again);
         EXPECT_EQ(pinned.plan().id(), engine.plan().id());
         EXPECT_TRUE(same_bits(run(pinned, graph, x, 1), y)) << engine.tuning_summary();
+        // An fp32 plan of our kernels and oneDNN's direct ones runs at any micro-batch, with the same numbers and
+        // id; one with oneDNN's Winograd is refused at another.
+        const std::vector<float> x2 = input_of(graph, 2);
+        Plan ours = engine.plan();
+        for (auto& [name, layer] : ours.layers)
+            if (layer.algorithm == ConvAlgo::winograd_onednn) layer.algorithm = ConvAlgo::direct;
+        again.plan = std::make_shared<Plan>(ours);
+        Engine single(graph, weights, again);
+        again.micro_batch = 2;
+        Engine pairs(graph, weights, again);
+        EXPECT_EQ(pairs.plan().id(), ours.id());
+        EXPECT_TRUE(same_bits(run(pairs, graph, x2, 2), run(single, graph, x2, 2))) << pairs.tuning_summary();
+        if (engine.plan().micro_batch_changes_numbers()) {
+            again.plan = std::make_shared<Plan>(engine.plan());
+            EXPECT_THROW(Engine(graph, weights, again), Error);
+        }
     }
     {
         QuantOptions measured;
@@ -324,10 +342,10 @@ TEST(PlanFile, APlanThatDoesNotFitIsRefused) {
     bad = good;
     bad.layers.erase(bad.layers.begin());
     refused(bad, "has no entry");
-    bad = good;
-    bad.micro_batch = 2;
-    refused(bad, "micro-batch");
     refused(good, "not an int8 one", /*int8=*/true);
+    Plan int8_plan = QuantEngine(graph, weights, QuantOptions{}).plan();
+    int8_plan.micro_batch = 2;  // int8's dynamic scales are per pass: another micro-batch is other numbers
+    refused(int8_plan, "micro-batch", /*int8=*/true);
     bad = good;
     bad.layers.at("head").algorithm = ConvAlgo::winograd_f43;  // 1 output channel: our Winograd never applies
     refused(bad, "does not apply");
@@ -358,5 +376,42 @@ TEST(PlanRule, OurFp32WinogradGivesTheSameBitsOnEveryThreadCount) {
             }
             EXPECT_TRUE(same_bits(y, first)) << "threads " << threads << ": " << engine.tuning_summary();
         }
+    }
+}
+
+// fp32 has no per-pass scales: the micro-batch (images per pass) changes the tiles per GEMM and the blocking,
+// never a sum's order, and the rule chooses the algorithms at micro-batch 1 whatever the run's (its memory
+// budget included), so the default plan gives the same bits at every micro-batch. RESUNET_TEST_W64=1 runs it
+// on the full network (width 64, 224x224).
+TEST(PlanRule, Fp32MicroBatchNeverChangesTheBits) {
+    const char* big = std::getenv("RESUNET_TEST_W64");
+    const Graph graph = big ? net(64, 4, 224) : wide_net();
+    const TensorMap weights = resunet::engine_checks::random_weights(graph, 5);
+    const int batch = 4;
+    const std::vector<float> x = input_of(graph, batch);
+    std::vector<float> first;
+    std::map<std::string, ConvAlgo> first_algorithms;
+    std::string first_id;
+    for (int mb : {1, 2, 4}) {
+        EngineOptions options;
+        options.threads = 2;
+        options.micro_batch = mb;
+        Engine engine(graph, weights, options);
+        const std::vector<float> y = run(engine, graph, x, batch);
+        SCOPED_TRACE(fmt::format("micro-batch {}: {}", mb, engine.tuning_summary()));
+        std::map<std::string, ConvAlgo> algorithms;
+        for (const auto& [name, layer] : engine.plan().layers) algorithms[name] = layer.algorithm;
+        if (first.empty()) {
+            first = y;
+            first_algorithms = algorithms;
+            first_id = engine.plan().id();
+            EXPECT_NE(engine.plan().counts().find("winograd_f43"), std::string::npos) << engine.plan().counts();
+            continue;
+        }
+        EXPECT_TRUE(algorithms == first_algorithms) << engine.plan().counts();
+        EXPECT_EQ(engine.plan().id(), first_id);  // the micro-batch is no part of an fp32 plan's id
+        double worst = 0;
+        for (size_t i = 0; i < y.size(); ++i) worst = std::max(worst, static_cast<double>(std::fabs(y[i] - first[i])));
+        EXPECT_TRUE(same_bits(y, first)) << "max |diff| " << worst;
     }
 }

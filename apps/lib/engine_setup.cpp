@@ -52,6 +52,12 @@ void check_engine_flags(const EngineTuningFlags& flags, bool fp32) {
                          "measured choices, --tune fast or full); pass --precision fp32 or drop them");
 }
 
+int fp32_micro_batch_for(int batch) {
+    for (int mb : {4, 2})
+        if (batch % mb == 0) return mb;
+    return 1;
+}
+
 EngineOptions fp32_engine_options(const EngineTuningFlags& flags, int threads, int micro_batch) {
     check_engine_flags(flags, true);
     EngineOptions options;
@@ -60,7 +66,8 @@ EngineOptions fp32_engine_options(const EngineTuningFlags& flags, int threads, i
     options.tune = tuning_from_name(flags.tune);
     options.plan_cache = tuning_measures(options.tune) ? plan_cache_folder(flags.plan_cache) : std::string();
     options.memory_budget_mb = flags.memory_budget_mb;
-    if ((options.plan = plan_flag(flags))) options.micro_batch = options.plan->micro_batch;
+    if ((options.plan = plan_flag(flags)) && options.plan->micro_batch_changes_numbers())
+        options.micro_batch = options.plan->micro_batch;
     return options;
 }
 

@@ -146,19 +146,19 @@ CLI::Validator number_at_least(bool zero_allowed) {
 CLI::Validator positive_number() { return number_at_least(false); }
 CLI::Validator non_negative_number() { return number_at_least(true); }
 
-CLI::Validator count_or_auto(int largest) {
+CLI::Validator count_or_auto(int largest, bool or_default) {
     return CLI::Validator(
-        [largest](std::string& v) -> std::string {
-            if (v == "auto") return "";
+        [largest, or_default](std::string& v) -> std::string {
+            if (v == "auto" || (or_default && v == "default")) return "";
             size_t used = 0;
             try {
                 const long n = std::stol(v, &used);
                 if (used == v.size() && n > 0 && n <= largest) return "";
             } catch (const std::exception&) {
             }
-            return fmt::format("must be a whole number from 1 to {} or auto, not {}", largest, v);
+            return fmt::format("must be a whole number from 1 to {}, {}auto, not {}", largest, or_default ? "default or " : "or ", v);
         },
-        "N|auto");
+        or_default ? "N|default|auto" : "N|auto");
 }
 
 namespace {

@@ -56,8 +56,8 @@ std::map<std::string, std::string> parse_config_text(const std::string& text, co
 // type; CLI11's PositiveNumber and NonNegativeNumber print their range's upper end as a 309-digit number.
 CLI::Validator positive_number();
 CLI::Validator non_negative_number();
-// A whole number from 1 to `largest`, or the word auto (--micro-batch).
-CLI::Validator count_or_auto(int largest);
+// A whole number from 1 to `largest`, or the word auto (--micro-batch); with `or_default`, also the word default.
+CLI::Validator count_or_auto(int largest, bool or_default = false);
 
 // Adds to every option of `app` and its subcommands, by the type CLI11 bound it to, a check that the text is
 // exactly a value of that type: INT and UINT whole numbers in range (CLI11 2.1 wraps "-1" into an unsigned and
