@@ -39,9 +39,9 @@ std::string activation_label(const FusedOp& op) {
 void Engine::Impl::choose_layout() {
     act_tag = tag::nchw;
     block = 1;
-    if (forced_tag != tag::undef) {
-        act_tag = forced_tag;
-        block = forced_tag == tag::nChw16c ? 16 : forced_tag == tag::nChw8c ? 8 : forced_tag == tag::nhwc ? 0 : 1;
+    if (fixed.layout != tag::undef) {
+        act_tag = fixed.layout;
+        block = act_tag == tag::nChw16c ? 16 : act_tag == tag::nChw8c ? 8 : act_tag == tag::nhwc ? 0 : 1;
         return;
     }
     switch (options.layout) {
@@ -254,9 +254,9 @@ void Engine::Impl::lower_conv(const FusedOp& op, const TensorMap& weights) {
     };
     request.algorithm = options.conv_algorithm;
     request.tune = options.tune;
-    if (forced_algorithms) {
-        auto it = forced_algorithms->find(node.name);
-        request.forced = it != forced_algorithms->end() ? it->second : "direct";
+    if (fixed.algorithms) {
+        auto it = fixed.algorithms->find(node.name);
+        request.forced = it != fixed.algorithms->end() ? it->second : "direct";
     }
     request.measure_only = measure_only;
     ConvChoice choice = choose_conv_algorithm(eng, strm, request);
@@ -491,8 +491,10 @@ void Engine::Impl::lower(const TensorMap& weights) {
     output_dims[0] = 1;
 }
 
-void Engine::Impl::compile(const Graph& full_graph, const TensorMap& weights, const EngineOptions& engine_options) {
+void Engine::Impl::compile(const Graph& full_graph, const TensorMap& weights, const EngineOptions& engine_options,
+                           FixedChoices fixed_choices) {
     options = engine_options;
+    fixed = std::move(fixed_choices);
     graph = full_graph.with_batch(options.micro_batch);
     ops = fuse(graph);
     try {

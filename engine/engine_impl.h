@@ -10,6 +10,7 @@
 #include <climits>
 #include <cstdlib>
 #include <map>
+#include <optional>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -63,6 +64,13 @@ using engine_detail::Storage;
 
 // The fp32 policy over the planner's schedule (engine/schedule.h): one activation layout, in-place
 // storage, each convolution's measured algorithm.
+// The layout and each convolution's algorithm ("direct", "winograd_f43", ...) a compile() runs as given
+// instead of choosing: undef / nullopt choose. A convolution missing from `algorithms` runs direct.
+struct FixedChoices {
+    tag layout = tag::undef;
+    std::optional<std::map<std::string, std::string>> algorithms;
+};
+
 struct Engine::Impl : lowering::Schedule<Step> {
     EngineOptions options;
     tag act_tag = tag::nchw;
@@ -79,9 +87,8 @@ struct Engine::Impl : lowering::Schedule<Step> {
     int concat_copies = 0;
     std::string tuning_summary;
     Plan plan;  // what it runs (Engine::plan())
-    // A plan from the cache: the layout and each convolution's algorithm, applied without measuring.
-    tag forced_tag = tag::undef;
-    const std::map<std::string, std::string>* forced_algorithms = nullptr;
+    // What compile() was told to run (a plan, the rule's choice, the cache's), its own copy.
+    FixedChoices fixed;
     // Measure each convolution's candidates but lower every one as direct, recording the faster one in
     // Step::preferred: the memory budget then decides, and the plan is lowered again with the choice
     // fixed, so the all-Winograd plan is never built (engine_run.cpp).
@@ -121,7 +128,8 @@ struct Engine::Impl : lowering::Schedule<Step> {
     }
     void lower_conv(const FusedOp& op, const TensorMap& weights);
     void lower_conv_transpose(const FusedOp& op, const TensorMap& weights);
-    void compile(const Graph& full_graph, const TensorMap& weights, const EngineOptions& engine_options);
+    // Lowers the graph; `fixed` (a plan, the rule's choice, a cached plan) is run without choosing.
+    void compile(const Graph& full_graph, const TensorMap& weights, const EngineOptions& engine_options, FixedChoices fixed = {});
     double time_pass(int reps);  // best time of `reps` passes of one micro-batch of synthetic input, ms
 };
 

@@ -135,18 +135,14 @@ std::unique_ptr<Engine::Impl> compile_by_rule(const Graph& graph, const TensorMa
         layout = blocked_layout_here(graph, options);
         layout_why = layout != tag::undef ? " (rule: blocked)" : " (rule: oneDNN's, no blocked layout runs here)";
     }
-    const std::map<std::string, std::string> none;
     // The rule sees the plan at micro-batch 1 whatever the run's: fp32 has no per-pass scales, so the algorithms
     // (all that changes the numbers) then depend on the model and the CPU class alone, and every micro-batch
     // gives the same bits (tests/test_plan.cpp). The memory budget bounds the plan at micro-batch 1.
     EngineOptions rule_options = options;
     rule_options.micro_batch = 1;
     auto direct = std::make_unique<Engine::Impl>();
-    direct->forced_tag = layout;
-    direct->forced_algorithms = &none;  // every convolution direct
     direct->measure_only_for_rule = true;
-    direct->compile(graph, weights, rule_options);
-    direct->forced_algorithms = nullptr;
+    direct->compile(graph, weights, rule_options, FixedChoices{layout, std::map<std::string, std::string>{}});  // all direct
     std::vector<RuleLayer> layers;
     for (const Step& step : direct->steps)
         if (step.op.starts_with("conv") && !step.algorithm.empty())
@@ -173,10 +169,7 @@ std::unique_ptr<Engine::Impl> compile_by_rule(const Graph& graph, const TensorMa
         direct.reset();
         return_freed_memory();
         impl = std::make_unique<Engine::Impl>();
-        impl->forced_tag = chosen;
-        impl->forced_algorithms = &algorithms;
-        impl->compile(graph, weights, options);
-        impl->forced_algorithms = nullptr;
+        impl->compile(graph, weights, options, FixedChoices{chosen, algorithms});
     }
     for (Step& step : impl->steps)
         if (auto it = choice.why.find(step.name); it != choice.why.end() && step.op.starts_with("conv")) step.candidates = it->second;
@@ -200,28 +193,29 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
     for (const ParamInfo& p : graph.parameters()) expected.emplace_back(p.name, p.dims);
     check_tensors(weights, expected, "weights");
     const ThreadSetting thread_setting(options.threads);
-    if (options.plan) {
-        const Plan& asked = *options.plan;
+    // Exactly `asked` (a plan file, or the plan cache's), checked to fit; `source` names where it came from.
+    auto run_exactly = [&](const Plan& asked, const std::string& source) {
         if (asked.precision != "fp32") throw Error(fmt::format("plan {}: an {} plan, not an fp32 one", asked.id(), asked.precision));
         if (asked.micro_batch != options.micro_batch && asked.micro_batch_changes_numbers())
             throw Error(fmt::format("plan {}: made for micro-batch {}, not {} (oneDNN's Winograd gives other numbers at "
                                     "another micro-batch)", asked.id(), asked.micro_batch, options.micro_batch));
         std::map<std::string, std::string> algorithms;
         for (const auto& [name, layer] : asked.layers) algorithms[name] = std::string(conv_algo_name(layer.algorithm));
-        impl_->forced_tag = tag_of_layout(asked.layout);
-        impl_->forced_algorithms = &algorithms;
-        impl_->compile(graph, weights, options);
-        impl_->forced_algorithms = nullptr;
+        impl_->compile(graph, weights, options, FixedChoices{tag_of_layout(asked.layout), algorithms});
         std::map<std::string, std::string> why;
         for (const auto& [name, layer] : asked.layers) why[name] = layer.why.empty() ? "plan file" : layer.why;
         for (Step& step : impl_->steps)
             if (step.op.starts_with("conv") && asked.layers.count(step.name))
                 step.candidates = fmt::format("{} (plan {})", step.algorithm, asked.id());
-        impl_->plan = plan_of(*impl_, asked.source.empty() ? "file" : asked.source, why);
+        impl_->plan = plan_of(*impl_, source, why);
         check_plan_ran(asked, impl_->plan);
         impl_->plan.cpu_class = asked.cpu_class;
-        impl_->tuning_summary = fmt::format("plan {} as given: layout {}; convolutions: {}", asked.id(), asked.layout, asked.counts());
         impl_->compile_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    };
+    if (options.plan) {
+        run_exactly(*options.plan, options.plan->source.empty() ? "file" : options.plan->source);
+        impl_->tuning_summary = fmt::format("plan {} as given: layout {}; convolutions: {}", options.plan->id(),
+                                            options.plan->layout, options.plan->counts());
         return;
     }
     if (options.tune == Tuning::rule && options.conv_algorithm == ConvAlgorithm::tuned) {
@@ -243,17 +237,15 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
                                    options.memory_budget_mb == 0
                                        ? fmt::format(" ({}x the direct plan)", kDefaultMemoryBudgetFactor)
                                        : std::string()));
-        if (std::optional<CachedPlan> plan = load_plan(options.plan_cache, key, &cache_note)) {
-            const std::map<std::string, tag> tags = {
-                {"nChw16c", tag::nChw16c}, {"nChw8c", tag::nChw8c}, {"nhwc", tag::nhwc}, {"nchw", tag::nchw}};
-            impl_->forced_tag = tags.at(plan->layout);
-            impl_->forced_algorithms = &plan->algorithms;
-            impl_->compile(graph, weights, options);
-            impl_->forced_algorithms = nullptr;
-            impl_->tuning_summary = fmt::format("from the plan cache ({}): {}", key.filename, plan->summary);
-            impl_->plan = plan_of(*impl_, "measured (plan cache)", {});
-            impl_->compile_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-            return;
+        if (std::optional<CachedPlan> cached_plan = load_plan(options.plan_cache, key, &cache_note)) {
+            try {
+                run_exactly(cached_plan->plan, "measured (plan cache)");
+                impl_->tuning_summary = fmt::format("from the plan cache ({}): {}", key.filename, cached_plan->summary);
+                return;
+            } catch (const Error& e) {  // the engine's own file, not the user's: measure again and replace it
+                cache_note = fmt::format("stale: {}", e.what());
+                impl_ = std::make_unique<Impl>();
+            }
         }
     }
     // A tuned plan for one layout: the candidates measured with every convolution lowered direct, the
@@ -266,10 +258,7 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
     };
     auto lower_fixed = [&](const Choice& choice, const EngineOptions& o) {
         auto plan = std::make_unique<Impl>();
-        plan->forced_tag = choice.layout;
-        plan->forced_algorithms = &choice.algorithms;
-        plan->compile(graph, weights, o);
-        plan->forced_algorithms = nullptr;
+        plan->compile(graph, weights, o, FixedChoices{choice.layout, choice.algorithms});
         for (Step& step : plan->steps)
             if (auto it = choice.candidates.find(step.name); it != choice.candidates.end() && step.op.starts_with("conv"))
                 step.candidates = it->second;
@@ -422,13 +411,8 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
         fmt::format("{}convolutions: {} winograd, {} direct{}{}", layouts, winograd, direct, own_counts, budget_note);
     impl_->plan = plan_of(*impl_, tuning ? "measured" : options.tune == Tuning::off ? "tune off" : "asked", {});
     if (cached) {
-        CachedPlan plan;
-        plan.layout = layout_name(impl_->act_tag);
-        plan.summary = impl_->tuning_summary;
-        for (const Step& step : impl_->steps)
-            if (step.op.starts_with("conv") && !step.algorithm.empty()) plan.algorithms[step.name] = step.algorithm;
         try {
-            save_plan(options.plan_cache, key, plan);
+            save_plan(options.plan_cache, key, CachedPlan{impl_->plan, impl_->tuning_summary});
             impl_->tuning_summary += fmt::format(" (measured: {}; saved as {})", cache_note, key.filename);
         } catch (const Error& e) {
             impl_->tuning_summary += fmt::format(" (measured: {}; not saved: {})", cache_note, e.what());

@@ -20,7 +20,7 @@ namespace resunet {
 namespace {
 
 using json = nlohmann::json;
-constexpr const char* kFormat = "resunet-plan-1";
+constexpr const char* kFormat = "resunet-plan-2";  // 2: the plan is a Plan (engine/plan.h)
 
 uint32_t crc_of(const std::string& text) { return crc32(reinterpret_cast<const uint8_t*>(text.data()), text.size()); }
 
@@ -66,7 +66,7 @@ std::optional<CachedPlan> load_plan(const std::string& folder, const PlanKey& ke
     json file;
     try {
         file = json::parse(buffer.str());
-        const std::string body = file.at("key").dump() + file.at("plan").dump();
+        const std::string body = file.at("key").dump() + file.at("plan").dump() + file.at("summary").dump();
         if (file.at("checksum").get<std::string>() != fmt::format("{:08x}", crc_of(body))) {
             *why = "damaged: checksum mismatch";
             return std::nullopt;
@@ -75,25 +75,15 @@ std::optional<CachedPlan> load_plan(const std::string& folder, const PlanKey& ke
             *why = "stale: written for another machine, library, graph or setting";
             return std::nullopt;
         }
-        CachedPlan plan;
-        const json& p = file.at("plan");
-        plan.layout = p.at("layout").get<std::string>();
-        plan.summary = p.at("summary").get<std::string>();
-        for (const auto& [name, algorithm] : p.at("algorithms").items()) {
-            const std::string a = algorithm.get<std::string>();
-            try {
-                conv_algo_from_name(a);  // the one table of names (engine/plan.h)
-            } catch (const Error&) {
-                *why = fmt::format("damaged: unknown algorithm '{}'", a);
-                return std::nullopt;
-            }
-            plan.algorithms[name] = a;
-        }
-        if (plan.layout != "nChw16c" && plan.layout != "nChw8c" && plan.layout != "nhwc" && plan.layout != "nchw") {
-            *why = fmt::format("damaged: unknown layout '{}'", plan.layout);
+        CachedPlan cached;
+        try {
+            cached.plan = plan_from_json_text(file.at("plan").dump(), "cached plan");  // the plan file's checks
+        } catch (const Error& e) {
+            *why = fmt::format("damaged: {}", e.what());
             return std::nullopt;
         }
-        return plan;
+        cached.summary = file.at("summary").get<std::string>();
+        return cached;
     } catch (const json::exception& e) {
         *why = fmt::format("damaged: {}", e.what());
         return std::nullopt;
@@ -104,9 +94,8 @@ void save_plan(const std::string& folder, const PlanKey& key, const CachedPlan& 
     std::error_code ec;
     std::filesystem::create_directories(folder, ec);
     if (ec) throw Error(fmt::format("plan cache '{}': cannot create the folder: {}", folder, ec.message()));
-    json p = {{"layout", plan.layout}, {"summary", plan.summary}, {"algorithms", plan.algorithms}};
-    json file = {{"key", json::parse(key.text)}, {"plan", p}};
-    file["checksum"] = fmt::format("{:08x}", crc_of(file["key"].dump() + file["plan"].dump()));
+    json file = {{"key", json::parse(key.text)}, {"plan", json::parse(plan_to_json_text(plan.plan))}, {"summary", plan.summary}};
+    file["checksum"] = fmt::format("{:08x}", crc_of(file["key"].dump() + file["plan"].dump() + file["summary"].dump()));
     write_file_atomic((std::filesystem::path(folder) / key.filename).string(), file.dump(1) + "\n");
 }
 

@@ -8,8 +8,8 @@
 //   else { ...tune...; resunet::save_plan(folder, key, tuned); }   // why: "none", "damaged: ...", "stale: ..."
 //
 // A file holds the key (CPU model, ISA oneDNN dispatches, oneDNN version, the graph's shapes, threads,
-// micro-batch, precision, tuning mode) and the plan (layout, each convolution's algorithm), with a CRC-32
-// of both. A file that does not parse, fails its checksum or holds another key is not used: the engine
+// micro-batch, precision, tuning mode) and the Plan (engine/plan.h: the JSON of `resunet plan --save-plan`),
+// with a CRC-32 of both. A file that does not parse, fails its checksum or holds another key is not used: the engine
 // tunes again and replaces it (atomically; a cache file is the engine's own, never a user's).
 // The key has no weights: a plan measured with one model's weights is reused for another of the same
 // graph. The check of each candidate against direct (1e-4 of the output's range) ran on the first
@@ -21,6 +21,7 @@
 #include <optional>
 #include <string>
 
+#include "engine/plan.h"
 #include "graph/graph.h"
 
 namespace resunet {
@@ -31,11 +32,8 @@ struct PlanKey {
 };
 
 struct CachedPlan {
-    std::string layout;                             // "nChw16c", "nChw8c", "nhwc", "nchw"
-    // convolution node name -> "direct" | "winograd" (oneDNN's) | "winograd_f43" | "winograd_f23" (ours), or for
-    // the int8 engine's plans (quant/quant_engine.h, QuantOptions::plan_cache) "direct" | "winograd_int8_f23"
-    std::map<std::string, std::string> algorithms;
-    std::string summary;                            // the tuning summary when it was measured
+    Plan plan;            // what the engine ran (engine/plan.h), stored as a plan file's JSON and checked as one
+    std::string summary;  // the tuning summary when it was measured
 };
 
 PlanKey plan_key(const Graph& graph, const std::string& precision, int threads, int micro_batch,

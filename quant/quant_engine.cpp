@@ -308,9 +308,9 @@ void QuantEngine::Impl::lower_conv(const PlannedStep& planned, const PreparedLay
                                           .relu = op.activation == Activation::relu, .levels = levels};
         // A cached plan's choice is taken as asked for (it was checked and measured when the plan was made).
         Int8ConvAlgorithm algorithm = options.int8_algorithm;
-        const auto cached = cached_int8 ? cached_int8->find(graph.node(op.node).name) : std::map<std::string, std::string>::const_iterator{};
-        const bool from_cache = cached_int8 && cached != cached_int8->end();
-        if (from_cache) algorithm = cached->second == "winograd_int8_f23" ? Int8ConvAlgorithm::winograd_f23 : Int8ConvAlgorithm::direct;
+        const auto cached = chosen_int8 ? chosen_int8->find(graph.node(op.node).name) : std::map<std::string, ConvAlgo>::const_iterator{};
+        const bool from_cache = chosen_int8 && cached != chosen_int8->end();
+        if (from_cache) algorithm = cached->second == ConvAlgo::winograd_int8_f23 ? Int8ConvAlgorithm::winograd_f23 : Int8ConvAlgorithm::direct;
         Int8ConvChoice choice = op.activation == Activation::sigmoid
                                     ? Int8ConvChoice{nullptr, "direct", "direct (sigmoid is not fused into our int8 Winograd)"}
                                     : choose_int8_conv(eng, strm, pd, layer, own_shape, algorithm, options.tune);
@@ -394,7 +394,8 @@ std::vector<int> QuantEngine::Impl::range_donors() const {
     return donor;
 }
 
-void QuantEngine::Impl::lower(const TensorMap& weights, bool from_int8_file) {
+void QuantEngine::Impl::lower(const TensorMap& weights, bool from_int8_file, std::optional<std::map<std::string, ConvAlgo>> chosen) {
+    chosen_int8 = std::move(chosen);
     primitive_attr attr;
     attr.set_scratchpad_mode(scratchpad_mode::user);
     const int threads = options.threads;

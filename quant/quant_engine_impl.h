@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <functional>
 #include <map>
+#include <optional>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -104,9 +105,9 @@ struct QuantEngine::Impl : lowering::Schedule<Step> {
     std::vector<std::string> fp32_forced;
     std::vector<std::string> precision_note;
 
-    // The int8 3x3 layers' choices from the plan cache (node name -> "direct" | "winograd_int8_f23"), while
-    // lowering a cached plan; null: measured (QuantOptions::plan_cache).
-    const std::map<std::string, std::string>* cached_int8 = nullptr;
+    // The int8 3x3 layers' choices lower() was given (a plan file's or the plan cache's: node name -> "direct" |
+    // "winograd_int8_f23"), its own copy; nullopt: chosen by the options (rule or measured).
+    std::optional<std::map<std::string, ConvAlgo>> chosen_int8;
     std::string plan_note;  // where the int8 3x3 choices came from, for conv_summary (empty: not cached)
     Plan engine_plan;       // what it runs (QuantEngine::plan())
     Plan plan_of_steps(const std::string& source) const;
@@ -130,7 +131,7 @@ struct QuantEngine::Impl : lowering::Schedule<Step> {
     void collect_source_values(int value, std::vector<int>& out) const;
     std::vector<int> range_donors() const;
     void allocate();
-    void lower(const TensorMap& weights, bool from_int8_file);
+    void lower(const TensorMap& weights, bool from_int8_file, std::optional<std::map<std::string, ConvAlgo>> chosen = std::nullopt);
     void lower_conv(const PlannedStep& planned, const PreparedLayer& layer);
     // The layer's convolution as this engine runs it: an int8 layer reads the quantize pass's padded u8 NHWC
     // copy, an fp32 one the fp32 NHWC buffer; the dst is fp32 NHWC.

@@ -36,7 +36,7 @@ QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const Qua
     if (asked && asked->precision != "int8") throw Error(fmt::format("plan {}: an {} plan, not an int8 one", asked->id(), asked->precision));
     if (asked && asked->micro_batch != options.micro_batch)
         throw Error(fmt::format("plan {}: made for micro-batch {}, not {}", asked->id(), asked->micro_batch, options.micro_batch));
-    std::map<std::string, std::string> asked_int8;  // a given plan's int8 layers: name -> algorithm
+    std::map<std::string, ConvAlgo> asked_int8;  // a given plan's int8 layers: name -> algorithm
     if (asked) m.fp32_forced.assign(m.ops.size(), std::string());
     for (const FusedOp& op : m.ops) {
         bool int8 = runs_int8(m.graph, op, options);
@@ -52,7 +52,7 @@ QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const Qua
                                         it->second.precision, int8 ? "u8s8" : "f32"));
             int8 = plan_int8;
             if (int8)
-                asked_int8[name] = std::string(conv_algo_name(it->second.algorithm));
+                asked_int8[name] = it->second.algorithm;
             else
                 m.fp32_forced[m.int8_op.size()] = std::string(conv_algo_name(it->second.algorithm));
         }
@@ -77,11 +77,20 @@ QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const Qua
                                        options.tune == Tuning::full ? "full" : "fast", kInt8WinogradRevision, m.levels,
                                        kInt8WinogradMargin, kInt8WinogradBound));
             plan = load_plan(options.plan_cache, key, &cache_note);
-            if (plan) m.cached_int8 = &plan->algorithms;
+            if (plan && plan->plan.precision != "int8") {
+                cache_note = "damaged: not an int8 plan";
+                plan.reset();
+            }
         }
-        if (asked) m.cached_int8 = &asked_int8;
-        m.lower(weights, from_int8_file);
-        m.cached_int8 = nullptr;
+        std::optional<std::map<std::string, ConvAlgo>> chosen;
+        if (asked) {
+            chosen = asked_int8;
+        } else if (plan) {
+            chosen.emplace();
+            for (const auto& [name, layer] : plan->plan.layers)
+                if (layer.precision == "u8s8") (*chosen)[name] = layer.algorithm;
+        }
+        m.lower(weights, from_int8_file, std::move(chosen));
         m.engine_plan = m.plan_of_steps(asked                                                        ? (asked->source.empty() ? "file" : asked->source)
                                  : cached && plan                                             ? "measured (plan cache)"
                                  : (tuning_measures(options.tune) && options.int8_algorithm == Int8ConvAlgorithm::automatic) ||
@@ -101,13 +110,8 @@ QuantEngine::QuantEngine(const Graph& graph, const TensorMap& weights, const Qua
         if (cached && plan) {
             m.plan_note = fmt::format("from the plan cache ({})", key.filename);
         } else if (cached) {
-            CachedPlan made;
-            made.layout = "nhwc";
-            for (const Step& step : m.steps)
-                if (step.precision == "u8s8" && !step.candidates.empty()) made.algorithms[step.name] = step.algorithm;
-            made.summary = m.conv_summary_text();
             try {
-                save_plan(options.plan_cache, key, made);
+                save_plan(options.plan_cache, key, CachedPlan{m.engine_plan, m.conv_summary_text()});
                 m.plan_note = fmt::format("measured: {}; saved as {}", cache_note, key.filename);
             } catch (const Error& e) {
                 m.plan_note = fmt::format("measured: {}; not saved: {}", cache_note, e.what());

@@ -490,7 +490,7 @@ TEST(EnginePlanCache, ReusedDamagedTruncatedStaleAndUnwritable) {
     // Another machine's plan under this name, with a valid checksum: stale.
     nlohmann::json stale = nlohmann::json::parse(good);
     stale["key"]["cpu"] = "Some Other CPU";
-    const std::string body = stale["key"].dump() + stale["plan"].dump();
+    const std::string body = stale["key"].dump() + stale["plan"].dump() + stale["summary"].dump();
     stale["checksum"] = fmt::format("{:08x}", resunet::crc32(reinterpret_cast<const uint8_t*>(body.data()), body.size()));
     expect_retuned(stale.dump(), "stale");
 
