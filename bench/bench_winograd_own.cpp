@@ -5,6 +5,7 @@
 // Intended usage:
 //   OMP_NUM_THREADS=2 ./build/bench/bench_winograd_own                    # batch 1 and 4, 7 repeats
 //   OMP_NUM_THREADS=2 ./build/bench/bench_winograd_own --batch 4 --repeats 9 --groups 0,64,256,100000
+//   OMP_NUM_THREADS=2 ./build/bench/bench_winograd_own --batch 4 --nChw16c --both-transforms   # AVX2 vs AVX-512 transforms
 // Prints a Markdown table: per layer and batch, direct ms, each candidate's ms (median [min-max]) and
 // speed-up, and its max|own - direct| / max|direct|. `--groups` lists the tiles per group tried for
 // F(4x4) (0: the kernel's own choice; a large number: one group of every tile).
@@ -64,13 +65,17 @@ int main(int argc, char** argv) {
     std::vector<int64_t> batches = {1, 4};
     std::vector<int64_t> groups = {0};
     int repeats = 7;
+    tag layout = tag::nChw8c;      // --nChw16c: the engine's layout on AVX-512 (where the AVX-512 transforms run)
+    bool both_transforms = false;  // --both-transforms: each own candidate with AVX2 and with AVX-512 transforms
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
         if (a == "--batch" && i + 1 < argc) batches = parse_list(argv[++i]);
         else if (a == "--repeats" && i + 1 < argc) repeats = std::atoi(argv[++i]);
         else if (a == "--groups" && i + 1 < argc) groups = parse_list(argv[++i]);
+        else if (a == "--nChw16c") layout = tag::nChw16c;
+        else if (a == "--both-transforms") both_transforms = true;
         else {
-            fmt::print("usage: bench_winograd_own [--batch 1,4] [--repeats 7] [--groups 0,64,...]\n");
+            fmt::print("usage: bench_winograd_own [--batch 1,4] [--repeats 7] [--groups 0,64,...] [--nChw16c] [--both-transforms]\n");
             return a == "--help" ? 0 : 2;
         }
     }
@@ -90,8 +95,8 @@ int main(int argc, char** argv) {
             std::vector<float> weights(static_cast<size_t>(l.out_channels) * l.in_channels * 9), bias(l.out_channels);
             fill(weights, 3, -1.0f / std::sqrt(9.0f * l.in_channels), 1.0f / std::sqrt(9.0f * l.in_channels));
             fill(bias, 4, -0.1f, 0.1f);
-            memory src({src_dims, dt::f32, tag::nChw8c}, eng);
-            memory dst_initial({dst_dims, dt::f32, tag::nChw8c}, eng);
+            memory src({src_dims, dt::f32, layout}, eng);
+            memory dst_initial({dst_dims, dt::f32, layout}, eng);
             {
                 std::vector<float> plain(src.get_desc().get_size() / 4);
                 fill(plain, 1, 0.0f, 1.0f);
@@ -138,12 +143,14 @@ int main(int argc, char** argv) {
             kernels.reserve(16);
             scratches.reserve(16);
             for (int tile : {4, 2})
-                for (int64_t group : tile == 4 ? groups : std::vector<int64_t>{0}) {
+                for (int64_t group : tile == 4 ? groups : std::vector<int64_t>{0})
+                for (bool allow_avx512 : both_transforms ? std::vector<bool>{false, true} : std::vector<bool>{true}) {
                     resunet::WinogradOwnShape shape{.batch = batch, .in_channels = l.in_channels,
                                                     .out_channels = l.out_channels, .height = l.size, .width = l.size,
-                                                    .layout = tag::nChw8c, .sum = l.sum, .relu = true};
+                                                    .layout = layout, .sum = l.sum, .relu = true};
                     std::string why;
-                    auto own = resunet::WinogradOwn::create(eng, strm, tile, shape, weights.data(), bias.data(), &why, group);
+                    auto own = resunet::WinogradOwn::create(eng, strm, tile, shape, weights.data(), bias.data(), &why, group,
+                                                            allow_avx512);
                     if (!own) {
                         fmt::print("skip F({0}x{0}): {1}\n", tile, why);
                         continue;

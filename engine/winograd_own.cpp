@@ -4,6 +4,8 @@
 #include "engine/run_guards.h"
 #include "engine/tile_group_matmul.h"
 #include "engine/winograd_tiles.h"
+#include "engine/winograd_tiles_avx512.h"
+#include "engine/onednn_compat.h"
 
 #include <fmt/format.h>
 #include <omp.h>
@@ -30,6 +32,18 @@ bool winograd_own_supported() {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
+
+namespace {
+
+// Whether the transforms run 16 channels per vector: the CPU has AVX-512 F and oneDNN dispatches an AVX-512 ISA
+// (so ONEDNN_MAX_CPU_ISA=AVX2 checks the AVX2 kernels). The same bits either way (engine/winograd_tiles_avx512.h).
+bool avx512_transforms() {
+    if (!onednn::effective_isa_name().starts_with("avx512")) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+}
+
+}  // namespace
 
 bool WinogradOwn::applies(int tile, const WinogradOwnShape& shape, std::string* why) {
     auto refuse = [&](std::string reason) {
@@ -85,7 +99,7 @@ size_t WinogradOwn::weight_bytes_of(const engine& eng, int tile, const WinogradO
 
 std::unique_ptr<WinogradOwn> WinogradOwn::create(const engine& eng, stream& strm, int tile, const WinogradOwnShape& shape,
                                                  const float* weights, const float* bias, std::string* why,
-                                                 int64_t tiles_per_group) {
+                                                 int64_t tiles_per_group, bool allow_avx512) {
     if (!applies(tile, shape, why)) return nullptr;
     const int block = shape.channel_block();
     const int64_t image_elements_in = shape.in_channels * shape.height * shape.width;
@@ -136,7 +150,11 @@ std::unique_ptr<WinogradOwn> WinogradOwn::create(const engine& eng, stream& strm
     c.slot_bytes_ = c.v_bytes_ + c.m_bytes_ + align64(std::max<size_t>(c.gemm_.scratch_bytes, 1));
     c.scratch_bytes_ = c.slot_bytes_ * static_cast<size_t>(c.private_groups_ ? c.threads_ : 1);
     c.weight_bytes_ = c.gemm_.weights.get_size() + c.bias_.size() * sizeof(float);
-    c.kernel_ = fmt::format("own_f{}3:avx2+{}", tile, c.gemm_.impl);
+    // 16 channels per vector where a layout keeps 16 consecutive channels together (nChw16c, nhwc).
+    const bool wide = allow_avx512 && avx512_transforms() && block != 8;
+    c.wide_ = wide ? shape.in_channels / 16 : 0;
+    c.wide_out_ = wide ? shape.out_channels / 16 : 0;
+    c.kernel_ = fmt::format("own_f{}3:{}+{}", tile, c.wide_ ? "avx512" : "avx2", c.gemm_.impl);
     return conv;
 }
 
@@ -220,7 +238,9 @@ void WinogradOwn::set_weights(stream& strm, const float* weights, const float* b
 
 void WinogradOwn::input_transform(const float* src, float* v, int64_t first_tile, int64_t count, bool parallel) const {
     const int64_t channels = shape_.in_channels;
-    const int64_t groups = channels / 8;
+    // wide_ groups of 16 channels (AVX-512), then groups of 8 (AVX2)
+    const int64_t groups = wide_ + (channels - wide_ * 16) / 8;
+    const int64_t wide = wide_;
     const int64_t height = shape_.height, width = shape_.width;
     const int64_t per_image = tiles_y_ * tiles_x_;
     const int64_t p_stride = count * channels;
@@ -232,19 +252,27 @@ void WinogradOwn::input_transform(const float* src, float* v, int64_t first_tile
         for (int64_t g = 0; g < groups; ++g) {
             const int64_t index = first_tile + t;
             const int64_t n = index / per_image, ty = (index % per_image) / tiles_x_, tx = index % tiles_x_;
-            const int64_t offset = block_ ? (g * 8 / block_) * block_plane + (g * 8) % block_ : g * 8;
+            const int64_t c0 = g < wide ? g * 16 : wide * 16 + (g - wide) * 8;
+            const int64_t offset = block_ ? (c0 / block_) * block_plane + c0 % block_ : c0;
             const float* base = src + n * shape_.src_batch_stride + offset;
-            float* out = v + t * channels + g * 8;
-            if (tile == 4)
+            float* out = v + t * channels + c0;
+            if (g < wide) {
+                if (tile == 4)
+                    input_tile16<4>(base, plane, ty * 4 - 1, tx * 4 - 1, height, width, out, p_stride);
+                else
+                    input_tile16<2>(base, plane, ty * 2 - 1, tx * 2 - 1, height, width, out, p_stride);
+            } else if (tile == 4) {
                 input_tile<4>(base, plane, ty * 4 - 1, tx * 4 - 1, height, width, out, p_stride);
-            else
+            } else {
                 input_tile<2>(base, plane, ty * 2 - 1, tx * 2 - 1, height, width, out, p_stride);
+            }
         }
 }
 
 void WinogradOwn::output_transform(const float* m, float* dst, int64_t first_tile, int64_t count, bool parallel) const {
     const int64_t channels = shape_.out_channels;
-    const int64_t groups = channels / 8;
+    const int64_t groups = wide_out_ + (channels - wide_out_ * 16) / 8;
+    const int64_t wide = wide_out_;
     const int64_t height = shape_.height, width = shape_.width;
     const int64_t per_image = tiles_y_ * tiles_x_;
     const int64_t p_stride = count * channels;
@@ -257,13 +285,20 @@ void WinogradOwn::output_transform(const float* m, float* dst, int64_t first_til
         for (int64_t g = 0; g < groups; ++g) {
             const int64_t index = first_tile + t;
             const int64_t n = index / per_image, ty = (index % per_image) / tiles_x_, tx = index % tiles_x_;
-            const int64_t offset = block_ ? (g * 8 / block_) * block_plane + (g * 8) % block_ : g * 8;
+            const int64_t c0 = g < wide ? g * 16 : wide * 16 + (g - wide) * 8;
+            const int64_t offset = block_ ? (c0 / block_) * block_plane + c0 % block_ : c0;
             float* base = dst + n * shape_.dst_batch_stride + offset;
-            const float* in = m + t * channels + g * 8;
-            if (tile == 4)
-                output_tile<4>(in, p_stride, bias_.data() + g * 8, base, plane, ty * 4, tx * 4, height, width, sum, relu);
-            else
-                output_tile<2>(in, p_stride, bias_.data() + g * 8, base, plane, ty * 2, tx * 2, height, width, sum, relu);
+            const float* in = m + t * channels + c0;
+            if (g < wide) {
+                if (tile == 4)
+                    output_tile16<4>(in, p_stride, bias_.data() + c0, base, plane, ty * 4, tx * 4, height, width, sum, relu);
+                else
+                    output_tile16<2>(in, p_stride, bias_.data() + c0, base, plane, ty * 2, tx * 2, height, width, sum, relu);
+            } else if (tile == 4) {
+                output_tile<4>(in, p_stride, bias_.data() + c0, base, plane, ty * 4, tx * 4, height, width, sum, relu);
+            } else {
+                output_tile<2>(in, p_stride, bias_.data() + c0, base, plane, ty * 2, tx * 2, height, width, sum, relu);
+            }
         }
 }
 

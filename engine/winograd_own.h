@@ -8,7 +8,8 @@
 //   2. the P = 36 (F(4x4)) or 16 (F(2x2)) GEMMs as one batched oneDNN matmul, M = V x U [P, tiles, OC];
 //   3. output transform Y = A^T M A with the bias, the fused residual sum (dst += ...) and ReLU, written
 //      into the dst, whose edge tiles (H, W not multiples of the tile) are clipped.
-// Transforms run on AVX2+FMA intrinsics, threaded with OpenMP over tiles and channel groups.
+// Transforms run on AVX2+FMA intrinsics, or 16 channels per vector on AVX-512 (the same bits), threaded with OpenMP
+// over tiles and channel groups.
 //
 // Intended usage (engine/engine.cpp, lower_conv; internal to engine/):
 //   resunet::WinogradOwnShape shape{.batch = 1, .in_channels = 64, .out_channels = 64, .height = 56,
@@ -67,13 +68,15 @@ class WinogradOwn {
     // without transforming anything; 0 where it does not apply. The planner's rule budgets with it.
     static size_t weight_bytes_of(const dnnl::engine& eng, int tile, const WinogradOwnShape& shape);
 
+    // `allow_avx512` false keeps the transforms on AVX2 (the tests compare the two).
     // `tile` 4: F(4x4,3x3), 36 GEMMs; 2: F(2x2,3x3), 16 GEMMs. `weights` OIHW {OC, IC, 3, 3}, `bias` OC
     // values (nullptr: zero). `tiles_per_group` 0 chooses (see create() in the .cpp); at least the run's tile count: one
     // group threaded by phases. Returns nullptr (and the
     // reason in `why`) where it does not apply, so the candidate is simply not offered.
     static std::unique_ptr<WinogradOwn> create(const dnnl::engine& eng, dnnl::stream& strm, int tile,
                                                const WinogradOwnShape& shape, const float* weights, const float* bias,
-                                               std::string* why = nullptr, int64_t tiles_per_group = 0);
+                                               std::string* why = nullptr, int64_t tiles_per_group = 0,
+                                               bool allow_avx512 = true);
 
     // Replaces the weights (training: once per step, before the forward). `weights` OIHW {OC, IC, 3, 3} and
     // `bias` OC values (nullptr: zero), as create() takes them; or, with `flipped_transposed`, the OIHW
@@ -112,6 +115,8 @@ class WinogradOwn {
     int threads_ = 1;        // OpenMP threads when built: the scratch has a slot for each
     bool private_groups_ = false;  // each thread runs whole groups in its own slot (else one threaded group)
     int block_ = 8;          // channel block of the layout (nhwc: 0)
+    int64_t wide_ = 0;       // input channel groups of 16 the input transform runs on AVX-512 (the rest: 8 on AVX2)
+    int64_t wide_out_ = 0;   // output channel groups of 16 the output transform runs on AVX-512
     std::vector<float> bias_;
     bool direct_into_weights_ = true;  // U written straight into weights_ (else through a plain copy and a reorder)
     dnnl::memory weights_;   // U, [P, IC, OC] in the matmul's layout

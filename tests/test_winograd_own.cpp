@@ -191,6 +191,52 @@ TEST(WinogradOwn, GroupsOfTilesGiveTheSameResult) {
     }
 }
 
+// The AVX-512 transforms (16 channels per vector) give the AVX2 ones' bits: an fp32 plan's numbers do not depend
+// on which runs. Layouts that keep 16 channels together, channel counts with an 8-channel tail, sum, ReLU, both
+// tiles, edge tiles, a dst slice.
+TEST(WinogradOwn, Avx512TransformsGiveTheAvx2Bits) {
+    if (!resunet::winograd_own_supported()) GTEST_SKIP() << "CPU without AVX2 and FMA";
+    engine eng(engine::kind::cpu, 0);
+    stream strm(eng);
+    struct Case {
+        int tile;
+        int64_t in_channels, out_channels, height, width;
+        tag layout;
+        bool sum, relu;
+    };
+    const Case cases[] = {{4, 32, 48, 13, 11, tag::nChw16c, true, true},  {2, 16, 32, 9, 14, tag::nChw16c, false, true},
+                          {4, 24, 40, 10, 7, tag::nhwc, true, false},    {2, 40, 24, 6, 13, tag::nhwc, true, true},
+                          {4, 64, 64, 28, 28, tag::nChw16c, false, false}};
+    bool ran_avx512 = false;
+    for (const Case& c : cases) {
+        SCOPED_TRACE(fmt::format("F({0}x{0}) {1} {2}->{3} {4}x{5}", c.tile, layout_name(c.layout), c.in_channels,
+                                 c.out_channels, c.height, c.width));
+        std::vector<float> weights(static_cast<size_t>(c.in_channels * c.out_channels * 9)), bias(static_cast<size_t>(c.out_channels));
+        resunet::fill_uniform(weights.data(), static_cast<int64_t>(weights.size()), 5, -0.2f, 0.2f);
+        resunet::fill_uniform(bias.data(), c.out_channels, 6, -0.2f, 0.2f);
+        const memory::desc src_desc({2, c.in_channels, c.height, c.width}, dt::f32, c.layout);
+        const memory::desc dst_desc({2, c.out_channels, c.height, c.width}, dt::f32, c.layout);
+        memory src(src_desc, eng);
+        resunet::fill_uniform(static_cast<float*>(src.get_data_handle()), static_cast<int64_t>(src_desc.get_size() / 4), 7, -1, 1);
+        const WinogradOwnShape shape{.batch = 2, .in_channels = c.in_channels, .out_channels = c.out_channels, .height = c.height,
+                                     .width = c.width, .layout = c.layout, .sum = c.sum, .relu = c.relu};
+        std::vector<std::vector<float>> outs;
+        for (bool allow : {false, true}) {
+            auto conv = WinogradOwn::create(eng, strm, c.tile, shape, weights.data(), bias.data(), nullptr, 0, allow);
+            ASSERT_TRUE(conv);
+            if (allow) ran_avx512 = ran_avx512 || conv->kernel().find("avx512+") != std::string::npos;
+            else EXPECT_NE(conv->kernel().find(":avx2+"), std::string::npos) << conv->kernel();
+            memory dst(dst_desc, eng), scratch({{static_cast<memory::dim>(conv->scratch_bytes())}, dt::u8, tag::x}, eng);
+            float* d = static_cast<float*>(dst.get_data_handle());
+            resunet::fill_uniform(d, static_cast<int64_t>(dst_desc.get_size() / 4), 8, -1, 1);  // the sum's addend
+            conv->execute(strm, static_cast<const float*>(src.get_data_handle()), d, scratch.get_data_handle());
+            outs.emplace_back(d, d + dst_desc.get_size() / 4);
+        }
+        EXPECT_EQ(std::memcmp(outs[0].data(), outs[1].data(), outs[0].size() * sizeof(float)), 0);
+    }
+    if (!ran_avx512) GTEST_SKIP() << "no AVX-512 here (or ONEDNN_MAX_CPU_ISA caps it): only the AVX2 transforms ran";
+}
+
 // Not offered where it does not apply: the engine then keeps direct.
 TEST(WinogradOwn, RefusesWhatItDoesNotCompute) {
     engine eng(engine::kind::cpu, 0);
