@@ -136,4 +136,12 @@ struct Engine::Impl : lowering::Schedule<Step> {
 // The layout's name as activation_layout() gives it.
 std::string layout_name(memory::format_tag t);
 
+// Hands the heap's free pages back to the system between planning stages (engine_run.cpp).
+void return_freed_memory();
+
+// The measured plan (--tune fast|full, engine/plan_measured.cpp): candidates timed per convolution, the memory
+// budget, the layout contest. `layouts` gets the contest's line ("" without one), `budget_note` the budget's.
+std::unique_ptr<Engine::Impl> compile_measured(const Graph& graph, const TensorMap& weights, const EngineOptions& options,
+                                               std::string* layouts, std::string* budget_note);
+
 }  // namespace resunet

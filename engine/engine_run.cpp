@@ -1,4 +1,4 @@
-// The fp32 engine's construction (the layout and algorithms measured, or taken from the plan cache), run,
+// The fp32 engine's construction (a given plan, the rule, the plan cache or engine/plan_measured.cpp), run,
 // profile and accessors. The lowering itself is engine/engine.cpp.
 #include "engine/engine.h"
 
@@ -25,19 +25,14 @@
 
 namespace resunet {
 
-namespace {
-
-// Hands the heap's free pages back to the system between tuning stages. glibc keeps freed blocks of up to
-// 32 MB in the heap once a block that large was freed (its adaptive mmap threshold), so without this each
-// plan measured and dropped while tuning stays resident and the peak RSS of a first (uncached) compile is
-// the sum of the stages, not the largest of them.
+// glibc keeps freed blocks of up to 32 MB in the heap once a block that large was freed (its adaptive mmap
+// threshold), so without this each plan measured and dropped while tuning stays resident and the peak RSS of a
+// first (uncached) compile is the sum of the stages, not the largest of them.
 void return_freed_memory() {
 #if defined(__GLIBC__)
     malloc_trim(0);
 #endif
 }
-
-}  // namespace
 
 double Engine::Impl::time_pass(int reps) {
     std::vector<float> src(static_cast<size_t>(num_elements(input_dims) * options.micro_batch));
@@ -125,6 +120,28 @@ tag blocked_layout_here(const Graph& graph, const EngineOptions& options) {
     return probe.act_tag;
 }
 
+// Exactly `asked` (a plan file, or the plan cache's), checked to fit; `source` names where it came from.
+std::unique_ptr<Engine::Impl> compile_exactly(const Graph& graph, const TensorMap& weights, const EngineOptions& options,
+                                              const Plan& asked, const std::string& source) {
+    auto impl = std::make_unique<Engine::Impl>();
+    if (asked.precision != "fp32") throw Error(fmt::format("plan {}: an {} plan, not an fp32 one", asked.id(), asked.precision));
+    if (asked.micro_batch != options.micro_batch && asked.micro_batch_changes_numbers())
+        throw Error(fmt::format("plan {}: made for micro-batch {}, not {} (oneDNN's Winograd gives other numbers at "
+                                "another micro-batch)", asked.id(), asked.micro_batch, options.micro_batch));
+    std::map<std::string, std::string> algorithms;
+    for (const auto& [name, layer] : asked.layers) algorithms[name] = std::string(conv_algo_name(layer.algorithm));
+    impl->compile(graph, weights, options, FixedChoices{tag_of_layout(asked.layout), algorithms});
+    std::map<std::string, std::string> why;
+    for (const auto& [name, layer] : asked.layers) why[name] = layer.why.empty() ? "plan file" : layer.why;
+    for (Step& step : impl->steps)
+        if (step.op.starts_with("conv") && asked.layers.count(step.name))
+            step.candidates = fmt::format("{} (plan {})", step.algorithm, asked.id());
+    impl->plan = plan_of(*impl, source, why);
+    check_plan_ran(asked, impl->plan);
+    impl->plan.cpu_class = asked.cpu_class;
+    return impl;
+}
+
 // Tuning::rule: the plan from shapes and the CPU class alone (engine/plan_rule.h). The all-direct plan is lowered
 // once for its bytes and shapes, then the plan with the rule's algorithms.
 std::unique_ptr<Engine::Impl> compile_by_rule(const Graph& graph, const TensorMap& weights, const EngineOptions& options) {
@@ -193,27 +210,9 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
     for (const ParamInfo& p : graph.parameters()) expected.emplace_back(p.name, p.dims);
     check_tensors(weights, expected, "weights");
     const ThreadSetting thread_setting(options.threads);
-    // Exactly `asked` (a plan file, or the plan cache's), checked to fit; `source` names where it came from.
-    auto run_exactly = [&](const Plan& asked, const std::string& source) {
-        if (asked.precision != "fp32") throw Error(fmt::format("plan {}: an {} plan, not an fp32 one", asked.id(), asked.precision));
-        if (asked.micro_batch != options.micro_batch && asked.micro_batch_changes_numbers())
-            throw Error(fmt::format("plan {}: made for micro-batch {}, not {} (oneDNN's Winograd gives other numbers at "
-                                    "another micro-batch)", asked.id(), asked.micro_batch, options.micro_batch));
-        std::map<std::string, std::string> algorithms;
-        for (const auto& [name, layer] : asked.layers) algorithms[name] = std::string(conv_algo_name(layer.algorithm));
-        impl_->compile(graph, weights, options, FixedChoices{tag_of_layout(asked.layout), algorithms});
-        std::map<std::string, std::string> why;
-        for (const auto& [name, layer] : asked.layers) why[name] = layer.why.empty() ? "plan file" : layer.why;
-        for (Step& step : impl_->steps)
-            if (step.op.starts_with("conv") && asked.layers.count(step.name))
-                step.candidates = fmt::format("{} (plan {})", step.algorithm, asked.id());
-        impl_->plan = plan_of(*impl_, source, why);
-        check_plan_ran(asked, impl_->plan);
-        impl_->plan.cpu_class = asked.cpu_class;
-        impl_->compile_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-    };
     if (options.plan) {
-        run_exactly(*options.plan, options.plan->source.empty() ? "file" : options.plan->source);
+        impl_ = compile_exactly(graph, weights, options, *options.plan, options.plan->source.empty() ? "file" : options.plan->source);
+        impl_->compile_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
         impl_->tuning_summary = fmt::format("plan {} as given: layout {}; convolutions: {}", options.plan->id(),
                                             options.plan->layout, options.plan->counts());
         return;
@@ -239,7 +238,8 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
                                        : std::string()));
         if (std::optional<CachedPlan> cached_plan = load_plan(options.plan_cache, key, &cache_note)) {
             try {
-                run_exactly(cached_plan->plan, "measured (plan cache)");
+                impl_ = compile_exactly(graph, weights, options, cached_plan->plan, "measured (plan cache)");
+                impl_->compile_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
                 impl_->tuning_summary = fmt::format("from the plan cache ({}): {}", key.filename, cached_plan->summary);
                 return;
             } catch (const Error& e) {  // the engine's own file, not the user's: measure again and replace it
@@ -248,148 +248,11 @@ Engine::Engine(const Graph& graph, const TensorMap& weights, const EngineOptions
             }
         }
     }
-    // A tuned plan for one layout: the candidates measured with every convolution lowered direct, the
-    // memory budget applied to the faster choices, then the plan lowered again with the choice fixed.
-    // Returns the plan; `choice` gets its layout and algorithms (to rebuild it without measuring).
-    struct Choice {
-        tag layout = tag::undef;
-        std::map<std::string, std::string> algorithms, candidates;
-        std::string budget_note;
-    };
-    auto lower_fixed = [&](const Choice& choice, const EngineOptions& o) {
-        auto plan = std::make_unique<Impl>();
-        plan->compile(graph, weights, o, FixedChoices{choice.layout, choice.algorithms});
-        for (Step& step : plan->steps)
-            if (auto it = choice.candidates.find(step.name); it != choice.candidates.end() && step.op.starts_with("conv"))
-                step.candidates = it->second;
-        return plan;
-    };
-    auto tuned_plan = [&](const EngineOptions& o, Choice* choice) {
-        auto measured = std::make_unique<Impl>();
-        measured->measure_only = true;
-        measured->compile(graph, weights, o);
-        const std::vector<Step>& steps = measured->steps;
-        std::vector<size_t> winograd_steps;
-        for (size_t i = 0; i < steps.size(); ++i)
-            if (steps[i].tuned.measured && !steps[i].tuned.preferred.empty() && steps[i].tuned.preferred != "direct")
-                winograd_steps.push_back(i);
-        choice->layout = measured->act_tag;
-        for (const Step& step : steps)
-            if (step.op.starts_with("conv")) {
-                choice->algorithms[step.name] = "direct";
-                choice->candidates[step.name] = step.candidates;
-            }
-        if (winograd_steps.empty()) return measured;  // already the plan: every convolution direct
-        // The budget: Winograd layers (oneDNN's or ours) that save the least time per extra byte fall
-        // back to their leaner runner-up (F(2x2) for F(4x4)) or stay direct until it fits.
-        std::vector<int> slot(steps.size(), 0);  // per step: 0 direct, 1 preferred, 2 fallback
-        auto scratch = [&] {
-            size_t most = 0;
-            for (size_t k = 0; k < steps.size(); ++k)
-                most = std::max(most, slot[k] > 0 ? steps[k].tuned.scratch[slot[k]] : steps[k].scratch_bytes);
-            return most;
-        };
-        size_t weights_now = measured->weight_store.bytes();  // every convolution direct
-        const double direct_total = static_cast<double>(weights_now + measured->arena.bytes() + scratch());
-        const double budget = o.memory_budget_mb > 0    ? std::max(o.memory_budget_mb * 1e6, direct_total)
-                              : o.memory_budget_mb == 0 ? kDefaultMemoryBudgetFactor * direct_total
-                                                        : INFINITY;
-        auto extra = [&](size_t i, int which = 1) {
-            return static_cast<double>(steps[i].tuned.weight_bytes[which]) - static_cast<double>(steps[i].tuned.weight_bytes[0]);
-        };
-        auto value = [&](size_t i) {  // ms saved per extra byte (weights and scratchpad)
-            const double more = extra(i) + std::max(0.0, static_cast<double>(steps[i].tuned.scratch[1]) -
-                                                             static_cast<double>(steps[i].tuned.scratch[0]));
-            return (steps[i].tuned.ms[0] - steps[i].tuned.ms[1]) / std::max(1.0, more);
-        };
-        std::sort(winograd_steps.begin(), winograd_steps.end(), [&](size_t a, size_t b) { return value(a) > value(b); });
-        int kept = 0, dropped = 0;
-        double total = direct_total;
-        int fell_back = 0;
-        for (size_t i : winograd_steps) {
-            bool fits = false;
-            for (int which : {1, 2}) {
-                if (which == 2 && steps[i].tuned.fallback.empty()) break;
-                slot[i] = which;
-                const double with = static_cast<double>(weights_now) + extra(i, which) +
-                                    static_cast<double>(measured->arena.bytes()) + static_cast<double>(scratch());
-                if (with > budget) continue;
-                weights_now = static_cast<size_t>(static_cast<double>(weights_now) + extra(i, which));
-                total = with;
-                fits = true;
-                // oneDNN's Winograd or ours; the runner-up said so in the candidates column
-                choice->algorithms[steps[i].name] = which == 1 ? steps[i].tuned.preferred : steps[i].tuned.fallback;
-                if (which == 2) {
-                    ++fell_back;
-                    choice->candidates[steps[i].name] += " -> " + steps[i].tuned.fallback + " (memory budget)";
-                }
-                break;
-            }
-            if (!fits) {
-                slot[i] = 0;
-                ++dropped;
-                choice->candidates[steps[i].name] += " -> direct (memory budget)";
-                continue;
-            }
-            ++kept;
-        }
-        if (std::isfinite(budget))
-            choice->budget_note = fmt::format("; memory budget {:.0f} MB (direct plan {:.0f} MB): {} winograd kept{}{}",
-                                              budget / 1e6, direct_total / 1e6, kept,
-                                              fell_back ? fmt::format(" ({} on a leaner tile)", fell_back) : std::string(),
-                                              dropped ? fmt::format(", {} left direct", dropped) : std::string());
-        (void)total;
-        measured.reset();  // freed before the fixed plan is lowered: the two never coexist
-        return_freed_memory();
-        return lower_fixed(*choice, o);
-    };
-
-    std::string layouts;
-    std::string budget_note;
-    if (!tuning) {
+    std::string layouts, budget_note;
+    if (!tuning)
         impl_->compile(graph, weights, options);
-    } else {
-        Choice choice;
-        impl_ = tuned_plan(options, &choice);
-        budget_note = choice.budget_note;
-        if (options.layout == EngineLayout::automatic) {
-            // oneDNN's own layout against the blocked one (in-place concats, pixel-shuffle deconvolutions,
-            // and Winograd, which oneDNN 2.6 has for blocked layouts only): a timed pass of each plan.
-            // One plan is alive at a time, so the peak memory is that of the larger plan.
-            EngineOptions blocked_options = options;
-            blocked_options.layout = EngineLayout::blocked;
-            Impl probe;
-            probe.options = blocked_options;
-            probe.graph = graph.with_batch(options.micro_batch);
-            probe.ops = fuse(probe.graph);
-            bool blocked_exists = true;
-            try {
-                probe.choose_layout();
-            } catch (const Error&) {
-                blocked_exists = false;  // no blocked layout without reference kernels at these widths (5, 6)
-            }
-            if (blocked_exists && probe.act_tag != impl_->act_tag) {
-                const int reps = options.tune == Tuning::full ? 3 : 1;
-                const double automatic_ms = impl_->time_pass(reps);
-                impl_.reset();
-                return_freed_memory();
-                Choice blocked_choice;
-                impl_ = tuned_plan(blocked_options, &blocked_choice);
-                const double blocked_ms = impl_->time_pass(reps);
-                const bool take_blocked = blocked_ms < automatic_ms;
-                layouts = fmt::format("layout {} {:.3g} ms{} vs {} {:.3g} ms{}; ", layout_name(choice.layout),
-                                      automatic_ms, take_blocked ? "" : " *", layout_name(impl_->act_tag), blocked_ms,
-                                      take_blocked ? " *" : "");
-                if (take_blocked) {
-                    budget_note = blocked_choice.budget_note;
-                } else {
-                    impl_.reset();
-                    return_freed_memory();
-                    impl_ = lower_fixed(choice, options);
-                }
-            }
-        }
-    }
+    else
+        impl_ = compile_measured(graph, weights, options, &layouts, &budget_note);
     if (layouts.empty()) layouts = fmt::format("layout {}; ", layout_name(impl_->act_tag));
     int winograd = 0, direct = 0, own_f43 = 0, own_f23 = 0;
     for (const Step& step : impl_->steps) {
