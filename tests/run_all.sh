@@ -178,7 +178,7 @@ fi
 # ---------------------------------------------------------------------------------------------- fuzzing
 if [[ " $skip " != *" fuzz "* ]]; then
   begin_stage "libFuzzer targets, ${fuzz_seconds} s each (build-fuzz/)"
-  targets=(fuzz_safetensors fuzz_model fuzz_image fuzz_split fuzz_config)
+  targets=(fuzz_safetensors fuzz_model fuzz_image fuzz_split fuzz_config fuzz_plan)
   # -O1 here: clang's -O0 runs the targets 3 to 5 times slower (fuzz_config most) for a small build saving.
   if CC=clang CXX=clang++ run_logged "$logs/fuzz-configure.log" cmake -S . -B build-fuzz -G Ninja \
        -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" -DRESUNET_FUZZ=ON -DRESUNET_SANITIZE=ON \
