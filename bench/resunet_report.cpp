@@ -104,7 +104,7 @@ std::string markdown(const json& report) {
     md += "- Latency reduction: (fp32 - row) / fp32 median latency. Memory improvement rate: the paper's definition, "
           "(fp32 - row) / row peak RSS (so 208% means fp32 needs 3.08x the memory).\n";
     md += "- int8: u8 activations x s8 per-output-channel weights through oneDNN; dynamic rows compute each int8 layer's "
-          "input scale and zero point from that pass's values (per image at micro-batch 1); int8-static uses scales "
+          "input scale and zero point from that pass's values (per image at micro-batch 1); static-int8 uses scales "
           "calibrated once (on the benchmark's input distribution without --data). The RGB stem and the 1-channel head stay fp32.\n";
     bool int8_conv_said = false;
     for (const json& r : report["rows"]) {
@@ -180,7 +180,7 @@ void write_chart(const json& report, const std::string& path) {
             const int bh = static_cast<int>((base - 60) * values[i] / top);
             const int bx = x0 + margin + static_cast<int>(i) * bar_w + 8;
             const std::string precision = report["rows"][i]["precision"].get<std::string>();
-            const cv::Scalar color = colors[precision == "fp32" ? 0 : precision == "int8" ? 1 : precision == "int8-static" ? 2 : 3];
+            const cv::Scalar color = colors[precision == "fp32" ? 0 : precision == "int8" ? 1 : precision == "static-int8" ? 2 : 3];
             cv::rectangle(canvas, {bx, base - bh}, {bx + bar_w - 16, base}, color, cv::FILLED);
             const bool scored = panels[p].key != "dice" || report["rows"][i].contains("eval");
             const std::string label = !scored ? std::string("n/a")

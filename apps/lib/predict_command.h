@@ -54,6 +54,7 @@ struct PredictOptions {
     std::vector<std::string> inputs;  // image files, folders (supported images inside, sorted), "@list.txt"
     std::string model_path;           // .safetensors: fp32 weights, or int8 from `resunet quantize`
     Precision precision = Precision::int8;
+    bool precision_given = false;     // --precision was given (int8 on a file with stored scales: refused)
     int batch = 16;               // images per engine call
     int threads = 0;              // TBB workers and oneDNN threads; 0 = all cores (under mpirun: cores / ranks)
     EngineTuningFlags tuning;     // --precision fp32 only: --tune, --plan-cache, --memory-budget
@@ -62,7 +63,9 @@ struct PredictOptions {
     std::string masks_dir;        // ground truth by stem; empty = no metrics
     bool overwrite = false;       // replace existing outputs instead of refusing to start
     bool fast_decode = false;     // JPEGs decode at 1/2, 1/4 or 1/8 scale while still at least twice the model size
-                                  // (read_image_reduced); ignored with overlay, which needs the full image
+                                  // (read_image_reduced); refused with overlay, which needs the full image
+    double threshold = 0.5;       // foreground where the probability (sigmoid of the logit) is above it; in (0, 1)
+    bool save_probabilities = false;  // also write <stem>_probability.png: round(255 * probability), 8-bit grey
     int size = 0;                 // model input size when the file has no "resunet.size"; 0 = 224
     int calibration_images = 16;  // static-int8 without stored scales: this many fixed synthetic images
     int batches_in_flight = 3;    // live tokens of the pipeline: bounds decoded images held in memory
