@@ -167,8 +167,8 @@ void add_plan_command(CLI::App& app) {
     command->add_option("--model", options->model, "Model .safetensors (fp32, or an int8 file from resunet quantize)")
         ->required();
     command->add_option("--precision", options->precision,
-                        "fp32 or int8 (dynamic scales, or the file's static ones); default: int8 for an int8 file, else fp32")
-        ->check(CLI::IsMember({"fp32", "int8"}));
+                        "fp32 or int8 (static-int8 runs int8's plan); default: int8 for an int8 file, else fp32")
+        ->check(precision_validator({"fp32", "int8"}));
     command->add_option("--size", options->size, "Input size in pixels (default: the file's resunet.size, else 224)")
         ->check(CLI::Range(1, 65536));
     command->add_option("--threads", options->threads, "OpenMP threads; 0 = all cores")->check(CLI::Range(0, 4096));

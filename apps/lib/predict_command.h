@@ -6,7 +6,7 @@
 //   options.inputs = {"/data/images", "@more.txt", "one.png"};   // files, folders, list files
 //   options.model_path = "model.safetensors";                    // fp32 weights or an int8 file
 //   options.out_dir = "/tmp/pred";                                // <stem>.png masks, 0/255
-//   options.masks_dir = "/data/masks";                            // optional: metrics.csv + summary.json
+//   options.masks_dir = "/data/masks";                            // optional: metrics.csv and scores
 //   resunet::PredictReport report = resunet::run_predict(options);  // UsageError before any work
 //   return report.exit_code();                                       // 0 all images ok, 1 some failed
 //
@@ -14,15 +14,18 @@
 //   resunet::add_predict_command(app);                            // `resunet predict ...`, exit codes 0/1/2
 //
 // Masks at the original resolution come from logits_to_mask(): the model-size logit map is resized with
-// bilinear interpolation (cv::INTER_LINEAR) and thresholded at 0 (probability 0.5). The written PNG and the
+// bilinear interpolation (cv::INTER_LINEAR) and thresholded at 0 (probability 0.5; --threshold T: logit
+// log(T / (1 - T))). The written PNG and the
 // metrics are both taken from that one mask. Interpolating logits (not a 0/1 mask) gives boundaries that
 // follow the model's, instead of model-size pixel blocks.
 //
 // Pipeline (tbb::parallel_pipeline, batches_in_flight live batches): serial make-batch -> parallel decode
 // and preprocess -> serial infer -> parallel resize back, encode, write, score -> serial collect and
 // progress. The engine runs on one dedicated thread (oneDNN's OpenMP keeps one thread team per calling
-// thread). Decoded images and engine buffers are bounded by batches_in_flight x batch; only the path list
-// and three doubles per scored image grow with the image count. The pipeline itself is predict_pipeline.h.
+// thread). Decoded images and engine buffers are bounded by batches_in_flight x batch; only the path list,
+// three doubles per scored image and one summary.json row (about 200 bytes) per image grow with the image
+// count. summary.json (always written) lists what the run wrote (predict_outputs.h), so a later run with
+// --overwrite removes exactly that. The pipeline itself is predict_pipeline.h.
 //
 // Under `mpirun -np N` the images are sharded across ranks in whole batches (dist::shard over the batches, in
 // input order), so each batch a rank runs holds exactly the images it holds in a one-process run: int8 dynamic
