@@ -256,8 +256,8 @@ TEST_F(CliVocabulary, EvalShowsProgress) {
 }
 
 // A flag another one would override is refused, not ignored: --fast-decode with --overlay; --precision int8
-// (scales computed per image) on a file whose stored static scales it would run instead; convert of an int8
-// file, whose scales must stay exact.
+// (scales computed per image) on a file whose stored static scales it would run instead; --calibration-count
+// where nothing is calibrated; convert of an int8 file, whose scales must stay exact.
 TEST_F(CliVocabulary, OverriddenFlagsAreUsageErrors) {
     const std::string predict = resunet() + "predict " + kImageA + " --out " + dir("overridden").string() + " --threads 1 ";
     const std::vector<std::pair<std::string, std::string>> cases = {
@@ -268,6 +268,9 @@ TEST_F(CliVocabulary, OverriddenFlagsAreUsageErrors) {
         {bench() + "--model " + int8_model() + " --batch 1 --runs 1 --precision int8", "static-int8"},
         {resunet() + "convert --model " + int8_model() + " --out " + (dir("overridden") / "m.f16.safetensors").string(),
          "is an int8 file"},
+        {predict + "--model " + model() + " --calibration-count 2", "applies to --precision static-int8 only"},
+        {resunet() + eval_args() + "--calibration-count 2", "applies to --precision static-int8 only"},
+        {predict + "--model " + int8_model() + " --precision static-int8 --calibration-count 2", "stores its static scales"},
         {predict + "--model " + model() + " --threshold 0", "--threshold must be between 0 and 1"},
         {predict + "--model " + model() + " --threshold 1.5", "--threshold must be between 0 and 1"},
     };

@@ -334,6 +334,14 @@ void check_stored_scales_precision(const std::string& model_path, bool stored_sc
                                      model_path));
 }
 
+void check_calibration_count_used(Precision precision, bool stored_scales, bool given) {
+    if (!given) return;
+    if (precision != Precision::static_int8)
+        throw UsageError(fmt::format("--calibration-count applies to --precision static-int8 only, not {}", precision_name(precision)));
+    if (stored_scales)
+        throw UsageError("--calibration-count: the model stores its static scales, so nothing is calibrated; leave it out");
+}
+
 bool has_stored_static_scales(const TensorMap& tensors) {
     return std::any_of(tensors.begin(), tensors.end(), [](const auto& entry) {
         const std::string& name = entry.first;

@@ -155,6 +155,9 @@ bool has_stored_static_scales(const TensorMap& tensors);
 // A file with stored static scales runs them: `--precision int8` (scales computed per image) given on the command
 // line for such a file is a UsageError naming static-int8, not a flag silently not obeyed. Not given: the file's.
 void check_stored_scales_precision(const std::string& model_path, bool stored_scales, Precision precision, bool given);
+// --calibration-count given where nothing is calibrated (a precision other than static-int8, or a file with stored
+// scales): a UsageError, not a flag silently not used.
+void check_calibration_count_used(Precision precision, bool stored_scales, bool given);
 
 // ---- text, time, threads ----
 

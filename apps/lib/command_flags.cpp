@@ -88,7 +88,8 @@ void register_eval_flags(CLI::App& app, EvalCommandOptions& o) {
     bind_option(app, "--calibration-count", o.calibration_images,
          "static-int8 with a model that stores no scales: calibrate on the first N images (sorted ids) of the "
          "split's train side, as `resunet quantize --data --split` does")
-        ->check(CLI::Range(1, 4096));
+        ->check(CLI::Range(1, 4096))
+        ->each([&o](const std::string&) { o.calibration_given = true; });
     add_renamed_flag(app, "--calibration-images", "--calibration-count");
     bind_flag(app, "--skip-bad", o.skip_bad, "Skip unreadable image/mask pairs instead of refusing the dataset");
     bind_option(app, "--json", o.json_path, "Also write the report and one row per image to this JSON file");

@@ -89,7 +89,8 @@ struct EvalCommandOptions {
     int threads = 0;                  // engine and loader threads; 0 = all cores
     int limit = 0;                    // score only the first N test images; 0 = all
     int size = 0;                     // model size for files without "resunet.size"; 0 = 224
-    int calibration_images = 16;      // static-int8 without stored scales: first N ids (sorted) of the train side
+    int calibration_images = 16;      // --calibration-count: static-int8 without stored scales: first N ids (sorted) of the train side
+    bool calibration_given = false;   // --calibration-count was given (refused where nothing is calibrated)
     bool skip_bad = false;
     std::string json_path;            // also write the report as JSON, with one row per image
     bool overwrite = false;           // replace an existing json_path

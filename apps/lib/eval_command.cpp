@@ -147,6 +147,7 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
         const bool int8_file = is_int8_weights(file.tensors);
         const bool stored_scales = has_stored_static_scales(file.tensors);
         check_stored_scales_precision(options.model_path, stored_scales, options.precision, options.precision_given);
+        check_calibration_count_used(options.precision, stored_scales, options.calibration_given);
         check_engine_flags(options.tuning, options.precision == Precision::fp32);
         try {
             if (options.precision == Precision::fp32) {

@@ -304,6 +304,7 @@ LoadedModel load_model(const PredictOptions& options, std::FILE* log) {
     const bool int8_file = is_int8_weights(file.tensors);
     model.stored_scales = int8_file && has_stored_static_scales(file.tensors);
     check_stored_scales_precision(path, model.stored_scales, options.precision, options.precision_given);
+    check_calibration_count_used(options.precision, model.stored_scales, options.calibration_given);
     check_engine_flags(options.tuning, options.precision == Precision::fp32);
     try {
         if (options.precision == Precision::fp32) {
@@ -712,7 +713,7 @@ void add_predict_command(CLI::App& app) {
                       "slightly different input. Not with --overlay");
     command->add_option("--size", options->size, "Model input size for files without 'resunet.size' metadata (default 224)")
         ->check(CLI::Range(1, 65536));
-    command->add_option("--calibration-count", options->calibration_images,
+    CLI::Option* calibration = command->add_option("--calibration-count", options->calibration_images,
                         "static-int8 with a model that stores no scales: calibrate on a fixed synthetic set of N images "
                         "(the same in every run); a `resunet quantize` file is used as is")
         ->check(CLI::Range(1, 4096))
@@ -720,8 +721,9 @@ void add_predict_command(CLI::App& app) {
     add_renamed_flag(*command, "--calibration-images", "--calibration-count");
     add_engine_tuning_flags(*command, options->tuning);
     command->add_flag("--progress", *force_progress, "Show the progress bar even when stderr is not a terminal");
-    command->callback([options, force_progress, precision, precision_option] {
+    command->callback([options, force_progress, precision, precision_option, calibration] {
         PredictOptions run_options = *options;
+        run_options.calibration_given = calibration->count() > 0;
         run_options.precision = parse_precision(*precision);
         run_options.precision_given = precision_option->count() > 0;
         run_options.progress = *force_progress || ::isatty(STDERR_FILENO) != 0;

@@ -70,7 +70,8 @@ struct PredictOptions {
     double threshold = 0.5;       // foreground where the probability (sigmoid of the logit) is above it; in (0, 1)
     bool save_probabilities = false;  // also write <stem>_probability.png: round(255 * probability), 8-bit grey
     int size = 0;                 // model input size when the file has no "resunet.size"; 0 = 224
-    int calibration_images = 16;  // static-int8 without stored scales: this many fixed synthetic images
+    int calibration_images = 16;  // --calibration-count: static-int8 without stored scales: this many fixed synthetic images
+    bool calibration_given = false;  // --calibration-count was given (refused where nothing is calibrated)
     int batches_in_flight = 3;    // live tokens of the pipeline: bounds decoded images held in memory
     int64_t max_pixels = 100'000'000;  // larger images are refused (per-file failure)
     bool progress = false;        // progress bar on `log` (the CLI turns it on when stderr is a TTY)
