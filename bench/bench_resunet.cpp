@@ -584,36 +584,8 @@ void check_model_file(Options& o, std::optional<resunet::SafetensorsFile>& defau
         throw resunet::Error(fmt::format("{} is an int8 file: use --precision static-int8 or int8", o.model));
 }
 
-// The rows as CSV: latency, memory and, for rows scored with --data, Dice and IoU at the original size (the
-// columns of --json's "eval"; empty when not scored).
-std::string csv_table(const json& report) {
-    std::string csv = "precision,width,weights,latency_median_ms,latency_p90_ms,latency_p99_ms,latency_min_ms,latency_max_ms,"
-                      "latency_std_ms,first_run_ms,images_per_s,gflops,parameters,peak_rss_bytes,engine_total_bytes,"
-                      "eval_images,dice_mean,dice_std,iou_mean,iou_std,miou_mean,miou_std,pooled_dice,pooled_iou\n";
-    for (const json& r : report["rows"]) {
-        csv += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}", r["precision"].get<std::string>(), r["width"].get<int>(),
-                           r["weights"].get<std::string>(), r["latency_median_ms"].get<double>(), r["latency_p90_ms"].get<double>(),
-                           r["latency_p99_ms"].get<double>(), r["latency_min_ms"].get<double>(), r["latency_max_ms"].get<double>(),
-                           r["latency_std_ms"].get<double>(), r["first_run_ms"].get<double>(), r["images_per_s"].get<double>(),
-                           r["gflops"].get<double>(), r["parameters"].get<int64_t>(), r["peak_rss_bytes"].get<double>(),
-                           r["engine_total_bytes"].get<double>());
-        if (r.contains("eval")) {
-            const json& e = r["eval"]["original_size"];
-            csv += fmt::format(",{},{},{},{},{},{},{},{},{}\n", r["eval"]["images"].get<int64_t>(), e["dice_mean"].get<double>(),
-                               e["dice_std"].get<double>(), e["iou_mean"].get<double>(), e["iou_std"].get<double>(),
-                               e["miou_mean"].get<double>(), e["miou_std"].get<double>(), e["pooled_dice"].get<double>(),
-                               e["pooled_iou"].get<double>());
-        } else {
-            csv += ",,,,,,,,,\n";
-        }
-    }
-    return csv;
-}
-}  // namespace
-
-int main(int argc, char** argv) {
-    Options o;
-    CLI::App app{"bench_resunet: ResUNet fp32 vs int8 latency, memory and accuracy on this CPU (the paper's Table 1)"};
+// Every flag of bench_resunet, bound to `o`.
+void add_flags(CLI::App& app, Options& o) {
     app.formatter(std::make_shared<resunet::WrappingHelpFormatter>());
     app.set_version_flag("--version", resunet::tool_version("bench_resunet"), "Print the version and the git commit, then exit");
     app.add_option("--width", o.width,
@@ -686,6 +658,13 @@ int main(int argc, char** argv) {
     app.add_flag("--plan-row", o.plan_row, "internal: only compile the row's engine (fills the plan cache)")->group("");
     app.add_option("--row", o.row, "internal: measure one row in this process")->group("");
     app.add_option("--row-out", o.row_out, "internal: where --row writes its JSON")->group("");
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+    Options o;
+    CLI::App app{"bench_resunet: ResUNet fp32 vs int8 latency, memory and accuracy on this CPU (the paper's Table 1)"};
+    add_flags(app, o);
     app.failure_message([](const CLI::App*, const CLI::Error& e) {
         return fmt::format("bench_resunet: error: {} (see --help)\n", e.what());
     });
@@ -788,7 +767,7 @@ int main(int argc, char** argv) {
         const std::string md = resunet::bench::markdown(report);
         fmt::print("{}", md);
         if (!o.json_path.empty()) resunet::write_file_atomic(o.json_path, report.dump(2));
-        if (!o.csv_path.empty()) resunet::write_file_atomic(o.csv_path, csv_table(report));
+        if (!o.csv_path.empty()) resunet::write_file_atomic(o.csv_path, resunet::bench::csv(report));
     } catch (const std::exception& e) {
         fmt::print(stderr, "bench_resunet: error: {}\n", e.what());
         return checked ? 1 : 2;

@@ -199,4 +199,30 @@ void write_chart(const json& report, const std::string& path) {
     resunet::write_file_atomic(path, std::string_view(reinterpret_cast<const char*>(png.data()), png.size()));
 }
 
+// The rows as CSV: latency, memory and, for rows scored with --data, Dice and IoU at the original size (the
+// columns of --json's "eval"; empty when not scored).
+std::string csv(const nlohmann::json& report) {
+    std::string csv = "precision,width,weights,latency_median_ms,latency_p90_ms,latency_p99_ms,latency_min_ms,latency_max_ms,"
+                      "latency_std_ms,first_run_ms,images_per_s,gflops,parameters,peak_rss_bytes,engine_total_bytes,"
+                      "eval_images,dice_mean,dice_std,iou_mean,iou_std,miou_mean,miou_std,pooled_dice,pooled_iou\n";
+    for (const nlohmann::json& r : report["rows"]) {
+        csv += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}", r["precision"].get<std::string>(), r["width"].get<int>(),
+                           r["weights"].get<std::string>(), r["latency_median_ms"].get<double>(), r["latency_p90_ms"].get<double>(),
+                           r["latency_p99_ms"].get<double>(), r["latency_min_ms"].get<double>(), r["latency_max_ms"].get<double>(),
+                           r["latency_std_ms"].get<double>(), r["first_run_ms"].get<double>(), r["images_per_s"].get<double>(),
+                           r["gflops"].get<double>(), r["parameters"].get<int64_t>(), r["peak_rss_bytes"].get<double>(),
+                           r["engine_total_bytes"].get<double>());
+        if (r.contains("eval")) {
+            const nlohmann::json& e = r["eval"]["original_size"];
+            csv += fmt::format(",{},{},{},{},{},{},{},{},{}\n", r["eval"]["images"].get<int64_t>(), e["dice_mean"].get<double>(),
+                               e["dice_std"].get<double>(), e["iou_mean"].get<double>(), e["iou_std"].get<double>(),
+                               e["miou_mean"].get<double>(), e["miou_std"].get<double>(), e["pooled_dice"].get<double>(),
+                               e["pooled_iou"].get<double>());
+        } else {
+            csv += ",,,,,,,,,\n";
+        }
+    }
+    return csv;
+}
+
 }  // namespace resunet::bench
