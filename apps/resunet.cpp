@@ -44,7 +44,7 @@ void add_summary_command(CLI::App& app) {
     };
     auto options = std::make_shared<SummaryOptions>();
     CLI::App* command = app.add_subcommand("summary", "Print the layer table (shapes, parameters, MACs) of a ResUNet");
-    CLI::Option* width = command->add_option("--width", options->width, "Channels of the first stage")
+    CLI::Option* width = command->add_option("--width", options->width, "Channels of the first stage (64: the paper's network, as train's default)")
                              ->check(CLI::Range(1, 4096))
                              ->default_val(64);
     CLI::Option* depth = command->add_option("--depth", options->depth, "Number of poolings")

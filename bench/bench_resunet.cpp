@@ -1,6 +1,6 @@
 // bench_resunet: the paper's Table 1 on this machine, with how every figure was measured.
 //
-//   bench_resunet                         # width 64, 224x224, batch 16, fp32/int8/int8-static, with the trained
+//   bench_resunet                         # width 64, 224x224, batch 16, fp32/int8/static-int8, with the trained
 //                                         # models/resunet-w64-s224 and its test-split Dice (random weights
 //                                         # until that model exists, or with --random-weights)
 //   bench_resunet --runs 20 --layers      # plus the per-layer table (time, GFLOP/s, oneDNN kernel)
@@ -28,6 +28,7 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
+#include "apps/lib/cli_common.h"
 #include "apps/lib/evaluate.h"
 #include "bench/resunet_report.h"
 #include "apps/lib/flag_basics.h"
@@ -54,6 +55,7 @@ namespace {
 
 struct Options {
     int width = 64;
+    int depth = 4;            // poolings: a model file's, else the paper's 4
     int size = 224;
     int batch = 16;
     int micro_batch = 1;
@@ -75,7 +77,8 @@ struct Options {
     std::string csv_path;
     std::string data;         // Kvasir-SEG style folder: Dice/IoU on its test split
     std::string split;        // split JSON (made with seed 42 and saved here if absent)
-    int eval_limit = 0;       // score only the first N test images (0 = all)
+    int eval_limit = 0;       // --limit: score only the first N test images (0 = all)
+    bool overwrite = false;   // replace existing --json, --csv, --chart, --examples
     int eval_size = 0;        // input size of the scoring run: 0 = the model file's resunet.size, else --size
     int also_width = 0;       // also time the rows at this width with random weights (0 = no)
     std::string chart;        // PNG: latency, memory and Dice per row
@@ -98,7 +101,7 @@ struct Options {
 // --model-dir the user named must hold one.
 // Returns why the weights are what they are, for the report ("" when --model named them). `kept` receives
 // the file it read when it chooses it, so the caller reads the 130 MB once.
-std::string choose_default_model(Options& o, bool dir_given, std::optional<resunet::SafetensorsFile>& kept) {
+std::string choose_default_model(Options& o, bool dir_given, bool width_given, std::optional<resunet::SafetensorsFile>& kept) {
     if (o.random_weights) {
         if (!o.model.empty()) throw resunet::Error("--random-weights and --model exclude each other");
         if (dir_given) throw resunet::Error("--random-weights and --model-dir exclude each other");
@@ -112,11 +115,12 @@ std::string choose_default_model(Options& o, bool dir_given, std::optional<resun
     }
     resunet::SafetensorsFile loaded = resunet::load_safetensors(file.string());
     const resunet::ResUNetConfig found = resunet::infer_resunet_config(loaded.tensors, loaded.metadata, o.size);
-    if (found.width != o.width) {
+    if (found.width != o.width && width_given) {
         if (dir_given)
             throw resunet::Error(fmt::format("{} is a width-{} model but --width is {}", file.string(), found.width, o.width));
         return fmt::format("{} is a width-{} model and --width is {}", file.string(), found.width, o.width);
     }
+    o.width = found.width;
     o.model = file.string();
     kept = std::move(loaded);
     const fs::path split = fs::path(o.model_dir) / "split.json";
@@ -174,13 +178,14 @@ auto with_engine(const Options& o, const resunet::Graph& graph, const resunet::T
     }
     resunet::QuantEngine engine(graph, weights, quant_options_of(o, o.micro_batch));
     // an int8 file with stored scales (resunet quantize) starts static and keeps them
-    if (row == "int8-static" && engine.mode() != resunet::ScaleMode::static_calibrated) engine.calibrate(calibration, calibration_count);
+    if (row == "static-int8" && engine.mode() != resunet::ScaleMode::static_calibrated) engine.calibrate(calibration, calibration_count);
     return use(engine);
 }
 
 resunet::Graph graph_for(const Options& o) {
     resunet::ResUNetConfig config;
     config.width = o.width;
+    config.depth = o.depth;
     config.height = config.width_px = o.size;
     return resunet::build_resunet(config);
 }
@@ -204,7 +209,7 @@ std::vector<size_t> test_indices(const Options& o, const resunet::Dataset& datas
     return indices;
 }
 
-// Calibration images for int8-static: the first training images when --data is given, else random.
+// Calibration images for static-int8: the first training images when --data is given, else random.
 std::vector<float> calibration_images(const Options& o, int count) {
     std::vector<float> images(static_cast<size_t>(3LL * o.size * o.size * count));
     if (o.data.empty()) {
@@ -303,12 +308,12 @@ json choose_micro_batch_row(const Options& o) {
             return std::make_unique<resunet::Engine>(graph, weights, engine_options_of(o, mb));
         }, resunet::logits_within(resunet::kMicroBatchFp32Bound));
     } else {
-        // int8-static: the same calibration images for every candidate, one batch (a multiple of each)
-        const std::vector<float> calibration = o.row == "int8-static" ? calibration_images(o, o.batch) : std::vector<float>();
+        // static-int8: the same calibration images for every candidate, one batch (a multiple of each)
+        const std::vector<float> calibration = o.row == "static-int8" ? calibration_images(o, o.batch) : std::vector<float>();
         choice = resunet::choose_micro_batch(src.data(), o.batch, out_floats, search, [&](int mb) {
             progress(mb);
             auto engine = std::make_unique<resunet::QuantEngine>(graph, weights, quant_options_of(o, mb));
-            if (o.row == "int8-static" && engine->mode() != resunet::ScaleMode::static_calibrated)
+            if (o.row == "static-int8" && engine->mode() != resunet::ScaleMode::static_calibrated)
                 engine->calibrate(calibration.data(), o.batch);
             return engine;
         }, resunet::sqnr_at_least(resunet::kMicroBatchInt8Db));
@@ -358,7 +363,7 @@ json measure_row(const Options& o) {
     }
     resunet::QuantEngine engine(graph, weights, quant_options_of(o, o.micro_batch));
     weights = resunet::TensorMap();
-    if (o.row == "int8-static" && engine.mode() != resunet::ScaleMode::static_calibrated) {  // stored scales win
+    if (o.row == "static-int8" && engine.mode() != resunet::ScaleMode::static_calibrated) {  // stored scales win
         std::vector<float> calibration = calibration_images(o, 4 * o.micro_batch);
         engine.calibrate(calibration.data(), 4 * o.micro_batch);
     }
@@ -440,7 +445,8 @@ json run_row_in_child(const Options& o, const std::string& precision, const fs::
     const bool eval = mode == "eval";
     const fs::path out = tmp / fmt::format("{}_{}.json", mode, precision);
     std::vector<std::string> args = {"/proc/self/exe", "--row", precision, "--row-out", out.string(),
-                                     "--width", std::to_string(o.width), "--size", std::to_string(o.size),
+                                     "--width", std::to_string(o.width), "--depth", std::to_string(o.depth),
+                                     "--size", std::to_string(o.size),
                                      "--batch", std::to_string(o.batch), "--micro-batch", std::to_string(o.micro_batch),
                                      "--threads", std::to_string(o.threads), "--runs", std::to_string(o.runs),
                                      "--warmup", std::to_string(o.warmup), "--tune", o.tune, "--int8-conv", o.int8_conv,
@@ -450,7 +456,7 @@ json run_row_in_child(const Options& o, const std::string& precision, const fs::
     if (!o.model.empty()) args.insert(args.end(), {"--model", o.model});
     if (!o.data.empty()) args.insert(args.end(), {"--data", o.data});
     if (!o.split.empty()) args.insert(args.end(), {"--split", o.split});
-    if (o.eval_limit > 0) args.insert(args.end(), {"--eval-limit", std::to_string(o.eval_limit)});
+    if (o.eval_limit > 0) args.insert(args.end(), {"--limit", std::to_string(o.eval_limit)});
     if (o.eval_size > 0) args.insert(args.end(), {"--eval-size", std::to_string(o.eval_size)});
     if (o.layers && mode == "row") args.push_back("--layers");
     if (eval) args.push_back("--eval-row");
@@ -552,15 +558,51 @@ void write_examples(const Options& timed, const std::string& path) {
     cv::imencode(".png", grid, png);
     resunet::write_file_atomic(path, std::string_view(reinterpret_cast<const char*>(png.data()), png.size()));
 }
-}  // namespace
 
-int main(int argc, char** argv) {
-    Options o;
-    CLI::App app{"bench_resunet: ResUNet fp32 vs int8 latency, memory and accuracy on this CPU (the paper's Table 1)"};
+// --model (or the default model): its width, and its size unless --size is given, come from the file as
+// `resunet` takes them; an explicit --width that differs is a usage error. Checks its tensors against that graph,
+// and an int8 file's precision (a file with stored scales runs them: static-int8).
+void check_model_file(Options& o, std::optional<resunet::SafetensorsFile>& default_file, bool width_given, bool size_given) {
+    resunet::SafetensorsFile file;
+    try {
+        file = default_file ? std::move(*default_file) : resunet::load_safetensors(o.model);
+    } catch (const resunet::Error& e) {
+        throw resunet::Error(fmt::format("--model: {}", resunet::one_line(e.what())));
+    }
+    default_file.reset();
+    const resunet::ResUNetConfig found = resunet::infer_resunet_config(file.tensors, file.metadata, o.size);
+    if (width_given && found.width != o.width)
+        throw resunet::Error(fmt::format("{} is a width-{} model but --width is {} (leave --width out: it is read from the file)",
+                                         o.model, found.width, o.width));
+    o.width = found.width;
+    o.depth = found.depth;
+    if (!size_given) o.size = found.height;
+    if (o.eval_size == 0) o.eval_size = found.height;
+    if (!resunet::is_int8_weights(file.tensors)) {
+        std::vector<std::pair<std::string, resunet::Dims>> expected;
+        for (const resunet::ParamInfo& p : graph_for(o).parameters()) expected.emplace_back(p.name, p.dims);
+        resunet::check_tensors(file.tensors, expected, o.model);
+        return;
+    }
+    const bool stored = resunet::has_stored_static_scales(file.tensors);  // an int8 file (resunet quantize)
+    if (stored && o.precision != "static-int8")
+        throw resunet::Error(fmt::format("{} is an int8 file with stored static scales, which it always runs: use --precision "
+                                         "static-int8", o.model));
+    if (o.precision != "int8" && o.precision != "static-int8")
+        throw resunet::Error(fmt::format("{} is an int8 file: use --precision static-int8 or int8", o.model));
+}
+
+// Every flag of bench_resunet, bound to `o`.
+void add_flags(CLI::App& app, Options& o) {
     app.formatter(std::make_shared<resunet::WrappingHelpFormatter>());
     app.set_version_flag("--version", resunet::tool_version("bench_resunet"), "Print the version and the git commit, then exit");
-    app.add_option("--width", o.width, "network width (channels of the first stage)")->check(resunet::positive_number());
-    app.add_option("--size", o.size, "input height and width in pixels (divisible by 16)")->check(resunet::positive_number());
+    app.add_option("--width", o.width,
+                   "network width (channels of the first stage) of random weights; a model file's own is read from it")
+        ->check(resunet::positive_number())
+        ->capture_default_str();
+    app.add_option("--depth", o.depth, "internal: a model file's poolings, for the rows")->group("");
+    app.add_option("--size", o.size, "input height and width in pixels; default: a model file's size, else 224")
+        ->check(resunet::positive_number());
     app.add_option("--batch", o.batch, "images per timed run")->check(resunet::positive_number());
     app.add_option("--micro-batch", o.micro_batch_text,
                    "images per pass through the compiled plan. default: fp32 rows 4 (2, 1 where the batch does not "
@@ -573,9 +615,9 @@ int main(int argc, char** argv) {
     app.add_option("--runs", o.runs, "timed runs per row (after warm-up)")->check(resunet::positive_number());
     app.add_option("--warmup", o.warmup, "warm-up runs (the first is reported separately)")->check(resunet::positive_number());
     app.add_option("--precision", o.precision,
-                   "rows to run: all (default: the Table 1 comparison), or one of fp32, int8 (dynamic scales, the "
-                   "default precision of `resunet predict` and `resunet eval`), int8-static (calibrated)")
-        ->check(CLI::IsMember({"fp32", "int8", "int8-static", "all"}));
+                   "rows to run: all (default: the Table 1 comparison), or one of fp32, int8 (scales computed per "
+                   "image, `resunet`'s default), static-int8 (fixed scales: the model file's, else calibrated)")
+        ->check(resunet::precision_validator({"all", "fp32", "int8", "static-int8"}));
     app.add_option("--model", o.model,
                    "weights (.safetensors); without it, the trained model of --model-dir when it has --width, else random "
                    "weights")
@@ -611,7 +653,9 @@ int main(int argc, char** argv) {
     app.add_option("--csv", o.csv_path, "also write the table as CSV here");
     app.add_option("--data", o.data, "Kvasir-SEG style folder (images/, masks/): adds Dice/IoU on its test split (needs --model)");
     app.add_option("--split", o.split, "split JSON to use; made with seed 42 and written here if it does not exist");
-    app.add_option("--eval-limit", o.eval_limit, "score only the first N test images (0 = all)")->check(resunet::non_negative_number());
+    app.add_option("--limit", o.eval_limit, "score only the first N test images (0 = all)")->check(resunet::non_negative_number());
+    resunet::add_renamed_flag(app, "--eval-limit", "--limit");
+    app.add_flag("--overwrite", o.overwrite, "replace existing --json, --csv, --chart and --examples files (default: refuse)");
     app.add_option("--eval-size", o.eval_size, "input size for Dice/IoU and --examples (0 = the model file's resunet.size, else --size)")
         ->check(resunet::non_negative_number());
     app.add_option("--also-width", o.also_width,
@@ -624,6 +668,13 @@ int main(int argc, char** argv) {
     app.add_flag("--plan-row", o.plan_row, "internal: only compile the row's engine (fills the plan cache)")->group("");
     app.add_option("--row", o.row, "internal: measure one row in this process")->group("");
     app.add_option("--row-out", o.row_out, "internal: where --row writes its JSON")->group("");
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+    Options o;
+    CLI::App app{"bench_resunet: ResUNet fp32 vs int8 latency, memory and accuracy on this CPU (the paper's Table 1)"};
+    add_flags(app, o);
     app.failure_message([](const CLI::App*, const CLI::Error& e) {
         return fmt::format("bench_resunet: error: {} (see --help)\n", e.what());
     });
@@ -654,35 +705,19 @@ int main(int argc, char** argv) {
             return 0;
         }
         std::optional<resunet::SafetensorsFile> default_file;
-        const std::string weights_note = choose_default_model(o, app.count("--model-dir") > 0, default_file);
+        const bool width_given = app.count("--width") > 0, size_given = app.count("--size") > 0;
+        const std::string weights_note = choose_default_model(o, app.count("--model-dir") > 0, width_given, default_file);
+        for (const auto& [path, flag] : {std::pair{o.json_path, "--json"}, {o.csv_path, "--csv"}, {o.chart, "--chart"},
+                                         {o.examples, "--examples"}})
+            resunet::check_output_file(path, flag, o.overwrite);
         // Check everything that can fail before the long work starts.
         if (!o.data.empty() && o.model.empty()) throw resunet::Error("--data needs --model: accuracy of random weights means nothing");
         if (!o.examples.empty() && (o.data.empty() || o.model.empty())) throw resunet::Error("--examples needs --model and --data");
+        if (!o.model.empty()) check_model_file(o, default_file, width_given, size_given);
         resunet::Graph graph = graph_for(o);
         if (!o.data.empty()) {
             resunet::Dataset dataset = resunet::scan_dataset(o.data);  // fails now on a missing or broken folder
             test_indices(o, dataset);
-        }
-        if (!o.model.empty()) {
-            const resunet::SafetensorsFile file = default_file ? std::move(*default_file) : resunet::load_safetensors(o.model);
-            default_file.reset();
-            const resunet::ResUNetConfig found = resunet::infer_resunet_config(file.tensors, file.metadata, o.size);
-            if (found.width != o.width)
-                throw resunet::Error(fmt::format("{} is a width-{} model but --width is {}", o.model, found.width, o.width));
-            if (o.eval_size == 0) o.eval_size = found.height;
-            std::vector<std::pair<std::string, resunet::Dims>> expected;
-            for (const resunet::ParamInfo& p : graph.parameters()) expected.emplace_back(p.name, p.dims);
-            if (!resunet::is_int8_weights(file.tensors)) {
-                resunet::check_tensors(file.tensors, expected, o.model);
-            } else if (o.precision != "int8" && o.precision != "int8-static") {  // an int8 file (resunet quantize)
-                throw resunet::Error(fmt::format("{} is an int8 file: use --precision int8-static (its stored scales) or int8", o.model));
-            }
-        }
-        for (const std::string& path : {o.json_path, o.csv_path, o.chart, o.examples}) {
-            if (path.empty()) continue;
-            const fs::path dir = fs::absolute(path).parent_path();
-            if (!fs::is_directory(dir)) throw resunet::Error(fmt::format("output folder '{}' does not exist", dir.string()));
-            if (access(dir.c_str(), W_OK) != 0) throw resunet::Error(fmt::format("output folder '{}' is not writable", dir.string()));
         }
         checked = true;
         const fs::path tmp = fs::temp_directory_path() / fmt::format("bench_resunet.{}", getpid());
@@ -700,7 +735,7 @@ int main(int argc, char** argv) {
         report["tool_version"] = resunet::tool_version("bench_resunet");
         fmt::print(stderr, "bench_resunet: width {}, {}x{}, batch {}, {} runs per row\n", o.width, o.size, o.size, o.batch, o.runs);
         report["rows"] = json::array();
-        std::vector<std::string> rows = {"fp32", "int8", "int8-static"};
+        std::vector<std::string> rows = {"fp32", "int8", "static-int8"};
         if (o.precision != "all") rows = {o.precision};
         for (const std::string& precision : rows) {
             Options row_options = o;
@@ -740,24 +775,15 @@ int main(int argc, char** argv) {
             }
         }
         fs::remove_all(tmp);
+        for (const auto& [path, flag] : {std::pair{o.json_path, "--json"}, {o.csv_path, "--csv"}, {o.chart, "--chart"},
+                                         {o.examples, "--examples"}})
+            if (!path.empty()) resunet::create_output_parent(path, flag);
         if (!o.chart.empty()) resunet::bench::write_chart(report, o.chart);
         if (!o.examples.empty()) write_examples(o, o.examples);
         const std::string md = resunet::bench::markdown(report);
         fmt::print("{}", md);
         if (!o.json_path.empty()) resunet::write_file_atomic(o.json_path, report.dump(2));
-        if (!o.csv_path.empty()) {
-            std::string csv = "precision,width,weights,latency_median_ms,latency_p90_ms,latency_p99_ms,latency_min_ms,latency_max_ms,latency_std_ms,first_run_ms,images_per_s,gflops,parameters,peak_rss_bytes,engine_total_bytes\n";
-            for (const json& r : report["rows"])
-                csv += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", r["precision"].get<std::string>(),
-                                   r["width"].get<int>(), r["weights"].get<std::string>(),
-                                   r["latency_median_ms"].get<double>(), r["latency_p90_ms"].get<double>(),
-                                   r["latency_p99_ms"].get<double>(), r["latency_min_ms"].get<double>(),
-                                   r["latency_max_ms"].get<double>(), r["latency_std_ms"].get<double>(),
-                                   r["first_run_ms"].get<double>(), r["images_per_s"].get<double>(),
-                                   r["gflops"].get<double>(), r["parameters"].get<int64_t>(),
-                                   r["peak_rss_bytes"].get<double>(), r["engine_total_bytes"].get<double>());
-            resunet::write_file_atomic(o.csv_path, csv);
-        }
+        if (!o.csv_path.empty()) resunet::write_file_atomic(o.csv_path, resunet::bench::csv(report));
     } catch (const std::exception& e) {
         fmt::print(stderr, "bench_resunet: error: {}\n", e.what());
         return checked ? 1 : 2;

@@ -94,7 +94,7 @@ int main(int argc, char** argv) {
     app.add_option("--input", input_path, "input.bin: batch x 3 x size x size float32")->required();
     app.add_option("--reference", reference_path, "ref_logits.bin: batch x 1 x size x size float32")->required();
     app.add_option("--precision", precision, "fp32 | int8 (dynamic scales) | static-int8")
-        ->check(CLI::IsMember({"fp32", "int8", "static-int8"}));
+        ->check(resunet::precision_validator({"fp32", "int8", "static-int8"}));
     resunet::add_engine_tuning_flags(app, flags);
     app.add_option("--runs", runs, "timed runs of the whole batch")->check(resunet::positive_number());
     app.add_option("--batch", batch, "images in input.bin")->check(resunet::positive_number());

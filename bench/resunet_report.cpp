@@ -108,7 +108,7 @@ std::string markdown(const json& report) {
     md += "- Latency reduction: (fp32 - row) / fp32 median latency. Memory improvement rate: the paper's definition, "
           "(fp32 - row) / row peak RSS (so 208% means fp32 needs 3.08x the memory).\n";
     md += "- int8: u8 activations x s8 per-output-channel weights through oneDNN; dynamic rows compute each int8 layer's "
-          "input scale and zero point from that pass's values (per image at micro-batch 1); int8-static uses scales "
+          "input scale and zero point from that pass's values (per image at micro-batch 1); static-int8 uses scales "
           "calibrated once (on the benchmark's input distribution without --data). The RGB stem and the 1-channel head stay fp32.\n";
     bool int8_conv_said = false;
     for (const json& r : report["rows"]) {
@@ -184,7 +184,7 @@ void write_chart(const json& report, const std::string& path) {
             const int bh = static_cast<int>((base - 60) * values[i] / top);
             const int bx = x0 + margin + static_cast<int>(i) * bar_w + 8;
             const std::string precision = report["rows"][i]["precision"].get<std::string>();
-            const cv::Scalar color = colors[precision == "fp32" ? 0 : precision == "int8" ? 1 : precision == "int8-static" ? 2 : 3];
+            const cv::Scalar color = colors[precision == "fp32" ? 0 : precision == "int8" ? 1 : precision == "static-int8" ? 2 : 3];
             cv::rectangle(canvas, {bx, base - bh}, {bx + bar_w - 16, base}, color, cv::FILLED);
             const bool scored = panels[p].key != "dice" || report["rows"][i].contains("eval");
             const std::string label = !scored ? std::string("n/a")
@@ -201,6 +201,32 @@ void write_chart(const json& report, const std::string& path) {
     std::vector<uint8_t> png;
     cv::imencode(".png", canvas, png);
     resunet::write_file_atomic(path, std::string_view(reinterpret_cast<const char*>(png.data()), png.size()));
+}
+
+// The rows as CSV: latency, memory and, for rows scored with --data, Dice and IoU at the original size (the
+// columns of --json's "eval"; empty when not scored).
+std::string csv(const nlohmann::json& report) {
+    std::string csv = "precision,width,weights,latency_median_ms,latency_p90_ms,latency_p99_ms,latency_min_ms,latency_max_ms,"
+                      "latency_std_ms,first_run_ms,images_per_s,gflops,parameters,peak_rss_bytes,engine_total_bytes,"
+                      "eval_images,dice_mean,dice_std,iou_mean,iou_std,miou_mean,miou_std,pooled_dice,pooled_iou\n";
+    for (const nlohmann::json& r : report["rows"]) {
+        csv += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}", r["precision"].get<std::string>(), r["width"].get<int>(),
+                           r["weights"].get<std::string>(), r["latency_median_ms"].get<double>(), r["latency_p90_ms"].get<double>(),
+                           r["latency_p99_ms"].get<double>(), r["latency_min_ms"].get<double>(), r["latency_max_ms"].get<double>(),
+                           r["latency_std_ms"].get<double>(), r["first_run_ms"].get<double>(), r["images_per_s"].get<double>(),
+                           r["gflops"].get<double>(), r["parameters"].get<int64_t>(), r["peak_rss_bytes"].get<double>(),
+                           r["engine_total_bytes"].get<double>());
+        if (r.contains("eval")) {
+            const nlohmann::json& e = r["eval"]["original_size"];
+            csv += fmt::format(",{},{},{},{},{},{},{},{},{}\n", r["eval"]["images"].get<int64_t>(), e["dice_mean"].get<double>(),
+                               e["dice_std"].get<double>(), e["iou_mean"].get<double>(), e["iou_std"].get<double>(),
+                               e["miou_mean"].get<double>(), e["miou_std"].get<double>(), e["pooled_dice"].get<double>(),
+                               e["pooled_iou"].get<double>());
+        } else {
+            csv += ",,,,,,,,,\n";
+        }
+    }
+    return csv;
 }
 
 }  // namespace resunet::bench

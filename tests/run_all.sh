@@ -39,7 +39,7 @@ isa_caps="${RESUNET_ISA_CAPS-AVX2 AVX512_CORE AVX512_CORE_BF16}"
 # kernels are left out (they ran once, uncapped): files, data, parsing, signals and disks, usage errors, the
 # installed package that examples/ is built against, and the MPI jobs (label mpi; the data-parallel
 # trainer's kernels are the Trainer suites').
-isa_insensitive='^(Adam|Augment|CheckTensors|Comm|ConvertCli|Crc32|CtrlC|FullDisk|Graph|HalfFloat|Hostile[A-Za-z]*|InstallPackage|InterruptedWrite|KillNine|Loader|Metrics|MpiJob|HelpFormat|ProgramUsage|ProgramVersion|DataParallelMpi[A-Za-z]*|RealData|Safetensors[A-Za-z]*|Sha256|Shard|Split|StaleTempFiles|StepLR|Synthetic|TrainCliConfig|UnwritableFolder)\.|\.(HelpUsageErrorsAndExitCodes|FlagRangesOnePrefixAndTruthfulHelp|BadInputIsOneLine[A-Za-z]*|RefusesBadInputBeforeAnyWork)$'
+isa_insensitive='^(Adam|Augment|CheckTensors|CliVocabulary|Comm|ConvertCli|Crc32|CtrlC|FullDisk|Graph|HalfFloat|Hostile[A-Za-z]*|InstallPackage|InterruptedWrite|KillNine|Loader|Metrics|MpiJob|HelpFormat|ProgramUsage|ProgramVersion|DataParallelMpi[A-Za-z]*|RealData|Safetensors[A-Za-z]*|Sha256|Shard|Split|StaleTempFiles|StepLR|Synthetic|TrainCliConfig|UnwritableFolder)\.|\.(HelpUsageErrorsAndExitCodes|FlagRangesOnePrefixAndTruthfulHelp|BadInputIsOneLine[A-Za-z]*|RefusesBadInputBeforeAnyWork)$'
 
 # ---------------------------------------------------------------------------------------------- machine
 echo "==== run_all: machine"

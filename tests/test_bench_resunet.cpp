@@ -57,9 +57,11 @@ struct Result {
     std::string out, err;
 };
 
+// Runs bench_resunet; `arguments` that name a --json or --csv may replace the previous run's (--overwrite).
 Result bench(const TempDir& dir, const std::string& arguments) {
     const fs::path binary = fs::canonical("/proc/self/exe").parent_path().parent_path() / "bench" / "bench_resunet";
-    const std::string command = binary.string() + " " + arguments + " >" + (dir / "stdout") + " 2>" + (dir / "stderr");
+    const bool writes = arguments.find("--json") != std::string::npos || arguments.find("--csv") != std::string::npos;
+    const std::string command = binary.string() + " " + arguments + (writes ? " --overwrite" : "") + " >" + (dir / "stdout") + " 2>" + (dir / "stderr");
     const int status = std::system(command.c_str());
     Result r;
     r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
@@ -121,7 +123,7 @@ TEST(BenchResunet, RandomWeightsReportEveryRowWithOrderedStatistics) {
     }
     EXPECT_FALSE(report["provenance"]["git_commit"].get<std::string>().empty());
     EXPECT_NE(r.out.find("RANDOM"), std::string::npos) << r.out;
-    EXPECT_NE(r.out.find("| int8-static | 8 (random) |"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("| static-int8 | 8 (random) |"), std::string::npos) << r.out;
     EXPECT_NE(r.out.find("Provenance:"), std::string::npos) << r.out;
     std::stringstream csv(read_text(dir / "t.csv"));
     std::string line;
@@ -151,7 +153,7 @@ TEST(BenchResunet, PlansAreMeasuredInAProcessOfTheirOwnBeforeTheTimedRow) {
         const std::string plan = row.contains("int8_plan") ? row["int8_plan"] : row["plan"];
         EXPECT_NE(plan.find("from the plan cache"), std::string::npos) << plan;
     }
-    // the cold cache: fp32's and int8's plans measured by their planning processes (int8-static reads int8's)
+    // the cold cache: fp32's and int8's plans measured by their planning processes (static-int8 reads int8's)
     EXPECT_NE(report["rows"][0]["planning"]["plan"].get<std::string>().find("measured: no cached plan"), std::string::npos);
     EXPECT_NE(report["rows"][1]["planning"]["plan"].get<std::string>().find("measured: no cached plan"), std::string::npos);
     EXPECT_NE(r.out.find("- Plans (measured: --tune fast or full) are compiled first in a process of their own"), std::string::npos) << r.out;
@@ -166,7 +168,7 @@ TEST(BenchResunet, ScoresAModelOnKvasirAtItsOwnSize) {
     TempDir dir;
     const std::string model = tiny_model(dir, 4);
     const Result r = bench(dir, "--model " + model + " --width 4 --size 64 --batch 2 --micro-batch 2 --runs 2 --threads 1 --precision int8 --data " +
-                                    kKvasirRoot + " --split " + (dir / "split.json") + " --eval-limit 3 --json " + (dir / "t.json") +
+                                    kKvasirRoot + " --split " + (dir / "split.json") + " --limit 3 --json " + (dir / "t.json") +
                                     " --examples " + (dir / "e.png"));
     ASSERT_EQ(r.code, 0) << r.err;
     const json report = json::parse(read_text(dir / "t.json"));
@@ -191,7 +193,7 @@ TEST(BenchResunet, MicroBatchAutoMeasuresEachRowsCandidates) {
     const std::string model = tiny_model(dir, 4);
     const Result r = bench(dir, "--model " + model + " --width 4 --size 32 --batch 4 --runs 2 --threads 1 --micro-batch auto "
                                 "--plan-cache none --data " + kKvasirRoot + " --split " + (dir / "split.json") +
-                                " --eval-limit 3 --json " + (dir / "t.json"));
+                                " --limit 3 --json " + (dir / "t.json"));
     ASSERT_EQ(r.code, 0) << r.err;
     const json report = json::parse(read_text(dir / "t.json"));
     EXPECT_EQ(report["micro_batch"], "auto");
@@ -230,7 +232,7 @@ TEST(BenchResunet, DefaultModelFolderIsUsedUnlessRandomWeightsAreAsked) {
     TempDir dir;
     fs::create_directories(dir / "shipped");
     fs::copy_file(tiny_model(dir, 4), dir / "shipped/model.safetensors");
-    const std::string common = " --width 4 --size 32 --batch 2 --runs 1 --threads 1 --precision fp32 --eval-limit 2 --json " + (dir / "t.json");
+    const std::string common = " --width 4 --size 32 --batch 2 --runs 1 --threads 1 --precision fp32 --limit 2 --json " + (dir / "t.json");
     Result r = bench(dir, "--model-dir " + (dir / "shipped") + common);
     ASSERT_EQ(r.code, 0) << r.err;
     json report = json::parse(read_text(dir / "t.json"));
@@ -269,7 +271,8 @@ TEST(BenchResunet, BadInputIsOneLineErrorBeforeAnyWork) {
     };
     expect_error("--model " + (dir / "missing.safetensors"), "missing.safetensors");
     expect_error("--model " + model + " --width 8 --size 32", "is a width-4 model but --width is 8");
-    expect_error("--width 4 --size 32 --json " + (dir / "no/such/folder/t.json"), "does not exist");
+    std::ofstream(dir / "blocker") << "a file, not a folder\n";
+    expect_error("--width 4 --size 32 --json " + (dir / "blocker/t.json"), "is not a folder");
     expect_error("--width 4 --size 32 --data " + kKvasirRoot, "--data needs --model");
     expect_error("--model " + model + " --width 4 --size 32 --data " + (dir / "no-data"), "no-data");
     expect_error("--width 4 --size 32 --batch 3 --micro-batch 2", "multiple of --micro-batch");

@@ -746,7 +746,7 @@ TEST(PredictBinary, HelpUsageErrorsAndExitCodes) {
     EXPECT_NE(out.find("predict"), std::string::npos) << out;
     EXPECT_NE(out.find("summary"), std::string::npos) << out;
     EXPECT_EQ(run("predict --help", &out), 0);
-    EXPECT_NE(out.find("--calibration-images"), std::string::npos) << out;
+    EXPECT_NE(out.find("--calibration-count"), std::string::npos) << out;
 
     const std::string image = kvasir_image(kKvasirIds[0]);
     const std::string model = test_model().fp32_path;
@@ -769,7 +769,7 @@ TEST(PredictBinary, HelpUsageErrorsAndExitCodes) {
 
     write_bytes(dir / "broken.png", "definitely not a png", 20);
     EXPECT_EQ(run("predict " + image + " " + (dir / "broken.png") + " --model " + model + " --out " + (dir / "pred") +
-                      " --overwrite --precision static-int8 --calibration-images 2",
+                      " --overwrite --precision static-int8 --calibration-count 2",
                   &out, &err),
               1);
     EXPECT_NE(err.find("broken.png"), std::string::npos) << err;
@@ -891,9 +891,9 @@ TEST(PredictBinary, FlagRangesOnePrefixAndTruthfulHelp) {
     EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
 
     EXPECT_EQ(run("predict --help", &out, &err), 0);
-    EXPECT_NE(out.find("one image per pass"), std::string::npos) << out;
+    EXPECT_NE(out.find("masks do not depend on it"), std::string::npos) << out;
     EXPECT_EQ(out.find("Images per engine call"), std::string::npos) << out;
-    EXPECT_NE(out.find("int8 (dynamic scales, the default of predict and eval"), std::string::npos) << out;
+    EXPECT_NE(out.find("int8 (scales computed per image, the default)"), std::string::npos) << out;
     EXPECT_EQ(run("eval --help", &out, &err), 0);
-    EXPECT_NE(out.find("int8 (dynamic scales, the default of eval and predict"), std::string::npos) << out;
+    EXPECT_NE(out.find("int8 (scales computed per image, the default)"), std::string::npos) << out;
 }

@@ -645,8 +645,8 @@ TEST(TrainCliConfig, DepthAndSizeRangesAndTheDefaultPrecision) {
         EXPECT_EQ(o.size, 32);
         EXPECT_EQ(o.precision, Precision::int8) << "eval's default precision is predict's";
         const std::string help = app.get_subcommand("eval")->help();
-        EXPECT_NE(help.find("int8 (dynamic scales, the default of eval and predict"), std::string::npos) << help;
-        EXPECT_NE(help.find("one image per pass"), std::string::npos) << help;
+        EXPECT_NE(help.find("int8 (scales computed per image, the default)"), std::string::npos) << help;
+        EXPECT_NE(help.find("scores do not depend on it"), std::string::npos) << help;
     }
     EXPECT_EQ(EvalCommandOptions{}.precision, PredictOptions{}.precision);
     EXPECT_EQ(PredictOptions{}.precision, Precision::int8);

@@ -213,6 +213,42 @@ bool file_exists(const fs::path& path) {
     return fs::exists(path, ec);
 }
 
+void check_output_folder(const fs::path& dir, const std::string& flag) {
+    std::error_code ec;
+    if (fs::exists(dir, ec)) {
+        if (!fs::is_directory(dir, ec)) throw UsageError(fmt::format("{} '{}' is not a folder", flag, dir.string()));
+        if (::access(dir.c_str(), W_OK | X_OK) != 0)
+            throw UsageError(fmt::format("{}: folder '{}' is not writable: {}", flag, dir.string(), std::strerror(errno)));
+        return;
+    }
+    fs::path ancestor = fs::absolute(dir, ec).parent_path();
+    while (!ancestor.empty() && !fs::exists(ancestor, ec) && ancestor != ancestor.root_path()) ancestor = ancestor.parent_path();
+    if (!fs::is_directory(ancestor, ec))
+        throw UsageError(fmt::format("{}: folder '{}' cannot be created: {} is not a folder", flag, dir.string(), ancestor.string()));
+    if (::access(ancestor.c_str(), W_OK | X_OK) != 0)
+        throw UsageError(fmt::format("{}: folder '{}' cannot be created in {}: {}", flag, dir.string(), ancestor.string(),
+                                     std::strerror(errno)));
+}
+
+void check_output_file(const std::string& path, const std::string& flag, bool overwrite) {
+    if (path.empty()) return;
+    std::error_code ec;
+    const fs::file_status status = fs::symlink_status(path, ec);
+    if (fs::is_directory(status)) throw UsageError(fmt::format("{} '{}' is a folder, not a file", flag, path));
+    if (fs::exists(status) && !overwrite) throw UsageError(fmt::format("{} '{}' exists; pass --overwrite to replace it", flag, path));
+    const fs::path parent = fs::path(path).parent_path();
+    check_output_folder(parent.empty() ? fs::path(".") : parent, flag);
+}
+
+void create_output_parent(const std::string& path, const std::string& flag) {
+    const fs::path parent = fs::path(path).parent_path();
+    if (parent.empty()) return;
+    std::error_code ec;
+    fs::create_directories(parent, ec);
+    if (ec || !fs::is_directory(parent, ec))
+        throw Error(fmt::format("{}: cannot create folder '{}': {}", flag, parent.string(), ec.message()));
+}
+
 Dataset load_dataset(const std::string& dir, bool skip_bad, int limit) {
     if (dir.empty()) throw UsageError("--data is required");
     std::error_code ec;
@@ -291,6 +327,21 @@ ModelFile load_model_file(const std::string& path, int size, const std::function
     return model;
 }
 
+void check_stored_scales_precision(const std::string& model_path, bool stored_scales, Precision precision, bool given) {
+    if (stored_scales && given && precision == Precision::int8)
+        throw UsageError(fmt::format("--model '{}' stores static scales, which it always runs; use --precision static-int8 "
+                                     "(or leave --precision out), or run the fp32 model for scales computed per image",
+                                     model_path));
+}
+
+void check_calibration_count_used(Precision precision, bool stored_scales, bool given) {
+    if (!given) return;
+    if (precision != Precision::static_int8)
+        throw UsageError(fmt::format("--calibration-count applies to --precision static-int8 only, not {}", precision_name(precision)));
+    if (stored_scales)
+        throw UsageError("--calibration-count: the model stores its static scales, so nothing is calibrated; leave it out");
+}
+
 bool has_stored_static_scales(const TensorMap& tensors) {
     return std::any_of(tensors.begin(), tensors.end(), [](const auto& entry) {
         const std::string& name = entry.first;
@@ -307,6 +358,15 @@ std::string format_duration(double seconds) {
     const long total = std::lround(std::max(0.0, seconds));
     if (total >= 3600) return fmt::format("{}:{:02d}:{:02d}", total / 3600, (total / 60) % 60, total % 60);
     return fmt::format("{}:{:02d}", total / 60, total % 60);
+}
+
+std::string progress_text(size_t done, size_t total, double elapsed_seconds) {
+    const double rate = elapsed_seconds > 0 ? static_cast<double>(done) / elapsed_seconds : 0.0;
+    const long eta_s = rate > 0 && total > done ? std::lround(static_cast<double>(total - done) / rate) : 0;
+    constexpr size_t kBarWidth = 24;
+    const size_t filled = total ? std::min(kBarWidth, kBarWidth * done / total) : kBarWidth;
+    return fmt::format("  [{}{}] {}/{} images  {:.1f} images/s  ETA {}:{:02d}", std::string(filled, '#'),
+                       std::string(kBarWidth - filled, '.'), done, total, rate, eta_s / 60, eta_s % 60);
 }
 
 std::string mean_std(const MetricSummary& s) {
@@ -339,6 +399,13 @@ void Console::bar(const std::string& text) {
     std::lock_guard lock(mutex_);
     fmt::print(log_, "\r{:<{}}", text, bar_width_);
     bar_width_ = std::max(bar_width_, text.size());
+    std::fflush(log_);
+}
+
+void Console::end_bar() {
+    if (!progress_) return;
+    std::lock_guard lock(mutex_);
+    clear_bar();
     std::fflush(log_);
 }
 

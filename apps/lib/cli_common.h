@@ -117,6 +117,19 @@ void check_same_config(const std::filesystem::path& run_dir, const std::string& 
 void append_log(const std::filesystem::path& path, const std::string& text);
 
 bool file_exists(const std::filesystem::path& path);
+
+// ---- output files ----
+// The rule of every program: an output file that exists is refused unless --overwrite; a missing folder for
+// it is created; and both are checked before any work.
+
+// UsageError naming `flag` when `dir` exists and is not a writable folder, or is missing and cannot be created
+// (its nearest existing ancestor is not a writable folder). Creates nothing.
+void check_output_folder(const std::filesystem::path& dir, const std::string& flag);
+// UsageError naming `flag` when the file `path` is a folder, exists without `overwrite`, or its folder fails
+// check_output_folder. Creates nothing; an empty path passes.
+void check_output_file(const std::string& path, const std::string& flag, bool overwrite);
+// Creates the folder of `path` if missing (after check_output_file); Error naming `flag` on failure.
+void create_output_parent(const std::string& path, const std::string& flag);
 // The Kvasir-SEG folder of --data, its first `limit` pairs (0 = all); UsageError if missing or under 2 pairs.
 Dataset load_dataset(const std::string& dir, bool skip_bad, int limit);
 // The split of a run: --split, else RUN/split.json, else a new seeded one. `save` says RUN/split.json is missing.
@@ -139,6 +152,12 @@ ModelFile load_model_file(const std::string& path, int size, const std::function
 void check_model_path(const std::string& path);
 // True if the tensors carry static activation scales ("*.input_scale", written by `resunet quantize`).
 bool has_stored_static_scales(const TensorMap& tensors);
+// A file with stored static scales runs them: `--precision int8` (scales computed per image) given on the command
+// line for such a file is a UsageError naming static-int8, not a flag silently not obeyed. Not given: the file's.
+void check_stored_scales_precision(const std::string& model_path, bool stored_scales, Precision precision, bool given);
+// --calibration-count given where nothing is calibrated (a precision other than static-int8, or a file with stored
+// scales): a UsageError, not a flag silently not used.
+void check_calibration_count_used(Precision precision, bool stored_scales, bool given);
 
 // ---- text, time, threads ----
 
@@ -146,6 +165,8 @@ using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point start);
 // "m:ss", or "h:mm:ss" from an hour.
 std::string format_duration(double seconds);
+// "  [#####...] 12/200 images  3.1 images/s  ETA 1:01", the progress bar of predict and eval.
+std::string progress_text(size_t done, size_t total, double elapsed_seconds);
 // "0.8123 ± 0.0456", "n/a" for an empty summary.
 std::string mean_std(const MetricSummary& summary);
 // {"count", "mean", "std", "min", "max"}, non-finite numbers as null.
@@ -161,6 +182,7 @@ class Console {
     Console(std::FILE* log, bool progress) : log_(log), progress_(progress && log) {}
     void line(const std::string& text);
     void bar(const std::string& text);  // replaces the previous bar; only when progress is on
+    void end_bar();                     // clears the bar, if any
     bool progress() const { return progress_; }
 
   private:

@@ -17,7 +17,8 @@ namespace {
 void register_train_flags(CLI::App& app, TrainCommandOptions& o, bool actions, bool train_only = true) {
     bind_option(app, "--data", o.data_dir, "Dataset folder with images/ and masks/ (Kvasir-SEG layout) (required)");
     bind_option(app, "--out", o.out_dir, "Run folder: config, split, metrics, checkpoints, log, curves (required)");
-    bind_option(app, "--width", o.width, "Channels of the first stage")->check(CLI::Range(1, 4096));
+    bind_option(app, "--width", o.width,
+                "Channels of the first stage: 64 is the paper's network and the shipped model; 16 is 16x less work")->check(CLI::Range(1, 4096));
     bind_option(app, "--depth", o.depth, "Number of poolings")->check(CLI::Range(1, kMaxResUNetDepth));
     bind_option(app, "--size", o.size, "Model input size in pixels (square), divisible by 2^depth")->check(CLI::Range(1, 65536));
     bind_option(app, "--batch", o.batch, "Images per training step")->check(CLI::Range(1, 4096));
@@ -68,25 +69,32 @@ void register_eval_flags(CLI::App& app, EvalCommandOptions& o) {
     bind_option(app, "--split", o.split_path, "Split file (e.g. RUN/split.json); default: the seeded 80/20 split `train` makes");
     bind_option(app, "--seed", o.seed, "Seed of the default split");
     app.add_option_function<std::string>(
-           "--precision", [&o](const std::string& text) { o.precision = parse_precision(text); },
-           "int8 (dynamic scales, the default of eval and predict: the paper's deployed path), fp32, or static-int8 "
-           "(calibrated scales)")
-        ->check(CLI::IsMember({"fp32", "int8", "static-int8"}))
+           "--precision",
+           [&o](const std::string& text) {
+               o.precision = parse_precision(text);
+               o.precision_given = true;
+           },
+           "int8 (scales computed per image, the default), fp32, or static-int8 (fixed scales: the model file's, "
+           "else calibrated); a file from `resunet quantize` runs its stored scales: static-int8")
+        ->check(precision_validator({"fp32", "int8", "static-int8"}))
         ->default_str(precision_name(o.precision));
     bind_option(app, "--batch", o.batch,
-                "Images loaded together and passed to one engine call, which runs them one image per pass "
-                "(micro-batch 1): scores do not depend on it")
+                "Images loaded and run together; scores do not depend on it")
         ->check(CLI::Range(1, 4096));
     bind_option(app, "--threads", o.threads, "Engine and loader threads; 0 = all cores")->check(CLI::Range(0, 4096));
     bind_option(app, "--limit", o.limit, "Score only the first N test images; 0 = all")->check(CLI::Range(0, 100000000));
     app.add_option("--size", o.size, "Model input size for files without 'resunet.size' metadata (default 224)")
         ->check(CLI::Range(1, 65536));
-    bind_option(app, "--calibration-images", o.calibration_images,
-         "static-int8 without stored scales: calibrate on the first N images (sorted ids) of the split's train side, "
-         "the set `resunet quantize --data --split` uses by default")
-        ->check(CLI::Range(1, 4096));
+    bind_option(app, "--calibration-count", o.calibration_images,
+         "static-int8 with a model that stores no scales: calibrate on the first N images (sorted ids) of the "
+         "split's train side, as `resunet quantize --data --split` does")
+        ->check(CLI::Range(1, 4096))
+        ->each([&o](const std::string&) { o.calibration_given = true; });
+    add_renamed_flag(app, "--calibration-images", "--calibration-count");
     bind_flag(app, "--skip-bad", o.skip_bad, "Skip unreadable image/mask pairs instead of refusing the dataset");
-    bind_option(app, "--json", o.json_path, "Also write the report to this JSON file");
+    bind_option(app, "--json", o.json_path, "Also write the report and one row per image to this JSON file");
+    bind_flag(app, "--overwrite", o.overwrite, "Replace an existing --json (default: refuse to start)");
+    bind_flag(app, "--progress", o.progress, "Show a progress bar (on by default when stderr is a terminal)");
     add_engine_tuning_flags(app, o.tuning);
 }
 
@@ -94,17 +102,17 @@ void register_eval_flags(CLI::App& app, EvalCommandOptions& o) {
 
 void add_engine_tuning_flags(CLI::App& command, EngineTuningFlags& flags) {
     command.add_option("--tune", flags.tune,
-                       "How convolution algorithms are chosen: rule (default: fixed for this CPU class, so the same "
-                       "masks on any thread count or machine load), off (direct), fast or full (timed on this machine; "
-                       "results may differ between starts: save the plan to pin it)")
+                       "How each layer's method is chosen: rule (default: fixed for this kind of CPU, the same masks on "
+                       "any thread count or load), off (the simplest everywhere), fast or full (timed on this machine at "
+                       "start; may differ between starts). Details: docs/plan.md")
         ->check(CLI::IsMember({"rule", "off", "fast", "full"}))
         ->capture_default_str();
     command.add_option("--plan-cache", flags.plan_cache,
                        "With --tune fast|full: folder of measured plans (default ~/.cache/resunet/plans); 'none' to "
                        "measure every time");
     command.add_option("--memory-budget", flags.memory_budget_mb,
-                       "fp32: largest weights + arena in MB; Winograd layers fall back to leaner ones until the plan "
-                       "fits. 0 = 2.5x the all-direct plan; -1 = no limit")
+                       "fp32: most memory in MB for the model's weights and working buffers (faster methods give way "
+                       "until it fits); 0 = automatic, -1 = no limit")
         ->check(CLI::Range(-1.0, 1e9))
         ->check(CLI::Validator(
             [](std::string& text) {  // NaN passes a range check
@@ -113,8 +121,8 @@ void add_engine_tuning_flags(CLI::App& command, EngineTuningFlags& flags) {
             "NUMBER"))
         ->capture_default_str();
     command.add_option("--int8-conv", flags.int8_conv,
-                       "int8 3x3 convolutions: auto (default: our int8 Winograd where the plan says), direct (exact "
-                       "integer), winograd (everywhere it applies), mixed (fp32 where timed faster)")
+                       "int8: how 3x3 layers run: auto (default: as the plan says), direct (exact integer arithmetic), "
+                       "winograd (faster, approximate, everywhere it applies), mixed (fp32 where timed faster here)")
         ->check(CLI::IsMember({"auto", "direct", "winograd", "mixed"}));
     command.add_option("--plan", flags.plan_file,
                        "Run exactly this plan file (resunet plan --save-plan): the same numbers on any machine of its class");

@@ -28,7 +28,7 @@ namespace resunet {
 struct TrainCommandOptions {
     std::string data_dir;             // Kvasir-SEG layout: images/ and masks/
     std::string out_dir;              // the run folder, created if missing
-    int width = 16;                   // channels of the first stage
+    int width = 64;                   // channels of the first stage: 64 everywhere (the paper's network, the shipped model)
     int depth = 4;                    // poolings
     int size = 224;                   // model input size (square), divisible by 2^depth
     int batch = 8;                    // images per step; each epoch drops the last incomplete batch
@@ -84,13 +84,17 @@ struct EvalCommandOptions {
     std::string split_path;           // default: make_split(dataset, seed) as `train` makes it
     uint64_t seed = 42;               // split seed when no --split is given
     Precision precision = Precision::int8;  // the same default as predict and bench_resunet's int8 row
+    bool precision_given = false;     // --precision was on the command line (int8 on a file with stored scales: refused)
     int batch = 16;                   // images per engine call (run one image per pass, micro-batch 1)
     int threads = 0;                  // engine and loader threads; 0 = all cores
     int limit = 0;                    // score only the first N test images; 0 = all
     int size = 0;                     // model size for files without "resunet.size"; 0 = 224
-    int calibration_images = 16;      // static-int8 without stored scales: first N ids (sorted) of the train side
+    int calibration_images = 16;      // --calibration-count: static-int8 without stored scales: first N ids (sorted) of the train side
+    bool calibration_given = false;   // --calibration-count was given (refused where nothing is calibrated)
     bool skip_bad = false;
-    std::string json_path;            // also write the report as JSON
+    std::string json_path;            // also write the report as JSON, with one row per image
+    bool overwrite = false;           // replace an existing json_path
+    bool progress = false;            // progress bar on `log` (the CLI also turns it on when stderr is a terminal)
     EngineTuningFlags tuning;         // --precision fp32 only
     std::FILE* log = stderr;
     std::FILE* out = stdout;

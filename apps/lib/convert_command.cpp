@@ -10,6 +10,7 @@
 
 #include "apps/lib/cli_common.h"
 #include "graph/safetensors.h"
+#include "quant/quant_engine.h"
 
 namespace resunet {
 
@@ -23,14 +24,19 @@ int convert_command(const ConvertOptions& o) {
         if (!fs::is_regular_file(o.model_path, ec)) throw UsageError(fmt::format("--model {}: no such file", o.model_path));
         if (fs::exists(o.out_path, ec) && fs::equivalent(o.out_path, o.model_path, ec))
             throw UsageError(fmt::format("--out {} is the --model file; write the converted model elsewhere", o.out_path));
-        if (fs::exists(o.out_path, ec) && !o.overwrite)
-            throw UsageError(fmt::format("--out {} exists (--overwrite replaces it)", o.out_path));
+        check_output_file(o.out_path, "--out", o.overwrite);
         SafetensorsFile file;
         try {
             file = load_safetensors(o.model_path);
         } catch (const Error& e) {
             throw UsageError(e.what());
         }
+        // An int8 file's weights are 8-bit already, and its scales (static activation scales, weight scales) must stay
+        // exact: F16 or BF16 would change its masks. It stays as it is.
+        if (is_int8_weights(file.tensors) && *floats != FloatStorage::f32)
+            throw UsageError(fmt::format("--model {} is an int8 file: its weights are 8-bit already and its scales must stay "
+                                         "exact, so it is not converted to {} (copy it as it is)", o.model_path, o.floats));
+        create_output_parent(o.out_path, "--out");
         save_safetensors(o.out_path, file.tensors, file.metadata, {.floats = *floats});
         const SafetensorsFile converted = load_safetensors(o.out_path);
         double worst = 0;
@@ -66,9 +72,9 @@ int convert_command(const ConvertOptions& o) {
 void add_convert_command(CLI::App& app) {
     auto options = std::make_shared<ConvertOptions>();
     CLI::App* command = app.add_subcommand(
-        "convert", "Rewrite a model file with its F32 tensors stored as F16 or BF16 (half the size), or as F32");
+        "convert", "Rewrite an fp32 model file with its tensors stored as F16 or BF16 (half the size), or as F32");
     command->add_option("--model", options->model_path, "Model .safetensors to read")->required();
-    command->add_option("--out", options->out_path, "Model .safetensors to write (atomically)")->required();
+    command->add_option("--out", options->out_path, "Model .safetensors to write (its folder is created if missing)")->required();
     command->add_option("--floats", options->floats,
                         "f16 (11 significant bits, values within +-65504; a tensor beyond stays F32), bf16 (8 bits, "
                         "any float) or f32")

@@ -1,6 +1,10 @@
 // `resunet eval`: see eval_command.h.
 #include "apps/lib/eval_command.h"
 
+#include <unistd.h>
+
+#include <cmath>
+#include <map>
 #include <memory>
 #include <optional>
 
@@ -58,6 +62,29 @@ MaskMetrics unpack_metrics(Unpacker& in) {
     return m;
 }
 
+// One row per scored image, laid out as the rows of predict's summary.json: the input, its id, its size and
+// its scores at the original size (dice, iou, mean_iou), plus the same at the model's size.
+nlohmann::json eval_rows_json(const Dataset& dataset, const EvalResult& result) {
+    std::map<std::string, const SampleInfo*> by_id;
+    for (const SampleInfo& info : dataset.samples) by_id.emplace(info.id, &info);
+    auto number = [](double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr); };
+    nlohmann::json rows = nlohmann::json::array();
+    for (size_t i = 0; i < result.ids.size(); ++i) {
+        const auto it = by_id.find(result.ids[i]);
+        const MaskMetrics& m = result.per_image[i];
+        const MaskMetrics& small = result.per_image_model_size[i];
+        rows.push_back({{"input", it != by_id.end() ? it->second->image_path : std::string()},
+                        {"id", result.ids[i]},
+                        {"width", it != by_id.end() ? it->second->width : 0},
+                        {"height", it != by_id.end() ? it->second->height : 0},
+                        {"dice", number(m.dice)},
+                        {"iou", number(m.iou)},
+                        {"mean_iou", number(m.mean_iou)},
+                        {"model_size", {{"dice", number(small.dice)}, {"iou", number(small.iou)}, {"mean_iou", number(small.mean_iou)}}}});
+    }
+    return rows;
+}
+
 }  // namespace
 
 EvalReport run_eval(const EvalCommandOptions& options_in) {
@@ -84,7 +111,8 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
         if (options.model_path.empty()) throw UsageError("--model is required");
         if (options.batch < 1) throw UsageError(fmt::format("--batch must be at least 1, got {}", options.batch));
         if (options.threads < 0 || options.limit < 0 || options.size < 0) throw UsageError("--threads, --limit and --size must be >= 0");
-        if (options.calibration_images < 1) throw UsageError("--calibration-images must be at least 1");
+        if (options.calibration_images < 1) throw UsageError("--calibration-count must be at least 1");
+        check_output_file(options.json_path, "--json", options.overwrite);  // before the long work, not after it
         check_model_path(options.model_path);
         dataset = load_dataset(options.data_dir, options.skip_bad, 0);
         if (!options.split_path.empty()) {
@@ -118,6 +146,8 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
 
         const bool int8_file = is_int8_weights(file.tensors);
         const bool stored_scales = has_stored_static_scales(file.tensors);
+        check_stored_scales_precision(options.model_path, stored_scales, options.precision, options.precision_given);
+        check_calibration_count_used(options.precision, stored_scales, options.calibration_given);
         check_engine_flags(options.tuning, options.precision == Precision::fp32);
         try {
             if (options.precision == Precision::fp32) {
@@ -163,6 +193,8 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
     PooledMetrics pooled_model;
     size_t position = 0;
     const int64_t pixels = static_cast<int64_t>(size) * size;
+    Console console(options.log, options.progress);
+    const auto scoring_start = Clock::now();
     const LogitsRunner runner = [&](const float* images, int count, float* logits) {
         if (fp32) fp32->run(images, count, logits);
         else int8->run(images, count, logits);
@@ -172,6 +204,7 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
             cv::resize(truth, small, cv::Size(size, size), 0, 0, cv::INTER_NEAREST);
             pooled_model.add(logits_to_mask(logits + i * pixels, size, size, size, size), small);
         }
+        console.bar(progress_text(position, indices.size(), seconds_since(scoring_start)));
     };
     if (!comm.distributed()) {
         report.result = evaluate_split(dataset, indices, preprocess, runner, options.batch, options.threads);
@@ -224,6 +257,7 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
         pooled_model = PooledMetrics();
         pooled_model.add(pooled_counts);
     }
+    console.end_bar();
     PixelCounts original;
     for (const MaskMetrics& m : report.result.per_image) original += m.counts;
     report.pooled_mean_iou_original = metrics_from_counts(original).mean_iou;
@@ -259,8 +293,10 @@ EvalReport run_eval(const EvalCommandOptions& options_in) {
                         "and sample std; pooled_*: all pixels of all images counted together"},
             {"model_size", scores(report.result.model_size, report.pooled_mean_iou_model)},
             {"original_size", scores(report.result.original, report.pooled_mean_iou_original)},
+            {"rows", eval_rows_json(dataset, report.result)},
         };
         try {
+            create_output_parent(options.json_path, "--json");
             write_file_atomic(options.json_path, json.dump(2) + "\n");
         } catch (const Error& e) {
             throw Error(fmt::format("--json: {}", one_line(e.what())));
@@ -301,7 +337,9 @@ void add_eval_command(CLI::App& app) {
     add_eval_flags(*command, *options);
     command->callback([command, options] {
         apply_config_file(*command);
-        const int code = eval_command(*options);
+        EvalCommandOptions run_options = *options;
+        run_options.progress = options->progress || ::isatty(STDERR_FILENO) != 0;
+        const int code = eval_command(run_options);
         if (code != 0) throw CLI::RuntimeError(code);
     });
 }

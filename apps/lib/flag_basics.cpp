@@ -1,6 +1,8 @@
 // The light part of the command line: see flag_basics.h.
 #include "apps/lib/flag_basics.h"
 
+#include <algorithm>
+#include <cctype>
 #include <charconv>
 #include <cmath>
 #include <cstdint>
@@ -28,7 +30,38 @@ Precision parse_precision(const std::string& text) {
     if (text == "fp32") return Precision::fp32;
     if (text == "static-int8") return Precision::static_int8;
     if (text == "int8") return Precision::int8;
-    throw UsageError(fmt::format("--precision must be fp32, int8 or static-int8, got '{}'", text));
+    throw UsageError(fmt::format("--precision must be fp32, int8 or static-int8, got '{}'{}", text,
+                                 text == "int8-static" ? "; did you mean 'static-int8'?" : ""));
+}
+
+CLI::Validator precision_validator(const std::vector<std::string>& allowed) {
+    std::string names;
+    for (const std::string& name : allowed) names += (names.empty() ? "" : ", ") + name;
+    return CLI::Validator(
+        [allowed, names](std::string& text) {
+            for (const std::string& name : allowed)
+                if (text == name) return std::string();
+            // Words once spelled otherwise, or with the parts swapped or mis-cased.
+            std::string hint;
+            std::string lower = text;
+            for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+            if (lower == "int8-static" || lower == "int8_static" || lower == "static_int8" || lower == "static-int8")
+                hint = "static-int8";
+            else if (lower == "f32" || lower == "float" || lower == "float32" || lower == "fp32") hint = "fp32";
+            else if (lower == "int8-dynamic" || lower == "dynamic-int8" || lower == "u8" || lower == "int8") hint = "int8";
+            if (std::find(allowed.begin(), allowed.end(), hint) == allowed.end()) hint.clear();
+            return fmt::format("'{}' is not one of {}{}", text, names, hint.empty() ? "" : fmt::format("; did you mean '{}'?", hint));
+        },
+        "{" + names + "}");
+}
+
+void add_renamed_flag(CLI::App& app, const std::string& old_name, const std::string& new_name, bool takes_value) {
+    const std::string message = fmt::format("{} was renamed; use {}", old_name, new_name);
+    if (takes_value)
+        app.add_option_function<std::string>(old_name, [message](const std::string&) { throw CLI::ValidationError(message); }, "")
+            ->group("");
+    else
+        app.add_flag_callback(old_name, [message] { throw CLI::ValidationError(message); }, "")->group("");
 }
 
 // ---- flags and configuration files ----

@@ -7,6 +7,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "graph/tensor.h"
 
@@ -32,6 +33,14 @@ enum class Precision {
 };
 const char* precision_name(Precision precision);  // "int8", "fp32", "static-int8"
 Precision parse_precision(const std::string& text);  // the inverse; UsageError for anything else
+// The --precision check of every program: `allowed` (e.g. {"fp32", "int8", "static-int8"}), and for a word
+// that is not one a message naming the nearest allowed word ("did you mean 'static-int8'?"): int8-static,
+// the spelling bench_resunet once had, is refused in both programs with that hint.
+CLI::Validator precision_validator(const std::vector<std::string>& allowed);
+
+// A flag that was renamed: hidden from --help, and giving it is a one-line usage error (exit 2) that names
+// `new_name` ("--calibration-images was renamed; use --calibration-count"). `takes_value`: it took a value.
+void add_renamed_flag(CLI::App& app, const std::string& old_name, const std::string& new_name, bool takes_value = true);
 
 // ---- flags and configuration files ----
 

@@ -44,6 +44,7 @@ QuantOptions int8_options(const PlanOptions& o, int micro_batch) { return int8_e
 void print_and_save(const PlanOptions& o, const Plan& plan) {
     fmt::print("plan id: {} ({}; {}); convolutions: {}\n", plan.id(), plan.source, plan.cpu_class, plan.counts());
     if (!o.save_plan.empty()) {
+        create_output_parent(o.save_plan, "--save-plan");
         save_plan_file(o.save_plan, plan);
         fmt::print("saved: {} (run it with --plan {})\n", o.save_plan, o.save_plan);
     }
@@ -167,8 +168,8 @@ void add_plan_command(CLI::App& app) {
     command->add_option("--model", options->model, "Model .safetensors (fp32, or an int8 file from resunet quantize)")
         ->required();
     command->add_option("--precision", options->precision,
-                        "fp32 or int8 (dynamic scales, or the file's static ones); default: int8 for an int8 file, else fp32")
-        ->check(CLI::IsMember({"fp32", "int8"}));
+                        "fp32 or int8 (static-int8 runs int8's plan); default: int8 for an int8 file, else fp32")
+        ->check(precision_validator({"fp32", "int8"}));
     command->add_option("--size", options->size, "Input size in pixels (default: the file's resunet.size, else 224)")
         ->check(CLI::Range(1, 65536));
     command->add_option("--threads", options->threads, "OpenMP threads; 0 = all cores")->check(CLI::Range(0, 4096));
@@ -182,17 +183,10 @@ void add_plan_command(CLI::App& app) {
         ->check(CLI::Range(1, 4096));
     add_engine_tuning_flags(*command, options->tuning);
     command->add_flag("--retune", options->retune, "Remove the cached measured plans first, so --tune fast|full measures again");
-    command->add_option("--save-plan", options->save_plan, "Write the plan to this file (JSON); run it with --plan FILE");
+    command->add_option("--save-plan", options->save_plan, "Write the plan to this file (JSON; its folder is created if missing); run it with --plan FILE");
     command->add_flag("--overwrite", options->overwrite, "Replace an existing --save-plan file");
     command->callback([options, command] {
-        if (!options->save_plan.empty()) {
-            std::error_code ec;
-            if (std::filesystem::exists(options->save_plan, ec) && !options->overwrite)
-                throw UsageError(fmt::format("--save-plan {} exists; pass --overwrite to replace it", options->save_plan));
-            const std::filesystem::path parent = std::filesystem::path(options->save_plan).parent_path();
-            if (!parent.empty() && !std::filesystem::is_directory(parent, ec))
-                throw UsageError(fmt::format("--save-plan {}: folder {} does not exist", options->save_plan, parent.string()));
-        }
+        check_output_file(options->save_plan, "--save-plan", options->overwrite);  // before the plan is made
         if (command->count("--plan") && options->micro_batch != "1")
             throw UsageError("--plan fixes the micro-batch; drop --micro-batch");
         if (command->count("--batch") && options->micro_batch != "auto")

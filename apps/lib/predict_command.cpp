@@ -23,6 +23,7 @@
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/task_arena.h>
 
+#include "apps/lib/predict_outputs.h"
 #include "apps/lib/predict_pipeline.h"
 #include "apps/lib/quantize_cli.h"
 #include "apps/lib/version.h"
@@ -138,7 +139,11 @@ void check_options(const PredictOptions& options) {
     if (options.threads < 0) throw UsageError(fmt::format("--threads must be 0 (all cores) or more, got {}", options.threads));
     if (options.size < 0) throw UsageError(fmt::format("--size must be positive, got {}", options.size));
     if (options.calibration_images < 1)
-        throw UsageError(fmt::format("--calibration-images must be at least 1, got {}", options.calibration_images));
+        throw UsageError(fmt::format("--calibration-count must be at least 1, got {}", options.calibration_images));
+    if (!(options.threshold > 0 && options.threshold < 1))
+        throw UsageError(fmt::format("--threshold must be between 0 and 1 (exclusive), got {}", options.threshold));
+    if (options.fast_decode && options.overlay)
+        throw UsageError("--fast-decode and --overlay exclude each other: an overlay is drawn on the full-size image");
     if (options.batches_in_flight < 1) throw UsageError("batches in flight must be at least 1");
     if (options.max_pixels < 1) throw UsageError("the megapixel limit must be positive");
 }
@@ -201,15 +206,13 @@ void check_targets(const Run& run) {
             throw UsageError(fmt::format("inputs '{}' and '{}' would both write {}; rename one or predict them separately",
                                          run.paths[it->second], run.paths[index], (run.out_dir / name).string()));
     };
-    for (size_t i = 0; i < run.paths.size(); ++i) {
-        claim(mask_file_name(run.stems[i]), i);
-        if (run.options.overlay) claim(overlay_file_name(run.stems[i]), i);
-    }
-    if (metrics) {
-        for (const char* name : {kMetricsCsvName, kSummaryJsonName})
-            if (auto it = owner.find(name); it != owner.end())
-                throw UsageError(fmt::format("input '{}' would write {}, which --masks needs for {}", run.paths[it->second],
-                                             (run.out_dir / name).string(), name));
+    for (size_t i = 0; i < run.paths.size(); ++i)
+        for (const std::string& name : output_file_names(run.options, run.stems[i])) claim(name, i);
+    for (const char* name : {kMetricsCsvName, kSummaryJsonName}) {
+        if (name == std::string(kMetricsCsvName) && !metrics) continue;
+        if (auto it = owner.find(name); it != owner.end())
+            throw UsageError(fmt::format("input '{}' would write {}, which predict writes for its report", run.paths[it->second],
+                                         (run.out_dir / name).string()));
     }
 
     std::unordered_map<std::string, std::string> protected_paths;  // canonical path -> what it is
@@ -226,11 +229,10 @@ void check_targets(const Run& run) {
 
     std::vector<std::string> names;  // in input order, then the metrics files
     names.reserve(owner.size() + 2);
-    for (size_t i = 0; i < run.paths.size(); ++i) {
-        names.push_back(mask_file_name(run.stems[i]));
-        if (run.options.overlay) names.push_back(overlay_file_name(run.stems[i]));
-    }
-    if (metrics) names.insert(names.end(), {kMetricsCsvName, kSummaryJsonName});
+    for (size_t i = 0; i < run.paths.size(); ++i)
+        for (const std::string& name : output_file_names(run.options, run.stems[i])) names.push_back(name);
+    if (metrics) names.push_back(kMetricsCsvName);
+    names.push_back(kSummaryJsonName);
     size_t existing = 0;
     std::string first;
     for (const std::string& name : names) {
@@ -301,6 +303,8 @@ LoadedModel load_model(const PredictOptions& options, std::FILE* log) {
                    model.config.height, options.size);
     const bool int8_file = is_int8_weights(file.tensors);
     model.stored_scales = int8_file && has_stored_static_scales(file.tensors);
+    check_stored_scales_precision(path, model.stored_scales, options.precision, options.precision_given);
+    check_calibration_count_used(options.precision, model.stored_scales, options.calibration_given);
     check_engine_flags(options.tuning, options.precision == Precision::fp32);
     try {
         if (options.precision == Precision::fp32) {
@@ -335,7 +339,7 @@ int calibrate_on_fixed_set(const Run& run, LoadedModel& model, InferenceThread& 
 void print_summary(std::FILE* out, const Run& run, const PredictReport& report) {
     fmt::print(out, "predict: {} images: {} ok, {} failed\n", report.images_total, report.images_ok, report.images_failed);
     fmt::print(out, "  engine      {}, batch {}\n", report.engine, run.options.batch);
-    fmt::print(out, "  decode      {}\n", run.options.fast_decode && !run.options.overlay
+    fmt::print(out, "  decode      {}\n", run.options.fast_decode
                                                 ? "--fast-decode: JPEGs at 1/2..1/8 scale, at least twice the model size"
                                                 : "full resolution");
     fmt::print(out, "  setup       {:.2f} s (load, compile{})\n", report.setup_seconds,
@@ -356,8 +360,9 @@ void print_summary(std::FILE* out, const Run& run, const PredictReport& report) 
                    format_summary_line("mean_iou", report.mean_iou));
         fmt::print(out, "  pooled    dice {:.4f}  iou {:.4f}  mean_iou {:.4f}\n", report.pooled.dice(), report.pooled.iou(),
                    report.pooled.mean_iou());
-        fmt::print(out, "  written   {}, {}\n", report.metrics_csv_path, report.summary_json_path);
+        fmt::print(out, "  written   {}\n", report.metrics_csv_path);
     }
+    fmt::print(out, "  summary     {}\n", report.summary_json_path);
     std::fflush(out);
 }
 
@@ -367,20 +372,25 @@ class Collector {
   public:
     Collector(const Run& run, PredictReport& report, ProgressConsole& console, bool stream)
         : run_(run), report_(report), console_(console) {
+        report.summary_json_path = (run.out_dir / kSummaryJsonName).string();
         if (run.truth_paths.empty()) return;
         report.have_metrics = true;
         report.metrics_csv_path = (run.out_dir / kMetricsCsvName).string();
-        report.summary_json_path = (run.out_dir / kSummaryJsonName).string();
         if (!stream) return;
         csv_ = std::make_unique<StreamedFile>(report.metrics_csv_path);
         fmt::print(csv_->get(), "{}", kMetricsCsvHeader);
     }
 
     void add(const Item& item) {
+        summary_rows_ += summary_row(run_, item) + "\n";
         if (!item.error.empty()) {
             ++report_.images_failed;
             report_.failures.push_back({run_.paths[item.index], item.error});
             console_.line("error: " + item.error);
+            // What it wrote before failing, or (with --overwrite) an earlier run's file of that name: no output
+            // of a failed image may look like this run's.
+            for (const std::string& name : output_file_names(run_.options, run_.stems[item.index]))
+                ::unlink((run_.out_dir / name).c_str());
             return;
         }
         ++report_.images_ok;
@@ -398,9 +408,8 @@ class Collector {
 
     // Alone: summaries, metrics.csv renamed into place, summary.json.
     void finish() {
-        if (!csv_) return;
         summarize_metrics();
-        csv_->commit();
+        if (csv_) csv_->commit();
         write_file_atomic(report_.summary_json_path, summary_text());
     }
 
@@ -415,6 +424,7 @@ class Collector {
             out.str(f.message);
         }
         out.str(rows_);
+        out.str(summary_rows_);
         out.u64(dice_.size());
         for (size_t i = 0; i < dice_.size(); ++i) {
             out.f64(dice_[i]);
@@ -438,6 +448,7 @@ class Collector {
         report_.failures.clear();
         report_.pooled = PooledMetrics();
         rows_.clear();
+        summary_rows_.clear();
         dice_.clear();
         iou_.clear();
         mean_iou_.clear();
@@ -452,6 +463,7 @@ class Collector {
                 report_.failures.push_back(std::move(failure));
             }
             rows_ += in.str();
+            summary_rows_ += in.str();
             for (uint64_t n = in.u64(); n > 0; --n) {
                 dice_.push_back(in.f64());
                 iou_.push_back(in.f64());
@@ -473,8 +485,7 @@ class Collector {
 
     // Under mpirun, on rank 0 after merge(): metrics.csv and summary.json, the same bytes as one process writes.
     void write_merged() const {
-        if (!report_.have_metrics) return;
-        write_file_atomic(report_.metrics_csv_path, std::string(kMetricsCsvHeader) + rows_);
+        if (report_.have_metrics) write_file_atomic(report_.metrics_csv_path, std::string(kMetricsCsvHeader) + rows_);
         write_file_atomic(report_.summary_json_path, summary_text());
     }
 
@@ -489,7 +500,12 @@ class Collector {
     // summary.json: what was run and the scores; no timings or host names, so it depends on the inputs and the
     // tool's version only.
     std::string summary_text() const {
-        const nlohmann::json json = {
+        nlohmann::json files = {kSummaryJsonName};
+        if (report_.have_metrics) files.push_back(kMetricsCsvName);
+        nlohmann::json failures = nlohmann::json::array();
+        for (const FailedImage& f : report_.failures) failures.push_back({{"input", f.path}, {"error", f.message}});
+        nlohmann::json json = {
+            {"format", kPredictSummaryFormat},
             {"tool_version", tool_version("resunet")},
             {"model", run_.options.model_path},
             {"precision", precision_name(run_.options.precision)},
@@ -498,12 +514,17 @@ class Collector {
             {"model_size", run_.size},
             {"images",
              {{"total", report_.images_total}, {"ok", report_.images_ok}, {"failed", report_.images_failed}, {"scored", dice_.size()}}},
-            {"resize", "logits resized to the original size with INTER_LINEAR, foreground where logit > 0"},
-            {"per_image",
-             {{"dice", metric_summary_json(report_.dice)}, {"iou", metric_summary_json(report_.iou)},
-              {"mean_iou", metric_summary_json(report_.mean_iou)}}},
-            {"pooled", {{"dice", report_.pooled.dice()}, {"iou", report_.pooled.iou()}, {"mean_iou", report_.pooled.mean_iou()}}},
+            {"threshold", run_.options.threshold},
+            {"resize", "logits resized to the original size with INTER_LINEAR, foreground where the probability > threshold"},
+            {"files", files},
+            {"failures", failures},
         };
+        if (report_.have_metrics) {
+            json["per_image"] = {{"dice", metric_summary_json(report_.dice)}, {"iou", metric_summary_json(report_.iou)},
+                                 {"mean_iou", metric_summary_json(report_.mean_iou)}};
+            json["pooled"] = {{"dice", report_.pooled.dice()}, {"iou", report_.pooled.iou()}, {"mean_iou", report_.pooled.mean_iou()}};
+        }
+        json["rows"] = rows_json(summary_rows_);
         return json.dump(2) + "\n";
     }
 
@@ -512,6 +533,7 @@ class Collector {
     ProgressConsole& console_;
     std::unique_ptr<StreamedFile> csv_;          // alone: rows stream to disk
     std::string rows_;                           // under mpirun: this rank's rows (after merge: all rows)
+    std::string summary_rows_;                   // summary.json's rows, one JSON object a line (after merge: all)
     std::vector<double> dice_, iou_, mean_iou_;  // for summarize()
 };
 
@@ -536,6 +558,12 @@ PredictReport run_predict(const PredictOptions& options) {
         [&] {
             model = load_model(effective, info);
             create_out_dir(planned->out_dir);
+            if (effective.overwrite && root) {
+                const size_t removed = remove_earlier_run(*planned);
+                if (removed > 0 && info)
+                    fmt::print(info, "--overwrite: removed the {} files of the earlier run in {} (its summary.json)\n", removed,
+                               planned->out_dir.string());
+            }
         },
         /*rank0_first=*/true);
     Run& run = *planned;
@@ -647,48 +675,57 @@ int predict_command(const PredictOptions& options) {
 void add_predict_command(CLI::App& app) {
     auto options = std::make_shared<PredictOptions>();
     auto force_progress = std::make_shared<bool>(false);
-    CLI::App* command = app.add_subcommand("predict", "Segment images with a model; write 0/255 PNG masks (and metrics with --masks)");
+    CLI::App* command = app.add_subcommand(
+        "predict", "Segment images with a model; write 0/255 PNG masks and summary.json (and metrics with --masks)");
     command->add_option("inputs", options->inputs, "Image files, folders of images (JPEG/PNG/TIFF/BMP, sorted) or @list.txt")
         ->required()
         ->type_name("INPUT");
     command->add_option("--model", options->model_path, "Model .safetensors (fp32, or int8 from `resunet quantize`)")
         ->required();
     auto precision = std::make_shared<std::string>("int8");
-    command->add_option("--precision", *precision,
-                        "int8 (dynamic scales, the default of predict and eval: the paper's deployed path), fp32, or "
-                        "static-int8 (calibrated scales)")
-        ->check(CLI::IsMember({"int8", "fp32", "static-int8"}))
-        ->capture_default_str();
+    CLI::Option* precision_option =
+        command->add_option("--precision", *precision,
+                            "int8 (scales computed per image, the default), fp32, or static-int8 (fixed scales: the "
+                            "model file's, else calibrated); a file from `resunet quantize` runs its stored scales")
+            ->check(precision_validator({"int8", "fp32", "static-int8"}))
+            ->capture_default_str();
     command->add_option("--batch", options->batch,
-                        "Images decoded together and passed to one engine call, which runs them one image per pass "
-                        "(micro-batch 1), so masks do not depend on it; 3 batches are in flight at a time")
+                        "Images decoded and run together; masks do not depend on it")
         ->check(CLI::Range(1, 1024))->default_val(16);
-    command->add_option("--threads", options->threads, "Worker threads for decoding and oneDNN; 0 = all cores")
+    command->add_option("--threads", options->threads, "Worker threads for decoding and the model; 0 = all cores")
         ->check(CLI::Range(0, 4096))
         ->default_val(0);
-    command->add_option("--out", options->out_dir, "Output folder for <stem>.png masks (created if missing)")->required();
+    command->add_option("--out", options->out_dir, "Output folder (created if missing): <stem>.png masks and summary.json")
+        ->required();
     command->add_flag("--overlay", options->overlay, "Also write <stem>_overlay.png: contour and tint over the image");
+    command->add_flag("--save-probabilities", options->save_probabilities,
+                      "Also write <stem>_probability.png: the polyp probability per pixel, 8-bit grey (0-255 = 0-1)");
+    command->add_option("--threshold", options->threshold,
+                        "Polyp where the probability is above this, between 0 and 1 (exclusive)")
+        ->default_val(0.5);
     command->add_option("--masks", options->masks_dir,
-                        "Ground-truth folder (masks matched by stem): writes metrics.csv and summary.json to --out");
-    command->add_flag("--overwrite", options->overwrite, "Replace existing outputs (default: refuse to start)");
+                        "Ground-truth folder (masks matched by stem): adds metrics.csv and scores to --out");
+    command->add_flag("--overwrite", options->overwrite,
+                      "Replace existing outputs, and remove the files an earlier run listed in --out's summary.json "
+                      "(default: refuse to start)");
     command->add_flag("--fast-decode", options->fast_decode,
-                      "Decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg) while still at least twice the model size: several times "
-                      "faster for large images; the model input differs slightly from a full decode. Not with --overlay");
+                      "Decode JPEGs at a reduced scale, still at least twice the model size: faster for large images, "
+                      "slightly different input. Not with --overlay");
     command->add_option("--size", options->size, "Model input size for files without 'resunet.size' metadata (default 224)")
         ->check(CLI::Range(1, 65536));
-    command->add_option("--calibration-images", options->calibration_images,
+    CLI::Option* calibration = command->add_option("--calibration-count", options->calibration_images,
                         "static-int8 with a model that stores no scales: calibrate on a fixed synthetic set of N images "
-                        "(seeded, the same in every run, so a mask never depends on the other inputs); a `resunet quantize` "
-                        "file stores scales from real images and is used as is")
+                        "(the same in every run); a `resunet quantize` file is used as is")
         ->check(CLI::Range(1, 4096))
         ->default_val(16);
+    add_renamed_flag(*command, "--calibration-images", "--calibration-count");
     add_engine_tuning_flags(*command, options->tuning);
     command->add_flag("--progress", *force_progress, "Show the progress bar even when stderr is not a terminal");
-    command->callback([options, force_progress, precision] {
+    command->callback([options, force_progress, precision, precision_option, calibration] {
         PredictOptions run_options = *options;
-        run_options.precision = *precision == "fp32"          ? Precision::fp32
-                                : *precision == "static-int8" ? Precision::static_int8
-                                                              : Precision::int8;
+        run_options.calibration_given = calibration->count() > 0;
+        run_options.precision = parse_precision(*precision);
+        run_options.precision_given = precision_option->count() > 0;
         run_options.progress = *force_progress || ::isatty(STDERR_FILENO) != 0;
         const int code = predict_command(run_options);
         if (code != 0) throw CLI::RuntimeError(code);

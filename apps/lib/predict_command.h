@@ -6,7 +6,7 @@
 //   options.inputs = {"/data/images", "@more.txt", "one.png"};   // files, folders, list files
 //   options.model_path = "model.safetensors";                    // fp32 weights or an int8 file
 //   options.out_dir = "/tmp/pred";                                // <stem>.png masks, 0/255
-//   options.masks_dir = "/data/masks";                            // optional: metrics.csv + summary.json
+//   options.masks_dir = "/data/masks";                            // optional: metrics.csv and scores
 //   resunet::PredictReport report = resunet::run_predict(options);  // UsageError before any work
 //   return report.exit_code();                                       // 0 all images ok, 1 some failed
 //
@@ -14,15 +14,18 @@
 //   resunet::add_predict_command(app);                            // `resunet predict ...`, exit codes 0/1/2
 //
 // Masks at the original resolution come from logits_to_mask(): the model-size logit map is resized with
-// bilinear interpolation (cv::INTER_LINEAR) and thresholded at 0 (probability 0.5). The written PNG and the
+// bilinear interpolation (cv::INTER_LINEAR) and thresholded at 0 (probability 0.5; --threshold T: logit
+// log(T / (1 - T))). The written PNG and the
 // metrics are both taken from that one mask. Interpolating logits (not a 0/1 mask) gives boundaries that
 // follow the model's, instead of model-size pixel blocks.
 //
 // Pipeline (tbb::parallel_pipeline, batches_in_flight live batches): serial make-batch -> parallel decode
 // and preprocess -> serial infer -> parallel resize back, encode, write, score -> serial collect and
 // progress. The engine runs on one dedicated thread (oneDNN's OpenMP keeps one thread team per calling
-// thread). Decoded images and engine buffers are bounded by batches_in_flight x batch; only the path list
-// and three doubles per scored image grow with the image count. The pipeline itself is predict_pipeline.h.
+// thread). Decoded images and engine buffers are bounded by batches_in_flight x batch; only the path list,
+// three doubles per scored image and one summary.json row (about 200 bytes) per image grow with the image
+// count. summary.json (always written) lists what the run wrote (predict_outputs.h), so a later run with
+// --overwrite removes exactly that. The pipeline itself is predict_pipeline.h.
 //
 // Under `mpirun -np N` the images are sharded across ranks in whole batches (dist::shard over the batches, in
 // input order), so each batch a rank runs holds exactly the images it holds in a one-process run: int8 dynamic
@@ -54,6 +57,7 @@ struct PredictOptions {
     std::vector<std::string> inputs;  // image files, folders (supported images inside, sorted), "@list.txt"
     std::string model_path;           // .safetensors: fp32 weights, or int8 from `resunet quantize`
     Precision precision = Precision::int8;
+    bool precision_given = false;     // --precision was given (int8 on a file with stored scales: refused)
     int batch = 16;               // images per engine call
     int threads = 0;              // TBB workers and oneDNN threads; 0 = all cores (under mpirun: cores / ranks)
     EngineTuningFlags tuning;     // --precision fp32 only: --tune, --plan-cache, --memory-budget
@@ -62,9 +66,12 @@ struct PredictOptions {
     std::string masks_dir;        // ground truth by stem; empty = no metrics
     bool overwrite = false;       // replace existing outputs instead of refusing to start
     bool fast_decode = false;     // JPEGs decode at 1/2, 1/4 or 1/8 scale while still at least twice the model size
-                                  // (read_image_reduced); ignored with overlay, which needs the full image
+                                  // (read_image_reduced); refused with overlay, which needs the full image
+    double threshold = 0.5;       // foreground where the probability (sigmoid of the logit) is above it; in (0, 1)
+    bool save_probabilities = false;  // also write <stem>_probability.png: round(255 * probability), 8-bit grey
     int size = 0;                 // model input size when the file has no "resunet.size"; 0 = 224
-    int calibration_images = 16;  // static-int8 without stored scales: this many fixed synthetic images
+    int calibration_images = 16;  // --calibration-count: static-int8 without stored scales: this many fixed synthetic images
+    bool calibration_given = false;  // --calibration-count was given (refused where nothing is calibrated)
     int batches_in_flight = 3;    // live tokens of the pipeline: bounds decoded images held in memory
     int64_t max_pixels = 100'000'000;  // larger images are refused (per-file failure)
     bool progress = false;        // progress bar on `log` (the CLI turns it on when stderr is a TTY)

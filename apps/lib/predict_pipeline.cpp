@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -30,6 +31,14 @@ namespace resunet {
 
 std::string mask_file_name(const std::string& stem) { return stem + ".png"; }
 std::string overlay_file_name(const std::string& stem) { return stem + "_overlay.png"; }
+std::string probability_file_name(const std::string& stem) { return stem + "_probability.png"; }
+
+std::vector<std::string> output_file_names(const PredictOptions& options, const std::string& stem) {
+    std::vector<std::string> names = {mask_file_name(stem)};
+    if (options.overlay) names.push_back(overlay_file_name(stem));
+    if (options.save_probabilities) names.push_back(probability_file_name(stem));
+    return names;
+}
 
 std::string csv_field(const std::string& text) {
     if (text.find_first_of(",\"\r\n") == std::string::npos) return text;
@@ -142,11 +151,35 @@ void load_input(const Run& run, Item& item, float* dst, bool full_decode) {
 
 std::string error_text(const std::exception& e) { return one_line(e.what()); }
 
-// Resizes back, writes mask (and overlay), scores against the ground truth.
+// The mask at the original size: the logits resized as logits_to_mask resizes them, foreground where the
+// probability is above --threshold (at 0.5, logit > 0: logits_to_mask's mask exactly). With --save-probabilities
+// also the probability map, round(255 * sigmoid(logit)), into `probability`.
+cv::Mat mask_at_threshold(const Run& run, const Item& item, const float* logits, cv::Mat* probability) {
+    if (run.options.threshold == 0.5 && !probability) return logits_to_mask(logits, run.size, run.size, item.width, item.height);
+    const cv::Mat map(run.size, run.size, CV_32F, const_cast<float*>(logits));
+    cv::Mat resized;
+    if (item.width == run.size && item.height == run.size) resized = map;
+    else cv::resize(map, resized, cv::Size(item.width, item.height), 0, 0, cv::INTER_LINEAR);
+    const double t = run.options.threshold;
+    cv::Mat mask;
+    cv::threshold(resized, mask, t == 0.5 ? 0.0 : std::log(t / (1.0 - t)), 1.0, cv::THRESH_BINARY);
+    mask.convertTo(mask, CV_8U);
+    if (probability) {
+        cv::Mat negative_exp;
+        cv::exp(-resized, negative_exp);
+        cv::Mat sigmoid = 1.0 / (1.0 + negative_exp);
+        sigmoid.convertTo(*probability, CV_8U, 255.0);  // rounds and saturates
+    }
+    return mask;
+}
+
+// Resizes back, writes mask (and overlay, probability map), scores against the ground truth.
 void finish_item(const Run& run, Item& item, const float* logits) {
     const std::string& stem = run.stems[item.index];
-    const cv::Mat mask = logits_to_mask(logits, run.size, run.size, item.width, item.height);  // {0, 1}
+    cv::Mat probability;
+    const cv::Mat mask = mask_at_threshold(run, item, logits, run.options.save_probabilities ? &probability : nullptr);  // {0, 1}
     encode_and_write((run.out_dir / mask_file_name(stem)).string(), mask * 255);
+    if (run.options.save_probabilities) encode_and_write((run.out_dir / probability_file_name(stem)).string(), probability);
     if (run.options.overlay) {
         // Decoded again here, so an original lives only while its overlay is drawn (one per finishing thread).
         const cv::Mat original = read_image(run.paths[item.index], run.options.max_pixels);

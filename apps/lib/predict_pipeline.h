@@ -35,6 +35,9 @@ namespace resunet {
 
 std::string mask_file_name(const std::string& stem);     // <stem>.png
 std::string overlay_file_name(const std::string& stem);  // <stem>_overlay.png
+std::string probability_file_name(const std::string& stem);  // <stem>_probability.png
+// The files one image writes into --out: its mask, and its overlay and probability map when asked for.
+std::vector<std::string> output_file_names(const PredictOptions& options, const std::string& stem);
 
 // The one engine of a run, fp32 or int8; called from the pipeline's serial stage only.
 class Runner {

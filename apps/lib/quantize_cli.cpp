@@ -68,11 +68,6 @@ std::vector<float> load_image_files(const std::vector<std::string>& paths, int s
     return images;
 }
 
-bool path_exists(const std::string& path) {
-    struct stat info {};
-    return ::stat(path.c_str(), &info) == 0;
-}
-
 }  // namespace
 
 std::vector<std::string> calibration_ids(const std::vector<std::string>& train_ids, int count, std::optional<uint64_t> seed) {
@@ -179,14 +174,14 @@ QuantizeReport run_quantize(const QuantizeCommandOptions& options) {
     std::error_code ec;
     if (fs::equivalent(options.model_path, options.out_path, ec))
         throw UsageError(fmt::format("--out '{}' is the --model file itself", options.out_path));
-    if (!options.overwrite)
-        for (const std::string& path : {report.out_path, report.report_md_path, report.report_json_path})
-            if (path_exists(path)) throw UsageError(fmt::format("'{}' exists; add --overwrite to replace it", path));
+    for (const std::string& path : {report.out_path, report.report_md_path, report.report_json_path})
+        check_output_file(path, "--out", options.overwrite);
     {
         const fs::path parent = fs::path(options.out_path).parent_path();
-        if (!parent.empty() && !fs::is_directory(parent, ec))
-            throw UsageError(fmt::format("--out '{}': folder '{}' does not exist", options.out_path, parent.string()));
-        remove_stale_temp_files(parent.empty() ? std::string(".") : parent.string());  // of runs killed before their commit
+        if (!parent.empty() && fs::is_directory(parent, ec))
+            remove_stale_temp_files(parent.string());  // of runs killed before their commit
+        else if (parent.empty())
+            remove_stale_temp_files(".");
     }
 
     ModelFile model = load_model_file(options.model_path, options.size, [&](const SafetensorsFile& file) {
@@ -268,6 +263,7 @@ QuantizeReport run_quantize(const QuantizeCommandOptions& options) {
     const auto checksum = file.metadata.find(kSafetensorsChecksumKey);
     metadata[kInt8SourceChecksumKey] = checksum != file.metadata.end() ? checksum->second : "none";
     // The model and its two reports appear together at the end (the model last), or not at all.
+    create_output_parent(options.out_path, "--out");
     AtomicFileSet outputs;
     const std::string md_temp = outputs.add(report.report_md_path);
     const std::string json_temp = outputs.add(report.report_json_path);
@@ -349,7 +345,8 @@ void add_quantize_command(CLI::App& app) {
         "Make an int8 model file with static activation scales stored in it, and a per-layer SQNR report beside it");
     command->add_option("--model", options->model_path, "fp32 model .safetensors")->required();
     command->add_option("--out", options->out_path,
-                        "int8 .safetensors to write; the report goes beside it (<out>.report.md, <out>.report.json)")
+                        "int8 .safetensors to write (its folder is created if missing); the report goes beside it "
+                        "(<out>.report.md, <out>.report.json)")
         ->required();
     CLI::Option* data = command->add_option("--data", options->data_dir,
                                             "Kvasir-SEG folder: calibrate on the train side of --split");
@@ -362,6 +359,7 @@ void add_quantize_command(CLI::App& app) {
                         "--calibration: a fixed synthetic set of N images")
         ->check(CLI::Range(1, 4096))
         ->default_val(kDefaultCalibrationImages);
+    add_renamed_flag(*command, "--calibration-images", "--calibration-count");
     CLI::Option* seed_option = command->add_option("--seed", *seed, "Draw the calibration images at random with this seed");
     command->add_option("--keep-fp32", options->keep_fp32, "Layers kept fp32 (head node names, e.g. e1.conv_a)")
         ->type_name("LAYER");
