@@ -119,14 +119,10 @@ std::unique_ptr<WinogradOwn> WinogradOwn::create(const engine& eng, stream& strm
     const int64_t positions = static_cast<int64_t>(c.alpha_) * c.alpha_;
     const int64_t ic = shape.in_channels, oc = shape.out_channels;
 
-    // Two ways to thread it. Several threads: each runs whole groups of tiles (input transform, a
-    // single-threaded matmul, output transform) on its own slot of the scratch, with no barrier but the
-    // one at the end; a team barrier per phase costs a scheduler slice on a loaded 2-core machine
-    // (measured: a 36 x 64 x 64 x 64 matmul takes 0.45 ms on one thread, 16 ms on two). Groups of 32 to
-    // 128 tiles whose V and M take about 8 MB (measured on the width-64 network's layers at 2 threads:
-    // 16-32 tiles starve the GEMMs at 256-512 channels, one group of 3136 tiles at 64 channels runs out
-    // of cache), at most a thread's share, equal, a multiple of the thread count. One thread, or a
-    // single group asked for: the groups in turn, the transforms threaded, the matmul threaded by oneDNN.
+    // Several groups of tiles: each thread runs whole groups (input transform, a one-thread matmul, output
+    // transform) on its own slot of the scratch, with no barrier but the one at the end (a team barrier per
+    // phase costs a scheduler slice on a loaded 2-core machine). Groups of 32 to 128 tiles whose V and M take
+    // about 8 MB: fewer tiles starve the GEMMs at 256-512 channels, one group of thousands runs out of cache.
     c.threads_ = std::max(1, omp_get_max_threads());
     // The groups (and so each GEMM's shape) never depend on the thread count, and each GEMM is made for and
     // run on one thread: a tile's sums are then the same on any thread count (docs/plan.md).

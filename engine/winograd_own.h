@@ -1,5 +1,6 @@
-// Our own fp32 Winograd convolution F(4x4,3x3) or F(2x2,3x3) for 3x3 stride-1 pad-1 layers, for CPUs
-// where oneDNN 2.6 has none (AVX2) and as one more measured candidate where it has one (AVX-512).
+// Our own fp32 Winograd convolution F(4x4,3x3) or F(2x2,3x3) for 3x3 stride-1 pad-1 layers: the rule's
+// (docs/plan.md) on every CPU with AVX2, since its sums do not depend on the thread count or the micro-batch,
+// and the only Winograd oneDNN 3.x leaves on x86.
 //
 // Built once per layer at compile time from the folded OIHW weights and bias: the weight transform
 // U = G g G^T is done then, in double, and stored in the layout oneDNN's matmul asked for. A run, per
