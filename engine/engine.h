@@ -174,4 +174,9 @@ class Engine {
 std::string cpu_model_name();
 std::string onednn_version();
 
+// Whether fp32 plans of this CPU class give the same numbers at every micro-batch (Plan::micro_batch_changes_numbers):
+// on AVX-512 classes our Winograd's GEMMs are oneDNN's brgemm, whose sums follow K alone; on AVX2 they are
+// its gemm:jit, whose kernel follows the GEMM's shape (tests/test_plan.cpp measures both).
+bool fp32_micro_batch_keeps_numbers_here();
+
 }  // namespace resunet

@@ -125,9 +125,9 @@ std::unique_ptr<Engine::Impl> compile_exactly(const Graph& graph, const TensorMa
                                               const Plan& asked, const std::string& source) {
     auto impl = std::make_unique<Engine::Impl>();
     if (asked.precision != "fp32") throw Error(fmt::format("plan {}: an {} plan, not an fp32 one", asked.id(), asked.precision));
-    if (asked.micro_batch != options.micro_batch && asked.micro_batch_changes_numbers())
-        throw Error(fmt::format("plan {}: made for micro-batch {}, not {} (oneDNN's Winograd gives other numbers at "
-                                "another micro-batch)", asked.id(), asked.micro_batch, options.micro_batch));
+    if (asked.micro_batch != options.micro_batch && (asked.micro_batch_changes_numbers() || !fp32_micro_batch_keeps_numbers_here()))
+        throw Error(fmt::format("plan {}: made for micro-batch {}, not {} (another micro-batch gives other numbers with "
+                                "this plan on this CPU)", asked.id(), asked.micro_batch, options.micro_batch));
     std::map<std::string, std::string> algorithms;
     for (const auto& [name, layer] : asked.layers) algorithms[name] = std::string(conv_algo_name(layer.algorithm));
     impl->compile(graph, weights, options, FixedChoices{tag_of_layout(asked.layout), algorithms});
@@ -364,6 +364,8 @@ std::string cpu_model_name() {
     if (name.empty()) return "unknown";
     return family.empty() || model.empty() ? name : fmt::format("{} (family {} model {})", name, family, model);
 }
+
+bool fp32_micro_batch_keeps_numbers_here() { return effective_isa_name().starts_with("avx512"); }
 
 std::string onednn_version() {
     const dnnl_version_t* v = dnnl_version();

@@ -58,7 +58,7 @@ ConvAlgo conv_algo_from_name(std::string_view name) {
 }
 
 bool Plan::micro_batch_changes_numbers() const {
-    if (precision != "fp32") return true;
+    if (precision != "fp32" || !cpu_class.starts_with("avx512")) return true;
     for (const auto& [name, layer] : layers)
         if (layer.algorithm == ConvAlgo::winograd_onednn) return true;
     return false;

@@ -54,9 +54,11 @@ struct Plan {
     // matters, each layer's algorithm and precision). Two plans with the same id give the same numbers on one
     // CPU class.
     std::string id() const;
-    // Whether another micro-batch gives other numbers: int8 (dynamic scales per pass), and fp32 with oneDNN's
-    // own Winograd (its blocking follows the problem size). Our kernels and oneDNN's direct ones never change a
-    // sum's order with the images per pass (tests/test_plan.cpp), so such an fp32 plan runs at any micro-batch.
+    // Whether another micro-batch gives other numbers: int8 (dynamic scales per pass), fp32 with oneDNN's own
+    // Winograd (its blocking follows the problem size), and fp32 below AVX-512 (our Winograd's GEMMs run on
+    // oneDNN's gemm:jit there, whose kernel follows the tile count). On AVX-512 classes our kernels and oneDNN's
+    // direct ones never change a sum's order with the images per pass (tests/test_plan.cpp), so such an fp32
+    // plan runs at any micro-batch.
     bool micro_batch_changes_numbers() const;
     // "14 winograd_f43, 14 direct" style counts, for reports.
     std::string counts() const;

@@ -53,6 +53,7 @@ void check_engine_flags(const EngineTuningFlags& flags, bool fp32) {
 }
 
 int fp32_micro_batch_for(int batch) {
+    if (!fp32_micro_batch_keeps_numbers_here()) return 1;  // one image per pass, as resunet predict runs
     for (int mb : {4, 2})
         if (batch % mb == 0) return mb;
     return 1;

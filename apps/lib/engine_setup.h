@@ -32,10 +32,11 @@ void check_engine_flags(const EngineTuningFlags& flags, bool fp32);
 EngineOptions fp32_engine_options(const EngineTuningFlags& flags, int threads, int micro_batch);
 QuantOptions int8_engine_options(const EngineTuningFlags& flags, int threads, int micro_batch);
 
-// The fp32 micro-batch for runs of `batch` images: 4 images per pass where the batch divides by 4 (else 2,
-// else 1). It never changes the numbers (the algorithms are chosen at micro-batch 1), and on the deep layers
-// (28x28 and 14x14 at width 64) four images share each streamed weight: width 64, 224x224, batch 16 runs
-// about 15% faster than one image per pass, for 250 MB more arena (docs/plan.md).
+// The fp32 micro-batch for runs of `batch` images: on CPU classes where it changes no number
+// (fp32_micro_batch_keeps_numbers_here: AVX-512), 4 images per pass where the batch divides by 4 (else 2,
+// else 1); elsewhere 1, as resunet predict runs. On the deep layers (28x28 and 14x14 at width 64) four images
+// share each streamed weight: width 64, 224x224, batch 16 runs about 15% faster than one image per pass, for
+// 250 MB more arena (docs/plan.md).
 int fp32_micro_batch_for(int batch);
 
 // The --plan file, loaded and checked (UsageError with one line), or null without --plan.
