@@ -605,10 +605,10 @@ void add_flags(CLI::App& app, Options& o) {
         ->check(resunet::positive_number());
     app.add_option("--batch", o.batch, "images per timed run")->check(resunet::positive_number());
     app.add_option("--micro-batch", o.micro_batch_text,
-                   "images per pass through the compiled plan. default: fp32 rows 4 (2, 1 where the batch does not "
-                   "divide; the same numbers as 1 image per pass), int8 rows 1 (their scales are per pass, as in "
-                   "resunet predict); or a count; or auto: each row's candidates (1, 2, 4, ... dividing --batch) timed "
-                   "on the whole batch, checked against micro-batch 1, the fastest kept")
+                   "images per pass through the compiled plan. default: fp32 rows 4 where that gives the same "
+                   "numbers as 1 (AVX-512 CPUs), else 1; int8 rows 1 (their scales are per pass, as in resunet "
+                   "predict); or a count; or auto: each row's candidates (1, 2, 4, ... dividing --batch) timed on "
+                   "the whole batch, checked against micro-batch 1, the fastest kept")
         ->capture_default_str()
         ->check(resunet::count_or_auto(4096, /*or_default=*/true));
     app.add_option("--threads", o.threads, "oneDNN (OpenMP) threads; 0 = all cores")->check(resunet::non_negative_number());

@@ -76,9 +76,13 @@ std::string markdown(const json& report) {
         md += fmt::format("Micro-batch {} (the batch runs as {} passes of the same compiled plan).\n", report["micro_batch"].get<int>(),
                           report["batch"].get<int>() / report["micro_batch"].get<int>());
     } else if (report["micro_batch"] == "default") {
-        md += "Micro-batch per row: fp32 rows run 4 images per pass where the batch divides by 4 (the same numbers as one "
-              "image per pass; the deep layers share each streamed weight), int8 rows one image per pass (dynamic scales are "
-              "per pass, as in resunet predict).\n";
+        std::string per_row;
+        for (const json& r : report["rows"])
+            per_row += fmt::format("{}{} {}", per_row.empty() ? "" : ", ", r["precision"].get<std::string>(), r["micro_batch"].get<int>());
+        md += fmt::format("Micro-batch per row ({}): fp32 rows several images per pass where that gives the same numbers as "
+                          "one (AVX-512 CPUs; the deep layers share each streamed weight), else one; int8 rows one image per "
+                          "pass (dynamic scales are per pass, as in resunet predict).\n",
+                          per_row);
     } else {
         md += fmt::format("Micro-batch measured per row (--micro-batch auto): the candidates dividing the batch, smallest first, "
                           "each compiled and timed on the whole batch (median of up to 3 runs), checked against micro-batch 1's "
