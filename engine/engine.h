@@ -94,9 +94,10 @@ struct EngineOptions {
     // Keep every materialised activation until the end of a pass (no arena reuse, no in-place residual
     // accumulation), so read_value() can return it afterwards. For per-layer comparisons; costs memory.
     bool keep_values = false;
-    // A plan to run exactly (engine/plan.h: an fp32 plan whose micro-batch is `micro_batch`): its layout and
-    // algorithms, nothing measured. A layer it names that the graph lacks, a convolution it leaves out, or an
-    // algorithm without a kernel here is a resunet::Error. Null: planned by `tune`.
+    // A plan to run exactly (engine/plan.h: an fp32 plan, made for `micro_batch` unless another changes no number,
+    // Plan::micro_batch_changes_numbers): its layout and algorithms, nothing measured. A layer it names that the
+    // graph lacks, a convolution it leaves out, or an algorithm without a kernel here is a resunet::Error. Null:
+    // planned by `tune`.
     std::shared_ptr<const Plan> plan;
 };
 
@@ -174,9 +175,7 @@ class Engine {
 std::string cpu_model_name();
 std::string onednn_version();
 
-// Whether fp32 plans of this CPU class give the same numbers at every micro-batch (Plan::micro_batch_changes_numbers):
-// on AVX-512 classes our Winograd's GEMMs are oneDNN's brgemm, whose sums follow K alone; on AVX2 they are
-// its gemm:jit, whose kernel follows the GEMM's shape (tests/test_plan.cpp measures both).
+// fp32_micro_batch_keeps_numbers (engine/plan.h) for the class oneDNN dispatches on this CPU.
 bool fp32_micro_batch_keeps_numbers_here();
 
 }  // namespace resunet

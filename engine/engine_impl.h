@@ -139,6 +139,10 @@ std::string layout_name(memory::format_tag t);
 // Hands the heap's free pages back to the system between planning stages (engine_run.cpp).
 void return_freed_memory();
 
+// The blocked layout's tag where one runs without reference kernels at the graph's widths, else undef
+// (engine_run.cpp; the rule's layout and the measured planner's layout contest).
+tag blocked_layout_here(const Graph& graph, const EngineOptions& options);
+
 // The measured plan (--tune fast|full, engine/plan_measured.cpp): candidates timed per convolution, the memory
 // budget, the layout contest. `layouts` gets the contest's line ("" without one), `budget_note` the budget's.
 std::unique_ptr<Engine::Impl> compile_measured(const Graph& graph, const TensorMap& weights, const EngineOptions& options,

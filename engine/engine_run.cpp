@@ -34,6 +34,22 @@ void return_freed_memory() {
 #endif
 }
 
+// The blocked layout's tag where one runs without reference kernels at the graph's widths, else undef.
+tag blocked_layout_here(const Graph& graph, const EngineOptions& options) {
+    EngineOptions blocked_options = options;
+    blocked_options.layout = EngineLayout::blocked;
+    Engine::Impl probe;
+    probe.options = blocked_options;
+    probe.graph = graph.with_batch(options.micro_batch);
+    probe.ops = fuse(probe.graph);
+    try {
+        probe.choose_layout();
+    } catch (const Error&) {
+        return tag::undef;  // no blocked layout without reference kernels at these widths (5, 6)
+    }
+    return probe.act_tag;
+}
+
 double Engine::Impl::time_pass(int reps) {
     std::vector<float> src(static_cast<size_t>(num_elements(input_dims) * options.micro_batch));
     std::vector<float> dst(static_cast<size_t>(num_elements(output_dims) * options.micro_batch));
@@ -102,22 +118,6 @@ void check_plan_ran(const Plan& asked, const Plan& ran) {
     }
     if (asked.layout != ran.layout)
         throw Error(fmt::format("plan {}: layout {} cannot run here (got {})", asked.id(), asked.layout, ran.layout));
-}
-
-// The blocked layout's tag where one runs without reference kernels at the graph's widths, else undef.
-tag blocked_layout_here(const Graph& graph, const EngineOptions& options) {
-    EngineOptions blocked_options = options;
-    blocked_options.layout = EngineLayout::blocked;
-    Engine::Impl probe;
-    probe.options = blocked_options;
-    probe.graph = graph.with_batch(options.micro_batch);
-    probe.ops = fuse(probe.graph);
-    try {
-        probe.choose_layout();
-    } catch (const Error&) {
-        return tag::undef;  // no blocked layout without reference kernels at these widths (5, 6)
-    }
-    return probe.act_tag;
 }
 
 // Exactly `asked` (a plan file, or the plan cache's), checked to fit; `source` names where it came from.
@@ -365,7 +365,7 @@ std::string cpu_model_name() {
     return family.empty() || model.empty() ? name : fmt::format("{} (family {} model {})", name, family, model);
 }
 
-bool fp32_micro_batch_keeps_numbers_here() { return effective_isa_name().starts_with("avx512"); }
+bool fp32_micro_batch_keeps_numbers_here() { return fp32_micro_batch_keeps_numbers(effective_isa_name()); }
 
 std::string onednn_version() {
     const dnnl_version_t* v = dnnl_version();

@@ -57,8 +57,10 @@ ConvAlgo conv_algo_from_name(std::string_view name) {
     throw Error(fmt::format("'{}' is no convolution algorithm (one of {})", name, valid));
 }
 
+bool fp32_micro_batch_keeps_numbers(const std::string& cpu_class) { return cpu_class.starts_with("avx512"); }
+
 bool Plan::micro_batch_changes_numbers() const {
-    if (precision != "fp32" || !cpu_class.starts_with("avx512")) return true;
+    if (precision != "fp32" || !fp32_micro_batch_keeps_numbers(cpu_class)) return true;
     for (const auto& [name, layer] : layers)
         if (layer.algorithm == ConvAlgo::winograd_onednn) return true;
     return false;

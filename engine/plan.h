@@ -65,6 +65,11 @@ struct Plan {
     bool same_numerics(const Plan& other) const { return id() == other.id(); }
 };
 
+// Whether fp32 plans of a CPU class (Plan::cpu_class, the ISA oneDNN dispatches) give the same numbers at every
+// micro-batch: on AVX-512 classes our Winograd's GEMMs are oneDNN's brgemm, whose sums follow K alone; below,
+// its gemm:jit, whose kernel follows the GEMM's shape (tests/test_plan.cpp measures both).
+bool fp32_micro_batch_keeps_numbers(const std::string& cpu_class);
+
 // The plan as JSON text (format "resunet-plan-file-1"), and back. from_json_text refuses anything else with
 // a one-line resunet::Error (unknown algorithm, missing field, wrong format).
 std::string plan_to_json_text(const Plan& plan);

@@ -125,17 +125,8 @@ std::unique_ptr<Engine::Impl> compile_measured(const Graph& graph, const TensorM
         // One plan is alive at a time, so the peak memory is that of the larger plan.
         EngineOptions blocked_options = options;
         blocked_options.layout = EngineLayout::blocked;
-        Engine::Impl probe;
-        probe.options = blocked_options;
-        probe.graph = graph.with_batch(options.micro_batch);
-        probe.ops = fuse(probe.graph);
-        bool blocked_exists = true;
-        try {
-            probe.choose_layout();
-        } catch (const Error&) {
-            blocked_exists = false;  // no blocked layout without reference kernels at these widths (5, 6)
-        }
-        if (blocked_exists && probe.act_tag != impl->act_tag) {
+        const tag blocked = blocked_layout_here(graph, options);
+        if (blocked != tag::undef && blocked != impl->act_tag) {
             const int reps = options.tune == Tuning::full ? 3 : 1;
             const double automatic_ms = impl->time_pass(reps);
             impl.reset();

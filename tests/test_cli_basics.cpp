@@ -1,9 +1,7 @@
 // What both programs say about themselves: --version (the project version and the build's git commit), a
 // mistyped subcommand as a one-line usage error that names the nearest one, and --help within 100 columns.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <array>
 #include <cstdio>
 #include <filesystem>
 #include <sstream>
@@ -12,28 +10,15 @@
 
 #include "apps/lib/help_format.h"
 #include "apps/lib/version.h"
+#include "tests/support/command.h"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-struct Result {
-    int code = -1;
-    std::string out;  // stdout and stderr together
-};
-
-Result run(const std::string& command) {
-    Result r;
-    FILE* pipe = popen((command + " 2>&1").c_str(), "r");
-    if (!pipe) return r;
-    std::array<char, 4096> buffer;
-    while (size_t n = fread(buffer.data(), 1, buffer.size(), pipe)) r.out.append(buffer.data(), n);
-    const int status = pclose(pipe);
-    r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    return r;
-}
-
-fs::path build_dir() { return fs::canonical("/proc/self/exe").parent_path().parent_path(); }
+using Result = resunet::test_support::CommandResult;
+using resunet::test_support::build_dir;
+Result run(const std::string& command) { return resunet::test_support::run_command(command); }
 
 // Whether the source tree is a git checkout that holds `commit` (the tree may have moved on since the build).
 bool source_has_commit(const std::string& commit) {

@@ -6,10 +6,8 @@
 // exact, predict's probability maps, --threshold and summary.json, and eval's per-image rows. The built
 // programs run on a tiny model (width 4, depth 2, 32x32) trained for one epoch on 12 Kvasir-SEG pairs.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
-#include <array>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -23,6 +21,7 @@
 #include <opencv2/imgcodecs.hpp>
 
 #include "apps/lib/command_flags.h"
+#include "tests/support/command.h"
 
 namespace fs = std::filesystem;
 
@@ -32,23 +31,9 @@ const std::string kKvasirRoot = std::string(RESUNET_SHARED_DIR) + "/data/kvasir-
 const std::string kImageA = kKvasirRoot + "/images/cju0qkwl35piu0993l0dewei2.jpg";
 const std::string kImageB = kKvasirRoot + "/images/cju0qoxqj9q6s0835b43399p4.jpg";
 
-struct Result {
-    int code = -1;
-    std::string out;  // stdout and stderr together
-};
-
-Result run(const std::string& command) {
-    Result r;
-    FILE* pipe = popen((command + " 2>&1").c_str(), "r");
-    if (!pipe) return r;
-    std::array<char, 4096> buffer;
-    while (size_t n = fread(buffer.data(), 1, buffer.size(), pipe)) r.out.append(buffer.data(), n);
-    const int status = pclose(pipe);
-    r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    return r;
-}
-
-fs::path build_dir() { return fs::canonical("/proc/self/exe").parent_path().parent_path(); }
+using Result = resunet::test_support::CommandResult;
+using resunet::test_support::build_dir;
+Result run(const std::string& command) { return resunet::test_support::run_command(command); }
 std::string resunet() { return (build_dir() / "apps" / "resunet").string() + " "; }
 std::string bench() { return (build_dir() / "bench" / "bench_resunet").string() + " "; }
 // bench_resunet is not built with -DRESUNET_BENCH=OFF (the sanitizer build): its cases are left out there.
